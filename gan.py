@@ -12,7 +12,7 @@ Deviations from the papers: D outputs a logit and the loss is BCE-with-logits (t
 sigmoid + BCE, numerically safer); the upsample architecture's G has no output non-linearity, as in
 the Torch code, and images are clamped to [-1, 1] only for display.
 """
-import argparse, csv, gzip, hashlib, math, os, pickle, sys, tarfile, time, urllib.request
+import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ CLASSES = {"mnist": [str(i) for i in range(10)],
            "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                              "Shirt", "Sneaker", "Bag", "Ankle boot"],
            "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"]}
+SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 def download(url, path, md5):
@@ -150,11 +151,12 @@ def read_idx(path):
     return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
 
 def load_mnist(root, name, split):
-    """MNIST and Fashion-MNIST: files in DATAROOT or DATAROOT/NAME, downloaded there if absent."""
+    """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
+    else downloaded to DATAROOT/NAME."""
     pick = [0, 1] if split == "train" else [2, 3]
     paths = []
     for i in pick:
-        cands = [os.path.join(d, f) for d in (root, os.path.join(root, name))
+        cands = [os.path.join(d, f) for d in (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
                  for f in (IDX_FILES[i], IDX_FILES[i][:-3])]
         found = [c for c in cands if os.path.exists(c)]
         if not found:
@@ -204,8 +206,9 @@ def load_folder(root, size, channels, workers):
 def make_shapes(n, size, seed):
     """The built-in synthetic set: one coloured shape per image on a dark background, one class each.
     Made in chunks of 1000 with their own seeds, so `--limit` takes a prefix of the same images."""
-    parts = [shape_chunk(min(1000, n - i), size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), CLASSES["shapes"]
+    # whole chunks, then cut: a chunk's random draws depend on its length
+    parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
+    return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
 
 def shape_chunk(n, size, rng):
     y = rng.integers(0, 6, n)

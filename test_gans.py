@@ -1,16 +1,23 @@
 """Tests for gan.py, lapgan.py and vaegan.py: CPU only, no network, seconds each.
 
-    python -m pytest -q test_gans.py
+    python3 -m pytest -q test_gans.py
 """
-import csv, gzip, io, math, os, pickle, socket, struct, subprocess, sys, tarfile
+import argparse, contextlib, copy, csv, gzip, io, math, os, pickle, re, shutil, socket, struct, subprocess, sys
+import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import gan  # noqa: E402
+import lapgan  # noqa: E402
+import vaegan  # noqa: E402
+
+torch.set_num_threads(1)  # small nets: one thread is as fast, and the suite shares a 2-core machine
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -227,6 +234,7 @@ def test_missing_data_offline_names_the_files(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise OSError("network unreachable")
     monkeypatch.setattr(gan.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(gan, "SYSTEM_DATA", str(tmp_path / "system"))
     with pytest.raises(SystemExit, match="train-images-idx3-ubyte.gz"):
         gan.load_mnist(str(tmp_path), "mnist", "train")
     with pytest.raises(SystemExit, match="cifar-10-python.tar.gz"):
@@ -367,3 +375,784 @@ def test_torchrun_style_data_parallel_two_ranks(tmp_path):
     for net in ("G", "D"):
         assert all(torch.equal(r0[net][k], r1[net][k]) for k in r0[net]), net
     assert read_log(os.path.join(outf, "log.csv"))[-1]["step"] == "4"  # 128 images / (2 ranks x 16)
+
+
+# ----------------------------------------------------------------------------- lapgan.py: the pyramid
+def lap_np_area(x, n_out):
+    """Independent area resampling along the last axis: the mean of the piecewise-constant signal over
+    [i r, (i + 1) r), from its running integral (linear between whole pixels)."""
+    n_in = x.shape[-1]
+    r = n_in / n_out
+    rows = x.reshape(-1, n_in).astype(np.float64)
+    integral = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(rows, 1)], 1)
+    at_edges = np.stack([np.interp(np.arange(n_out + 1) * r, np.arange(n_in + 1), c) for c in integral])
+    return (np.diff(at_edges, axis=1) / r).reshape(*x.shape[:-1], n_out)
+
+
+def lap_np_down(img, n):
+    return lap_np_area(lap_np_area(img, n).swapaxes(-1, -2), n).swapaxes(-1, -2)
+
+
+def lap_np_up(img, n):
+    """Independent bilinear enlargement with the corners aligned: output i samples i (n_in - 1) / (n - 1)."""
+    def along_last(x):
+        n_in = x.shape[-1]
+        pos = np.arange(n) * (n_in - 1) / (n - 1)
+        return np.stack([np.interp(pos, np.arange(n_in), row) for row in x.reshape(-1, n_in)]).reshape(*x.shape[:-1], n)
+    return along_last(along_last(img).swapaxes(-1, -2)).swapaxes(-1, -2)
+
+
+@pytest.mark.parametrize("sizes", [[8, 14, 28], [7, 14, 28], [4, 8, 16, 32, 64]])
+def test_lapgan_pyramid_round_trip_is_exact(sizes):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, sizes[-1], sizes[-1])
+    base, res = lapgan.laplacian_pyramid(x, sizes)
+    assert base.shape == (2, 3, sizes[0], sizes[0]) and [h.shape[-1] for h in res] == sizes[1:]
+    assert all(h.abs().max() > 0.1 for h in res)  # real detail in every residual
+    assert (lapgan.reconstruct(base, res) - x).abs().max() < 1e-5
+    # the base is the area-resampled image (independent NumPy reference)
+    assert np.abs(base.numpy() - lap_np_down(x.numpy(), sizes[0])).max() < 1e-5
+    # partial reconstructions give the coarser levels of the pyramid
+    for k in range(1, len(sizes)):
+        assert np.abs(lapgan.reconstruct(base, res[:k - 1]).numpy() - lap_np_down(x.numpy(), sizes[k - 1])).max() < 1e-5
+
+
+def test_lapgan_down_is_area_resampling_and_up_is_bilinear_aligned():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(lapgan.down(x, 16), F.avg_pool2d(x, 2), atol=1e-6)
+    assert torch.allclose(lapgan.down(lapgan.down(x, 16), 8), F.avg_pool2d(x, 4), atol=1e-6)
+    for n_in, n_out in [(32, 28), (14, 8), (28, 7), (28, 14)]:
+        xi = x[..., :n_in, :n_in]
+        d = lapgan.down(xi, n_out)
+        assert d.shape[-2:] == (n_out, n_out)
+        assert np.abs(d.numpy() - lap_np_down(xi.numpy(), n_out)).max() < 1e-5, (n_in, n_out)
+        assert torch.allclose(d.mean((2, 3)), xi.mean((2, 3)), atol=1e-5)  # area resampling keeps the mean
+    for n_in, n_out in [(8, 14), (7, 14), (14, 28), (4, 8), (32, 64)]:
+        xi = x[..., :n_in, :n_in]
+        u = lapgan.up(xi, n_out)
+        assert np.abs(u.numpy() - lap_np_up(xi.numpy(), n_out)).max() < 1e-5, (n_in, n_out)
+        assert torch.equal(u[..., 0, 0], xi[..., 0, 0]) and torch.equal(u[..., -1, -1], xi[..., -1, -1])
+    # per-channel normalisation commutes with both (the script normalises before the pyramid)
+    m, s = torch.tensor([0.2, 0.5, 0.7]).view(1, 3, 1, 1), torch.tensor([0.3, 0.1, 2.0]).view(1, 3, 1, 1)
+    assert torch.allclose(lapgan.down((x - m) / s, 14), (lapgan.down(x, 14) - m) / s, atol=1e-5)
+    assert torch.allclose(lapgan.up((x - m) / s, 40), (lapgan.up(x, 40) - m) / s, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- lapgan.py: networks
+LAPGAN_NET_CASES = [("cifar10", 32, 3, [8, 14, 28]), ("mnist", 28, 1, [7, 14, 28]),
+                    ("fashion-mnist", 28, 1, [7, 14, 28]), ("folder", 64, 3, [4, 8, 16, 32, 64]),
+                    ("shapes", 32, 3, [8, 16, 32])]
+
+
+@pytest.mark.parametrize("dataset,size,nc,sizes", LAPGAN_NET_CASES)
+@pytest.mark.parametrize("ncls", [0, 10])
+def test_lapgan_every_level_net_shapes(dataset, size, nc, sizes, ncls):
+    args = lapgan.get_args(["--dataset", dataset, "--width-g", "16", "--width-d", "8"])
+    assert lapgan.pyramid_sizes(args, size) == sizes
+    torch.manual_seed(0)
+    n, y = 3, torch.tensor([0, 9, 4]) if ncls else None
+    for k, f in enumerate(sizes):
+        G, D = lapgan.build_level(vars(args), k, sizes, nc, ncls)
+        if k == 0:
+            z = lapgan.noise(0, n, f, args.nz, "cpu")
+            assert z.shape == (n, 100) and z.min() >= -1 and z.max() <= 1
+            out = G([z], y)
+        else:
+            coarse = lapgan.up(torch.randn(n, nc, sizes[k - 1], sizes[k - 1]), f)
+            out = G([lapgan.noise(k, n, f, args.nz, "cpu"), coarse], y)
+        assert out.shape == (n, nc, f, f), (k, f)
+        assert D([out], y).shape == (n,), (k, f)
+
+
+def test_lapgan_large_lsun_nets_shapes():
+    args = vars(lapgan.get_args(["--dataset", "folder", "--model", "large"]))
+    sizes = [4, 8, 16, 32, 64]
+    torch.manual_seed(0)
+    for ncls, levels in ((0, range(1, 5)), (3, [4])):
+        y = torch.tensor([0, 2]) if ncls else None
+        for k in levels:
+            G, D = lapgan.build_level(args, k, sizes, 3, ncls)
+            assert any(isinstance(m, lapgan.PairL2Pool) for m in G.modules())
+            G.eval()
+            c = torch.randn(2, 3, sizes[k], sizes[k])
+            with torch.no_grad():
+                out = G([lapgan.noise(k, 2, sizes[k], 100, "cpu"), c], y)
+                assert out.shape == (2, 3, sizes[k], sizes[k]) and D([out + c], y).shape == (2,)
+
+
+def lap_tiny_run(extra=(), n=16, size=32, nc=3, ncls=6):
+    args = lapgan.get_args(["--dataset", "shapes", "--batch-size", "8", "--width-g", "8", "--width-d", "8",
+                            "--nz", "8", *extra])
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 256, (n, nc, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % ncls,
+            [str(i) for i in range(ncls)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = lapgan.setup_training(args, torch.device("cpu"), 0, 1, data)
+    lapgan.wrap_nets(run, torch.device("cpu"))
+    return run
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_lapgan_d_judges_coarse_plus_residual(k):
+    """D_k's fakes are G_k's residual added to the upsampled coarse image (the whole fine image); its reals
+    are the fine real images; G_k is conditioned on other real images' coarse images, with their labels."""
+    run = lap_tiny_run(["--conditional"])
+    lv, calls = run["levels"][k], {}
+
+    def record(name, net):
+        def call(xs, y=None):
+            out = net(xs, y)
+            calls[name] = ([t.detach().clone() for t in xs], y, out.detach().clone())
+            return out
+        return call
+    for name in ("Gt", "Dt", "Dg"):
+        lv[name] = record(name, lv[name])
+    torch.manual_seed(1)
+    x, y = lapgan.get_batch(run, torch.randperm(16))
+    lapgan.level_step(run, k, x, y)
+    h, B = 4, 8
+    fine, coarse = lapgan.level_view(x, run["sizes"], k)
+    g_in, g_y, g_out = calls["Gt"]
+    d_in, d_y, _ = calls["Dt"]
+    dg_in, dg_y, _ = calls["Dg"]
+    assert len(d_in) == 1 and len(dg_in) == 1 and g_out.shape == (B + h, 3, run["sizes"][k], run["sizes"][k])
+    assert torch.equal(d_y, y[:B]) and torch.equal(g_y, y[h:]) and torch.equal(dg_y, y[B:])
+    if k == 0:
+        assert len(g_in) == 1 and g_in[0].shape == (B + h, 8)
+        assert torch.equal(d_in[0][h:], g_out[:h]) and torch.equal(dg_in[0], g_out[h:])
+    else:
+        assert len(g_in) == 2 and torch.equal(g_in[1], coarse[h:])
+        assert torch.allclose(d_in[0][h:], g_out[:h] + coarse[h:B], atol=1e-6)
+        assert torch.allclose(dg_in[0], g_out[h:] + coarse[B:], atol=1e-6)
+        # neither the coarse image alone nor the residual alone
+        assert (d_in[0][h:] - coarse[h:B]).abs().max() > 1e-3 and (d_in[0][h:] - g_out[:h]).abs().max() > 1e-3
+        # the reals are the same sum for real images: coarse + true residual of the pyramid
+        base, res = lapgan.laplacian_pyramid(x[:h], run["sizes"][:k + 1])
+        assert torch.allclose(d_in[0][:h], coarse[:h] + res[-1], atol=1e-5)
+    assert torch.allclose(d_in[0][:h], fine[:h], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- lapgan.py: schedule, balancing
+def test_lapgan_sgd_schedule_and_dampened_momentum():
+    for k in (0, 1, 10, 374, 375, 376, 5000):  # after k epochs
+        lr, m = lapgan.sgd_schedule(k + 1, 0.02, 0.5)
+        assert lr == pytest.approx(0.02 / (1 + 4e-5) ** k, rel=1e-12)
+        assert m == pytest.approx(min(0.5 + 0.0008 * k, 0.8), abs=1e-12) and m <= 0.8
+    assert lapgan.sgd_schedule(1, 0.02, 0.5) == (0.02, 0.5) and lapgan.sgd_schedule(5000, 0.02, 0.5)[1] == 0.8
+    # Torch's dampened momentum: buf = m buf + (1 - m) grad (the first step takes the gradient as it is)
+    p = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=1.0)
+    lapgan.set_sgd(opt, 0.1, 0.6)
+    assert opt.param_groups[0]["dampening"] == opt.param_groups[0]["momentum"] == 0.6
+    g1, g2 = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 1.0, -1.0])
+    p.grad = g1.clone()
+    opt.step()
+    p.grad = g2.clone()
+    opt.step()
+    buf = 0.6 * g1 + 0.4 * g2
+    assert torch.allclose(p.detach(), -0.1 * g1 - 0.1 * buf, atol=1e-7)
+
+
+@pytest.mark.parametrize("err_real,err_fake,expected", [
+    (0.5, 0.5, (False, True)),    # balanced: G only
+    (0.1, 0.05, (False, True)),
+    (0.2, 0.5, (False, True)),    # fake error exactly 0.3 above: not more than the margin, G only
+    (0.2, 0.51, (True, False)),   # more than 0.3 above: D only
+    (0.6, 0.95, (True, False)),
+    (0.7, 0.5, (False, True)),    # real error exactly 0.7: not above
+    (0.75, 0.5, (True, True)),    # real error above 0.7: D as well
+    (0.75, 1.2, (True, False)),
+])
+def test_lapgan_balance_rule_truth_table(err_real, err_fake, expected):
+    assert lapgan.balance_rule(err_real, err_fake) == expected
+
+
+def test_lapgan_balance_rule_decides_which_net_steps(monkeypatch):
+    run = lap_tiny_run(["--balance"])
+    lv = run["levels"][1]
+    with torch.no_grad():
+        lv["D"].body[-2].bias.fill_(5.0)  # D says "real" to everything: tiny real error, large fake error
+    seen = []
+    for decision in ((False, True), (True, False), (True, True)):
+        monkeypatch.setattr(lapgan, "balance_rule", lambda r, f, d=decision: (seen.append((r, f)), d)[1])
+        g0 = [p.detach().clone() for p in lv["G"].parameters()]
+        d0 = [p.detach().clone() for p in lv["D"].parameters()]
+        x, y = lapgan.get_batch(run, torch.randperm(16))
+        out = lapgan.level_step(run, 1, x, y)
+        g_moved = any(not torch.equal(a, b) for a, b in zip(g0, lv["G"].parameters()))
+        d_moved = any(not torch.equal(a, b) for a, b in zip(d0, lv["D"].parameters()))
+        assert (d_moved, g_moved) == decision and (out["upd_d1"], out["upd_g1"]) == tuple(map(float, decision))
+        assert seen[-1][0] + seen[-1][1] == pytest.approx(2 * out["err_d1"].item(), rel=1e-5)
+    assert seen[0][0] < 0.1 < 1 < seen[0][1]  # called as (error on reals, error on fakes)
+
+
+# ----------------------------------------------------------------------------- lapgan.py: evaluation
+def test_lapgan_parzen_closed_form():
+    d2, dim, sigma = torch.tensor([[0.3, 1.2]], dtype=torch.float64), 4, 0.5
+    expected = math.log((math.exp(-0.3 / 0.5) + math.exp(-1.2 / 0.5)) / 2) - dim / 2 * math.log(2 * math.pi * 0.25)
+    assert lapgan.parzen_ll(d2, dim, sigma).item() == pytest.approx(expected, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- lapgan.py: data
+def test_lapgan_cifar10_reader_and_crops(tmp_path):
+    batches = write_cifar_tarball(tmp_path)
+    x, y, classes = lapgan.read_cifar10(str(tmp_path), "train")
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[0] == "airplane" and classes[9] == "truck"
+    first = batches["data_batch_1"][0][0]
+    assert np.array_equal(x[0, 0].numpy().ravel(), first[:1024])
+    assert np.array_equal(x[0, 2].numpy().ravel(), first[2048:])
+    assert y[6:12].tolist() == batches["data_batch_2"][1] and y.dtype == torch.int64
+    xt, yt, _ = lapgan.read_cifar10(str(tmp_path), "test")
+    assert xt.shape == (6, 3, 32, 32) and yt.tolist() == batches["test_batch"][1]
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:  # the extracted folder reads the same
+        tar.extractall(tmp_path / "ex")
+    assert torch.equal(lapgan.read_cifar10(str(tmp_path / "ex"), "train")[0], x)
+    # Sec. 4: 28 x 28 crops of the 32 x 32 images, centred when not training, random windows in training
+    run = {"images": x, "labels": y, "sizes": [8, 14, 28], "mean": torch.zeros(1, 3, 1, 1),
+           "std": torch.ones(1, 3, 1, 1), "ncls": 0}
+    c, _ = lapgan.get_batch(run, torch.arange(30), train=False)
+    assert torch.equal(c, x[..., 2:30, 2:30].float() / 255)
+    c, _ = lapgan.get_batch(run, torch.arange(30), train=True)
+    windows = [(a, b) for a in range(5) for b in range(5)]
+    assert all(any(torch.equal(c[i], x[i, :, a:a + 28, b:b + 28].float() / 255) for a, b in windows) for i in range(30))
+
+
+def test_lapgan_idx_reader_and_mnist_layout(tmp_path):
+    data = write_mnist(tmp_path)
+    x, y, classes = lapgan.load_mnist(str(tmp_path), "mnist", "train")
+    assert x.shape == (40, 1, 28, 28) and x.dtype == torch.uint8 and np.array_equal(x[:, 0].numpy(), data["train"][0])
+    assert y.tolist() == data["train"][1].tolist() and classes[3] == "3"
+    # DATAROOT/NAME with uncompressed files works too
+    os.makedirs(tmp_path / "fm" / "fashion-mnist")
+    for name in lapgan.IDX_FILES:
+        with gzip.open(tmp_path / name) as src, open(tmp_path / "fm" / "fashion-mnist" / name[:-3], "wb") as dst:
+            dst.write(src.read())
+    xt, yt, classes = lapgan.load_mnist(str(tmp_path / "fm"), "fashion-mnist", "test")
+    assert np.array_equal(xt[:, 0].numpy(), data["t10k"][0]) and yt.tolist() == data["t10k"][1].tolist()
+    assert classes[9] == "Ankle boot"
+    # a non-uint8 IDX file (type 0x0D, float) is refused with a one-line error
+    with open(tmp_path / "float.idx", "wb") as f:
+        f.write(b"\0\0\x0d\x01" + struct.pack(">i", 2) + struct.pack(">2f", 1.0, 2.0))
+    with pytest.raises(SystemExit, match="not a uint8 IDX file"):
+        lapgan.read_idx(str(tmp_path / "float.idx"))
+
+
+def test_lapgan_shapes_limit_is_a_prefix():
+    x, y, classes = lapgan.make_shapes(1200, 32, 0)
+    for n in (16, 1000, 1100):
+        xs, ys, _ = lapgan.make_shapes(n, 32, 0)
+        assert torch.equal(xs, x[:n]) and torch.equal(ys, y[:n]), n
+    assert len(classes) == 6 and set(y.tolist()) == set(range(6))
+
+
+# ----------------------------------------------------------------------------- lapgan.py: command line
+LAPGAN_TINY = ["--dataset", "shapes", "--limit", "16", "--batch-size", "8", "--width-g", "8", "--width-d", "8",
+               "--nz", "8", "--log-every", "2", "--select", "4", "--conditional"]
+
+
+@pytest.fixture(scope="module")
+def lapgan_runs(tmp_path_factory):
+    """Trained once for the tests below: 2 epochs straight; 1 epoch, a crash, resumed to 2; and a
+    2-level 16 px model with another noise size to chain from."""
+    root = tmp_path_factory.mktemp("lapgan")
+    full, part, a = str(root / "full"), str(root / "part"), str(root / "a")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        lapgan.main(LAPGAN_TINY + ["--epochs", "2", "--outf", full])
+        lapgan.main(LAPGAN_TINY + ["--epochs", "1", "--outf", part])
+        shutil.copy(os.path.join(part, "ckpt.pt"), root / "e1.pt")
+        rows = read_log(os.path.join(part, "log.csv"))
+        with open(os.path.join(part, "log.csv"), "a", newline="") as f:  # a crash mid-epoch 2 had logged a row
+            csv.DictWriter(f, list(rows[-1])).writerow({**rows[-1], "step": "6", "epoch": "2", "err_d": "9"})
+        lapgan.main(LAPGAN_TINY + ["--epochs", "2", "--outf", part, "--resume"])
+        lapgan.main(["--dataset", "shapes", "--image-size", "16", "--levels", "8,16", "--limit", "16",
+                     "--batch-size", "8", "--width-g", "8", "--width-d", "8", "--nz", "5", "--select", "0",
+                     "--conditional", "--epochs", "1", "--outf", a])
+    return {"root": root, "full": full, "part": part, "a": a, "e1": str(root / "e1.pt"), "stdout": out.getvalue()}
+
+
+def test_lapgan_train_resume_is_exact(lapgan_runs):
+    full, part = lapgan_runs["full"], lapgan_runs["part"]
+    assert "resumed from epoch 1, step 4" in lapgan_runs["stdout"]
+    assert not os.path.exists(os.path.join(part, "ckpt.pt.tmp"))
+    log = read_log(os.path.join(full, "log.csv"))
+    assert [int(r["step"]) for r in log] == [2, 4, 6, 8]  # 16 images, 4 real per step, 2 epochs
+    assert {"err_d0", "err_g2", "d_x1", "d_gz2", "upd_d0", "upd_g2", "lr", "momentum"} <= set(log[0])
+    assert read_log(os.path.join(part, "log.csv")) == log  # the crashed row replaced, same losses
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (full, part))
+    assert a["script"] == "lapgan" and a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
+    assert sorted(a["levels"]) == [0, 1, 2] and a["sizes"] == [8, 16, 32]
+    for k in range(3):
+        for net in ("G", "D"):
+            sa, sb = a["levels"][k][net], b["levels"][k][net]
+            assert all(torch.equal(sa[n], sb[n]) for n in sa), (k, net)
+    for f in ("samples_e001.png", "samples_e002.png", "curves.png", "select.csv", "best.pt"):
+        assert os.path.exists(os.path.join(full, f)), f
+    # the sample sheet: 6 classes x 3 samples, each at its 3 levels
+    assert Image.open(os.path.join(full, "samples_e002.png")).size == (2 + 9 * 34, 2 + 6 * 34)
+
+
+def test_lapgan_schedule_reaches_the_optimisers(lapgan_runs):
+    log = read_log(os.path.join(lapgan_runs["full"], "log.csv"))
+    for r in log:
+        e = int(r["epoch"])
+        assert float(r["lr"]) == pytest.approx(0.02 / (1 + 4e-5) ** (e - 1), rel=1e-5)
+        assert float(r["momentum"]) == pytest.approx(0.5 + 0.0008 * (e - 1), rel=1e-6)
+    ck = torch.load(os.path.join(lapgan_runs["full"], "ckpt.pt"), weights_only=True)
+    for k in range(3):
+        for opt in ("optG", "optD"):
+            g = ck["levels"][k][opt]["param_groups"][0]
+            assert g["lr"] == pytest.approx(0.02 / (1 + 4e-5), rel=1e-12)
+            assert g["momentum"] == g["dampening"] == pytest.approx(0.5008, rel=1e-12)
+
+
+def test_lapgan_model_selection_writes_best(lapgan_runs):
+    full = lapgan_runs["full"]
+    sel = read_log(os.path.join(full, "select.csv"))
+    assert [r["epoch"] for r in sel] == ["1", "2"] and all(float(r[f"dist{k}"]) > 0 for r in sel for k in range(3))
+    best = torch.load(os.path.join(full, "best.pt"), weights_only=True)
+    assert best["script"] == "lapgan" and sorted(best["levels"]) == [0, 1, 2]
+    by_epoch = {1: torch.load(lapgan_runs["e1"], weights_only=True),
+                2: torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)}
+    for k in range(3):  # each level keeps the weights of its own best epoch (lowest distance)
+        e = min((1, 2), key=lambda e: float(sel[e - 1][f"dist{k}"]))
+        want = by_epoch[e]["levels"][k]["G"]
+        assert all(torch.equal(best["levels"][k]["G"][n], want[n]) for n in want), k
+    # the score: per image, the smallest L2 distance of 128 samples to the true fine image; a G that adds
+    # nothing scores the norm of the true residual
+    x = torch.randn(5, 3, 32, 32)
+    zero = lambda xs, y: torch.zeros_like(xs[1])
+    score = lapgan.selection_score(zero, 2, x, None, [8, 16, 32], 8, torch.Generator().manual_seed(0))
+    residual = lapgan.laplacian_pyramid(x, [16, 32])[1][0]
+    assert score == pytest.approx(residual.flatten(1).norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_lapgan_sample_formats_upscale_resample_chain(lapgan_runs):
+    root, full, a = lapgan_runs["root"], lapgan_runs["full"], lapgan_runs["a"]
+    ckpt = os.path.join(full, "ckpt.pt")
+    npz, stem = str(root / "s.npz"), str(root / "s")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--sample", "--ckpt", ckpt, "--n", "6", "--label", "2", "--npz", npz, "--upscale", "2",
+                     "--resample", "3", "--out", stem + ".png"])
+    z = np.load(npz)
+    assert sorted(z.files) == ["images", "labels"]
+    assert z["images"].dtype == np.uint8 and z["images"].shape == (6, 32, 32, 3)
+    assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [2] * 6
+    sheet = np.asarray(Image.open(stem + ".png"))
+    assert sheet.shape == (2 + 2 * 34, 2 + 12 * 34, 3)  # 6 samples x 3 levels, 4 samples per row
+    tile = lambda im, r, q, s=32: im[2 + r * (s + 2):2 + r * (s + 2) + s, 2 + q * (s + 2):2 + q * (s + 2) + s]
+    assert np.array_equal(tile(sheet, 0, 2), z["images"][0]) and np.array_equal(tile(sheet, 1, 5), z["images"][5])
+    lvl0, lvl1 = tile(sheet, 0, 0), tile(sheet, 0, 1)  # coarse levels enlarged: 4 x 4 and 2 x 2 blocks
+    assert np.array_equal(lvl0, np.repeat(np.repeat(lvl0[::4, ::4], 4, 0), 4, 1))
+    assert np.array_equal(lvl1, np.repeat(np.repeat(lvl1[::2, ::2], 2, 0), 2, 1))
+    # --upscale 2: the 16 -> 32 G run twice more, 32 -> 64 -> 128; 8 images, 4 per row
+    assert Image.open(stem + "_upscale.png").size == (2 + 4 * 130, 2 + 2 * 130)
+    # --resample 3: per row a real test image, its coarse image, 3 samples from it; 8 rows
+    rs = np.asarray(Image.open(stem + "_resample.png"))
+    assert rs.shape == (2 + 8 * 34, 2 + 5 * 34, 3)
+    real = lapgan.make_shapes(2000, 32, 1)[0][:8].permute(0, 2, 3, 1).numpy().astype(int)
+    assert all(np.abs(tile(rs, r, 0).astype(int) - real[r]).max() <= 1 for r in range(8))
+    # --chain: levels 0-1 from the 16 px model a (its own noise size), level 2 from the 32 px one
+    cnpz, cstem = str(root / "c.npz"), str(root / "c")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--sample", "--chain", os.path.join(a, "ckpt.pt"), ckpt, "--switch", "2", "--n", "4",
+                     "--label", "1", "--npz", cnpz, "--out", cstem + ".png", "--seed", "3"])
+        lapgan.main(["--sample", "--ckpt", os.path.join(a, "ckpt.pt"), "--n", "4", "--label", "1",
+                     "--npz", str(root / "a.npz"), "--out", str(root / "a.png"), "--seed", "3"])
+    cz = np.load(cnpz)
+    assert cz["images"].shape == (4, 32, 32, 3) and cz["labels"].tolist() == [1] * 4
+    chain_sheet = np.asarray(Image.open(cstem + ".png"))
+    assert chain_sheet.shape == (2 + 34, 2 + 12 * 34, 3)
+    own = np.load(str(root / "a.npz"))["images"].astype(int)  # a's own 16 px samples, same seed
+    for i in range(4):
+        assert np.abs(tile(chain_sheet, 0, 3 * i + 1)[::2, ::2].astype(int) - own[i]).max() <= 2
+
+
+def test_lapgan_parzen_ranks_real_above_noise(lapgan_runs, tmp_path):
+    torch.manual_seed(0)
+    Gs, ck = lapgan.load_levels([os.path.join(lapgan_runs["full"], "ckpt.pt")])
+    Gs = [Gs[k] for k in range(3)]
+    test_x, test_y, _ = lapgan.make_shapes(40, 32, 1)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g)
+    args = argparse.Namespace(eval_images=20, eval_samples=300, eval_cond=8)
+    scores = {}
+    for name, images in (("real", test_x), ("noise", torch.cat([test_x[:20], noise]))):
+        run = {"images": images, "labels": test_y, "mean": ck["mean"], "std": ck["std"], "sizes": ck["sizes"],
+               "ncls": 6}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            lapgan.evaluate(args, Gs, run, ck, ck["args"]["nz"], str(tmp_path / name))
+        m = re.search(r"Parzen log-likelihood: (\S+) \+- (\S+) nats on 20 test images \(level 0 (\S+) .*"
+                      r"level 1 (\S+) .*level 2 (\S+) ", out.getvalue())
+        assert m, out.getvalue()
+        total, se, *levels = map(float, m.groups())
+        assert math.isfinite(total) and se > 0 and total == pytest.approx(sum(levels), abs=0.2)
+        scores[name] = (total, levels)
+    assert scores["real"][0] > scores["noise"][0]
+    assert all(r > n for r, n in zip(scores["real"][1], scores["noise"][1]))  # and at every level
+    assert Image.open(tmp_path / "real_nn.png").size == (2 + 8 * 34, 2 + 8 * 34)  # 32 samples beside neighbours
+
+
+def lap_one_line_error(excinfo, *fragments):
+    msg = excinfo.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    assert all(f in msg for f in fragments), msg
+
+
+def test_lapgan_bad_inputs_give_one_line_errors(lapgan_runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    r = run_cli("lapgan.py", "--dataset", "shapes", "--limit", "16", "--levels", "8,x", "--outf", str(tmp_path / "o"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: --levels '8,x' is not a comma-separated list of sizes; use e.g. --levels 8,14,28"]
+    torch.save({"script": "gan", "args": {}}, tmp_path / "gan.pt")
+    r = run_cli("lapgan.py", "--sample", "--ckpt", str(tmp_path / "gan.pt"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'gan.pt'} was written by gan.py, not lapgan.py; use that script"]
+    small = LAPGAN_TINY[:6] + ["--outf", str(tmp_path / "o")]
+    for levels in ("16,8,32", "8,16,64", "32", "1,16,32"):
+        with pytest.raises(SystemExit) as e:
+            lapgan.main(small + ["--levels", levels])
+        lap_one_line_error(e, f"--levels {levels} must be", "e.g. --levels 8,16,32")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(small + ["--level", "3"])
+    lap_one_line_error(e, "--level 3 is out of range", "0..2")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(small + ["--resume"])
+    lap_one_line_error(e, "no checkpoint at")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--sample", "--ckpt", str(tmp_path / "junk.pt")])
+    lap_one_line_error(e, "is not a readable checkpoint")
+    # --chain A B: B's first level must take A's images (size, channels, classes)
+    a, b = os.path.join(lapgan_runs["a"], "ckpt.pt"), os.path.join(lapgan_runs["full"], "ckpt.pt")
+    ck = torch.load(a, weights_only=True)
+    bad = {"size": {**ck, "sizes": [8, 12]}, "channels": {**ck, "args": {**ck["args"], "nc": 1}},
+           "classes": {**ck, "args": {**ck["args"], "conditional": False}}}
+    for name, obj in bad.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with pytest.raises(SystemExit) as e:
+            lapgan.main(["--sample", "--chain", str(tmp_path / f"{name}.pt"), b, "--switch", "2"])
+        lap_one_line_error(e, "do not fit at level 2")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--sample", "--chain", a, b, "--switch", "3"])
+    lap_one_line_error(e, "--switch 3 is out of range")
+
+
+# ----------------------------------------------------------------------------- vaegan.py
+def vaegan_cli(*args, timeout=120):
+    """vaegan.py as a user runs it, in a subprocess limited to one thread."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "vaegan.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+VAEGAN_TINY = ["--dataset", "shapes", "--image-size", "16", "--width", "8", "--nz", "6", "--batch-size", "8"]
+
+
+def vaegan_run(*extra, n=32):
+    """A training run (networks, optimisers, data) on tiny shapes, as train() sets it up."""
+    args = vaegan.get_args(VAEGAN_TINY + list(extra))
+    return vaegan.setup_training(args, torch.device("cpu"), 0, 1, vaegan.make_shapes(n, 16, 0))
+
+
+class RecordingOptimizer:
+    """Stands in for an optimiser: records the .grad each parameter holds when step() is called."""
+    def __init__(self, name, params, log):
+        self.name, self.params, self.log = name, list(params), log
+
+    def step(self):
+        self.log[self.name] = [p.grad.clone() for p in self.params]
+
+
+# ----------------------------------------------------------------------------- vaegan.py: networks
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("nc", [1, 3])
+def test_vaegan_shapes_bias_and_bn_momentum(size, nc):
+    w, nz, B = 8, 10, 3
+    args = vaegan.get_args(["--dataset", "shapes", "--image-size", str(size), "--width", str(w), "--nz", str(nz)])
+    nets = vaegan.build_nets(args, nc)
+    assert set(nets) == {"E", "Dec", "D"}
+    x = torch.rand(B, nc, size, size) * 2 - 1
+    mu, logvar = vaegan.posterior(nets["E"], x)
+    assert mu.shape == logvar.shape == (B, nz)
+    out = nets["Dec"](mu)
+    assert out.shape == (B, nc, size, size) and out.abs().max() <= 1  # tanh
+    s = -(-size // 8)  # 28 -> 4, 32 -> 4, 64 -> 8
+    feats = nets["D"][0](x)
+    assert feats.shape == (B, 4 * w, s, s)  # Dis_l: D's 4th conv, 256 x 8 x 8 at width 64 and 64 px
+    assert nets["D"](x).shape == (B,)  # one logit per image
+    assert torch.allclose(nets["D"][1](feats), nets["D"](x))  # D is Dis_l then the rest
+    for name, net in nets.items():
+        layers = [m for m in net.modules() if not isinstance(m, nn.Sequential)]
+        bns = [m for m in layers if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+        assert bns and all(m.momentum == 0.1 for m in bns), name
+        for a, b in zip(layers, layers[1:]):
+            if isinstance(a, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                before_bn = isinstance(b, (nn.BatchNorm1d, nn.BatchNorm2d))
+                assert (a.bias is None) == before_bn, (name, a)  # bias exactly where no BN follows
+        assert isinstance(layers[-1], (nn.Tanh, nn.Flatten, nn.Linear)), name
+    # the last layers keep their bias: encoder head, decoder output conv, D's logit
+    assert nets["E"][-1].bias is not None and nets["Dec"][-2].bias is not None
+    assert nets["D"][1][-2].bias is not None
+
+
+def test_vaegan_unsupported_size_and_disl_without_d_are_clear_errors():
+    with pytest.raises(SystemExit, match="--image-size 30"):
+        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "30"]), 3)
+    with pytest.raises(SystemExit, match="--recon disl needs"):
+        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan"]), 3)
+    nets = vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan",
+                                              "--recon", "pixel"]), 3)
+    assert set(nets) == {"E", "Dec"}
+
+
+# ----------------------------------------------------------------------------- vaegan.py: routing of the losses
+def reference_losses(nets, args, x, seed):
+    """The VAE/GAN losses written out independently of vaegan.py, with the same noise (same seed, same
+    order of draws: the posterior's eps, then the prior's z) and the same batching for BatchNorm."""
+    E, Dec, D = nets["E"], nets["Dec"], nets["D"]
+    B, nz = x.shape[0], args.nz
+    torch.manual_seed(seed)
+    h = E(x)
+    mu, logvar = h[:, :nz], h[:, nz:]
+    eps, z_prior = torch.randn_like(mu), torch.randn_like(mu)
+    z = mu + torch.exp(logvar / 2) * eps
+    decoded = Dec(torch.cat([z, z_prior]))
+    x_tilde, x_p = decoded[:B], decoded[B:]
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1).mean()
+    if args.recon == "disl":
+        f = D[0](torch.cat([x_tilde, x]))
+        recon = 0.5 * ((f[:B] - f[B:].detach()) ** 2).sum((1, 2, 3)).mean()
+    else:
+        recon = 0.5 * ((x_tilde - x) ** 2).sum((1, 2, 3)).mean()
+    logits = D(torch.cat([x, torch.cat([x_tilde, x_p]) if args.fake_recon else x_p]))
+    real, fake = logits[:B], logits[B:]
+    gan_d = 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())  # BCE: reals 1, fakes 0
+    gan_g = (F.softplus(-fake).sum() if args.nonsat else -F.softplus(fake).sum()) / B
+    return {"kl": kl, "recon": recon, "gan_d": gan_d, "gan_g": gan_g}
+
+
+def reference_grads(nets, args, x, seed, combine):
+    """Plain autograd: one fresh forward pass, backward() of one scalar, every network's .grad."""
+    for n in nets.values():
+        n.zero_grad(set_to_none=False)
+    combine(reference_losses(nets, args, x, seed)).backward()
+    return {k: [p.grad.clone() for p in n.parameters()] for k, n in nets.items()}
+
+
+def grad_distance(a, b):
+    """|a - b| / |b| over all of one network's parameters."""
+    a, b = torch.cat([g.flatten() for g in a]), torch.cat([g.flatten() for g in b])
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("extra", [[], ["--recon", "pixel", "--fake-recon", "--nonsat"]])
+def test_vaegan_routing_table_numerically(extra):
+    run = vaegan_run("--gamma", "0.5", "--margin", "-1", *extra)  # no rule: every network steps
+    args, nets = run["args"], run["nets"]
+    stepped = {}
+    run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in nets.items()}
+    x = vaegan.get_batch(run, torch.arange(8))
+    torch.manual_seed(1234)
+    out = vaegan.train_step(run, x)
+    assert set(stepped) == {"E", "Dec", "D"}
+    ref = reference_losses(nets, args, x, 1234)
+    for k in ("kl", "recon", "gan_d", "gan_g"):
+        assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-5, abs=1e-6), k
+    rows = {"E": lambda L: L["kl"] + L["recon"],
+            "Dec": lambda L: args.gamma * L["recon"] + L["gan_g"],
+            "D": lambda L: L["gan_d"]}
+    for k, combine in rows.items():
+        expected = reference_grads(nets, args, x, 1234, combine)[k]
+        assert grad_distance(stepped[k], expected) < 1e-5, k  # float32 noise: ~3e-7
+    # the test can fail: the terms each network must not see do move it (the encoder's GAN gradient,
+    # without --fake-recon, comes only through BatchNorm's shared batch statistics, ~0.7%), so a leak shows
+    leaks = {"E": lambda L: L["gan_g"] + L["gan_d"], "Dec": lambda L: L["kl"] + L["gan_d"],
+             "D": lambda L: L["gan_g"] + (L["recon"] if args.recon == "disl" else 0)}
+    for k, combine in leaks.items():
+        leaky = reference_grads(nets, args, x, 1234, lambda L: rows[k](L) + combine(L))[k]
+        assert grad_distance(leaky, stepped[k]) > 1e-3, k
+    gan_only = reference_grads(nets, args, x, 1234, lambda L: L["gan_g"])["Dec"]
+    assert grad_distance(gan_only, stepped["Dec"]) > 1e-2  # gamma * reconstruction matters too
+
+
+def test_vaegan_plain_vae_routing():
+    run = vaegan_run("--recon", "pixel", "--no-gan")
+    stepped = {}
+    run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run["nets"].items()}
+    x = vaegan.get_batch(run, torch.arange(8))
+    torch.manual_seed(5)
+    out = vaegan.train_step(run, x)
+    assert set(stepped) == {"E", "Dec"} and "gan_g" not in out
+    E, Dec = run["nets"]["E"], run["nets"]["Dec"]
+    torch.manual_seed(5)
+    mu, logvar = E(x).chunk(2, 1)
+    z = mu + torch.exp(logvar / 2) * torch.randn_like(mu)  # no prior batch without a GAN
+    recon = 0.5 * ((Dec(z) - x) ** 2).sum((1, 2, 3)).mean()
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1).mean()
+    ge = torch.autograd.grad(kl + recon, list(E.parameters()), retain_graph=True)
+    gd = torch.autograd.grad(recon, list(Dec.parameters()))
+    assert grad_distance(stepped["E"], ge) < 1e-5 and grad_distance(stepped["Dec"], gd) < 1e-5
+
+
+# ----------------------------------------------------------------------------- vaegan.py: the method's maths
+def test_vaegan_reparameterisation_and_kl_closed_form():
+    zero = torch.zeros(4, 5)
+    assert torch.equal(vaegan.kl_divergence(zero, zero), torch.zeros(4))  # q = p: no divergence
+    mu, logvar = torch.tensor([[1.0, 2.0]]), torch.tensor([[math.log(4.0), 0.0]])
+    # 1/2 sum(sigma^2 + mu^2 - 1 - log sigma^2) = 1/2 ((4 + 1 - 1 - ln 4) + (1 + 4 - 1 - 0))
+    assert vaegan.kl_divergence(mu, logvar).item() == pytest.approx(4 - math.log(2), rel=1e-6)
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(6, 3), torch.randn(6, 3)
+    q, p = torch.distributions.Normal(mu, (logvar / 2).exp()), torch.distributions.Normal(0.0, 1.0)
+    assert torch.allclose(vaegan.kl_divergence(mu, logvar), torch.distributions.kl_divergence(q, p).sum(1),
+                          rtol=1e-5, atol=1e-6)
+    # z = mu + sigma * eps: the right mean and spread, and differentiable in mu and log sigma^2
+    mu = torch.tensor([3.0, -1.0], requires_grad=True)
+    logvar = torch.tensor([math.log(0.25), math.log(4.0)], requires_grad=True)
+    eps = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(0))
+    z = vaegan.reparameterise(mu, logvar, eps)
+    assert torch.allclose(z.mean(0), torch.tensor([3.0, -1.0]), atol=0.02)
+    assert torch.allclose(z.std(0), torch.tensor([0.5, 2.0]), rtol=0.01)
+    assert torch.equal(vaegan.reparameterise(mu, logvar, torch.zeros(2)), mu)
+    z.sum().backward()
+    assert torch.allclose(mu.grad, torch.full((2,), 200_000.0))
+    assert torch.allclose(logvar.grad, 0.5 * torch.tensor([0.5, 2.0]) * eps.sum(0), rtol=1e-4)
+    # Monte Carlo KL from those samples: mean of log q(z) - log p(z) matches the closed form
+    with torch.no_grad():
+        q = torch.distributions.Normal(mu, (logvar / 2).exp())
+        mc = (q.log_prob(z) - torch.distributions.Normal(0.0, 1.0).log_prob(z)).sum(1).mean()
+        assert mc.item() == pytest.approx(vaegan.kl_divergence(mu[None], logvar[None]).item(), rel=0.02)
+    a, b = torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    assert vaegan.recon_error(a, b).tolist() == [2.0, 8.0]  # 1/2 ||a - b||^2 per image
+
+
+# ----------------------------------------------------------------------------- vaegan.py: equilibrium rule
+EQUILIBRIUM_CASES = [  # (D's cost on reals, on fakes, update D, update decoder), target 0.68 +- 0.35
+    (0.6, 0.7, True, True),     # balanced: both learn
+    (0.2, 0.6, False, True),    # D too good on reals: D rests
+    (0.6, 0.1, False, True),    # ... or on fakes
+    (1.2, 0.6, True, False),    # D too bad on reals: the decoder rests
+    (0.6, 1.1, True, False),    # ... or on fakes
+    (0.34, 1.02, True, True),   # just inside both bounds
+    (0.32, 0.9, False, True),   # just below 0.33
+    (0.5, 1.04, True, False),   # just above 1.03
+    (0.2, 1.2, True, True),     # both would rest: both learn
+    (0.1, 0.1, False, True),
+    (2.0, 3.0, True, False),
+]
+
+
+@pytest.mark.parametrize("err_real,err_fake,upd_d,upd_dec", EQUILIBRIUM_CASES)
+def test_vaegan_equilibrium_rule_decisions(err_real, err_fake, upd_d, upd_dec):
+    assert vaegan.equilibrium_rule(err_real, err_fake) == (upd_d, upd_dec)
+    assert vaegan.equilibrium_rule(err_real, err_fake, 0.68, -1) == (True, True)  # margin < 0: rule off
+
+
+def test_vaegan_equilibrium_rule_in_the_training_step(monkeypatch):
+    args = vaegan.get_args(VAEGAN_TINY)
+    assert (args.equilibrium, args.margin) == (0.68, 0.35)
+    run = vaegan_run()
+    x = vaegan.get_batch(run, torch.arange(8))
+    for err_real, err_fake, upd_d, upd_dec in EQUILIBRIUM_CASES[:5] + EQUILIBRIUM_CASES[8:9]:
+        monkeypatch.setattr(vaegan, "global_mean", lambda *v, r=err_real, f=err_fake: [r, f])
+        stepped = {}
+        run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run["nets"].items()}
+        out = vaegan.train_step(run, x)
+        expected = {"E"} | ({"D"} if upd_d else set()) | ({"Dec"} if upd_dec else set())
+        assert set(stepped) == expected, (err_real, err_fake)  # the encoder always steps
+        assert (out["upd_d"], out["upd_dec"]) == (float(upd_d), float(upd_dec))
+    # with real optimisers: a skipped network keeps its weights, the encoder moves
+    run = vaegan_run()
+    monkeypatch.setattr(vaegan, "global_mean", lambda *v: [0.1, 0.1])  # D too good: D rests
+    before = {k: copy.deepcopy(n.state_dict()) for k, n in run["nets"].items()}
+    vaegan.train_step(run, x)
+    changed = {k: any(not torch.equal(before[k][p], v) for p, v in n.named_parameters())
+               for k, n in run["nets"].items()}
+    assert changed == {"E": True, "Dec": True, "D": False}
+
+
+# ----------------------------------------------------------------------------- vaegan.py: training
+def test_vaegan_plain_vae_reconstruction_falls(tmp_path):
+    outf = str(tmp_path / "vae")
+    vaegan.main(["--dataset", "shapes", "--image-size", "16", "--width", "8", "--nz", "8", "--limit", "512",
+                 "--batch-size", "16", "--recon", "pixel", "--no-gan", "--epochs", "2", "--log-every", "4",
+                 "--outf", outf])
+    rows = read_log(os.path.join(outf, "log.csv"))
+    assert len(rows) == 16 and "err_real" not in rows[0] and "upd_d" in rows[0]
+    recon = [float(r["recon"]) for r in rows]
+    first, last = np.mean(recon[:3]), np.mean(recon[-3:])
+    assert last < 0.6 * first, (first, last)
+    assert all(math.isfinite(float(r["kl"])) and float(r["kl"]) >= 0 for r in rows)
+    ckpt = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    assert "D" not in ckpt and {"E", "Dec", "optE", "optDec"} <= set(ckpt) and ckpt["step"] == 64
+
+
+def test_vaegan_train_resume_exact_and_sampling_outputs(tmp_path):
+    tiny = VAEGAN_TINY + ["--limit", "64", "--log-every", "3"]  # 8 steps an epoch; rows every 3rd step and at epoch ends
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    vaegan.main(tiny + ["--epochs", "2", "--outf", full])
+    vaegan.main(tiny + ["--epochs", "1", "--outf", part])
+    assert not os.path.exists(os.path.join(part, "ckpt.pt.tmp"))
+    with open(os.path.join(part, "log.csv"), "a") as f:  # a crash mid-epoch 2 had logged a row
+        f.write("11,2,9,9,9,9,9,9,9,1,1,0\n")
+    vaegan.main(tiny + ["--epochs", "2", "--outf", part, "--resume"])
+    log_full, log_part = read_log(os.path.join(full, "log.csv")), read_log(os.path.join(part, "log.csv"))
+    assert [r["step"] for r in log_full] == ["3", "6", "8", "9", "12", "15", "16"]
+    assert log_full == log_part
+    assert {"kl", "recon", "err_real", "err_fake", "gan_g", "d_x", "d_gz", "upd_d", "upd_dec", "lr"} <= set(log_full[0])
+    assert float(log_full[-1]["lr"]) < float(log_full[0]["lr"])  # annealed per epoch
+    a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
+    assert a["script"] == "vaegan" and a["step"] == b["step"] == 16 and a["epoch"] == 2
+    for net in ("E", "Dec", "D"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    for f in ("samples_e001.png", "samples_e002.png", "recon_e002.png", "curves.png", "log.csv"):
+        assert os.path.exists(os.path.join(full, f)), f
+    c = 16 + 2  # one 16-pixel image and its padding in a grid
+    assert Image.open(os.path.join(full, "recon_e002.png")).size == (2 + 8 * c, 2 + 8 * c)  # 32 over 32
+
+    stem, npz = str(tmp_path / "s"), str(tmp_path / "s.npz")
+    vaegan.main(["--sample", "--ckpt", os.path.join(full, "ckpt.pt"), "--n", "12", "--npz", npz, "--out",
+                 stem + ".png", "--recon-grid", "--attribute", "2", "--interp", "slerp", "--steps", "5",
+                 "--walk", "4"])
+    z = np.load(npz)
+    assert z.files == ["images"] and z["images"].dtype == np.uint8 and z["images"].shape == (12, 16, 16, 3)
+    grid = np.asarray(Image.open(stem + ".png"))
+    assert grid.shape == (2 + 2 * c, 2 + 8 * c, 3)  # 12 samples, 8 a row
+    assert np.array_equal(grid[2:18, 2:18], z["images"][0]) and np.array_equal(grid[20:36, 2:18], z["images"][8])
+    assert Image.open(stem + "_recon.png").size == (2 + 8 * c, 2 + 8 * c)  # 32 test images over 32 recons
+    assert Image.open(stem + "_slerp.png").size == (2 + 5 * c, 2 + 8 * c)  # 8 pairs, 5 steps each
+    assert Image.open(stem + "_attr2.png").size == (2 + 8 * c, 2 + 3 * c)  # images, recons, + vector
+    gif = Image.open(stem + "_walk.gif")
+    assert gif.n_frames == 4 and gif.size == (2 + 4 * c, 2 + 4 * c)  # 16 latents a frame, 4 a row
+    with pytest.raises(SystemExit, match="--attribute 6 is out of range"):
+        vaegan.main(["--sample", "--ckpt", os.path.join(full, "ckpt.pt"), "--out", stem + "x.png",
+                     "--attribute", "6"])
+
+
+# ----------------------------------------------------------------------------- vaegan.py: bad inputs
+def test_vaegan_bad_inputs_give_one_line_errors(tmp_path):
+    if not torch.cuda.is_available():
+        r = vaegan_cli("--dataset", "shapes", "--cuda", "--outf", str(tmp_path / "c"))
+        assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+            "error: --cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU"]
+        assert not os.path.exists(tmp_path / "c")
+    other = tmp_path / "other" / "ckpt.pt"
+    other.parent.mkdir()
+    torch.save({"script": "gan", "args": {}}, other)  # what gan.py writes
+    for argv in (["--sample", "--ckpt", str(other)],
+                 VAEGAN_TINY + ["--resume", "--outf", str(other.parent)]):
+        with pytest.raises(SystemExit) as e:
+            vaegan.main(argv)
+        msg = str(e.value)
+        assert msg == f"error: {other} was written by gan.py, not vaegan.py; use that script"
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(SystemExit, match=r"written by another program\.py, not vaegan\.py"):
+        vaegan.main(["--sample", "--ckpt", str(tmp_path / "list.pt")])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
+        vaegan.main(["--sample", "--ckpt", str(tmp_path / "junk.pt")])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        vaegan.main(VAEGAN_TINY + ["--resume", "--outf", str(tmp_path / "empty")])

@@ -1,0 +1,762 @@
+"""vaegan.py: the VAE/GAN, a variational autoencoder and a GAN sharing one decoder/generator.
+
+Papers: Larsen, Sønderby, Larochelle & Winther 2016, "Autoencoding beyond pixels using a learned
+similarity metric" (ICML), and the "Generating Faces with Torch" post that first showed it (a VAE whose
+decoder is also a GAN generator). The VAE's pixel error is replaced by the error of the discriminator's
+hidden features Dis_l (Sec. 2.3), so the decoder is told "look the same to D" rather than "match every
+pixel", and the blur of a plain VAE goes away.
+
+    python vaegan.py --dataset fashion-mnist --dataroot /usr/share/datasets/fashion-mnist
+    python vaegan.py --sample --ckpt out/vaegan-fashion-mnist/ckpt.pt --recon-grid --attribute 1
+
+Which loss trains which network (Alg. 1 of the paper; the heart of the method):
+
+    | into          | KL prior | reconstruction (Dis_l or pixels) | GAN                 |
+    | ------------- | -------- | -------------------------------- | ------------------- |
+    | encoder       | yes      | yes                              | no                  |
+    | decoder       | no       | weighted by gamma                | yes (generator side)|
+    | discriminator | no       | no                               | yes                 |
+
+One forward pass per batch; each network's gradient is taken of exactly its own row of the table
+with torch.autograd.grad(loss, that_net.parameters()), then the optimisers step. The equilibrium rule
+may skip D's or the decoder's step; the encoder always steps. `--recon pixel --no-gan` is a plain VAE.
+
+Reduction: every loss is summed over its features (latent units, Dis_l units or pixels) and averaged
+over the batch. The paper's code sums over the batch too; a common factor changes nothing under RMSProp
+except the weight decay, so `--weight-decay` is given in the paper's units and divided by the batch.
+Summing over features keeps gamma's meaning: the paper's w = 1e-6 weighs a sum over 16,384 Dis_l units
+(64x64) against one GAN error per image, exactly as here. Other deviations: D outputs a logit (BCE with
+logits, without the code's eps clip); the decoder's GAN term lacks the code's (1 - w) factor; prior and
+posterior samples share one decoder batch; PyTorch's default init (deeppy's is sqrt(3) narrower);
+pictures decode the posterior mean; under torchrun gradients are all-reduced by hand (no DDP wrapper).
+"""
+import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+SCRIPT = "vaegan"
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)")
+    a = p.add_argument
+    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
+    a("--dataroot", default="./data", help="where the data lives or is downloaded to")
+    a("--image-size", type=int, default=None, help="native size unless given; 64 for folder")
+    a("--channels", type=int, choices=[1, 3], default=None, help="force greyscale or RGB")
+    a("--limit", type=int, default=None, help="use only the first N training images")
+    a("--nz", type=int, default=128, help="latent size")
+    a("--width", type=int, default=64, help="base width: encoder 64-128-256-1024, D 32-128-256-256-512")
+    a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
+    a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
+    a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
+    a("--gamma", type=float, default=None, help="reconstruction weight in the decoder (1e-6 disl, 1 pixel)")
+    a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
+    a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
+    a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
+    a("--epochs", type=int, default=25, help="25 epochs of CelebA ~ the paper's 62,500 steps")
+    a("--batch-size", type=int, default=64)
+    a("--lr", type=float, default=0.025 / 64, help="RMSProp start (the code: 0.025 / batch)")
+    a("--lr-end", type=float, default=1e-5 / 64, help="RMSProp end of the annealing")
+    a("--lr-power", type=float, default=0.75, help="lr = lr0 - (e/E)^power (lr0 - lr_end)")
+    a("--weight-decay", type=float, default=1e-5, help="on conv/linear weights, paper units")
+    a("--seed", type=int, default=1)
+    a("--outf", default=None, help="output folder (default out/vaegan-DATASET)")
+    a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
+    a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
+    a("--cuda", action="store_true")
+    a("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    a("--compile", action="store_true", help="torch.compile the networks (CUDA)")
+    a("--workers", type=int, default=4, help="threads decoding a folder of images")
+    a("--bench", type=int, default=0, help="time N training steps on random data and exit")
+    a("--sample", action="store_true", help="sample from --ckpt instead of training")
+    a("--ckpt", default=None)
+    a("--n", type=int, default=64, help="number of samples")
+    a("--npz", default=None, help="also write the samples to this .npz")
+    a("--out", default=None, help="grid PNG (default: beside the checkpoint)")
+    a("--recon-grid", action="store_true", help="test images (odd rows) over their reconstructions")
+    a("--interp", choices=["lerp", "slerp"], default=None, help="between two encoded test images")
+    a("--steps", type=int, default=10, help="interpolation steps")
+    a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
+    a("--attribute", type=int, default=None, help="class K: add mean z of K minus mean z of the rest")
+    args = p.parse_args(argv)
+    if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
+        p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
+    if args.gamma is None:  # the paper's CelebA w for Dis_l; the early pixel version summed unweighted
+        args.gamma = 1e-6 if args.recon == "disl" else 1.0
+    return args
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+def pick_device(args, local_rank=0):
+    if args.cuda and not torch.cuda.is_available():
+        fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
+    if not args.cuda:
+        for flag in ("amp", "compile"):
+            if getattr(args, flag, False):
+                print(f"note: --{flag} applies on CUDA only; ignored on the CPU")
+                setattr(args, flag, False)
+        return torch.device("cpu")
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    return torch.device("cuda", local_rank)
+
+# ----------------------------------------------------------------------------- data
+# Every loader returns the whole split as one uint8 tensor N x C x H x W: decoded once, then batches
+# are gathered by index on the device, with no per-image Python in the training loop.
+CIFAR = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                     "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
+           "fashion-mnist": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                             "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
+IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+CLASSES = {"mnist": [str(i) for i in range(10)],
+           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                             "Shirt", "Sneaker", "Bag", "Ankle boot"],
+           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"]}
+SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
+def download(url, path, md5):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+            f.write(r.read())
+    except OSError as e:
+        fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {os.path.dirname(path)}")
+    with open(path + ".part", "rb") as f:
+        if hashlib.md5(f.read()).hexdigest() != md5:
+            fail(f"checksum mismatch for {url}; delete {path}.part and try again")
+    os.replace(path + ".part", path)
+
+def read_cifar10(root, split):
+    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
+    if os.path.isdir(folder):
+        read = lambda n: open(os.path.join(folder, n), "rb").read()
+    else:
+        if not os.path.exists(tar):
+            download(CIFAR[0], tar, CIFAR[1])
+        members = {os.path.basename(m.name): m for m in tarfile.open(tar).getmembers()}
+        read = lambda n: tarfile.open(tar).extractfile(members[n]).read()
+    batches = [pickle.loads(read(n), encoding="bytes") for n in names]
+    x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([b[b"labels"] for b in batches])
+    meta = pickle.loads(read("batches.meta"), encoding="bytes")
+    return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in meta[b"label_names"]]
+
+def read_idx(path):
+    """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\0\0" or data[2] != 8:
+        fail(f"{path} is not a uint8 IDX file")
+    dims = np.frombuffer(data, ">i4", data[3], 4)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+
+def load_mnist(root, name, split):
+    """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
+    else downloaded to DATAROOT/NAME."""
+    paths = []
+    for i in ([0, 1] if split == "train" else [2, 3]):
+        dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
+        found = [c for c in (os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3]))
+                 if os.path.exists(c)]
+        if not found:
+            download(IDX_URLS[name] + IDX_FILES[i], os.path.join(root, name, IDX_FILES[i]), IDX_MD5[name][i])
+        paths.append(found[0] if found else os.path.join(root, name, IDX_FILES[i]))
+    x, y = read_idx(paths[0]), read_idx(paths[1])
+    return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
+
+def decode_image(path, size, mode):
+    """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
+    try:
+        im = Image.open(path)
+        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "I;16", "1") else "RGB"))
+    except Exception as e:
+        fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
+    s = size / min(im.size)
+    im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
+    l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return np.asarray(im.crop((l, t, l + size, t + size)))
+
+def load_folder(root, size, channels, workers):
+    """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
+    if not os.path.isdir(root):
+        fail(f"--dataroot {root} is not a folder; point it at a folder of images")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXT))
+    if not files:
+        fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
+    classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
+    stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
+    cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
+    if os.path.exists(cache):
+        z = np.load(cache)
+        return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        ims = list(pool.map(lambda f: decode_image(f, size, mode), files))
+    if mode is None and any(im.ndim == 3 for im in ims):  # colour kept as found; greys join as RGB
+        ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
+    x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
+    y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
+    try:
+        np.savez(cache, x=x, y=y)
+    except OSError:
+        pass  # a read-only dataset still works, it is just decoded again next time
+    return torch.from_numpy(x), torch.from_numpy(y), classes
+
+def make_shapes(n, size, seed):
+    """The built-in synthetic set: one coloured shape per image on a dark background, one class each.
+    Made in chunks of 1000 with their own seeds, so `--limit` takes a prefix of the same images."""
+    # whole chunks, then cut: a chunk's random draws depend on its length
+    parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
+    return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
+
+def shape_chunk(n, size, rng):
+    y = rng.integers(0, 6, n)
+    c = (np.arange(size) + 0.5) / size * 2 - 1
+    cx, cy, r = rng.uniform(-0.35, 0.35, n), rng.uniform(-0.35, 0.35, n), rng.uniform(0.35, 0.6, n)
+    dx = (c[None, None, :] - cx[:, None, None]) / r[:, None, None]
+    dy = (c[None, :, None] - cy[:, None, None]) / r[:, None, None]
+    ax, ay, rr = np.abs(dx), np.abs(dy), dx ** 2 + dy ** 2
+    masks = [rr <= 1, np.maximum(ax, ay) <= 0.8, (dy <= 0.7) & (ax <= 0.56 * (dy + 0.9)), ax + ay <= 1,
+             ((ax <= 0.3) & (ay <= 0.9)) | ((ay <= 0.3) & (ax <= 0.9)), (rr <= 1) & (rr >= 0.45)]
+    mask = np.choose(y[:, None, None], masks)[:, None]
+    fg, bg = rng.uniform(0.45, 1, (n, 3, 1, 1)), rng.uniform(0, 0.2, (n, 3, 1, 1))
+    x = (np.where(mask, fg, bg) * 255).round().astype(np.uint8)
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+def resize_images(x, size):
+    """Resize a uint8 N x C x H x W tensor (antialiased bilinear) when --image-size asks for it."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = [F.interpolate(c.float(), (size, size), mode="bilinear", antialias=True) for c in x.split(4096)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+def load_dataset(args, split):
+    """-> (uint8 images N x C x H x W, int64 labels, class names). folder/shapes hold out every 10th image."""
+    if args.dataset == "cifar10":
+        x, y, classes = read_cifar10(args.dataroot, split)
+    elif args.dataset in ("mnist", "fashion-mnist"):
+        x, y, classes = load_mnist(args.dataroot, args.dataset, split)
+    elif args.dataset == "shapes":
+        n = min(10000, args.limit or 10000) if split == "train" else 2000
+        x, y, classes = make_shapes(n, args.image_size or 32, 0 if split == "train" else 1)
+    else:
+        x, y, classes = load_folder(args.dataroot, args.image_size or 64, args.channels, args.workers)
+        keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
+        x, y = x[keep], y[keep]
+    if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
+        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().byte()
+    elif args.channels == 3 and x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    if split == "train" and args.limit:
+        x, y = x[:args.limit], y[:args.limit]
+    if len(x) == 0:
+        fail(f"the {split} split of {args.dataset} under {args.dataroot} holds no images")
+    return resize_images(x, args.image_size or x.shape[-1]), y, classes
+
+# ----------------------------------------------------------------------------- models (the code's 64x64 nets)
+def conv_bn(a, b, transposed=False):
+    """conv5 stride 2, no bias (BN follows); BN momentum 0.1 is deeppy's 0.9 in PyTorch's convention."""
+    conv = (nn.ConvTranspose2d(a, b, 5, 2, 2, output_padding=1, bias=False) if transposed
+            else nn.Conv2d(a, b, 5, 2, 2, bias=False))
+    return [conv, nn.BatchNorm2d(b, eps=1e-6), nn.ReLU(True)]
+
+def fc_bn(a, b):
+    return [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, eps=1e-6), nn.ReLU(True)]
+
+def make_encoder(nc, size, nz, w):
+    """conv 64 -> 128 -> 256 (stride 2, BN, ReLU), FC 1024 (BN, ReLU), then the mu and log sigma^2 heads,
+    here one linear layer to 2 x nz split in two by `posterior` (the same thing as two heads)."""
+    s = -(-size // 8)  # side after three stride-2 'same' convs: 64 -> 8, 32 -> 4, 28 -> 4
+    return nn.Sequential(*conv_bn(nc, w), *conv_bn(w, 2 * w), *conv_bn(2 * w, 4 * w), nn.Flatten(),
+                         *fc_bn(4 * w * s * s, 16 * w), nn.Linear(16 * w, 2 * nz))
+
+def posterior(E, x):
+    """-> mu, log sigma^2 of q(z | x)."""
+    return E(x).float().chunk(2, 1)
+
+def make_decoder(nc, size, nz, w):
+    """FC to 256 x 8 x 8 (BN, ReLU), transposed conv5 to 256, 128, 32 (BN, ReLU), conv5 to C, tanh.
+    Depth follows the size: s0 * 2^n with up to three doublings (64 = 8*8, 32 = 4*8, 28 = 7*4)."""
+    s0, n = size, 0
+    while n < 3 and s0 % 2 == 0 and s0 >= 8:
+        s0, n = s0 // 2, n + 1
+    if n < 2:
+        fail(f"--image-size {size} does not fit; use s*2^n with n >= 2 and s >= 4, e.g. 28, 32 or 64")
+    ws = [4 * w] + [4 * w, 2 * w, w // 2][-n:]
+    layers = [*fc_bn(nz, 4 * w * s0 * s0), nn.Unflatten(1, (4 * w, s0, s0))]
+    for a, b in zip(ws, ws[1:]):
+        layers += conv_bn(a, b, transposed=True)
+    return nn.Sequential(*layers, nn.Conv2d(ws[-1], nc, 5, 1, 2), nn.Tanh())
+
+def make_discriminator(nc, size, w):
+    """D[0]: conv5 32 + ReLU, conv5/2 128 and 256 (BN, ReLU), conv5/2 256 whose raw output is Dis_l;
+    D[1]: BN, ReLU, FC 512 (BN, ReLU), FC 1, a logit."""
+    s = -(-size // 8)
+    features = nn.Sequential(nn.Conv2d(nc, w // 2, 5, 1, 2), nn.ReLU(True), *conv_bn(w // 2, 2 * w),
+                             *conv_bn(2 * w, 4 * w), nn.Conv2d(4 * w, 4 * w, 5, 2, 2, bias=False))
+    return nn.Sequential(features, nn.Sequential(nn.BatchNorm2d(4 * w, eps=1e-6), nn.ReLU(True), nn.Flatten(),
+                                                 *fc_bn(4 * w * s * s, 8 * w), nn.Linear(8 * w, 1), nn.Flatten(0)))
+
+def build_nets(args, nc):
+    if args.no_gan and args.recon == "disl":
+        fail("--recon disl needs the discriminator's features; drop --no-gan or add --recon pixel")
+    torch.manual_seed(args.seed)  # the same initial weights on every data-parallel rank
+    nets = {"E": make_encoder(nc, args.image_size, args.nz, args.width),
+            "Dec": make_decoder(nc, args.image_size, args.nz, args.width)}
+    return nets if args.no_gan else {**nets, "D": make_discriminator(nc, args.image_size, args.width)}
+
+def make_optimizer(net, args):
+    """RMSProp (decay 0.9) as the code; weight decay on conv/linear weights only, divided by the batch
+    because our losses are batch means where the code's were batch sums."""
+    wd = {id(m.weight) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
+    groups = [{"params": [p for p in net.parameters() if (id(p) in wd) == on],
+               "weight_decay": args.weight_decay / args.batch_size if on else 0.0} for on in (True, False)]
+    return torch.optim.RMSprop(groups, args.lr, alpha=0.9, eps=1e-8)
+
+def annealed_lr(args, epoch):
+    """The code's GammaAnnealer: lr0 - (e / E)^0.75 (lr0 - lr_end), set once per epoch (e from 0)."""
+    return args.lr - ((epoch - 1) / args.epochs) ** args.lr_power * (args.lr - args.lr_end)
+
+# ----------------------------------------------------------------------------- the method's parts
+def reparameterise(mu, logvar, eps):
+    """z = mu + sigma * eps (Kingma & Welling 2014): a sample that is differentiable in mu and sigma."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), per image."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+
+def recon_error(a, b):
+    """Gaussian negative log-likelihood with sigma 1 up to a constant: 1/2 ||a - b||^2 per image."""
+    return 0.5 * (a - b).pow(2).flatten(1).sum(1)
+
+def equilibrium_rule(err_real, err_fake, equilibrium=0.68, margin=0.35):
+    """The paper's code: D skips its step when too good (a cost below eq - margin), the decoder when too
+    bad (a D cost above eq + margin); both step if both would skip. -> (update_d, update_dec)."""
+    if margin < 0:
+        return True, True
+    update_d = not (err_real < equilibrium - margin or err_fake < equilibrium - margin)
+    update_dec = not (err_real > equilibrium + margin or err_fake > equilibrium + margin)
+    return (update_d, update_dec) if update_d or update_dec else (True, True)
+
+# ----------------------------------------------------------------------------- training
+def autocast(args, device):
+    return torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda")
+
+def bce(logits, target, reduction="mean"):
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction=reduction)
+
+def forward_losses(f, args, x):
+    """The single forward pass of a step (f: the networks, maybe compiled) -> every loss term, batch means."""
+    B = x.shape[0]
+    with autocast(args, x.device):
+        mu, logvar = posterior(f["E"], x)
+        z = reparameterise(mu, logvar, torch.randn_like(mu))
+        if not args.no_gan:  # Sec. 2.3: fakes decoded from the prior, in the same decoder batch
+            z = torch.cat([z, torch.randn_like(mu)])
+        x_all = f["Dec"](z)  # one batch, so BN's running statistics (used for pictures) match training
+        x_tilde, x_p = x_all[:B], x_all[B:]
+        out = {"kl": kl_divergence(mu, logvar).mean()}
+        if args.recon == "disl":  # Sec. 2.3: both through D's first layers; the real features a fixed target
+            feats = f["Dfeat"](torch.cat([x_tilde, x])).float()
+            out["recon"] = recon_error(feats[:B], feats[B:].detach()).mean()
+        else:
+            out["recon"] = recon_error(x_tilde.float(), x).mean()
+        if args.no_gan:
+            return out
+        fakes = torch.cat([x_tilde, x_p]) if args.fake_recon else x_p
+        logits = f["D"](torch.cat([x, fakes])).float()  # one D batch of reals and fakes, as the code
+    real, fake = logits[:B], logits[B:]
+    out["err_real"], out["err_fake"] = bce(real, 1.0), bce(fake, 0.0)
+    out["gan_d"] = 0.5 * (out["err_real"] + out["err_fake"])  # the code weighs reals and fakes 1/2 each
+    # Alg. 1: the decoder maximises L_GAN, i.e. minimises log(1 - D(Dec(z))) summed over its fakes;
+    # --nonsat: -log D(Dec(z)) instead, whose gradient does not vanish while D wins.
+    out["gan_g"] = (bce(fake, 1.0, "sum") if args.nonsat else -bce(fake, 0.0, "sum")) / B
+    out["d_x"], out["d_gz"] = torch.sigmoid(real).mean(), torch.sigmoid(fake).mean()
+    return out
+
+def network_losses(out, args):
+    """Each network's own row of the routing table in the module docstring."""
+    if args.no_gan:
+        return {"E": out["kl"] + out["recon"], "Dec": out["recon"]}
+    return {"E": out["kl"] + out["recon"], "Dec": args.gamma * out["recon"] + out["gan_g"], "D": out["gan_d"]}
+
+def routed_grads(run, x):
+    """One forward pass, then each network's gradient of exactly its own loss: autograd.grad with that
+    network's parameters as explicit inputs. A backward() of the sum would leak the GAN gradient into
+    the encoder and the reconstruction gradient into D; the three share one graph, hence retain_graph."""
+    out = forward_losses(run["fwd"], run["args"], x)
+    losses = network_losses(out, run["args"])
+    last = list(losses)[-1]
+    return out, {k: torch.autograd.grad(loss, list(run["nets"][k].parameters()), retain_graph=k != last)
+                 for k, loss in losses.items()}
+
+def global_mean(*values):
+    """Average scalars over data-parallel ranks so every rank's rule takes the same branch."""
+    t = torch.stack([v.detach().float() for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+def average_grads(grads, world):
+    """What DDP's backward hooks do, done by hand because autograd.grad does not fire them: one
+    all-reduce of all gradients together, divided by the number of ranks."""
+    flat = torch.cat([g.flatten() for gs in grads.values() for g in gs])
+    dist.all_reduce(flat)
+    parts = iter(flat.div_(world).split([g.numel() for gs in grads.values() for g in gs]))
+    return {k: [next(parts).view_as(g) for g in gs] for k, gs in grads.items()}
+
+def train_step(run, x):
+    """All gradients first, then the rule decides, then the optimisers step: nothing steps between
+    gradient computations, so every gradient is of the same weights."""
+    args, nets, opts = run["args"], run["nets"], run["opts"]
+    out, grads = routed_grads(run, x)
+    if run["world"] > 1:
+        grads = average_grads(grads, run["world"])
+    upd = {"E": True, "Dec": True, "D": not args.no_gan}
+    if not args.no_gan:  # one host sync per step: the rule needs D's two costs as numbers
+        upd["D"], upd["Dec"] = equilibrium_rule(*global_mean(out["err_real"], out["err_fake"]),
+                                                args.equilibrium, args.margin)
+    for k, gs in grads.items():
+        if upd[k]:  # the encoder always steps
+            for p, g in zip(nets[k].parameters(), gs):
+                p.grad = g
+            opts[k].step()
+    return {**{k: v.detach() for k, v in out.items()}, "upd_d": float(upd["D"]), "upd_dec": float(upd["Dec"])}
+
+def batches(run, epoch):
+    """This rank's share of one shuffled pass, as index tensors on the device (reproducible per epoch)."""
+    args, n = run["args"], len(run["images"])
+    gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=gen)[run["rank"]::run["world"]].to(run["images"].device)
+    return perm[: len(perm) // args.batch_size * args.batch_size].view(-1, args.batch_size)
+
+def get_batch(run, idx):
+    return run["images"][idx].float().div_(127.5).sub_(1)  # uint8 -> [-1, 1] on the device
+
+def log_row(run, epoch, acc, count):
+    """Accumulated step tensors -> one log.csv row (one host sync per logging interval)."""
+    row = {"step": run["state"]["step"], "epoch": epoch, **{k: float(v) / count for k, v in acc.items()},
+           "lr": run["opts"]["E"].param_groups[0]["lr"]}
+    if not all(math.isfinite(v) for v in row.values()):
+        fail(f"the losses became NaN/inf at step {row['step']}; training stopped and the last good "
+             f"checkpoint in {run['args'].outf} is kept (try a lower --lr)")
+    return row
+
+def run_epoch(run, epoch, t0):
+    args, state = run["args"], run["state"]
+    idx, acc, count = batches(run, epoch), {}, 0
+    for i, b in enumerate(idx):
+        out = train_step(run, get_batch(run, b))
+        state["step"] += 1
+        acc, count = {k: acc.get(k, 0) + v for k, v in out.items()}, count + 1
+        if state["step"] % args.log_every == 0 or i == len(idx) - 1:
+            row, acc, count = log_row(run, epoch, acc, count), {}, 0
+            if run["rank"] == 0:
+                append_log(os.path.join(args.outf, "log.csv"), row)
+                rate = (state["step"] - run["start_step"]) * args.batch_size * run["world"] / (time.time() - t0)
+                left = ((args.epochs - epoch) * len(idx) + len(idx) - i - 1) * args.batch_size * run["world"]
+                print(progress_line(epoch, args.epochs, i + 1, len(idx), row, rate, left / rate))
+
+def setup_training(args, device, rank, world, data=None):
+    images, labels, classes = data or load_dataset(args, "train")
+    args.image_size, args.nc = images.shape[-1], images.shape[1]
+    nets = {k: v.to(device) for k, v in build_nets(args, args.nc).items()}
+    torch.manual_seed(args.seed + rank)  # each rank its own noise
+    parts = {**nets, "Dfeat": nets["D"][0]} if "D" in nets else nets  # Dis_l: D's own first layers
+    fwd = {k: torch.compile(m, dynamic=False) if args.compile else m for k, m in parts.items()}
+    if rank == 0:
+        print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()) + " parameters")
+    return {"args": args, "images": images.to(device), "classes": classes, "rank": rank, "world": world,
+            "state": {"epoch": 0, "step": 0}, "nets": nets, "fwd": fwd,
+            "opts": {k: make_optimizer(n, args) for k, n in nets.items()}}
+
+def train(args, device, rank=0, world=1):
+    args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
+    if args.resume:
+        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
+        keep = {k: getattr(args, k) for k in ("epochs", "outf", "cuda", "amp", "compile", "log_every", "workers")}
+        args = argparse.Namespace(**{**ckpt["args"], **keep, "resume": True})
+    run = setup_training(args, device, rank, world)
+    if args.resume:
+        restore(run, ckpt)
+    if rank == 0:
+        os.makedirs(args.outf, exist_ok=True)
+    fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    run["start_step"], t0 = run["state"]["step"], time.time()
+    for epoch in range(run["state"]["epoch"] + 1, args.epochs + 1):
+        for group in (g for opt in run["opts"].values() for g in opt.param_groups):
+            group["lr"] = annealed_lr(args, epoch)
+        run_epoch(run, epoch, t0)
+        run["state"]["epoch"] = epoch
+        if world > 1:  # BN running statistics are per rank; make every rank hold rank 0's
+            for b in (b for net in run["nets"].values() for b in net.buffers()):
+                dist.broadcast(b, 0)
+        if rank == 0:
+            end_of_epoch_files(run, epoch, fixed_z)
+    return run
+
+def end_of_epoch_files(run, epoch, fixed_z):
+    args, nets, opts = run["args"], run["nets"], run["opts"]
+    if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
+        fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {args.outf} is kept")
+    x = get_batch(run, torch.arange(32, device=run["images"].device))
+    nn.ModuleDict(nets).eval()  # BN with its running statistics for pictures
+    with torch.no_grad():
+        save_grid(nets["Dec"](fixed_z), os.path.join(args.outf, f"samples_e{epoch:03d}.png"))
+        save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0])),
+                  os.path.join(args.outf, f"recon_e{epoch:03d}.png"))
+    nn.ModuleDict(nets).train()
+    save_checkpoint({"script": SCRIPT, "args": vars(args), **{k: n.state_dict() for k, n in nets.items()},
+                     **{"opt" + k: o.state_dict() for k, o in opts.items()}, "classes": run["classes"],
+                     "epoch": epoch, "step": run["state"]["step"], "rng": rng_state(),
+                     "balance": {"equilibrium": args.equilibrium, "margin": args.margin}},
+                    os.path.join(args.outf, "ckpt.pt"))
+    plot_curves(os.path.join(args.outf, "log.csv"), os.path.join(args.outf, "curves.png"),
+                [("KL (nats per image)", ["kl"]), ("reconstruction error", ["recon"]),
+                 ("GAN errors", ["err_real", "err_fake", "gan_g"]), ("D outputs", ["d_x", "d_gz"]),
+                 ("equilibrium rule: fraction of steps that update", ["upd_d", "upd_dec"])])
+
+def restore(run, ckpt):
+    for k, n in run["nets"].items():
+        n.load_state_dict(ckpt[k]), run["opts"][k].load_state_dict(ckpt["opt" + k])
+    run["state"].update(epoch=ckpt["epoch"], step=ckpt["step"])
+    set_rng_state(ckpt["rng"])
+    if run["rank"] == 0:
+        trim_log(os.path.join(run["args"].outf, "log.csv"), ckpt["step"])
+    else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
+        torch.manual_seed(run["args"].seed + run["rank"] + 7919 * ckpt["epoch"])
+    print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
+
+# ----------------------------------------------------------------------------- checkpoints, logs, pictures
+def save_checkpoint(obj, path):
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def load_checkpoint(path, script):
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        other = ckpt.get("script") if isinstance(ckpt, dict) else None
+        fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
+    return ckpt
+
+def rng_state():
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+def append_log(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+def trim_log(path, step):
+    """After a crash mid-epoch, drop the log rows past the checkpoint: the resumed run writes them again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        os.remove(path)
+        for r in (r for r in rows if int(r["step"]) <= step):
+            append_log(path, r)
+
+def progress_line(epoch, epochs, it, iters, row, rate, eta_s):
+    eta = f"{eta_s / 60:.0f}m" if eta_s >= 60 else f"{eta_s:.0f}s"
+    gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} D(x) {row['d_x']:.2f} "
+           f"D(G(z)) {row['d_gz']:.2f}" if "d_x" in row else "")
+    return (f"[e {epoch}/{epochs} it {it}/{iters}] KL {row['kl']:.1f} rec {row['recon']:.4g}{gan} | "
+            f"{rate:.0f} img/s | ETA {eta}")
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+def plot_curves(csv_path, png_path, panels, w=640, h=200):
+    """Line plots of log.csv columns, one panel per group, drawn with Pillow (no plotting library)."""
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    panels = [(t, [k for k in keys if k in rows[0]]) for t, keys in panels] if rows else []
+    panels = [(t, keys) for t, keys in panels if keys]
+    if len(rows) < 2 or not panels:
+        return
+    img = Image.new("RGB", (w, h * len(panels)), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [float(r["step"]) for r in rows]
+    for p, (title, keys) in enumerate(panels):
+        top, vals = p * h, [[float(r[k]) for r in rows] for k in keys]
+        lo, hi = min(map(min, vals)), max(map(max, vals))
+        hi = hi if hi > lo else lo + 1
+        px = lambda s: 50 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 60)
+        py = lambda v: top + h - 20 - (v - lo) / (hi - lo) * (h - 40)
+        draw.rectangle([50, top + 20, w - 10, top + h - 20], outline="grey")
+        draw.text((52, top + 4), title, fill="black")
+        draw.text((2, top + 18), f"{hi:.3g}", fill="black"), draw.text((2, top + h - 30), f"{lo:.3g}", fill="black")
+        for j, (k, v) in enumerate(zip(keys, vals)):
+            draw.line([(px(s), py(x)) for s, x in zip(steps, v)], fill=COLOURS[j % len(COLOURS)], width=1)
+            draw.text((300 + 90 * j, top + 4), k, fill=COLOURS[j % len(COLOURS)])
+    img.save(png_path)
+
+def to_uint8(x):
+    """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+def grid_image(images, nrow=8, pad=2):
+    x = to_uint8(images) if torch.is_tensor(images) else images
+    n, h, w, c = x.shape
+    grid = np.full((-(-n // nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+    return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+
+def save_grid(images, path, nrow=8):
+    grid_image(images, nrow).save(path)
+
+def save_npz(path, images, labels=None):
+    extra = {"labels": np.asarray(labels, np.int64)} if labels is not None else {}
+    np.savez(path, images=to_uint8(images), **extra)
+
+def pair_rows(a, b, nrow=8):
+    """Each row of `a` over the same row of `b`: images over their reconstructions in an 8-column grid."""
+    return torch.stack([a.reshape(-1, nrow, *a.shape[1:]), b.reshape(-1, nrow, *b.shape[1:])], 1).flatten(0, 2)
+
+# ----------------------------------------------------------------------------- sampling and analysis
+def slerp(a, b, t):
+    """Spherical interpolation (White 2016) of direction, linear in norm: Gaussian latents live near a
+    sphere, and the straight line between two of them cuts through the unlikely low-norm interior."""
+    na, nb = a.norm(), b.norm()
+    omega = torch.acos((a @ b / (na * nb)).clamp(-1, 1))
+    if omega < 1e-4 or omega > math.pi - 1e-4:  # (anti)parallel: no unique great circle; use a line
+        return a + (b - a) * t[:, None]
+    arc = (torch.sin((1 - t) * omega)[:, None] * a / na + torch.sin(t * omega)[:, None] * b / nb) / torch.sin(omega)
+    return arc * (na + (nb - na) * t)[:, None]
+
+def walk(z, frames, per_key=16):
+    """A slow tour of latent space: 16 latents at a time, each slerping between random key points."""
+    keys = z(16 * (frames // per_key + 2)).view(-1, 16, z(1).shape[1])
+    t = torch.linspace(0, 1, per_key + 1, device=keys.device)[:-1]
+    path = [torch.stack([slerp(a, b, t) for a, b in zip(k0, k1)], 1) for k0, k1 in zip(keys, keys[1:])]
+    return torch.cat(path)[:frames]
+
+def load_model(args):
+    ckpt = load_checkpoint(args.ckpt, SCRIPT)
+    targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
+    nets = build_nets(targs, targs.nc)
+    for k, n in nets.items():
+        n.load_state_dict(ckpt[k])
+    return nn.ModuleDict(nets).to(device).eval(), targs, device
+
+@torch.no_grad()
+def encode(E, x, batch=500):
+    """uint8 images -> posterior means mu (the code's embedding), in batches."""
+    return torch.cat([posterior(E, x[i:i + batch].float() / 127.5 - 1)[0] for i in range(0, len(x), batch)])
+
+@torch.no_grad()
+def decode(Dec, z, batch=500):
+    return torch.cat([Dec(z[i:i + batch]) for i in range(0, len(z), batch)])
+
+def attribute_vector(E, targs, k, device, n=10000):
+    """The paper's attribute vectors: mean latent of the images with it minus mean of those without."""
+    x, y, classes = load_dataset(targs, "train")
+    if not 0 <= k < len(classes):
+        fail(f"--attribute {k} is out of range; this dataset has classes 0..{len(classes) - 1}")
+    on, z = (y[:n] == k).to(device), encode(E, x[:n].to(device))
+    if on.all() or not on.any():
+        fail(f"--attribute {k}: the first {n} training images must hold class {k} and other classes")
+    return z[on].mean(0) - z[~on].mean(0)
+
+def sample(args):
+    nets, targs, device = load_model(args)
+    E, Dec, z = nets["E"], nets["Dec"], lambda n: torch.randn(n, targs.nz, device=device)
+    torch.manual_seed(args.seed)
+    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
+    x = decode(Dec, z(args.n))
+    save_grid(x, stem + ".png")
+    if args.npz:
+        save_npz(args.npz, x)
+    if args.recon_grid or args.interp or args.attribute is not None:
+        real, y, _ = load_dataset(targs, "test")
+        real, y = real.to(device), y.to(device)
+    if args.recon_grid:
+        k = min(32, len(real)) // 8 * 8 or fail("--recon-grid needs 8 or more test images")
+        save_grid(pair_rows(real[:k].float() / 127.5 - 1, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
+    if args.interp:  # rows: the latents of pairs of test images, lerp or slerp between them
+        t, k = torch.linspace(0, 1, args.steps, device=device), min(8, len(real) // 2)
+        ends = encode(E, real[:2 * k]).view(k, 2, -1)
+        zs = torch.cat([slerp(a, b, t) if args.interp == "slerp" else a + (b - a) * t[:, None] for a, b in ends])
+        save_grid(decode(Dec, zs), stem + f"_{args.interp}.png", args.steps)
+    if args.walk:
+        frames = [grid_image(decode(Dec, f), 4) for f in walk(z, args.walk)]
+        frames[0].save(stem + "_walk.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    if args.attribute is not None:  # rows: test images of other classes, reconstructions, + the vector
+        v, pick = attribute_vector(E, targs, args.attribute, device), real[y != args.attribute][:8]
+        zp = encode(E, pick)
+        save_grid(torch.cat([pick.float() / 127.5 - 1, decode(Dec, zp), decode(Dec, zp + v)]),
+                  stem + f"_attr{args.attribute}.png")
+    print(f"wrote {stem}*" + (f" and {args.npz}" if args.npz else ""))
+
+# ----------------------------------------------------------------------------- benchmark and main
+def bench(args, device):
+    """Time --bench N training steps on random data of the configured size and batch, after a warm-up."""
+    size = args.image_size or {"mnist": 28, "fashion-mnist": 28, "folder": 64}.get(args.dataset, 32)
+    nc = args.channels or (1 if args.dataset in ("mnist", "fashion-mnist") else 3)
+    data = torch.randint(0, 256, (max(2048, 4 * args.batch_size), nc, size, size), dtype=torch.uint8)
+    run = setup_training(args, device, 0, 1, (data, None, []))
+    idx, sync = batches(run, 1), (torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    for i in range(args.bench + 3):  # 3 warm-up steps (cuDNN autotuning, compilation)
+        if i == 3:
+            sync()
+            t = time.perf_counter()
+        train_step(run, get_batch(run, idx[i % len(idx)]))
+    sync()
+    dt = (time.perf_counter() - t) / args.bench
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
+    mode = "+".join([m for m in ("amp", "compile") if getattr(args, m)]) or "fp32"
+    print(f"{args.batch_size / dt:.0f} img/s, {dt * 1000:.1f} ms/iter, peak memory {mem}")
+    print(f"| vaegan.py {'plain VAE' if args.no_gan else 'VAE/GAN ' + args.recon} width {args.width} {size}x{size} "
+          f"| batch {args.batch_size} | {mode} | {device.type} | {args.batch_size / dt:.0f} img/s |")
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.sample:
+        return sample(args)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
+    if args.bench:
+        return bench(args, device)
+    if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train(args, device, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+if __name__ == "__main__":
+    main()
