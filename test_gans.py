@@ -769,6 +769,30 @@ def test_lapgan_sample_formats_upscale_resample_chain(lapgan_runs):
         assert np.abs(tile(chain_sheet, 0, 3 * i + 1)[::2, ::2].astype(int) - own[i]).max() <= 2
 
 
+def test_lapgan_level_trained_alone_joins_the_pyramid(lapgan_runs, tmp_path):
+    """--level K trains one level by itself (on another GPU or machine); --sample --ckpt A B joins the
+    levels of several runs, later checkpoints replacing earlier ones' levels."""
+    full, alone = os.path.join(lapgan_runs["full"], "ckpt.pt"), str(tmp_path / "l1")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(LAPGAN_TINY + ["--epochs", "1", "--level", "1", "--outf", alone])
+    ck = torch.load(os.path.join(alone, "ckpt.pt"), weights_only=True)
+    assert list(ck["levels"]) == [1]
+    row = read_log(os.path.join(alone, "log.csv"))[-1]
+    assert "err_d1" in row and "err_d0" not in row and "err_d2" not in row
+
+    def images(*ckpts):
+        npz = str(tmp_path / f"s{len(os.listdir(tmp_path))}.npz")
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.main(["--sample", "--ckpt", *ckpts, "--n", "4", "--label", "0", "--npz", npz,
+                         "--out", str(tmp_path / "s.png")])
+        return np.load(npz)["images"]
+    only_full = images(full)
+    assert np.array_equal(images(os.path.join(alone, "ckpt.pt"), full), only_full)  # full's level 1 wins
+    assert not np.array_equal(images(full, os.path.join(alone, "ckpt.pt")), only_full)  # the lone level 1
+    with pytest.raises(SystemExit, match="level 0 is in none of"):
+        lapgan.main(["--sample", "--ckpt", os.path.join(alone, "ckpt.pt")])
+
+
 def test_lapgan_parzen_ranks_real_above_noise(lapgan_runs, tmp_path):
     torch.manual_seed(0)
     Gs, ck = lapgan.load_levels([os.path.join(lapgan_runs["full"], "ckpt.pt")])
@@ -1156,3 +1180,34 @@ def test_vaegan_bad_inputs_give_one_line_errors(tmp_path):
         vaegan.main(["--sample", "--ckpt", str(tmp_path / "junk.pt")])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         vaegan.main(VAEGAN_TINY + ["--resume", "--outf", str(tmp_path / "empty")])
+
+
+# ----------------------------------------------------------------------------- lapgan.py and vaegan.py: data parallel
+def _ddp_run_worker(rank, port, script, argv, result):
+    """One torchrun-style rank of lapgan.py or vaegan.py: train, then save its weights and its file writes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    mod, writes = {"lapgan": lapgan, "vaegan": vaegan}[script], []
+    for name in ("save_checkpoint", "append_log", "save_grid", "plot_curves"):
+        real = getattr(mod, name)
+        setattr(mod, name, lambda *a, _real=real, _name=name, **k: (writes.append(_name), _real(*a, **k))[1])
+    run = mod.main(argv)
+    nets = ({f"{m}{k}": lv[m] for k, lv in run["levels"].items() for m in ("G", "D")} if script == "lapgan"
+            else run["nets"])
+    torch.save({"nets": {k: n.state_dict() for k, n in nets.items()}, "writes": writes}, f"{result}{rank}.pt")
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("lapgan", LAPGAN_TINY + ["--epochs", "2", "--balance"]),
+    ("vaegan", VAEGAN_TINY + ["--limit", "64", "--epochs", "2", "--log-every", "2"])])
+def test_data_parallel_two_ranks_lapgan_vaegan(tmp_path, script, argv):
+    """Two Gloo ranks: identical weights (and BN statistics) afterwards, and only rank 0 writes files."""
+    outf, result = str(tmp_path / "ddp"), str(tmp_path / "rank")
+    torch.multiprocessing.spawn(_ddp_run_worker, args=(free_port(), script, argv + ["--outf", outf], result), nprocs=2)
+    r0, r1 = (torch.load(f"{result}{r}.pt", weights_only=True) for r in (0, 1))
+    assert r1["writes"] == [] and "save_checkpoint" in r0["writes"]
+    for net, state in r0["nets"].items():
+        assert all(torch.equal(state[k], r1["nets"][net][k]) for k in state), net
+    steps = {"lapgan": 2 * 16 // (2 * 4), "vaegan": 2 * 64 // (2 * 8)}[script]  # epochs x images / (ranks x real per step)
+    assert read_log(os.path.join(outf, "log.csv"))[-1]["step"] == str(steps)

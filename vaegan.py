@@ -70,7 +70,7 @@ def get_args(argv=None):
     a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
     a("--cuda", action="store_true")
     a("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    a("--compile", action="store_true", help="torch.compile the networks (CUDA)")
+    a("--compile", action="store_true", help="torch.compile the networks")
     a("--workers", type=int, default=4, help="threads decoding a folder of images")
     a("--bench", type=int, default=0, help="time N training steps on random data and exit")
     a("--sample", action="store_true", help="sample from --ckpt instead of training")
@@ -97,10 +97,8 @@ def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
     if not args.cuda:
-        for flag in ("amp", "compile"):
-            if getattr(args, flag, False):
-                print(f"note: --{flag} applies on CUDA only; ignored on the CPU")
-                setattr(args, flag, False)
+        if args.amp:
+            print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
         return torch.device("cpu")
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     return torch.device("cuda", local_rank)
