@@ -691,14 +691,17 @@ def slerp(a, b, t):
     sphere, and a straight line between two of them cuts through the unlikely low-norm interior."""
     na, nb = a.norm(), b.norm()
     ua, ub = a / na, b / nb
-    omega = torch.acos((ua @ ub).clamp(-1, 1))  # clip: rounding can push the cosine past +-1
-    if omega < 1e-4:
+    c = ua @ ub  # cos(omega)
+    v = ub - c * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
+    s = v.norm()
+    # atan2, not acos: acos of a float32 cosine that rounds to 0.99999994 is 3e-4, not 0
+    omega = torch.atan2(s, c)
+    if s < 1e-5 and c > 0:  # parallel: the arc is a point, so the path is the line between the norms
         return lerp(a, b, t)
-    v = ub - (ua @ ub) * ua  # the direction from a towards b on the sphere
-    if v.norm() < 1e-4:  # antipodal: every great circle joins them; take one through a basis vector
+    if s < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
         e = torch.zeros_like(a)
         e[ua.abs().argmin()] = 1
-        v = e - (ua @ e) * ua
+        v, omega = e - (ua @ e) * ua, torch.tensor(math.pi, dtype=a.dtype, device=a.device)
     v = v / v.norm()
     path = ua * torch.cos(omega * t)[:, None] + v * torch.sin(omega * t)[:, None]
     return path * (na + (nb - na) * t)[:, None]

@@ -20,6 +20,15 @@ import vaegan  # noqa: E402
 torch.set_num_threads(1)  # small nets: one thread is as fast, and the suite shares a 2-core machine
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state, whatever ran before it (file order or reversed)."""
+    import random
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 # ----------------------------------------------------------------------------- shared helpers
 def write_cifar_tarball(root, n_per_batch=6, seed=0):
     """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys."""
@@ -181,13 +190,34 @@ def test_lerp_and_slerp_endpoints_and_norms():
     assert gan.lerp(a, b, t).norm(dim=1)[3] < a.norm() * 0.95
 
 
-def test_slerp_antipodal_and_parallel():
-    a = torch.randn(20)
-    p = gan.slerp(a, -a, torch.linspace(0, 1, 5))
-    assert torch.isfinite(p).all()
-    assert torch.allclose(p[-1], -a, atol=1e-5) and torch.allclose(p.norm(dim=1), a.norm().expand(5), rtol=1e-5)
-    assert abs(p[2] @ a) < 1e-3 * a.norm() ** 2  # halfway round: orthogonal to both ends
-    assert torch.allclose(gan.slerp(a, a, torch.linspace(0, 1, 3)), a.expand(3, -1), atol=1e-6)
+@pytest.mark.parametrize("slerp", [gan.slerp, vaegan.slerp], ids=["gan", "vaegan"])
+def test_slerp_antipodal_and_parallel(slerp):
+    # float32 cosines of a vector with itself round to 0.99999994, and acos of that is 3e-4: try many vectors
+    for seed in range(40):
+        a = torch.randn(20, generator=torch.Generator().manual_seed(seed))
+        p = slerp(a, -a, torch.linspace(0, 1, 5))
+        assert torch.isfinite(p).all()
+        assert torch.allclose(p[-1], -a, atol=1e-5) and torch.allclose(p.norm(dim=1), a.norm().expand(5), rtol=1e-5)
+        assert abs(p[2] @ a) < 1e-3 * a.norm() ** 2  # halfway round: orthogonal to both ends, never the origin
+        assert torch.allclose(slerp(a, a, torch.linspace(0, 1, 3)), a.expand(3, -1), atol=1e-6)
+        b = 2 * a  # parallel with another norm: the path stays on the ray and its norm goes linearly
+        q = slerp(a, b, torch.linspace(0, 1, 5))
+        assert torch.allclose(q[-1], b, atol=1e-5)
+        assert torch.allclose(q.norm(dim=1), a.norm() * torch.linspace(1, 2, 5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("slerp", [gan.slerp, vaegan.slerp], ids=["gan", "vaegan"])
+def test_slerp_direction_and_norm_against_closed_form(slerp):
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(30, generator=g), 3 * torch.randn(30, generator=g)
+    t = torch.linspace(0, 1, 9)
+    p = slerp(a, b, t)
+    ua, ub = a / a.norm(), b / b.norm()
+    omega = torch.acos(ua @ ub)
+    # the textbook form (Shoemake 1985) for the direction; the norm goes linearly from |a| to |b|
+    direction = (torch.sin((1 - t) * omega)[:, None] * ua + torch.sin(t * omega)[:, None] * ub) / torch.sin(omega)
+    assert torch.allclose(p / p.norm(dim=1, keepdim=True), direction, atol=1e-5)
+    assert torch.allclose(p.norm(dim=1), a.norm() + (b.norm() - a.norm()) * t, rtol=1e-5)
 
 
 def test_parzen_matches_closed_form_and_ranks():

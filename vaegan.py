@@ -645,13 +645,23 @@ def pair_rows(a, b, nrow=8):
 # ----------------------------------------------------------------------------- sampling and analysis
 def slerp(a, b, t):
     """Spherical interpolation (White 2016) of direction, linear in norm: Gaussian latents live near a
-    sphere, and the straight line between two of them cuts through the unlikely low-norm interior."""
+    sphere, and a straight line between two of them cuts through the unlikely low-norm interior."""
     na, nb = a.norm(), b.norm()
-    omega = torch.acos((a @ b / (na * nb)).clamp(-1, 1))
-    if omega < 1e-4 or omega > math.pi - 1e-4:  # (anti)parallel: no unique great circle; use a line
+    ua, ub = a / na, b / nb
+    c = ua @ ub  # cos(omega)
+    v = ub - c * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
+    s = v.norm()
+    # atan2, not acos: acos of a float32 cosine that rounds to 0.99999994 is 3e-4, not 0
+    omega = torch.atan2(s, c)
+    if s < 1e-5 and c > 0:  # parallel: the arc is a point, so the path is the line between the norms
         return a + (b - a) * t[:, None]
-    arc = (torch.sin((1 - t) * omega)[:, None] * a / na + torch.sin(t * omega)[:, None] * b / nb) / torch.sin(omega)
-    return arc * (na + (nb - na) * t)[:, None]
+    if s < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
+        e = torch.zeros_like(a)
+        e[ua.abs().argmin()] = 1
+        v, omega = e - (ua @ e) * ua, torch.tensor(math.pi, dtype=a.dtype, device=a.device)
+    v = v / v.norm()
+    path = ua * torch.cos(omega * t)[:, None] + v * torch.sin(omega * t)[:, None]
+    return path * (na + (nb - na) * t)[:, None]
 
 def walk(z, frames, per_key=16):
     """A slow tour of latent space: 16 latents at a time, each slerping between random key points."""
