@@ -197,8 +197,9 @@ def test_slerp_antipodal_and_parallel(slerp):
         a = torch.randn(20, generator=torch.Generator().manual_seed(seed))
         p = slerp(a, -a, torch.linspace(0, 1, 5))
         assert torch.isfinite(p).all()
-        assert torch.allclose(p[-1], -a, atol=1e-5) and torch.allclose(p.norm(dim=1), a.norm().expand(5), rtol=1e-5)
-        assert abs(p[2] @ a) < 1e-3 * a.norm() ** 2  # halfway round: orthogonal to both ends, never the origin
+        assert torch.allclose(p[-1], -a, atol=1e-5)
+        assert torch.allclose(p.norm(dim=1), a.norm().expand(5), rtol=1e-5)
+        assert abs(p[2] @ a) < 1e-3 * a.norm() ** 2  # halfway: orthogonal to both ends, never the origin
         assert torch.allclose(slerp(a, a, torch.linspace(0, 1, 3)), a.expand(3, -1), atol=1e-6)
         b = 2 * a  # parallel with another norm: the path stays on the ray and its norm goes linearly
         q = slerp(a, b, torch.linspace(0, 1, 5))
@@ -215,7 +216,8 @@ def test_slerp_direction_and_norm_against_closed_form(slerp):
     ua, ub = a / a.norm(), b / b.norm()
     omega = torch.acos(ua @ ub)
     # the textbook form (Shoemake 1985) for the direction; the norm goes linearly from |a| to |b|
-    direction = (torch.sin((1 - t) * omega)[:, None] * ua + torch.sin(t * omega)[:, None] * ub) / torch.sin(omega)
+    direction = torch.sin((1 - t) * omega)[:, None] * ua + torch.sin(t * omega)[:, None] * ub
+    direction = direction / torch.sin(omega)
     assert torch.allclose(p / p.norm(dim=1, keepdim=True), direction, atol=1e-5)
     assert torch.allclose(p.norm(dim=1), a.norm() + (b.norm() - a.norm()) * t, rtol=1e-5)
 
@@ -1241,3 +1243,97 @@ def test_data_parallel_two_ranks_lapgan_vaegan(tmp_path, script, argv):
         assert all(torch.equal(state[k], r1["nets"][net][k]) for k in state), net
     steps = {"lapgan": 2 * 16 // (2 * 4), "vaegan": 2 * 64 // (2 * 8)}[script]  # epochs x images / (ranks x real per step)
     assert read_log(os.path.join(outf, "log.csv"))[-1]["step"] == str(steps)
+
+
+# ----------------------------------------------------------------------------- bench/quality.py
+sys.path.insert(0, os.path.join(HERE, "bench"))
+import json  # noqa: E402
+import quality  # noqa: E402
+
+
+def pattern_images(n, seed):
+    """Four easy classes (a bar across, a bar down, a diagonal, a ring), shifted and noisy, as uint8 28 x 28."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    bases = [(abs(yy - 14) < 3), (abs(xx - 14) < 3), (abs(yy - xx) < 3), (abs(np.hypot(yy - 14, xx - 14) - 8) < 2)]
+    labels = np.arange(n) % 4
+    imgs = np.stack([np.roll(bases[k] * 200.0, tuple(rng.integers(-3, 4, 2)), (0, 1)) for k in labels])
+    return np.clip(imgs + rng.normal(0, 25, imgs.shape), 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def quality_data(tmp_path_factory):
+    """A 4-class dataset in MNIST's IDX layout and its classifier, trained once for the module (a second)."""
+    root = tmp_path_factory.mktemp("qdata")
+    (x, y), (xt, yt) = pattern_images(400, 0), pattern_images(200, 1)
+    for name, arr in zip(quality.IDX_FILES, (x, y, xt, yt)):
+        write_idx(str(root / name), arr)
+    cache = str(root / "cache")
+    torch.manual_seed(0)
+    quality.get_classifier("mnist", str(root), cache, epochs=2, log=lambda m: None)
+    return str(root), cache, (x, y), (xt, yt)
+
+
+def quality_of(tmp_path, quality_data, images, labels=None):
+    root, cache, _, _ = quality_data
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    np.savez(tmp_path / "s.npz", **arrays)
+    return quality.evaluate(str(tmp_path / "s.npz"), "mnist", root, cache, log=lambda m: None)
+
+
+def test_quality_frechet_distance_matches_closed_forms():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    # commuting (diagonal) covariances: |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert quality.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    # general covariances: Tr (C1 C2)^(1/2) is the sum of the square roots of C1 C2's (real, >= 0) eigenvalues
+    m1, m2 = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    c1, c2 = m1 @ m1.T + 0.1 * np.eye(5), m2 @ m2.T + 0.1 * np.eye(5)
+    cross = np.sqrt(np.linalg.eigvals(c1 @ c2).real.clip(0)).sum()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * cross
+    assert quality.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(expected, rel=1e-7)
+    assert quality.frechet_distance(mu1, c1, mu1, c1) == pytest.approx(0, abs=1e-7)
+    # from samples: the fitted Gaussians' distance approaches the true one
+    f1 = rng.multivariate_normal(mu1, c1, 200000)
+    f2 = rng.multivariate_normal(mu2, c2, 200000)
+    assert quality.fid_from_features(f1, f2) == pytest.approx(expected, rel=0.02)
+
+
+def test_quality_test_images_score_near_zero_and_noise_high(tmp_path, quality_data):
+    _, _, _, (xt, yt) = quality_data
+    real = quality_of(tmp_path, quality_data, xt, yt)
+    noise = quality_of(tmp_path, quality_data, np.random.default_rng(2).integers(0, 256, xt.shape, dtype=np.uint8))
+    assert real["classifier_acc"] > 0.95 and real["class_acc"] > 0.95 and real["coverage"] == 4
+    assert noise["fid"] > 20 * max(real["fid"], 1e-3) and "class_acc" not in noise
+    wrong = quality_of(tmp_path, quality_data, xt, (yt + 1) % 4)  # the asked class is never the drawn one
+    assert wrong["class_acc"] < 0.05
+    one_class = quality_of(tmp_path, quality_data, xt[yt == 2])  # a collapsed model: one class only
+    assert one_class["coverage"] == 1 and one_class["fid"] > 5 * max(real["fid"], 1e-3)
+
+
+def test_quality_flags_copies_of_training_images(tmp_path, quality_data):
+    _, _, (x, y), (xt, yt) = quality_data
+    copies = quality_of(tmp_path, quality_data, x[:200], y[:200])
+    new = quality_of(tmp_path, quality_data, xt, yt)
+    assert copies["copy_ratio"] < 0.1 and 0.8 < new["copy_ratio"] < 1.25
+
+
+def test_quality_command_line_and_cache(tmp_path, quality_data, capsys):
+    root, cache, _, (xt, yt) = quality_data
+    rgb32 = np.repeat(np.pad(xt, ((0, 0), (2, 2), (2, 2)))[..., None], 3, -1)  # colour 32 px: resized and greyed
+    np.savez(tmp_path / "s.npz", images=rgb32, labels=yt)
+    cached = sorted(os.listdir(cache))
+    r = quality.main([str(tmp_path / "s.npz"), "--dataset", "mnist", "--dataroot", root, "--cache", cache])
+    out = capsys.readouterr()
+    assert sorted(os.listdir(cache)) == cached and "training" not in out.err  # the cached classifier is reused
+    last = json.loads(out.out.strip().splitlines()[-1])
+    assert set(last) >= {"fid", "class_acc", "coverage", "copy_ratio"} and last == pytest.approx(r)
+    assert last["class_acc"] > 0.9
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 28, 28), np.float32))
+    with pytest.raises(SystemExit, match="uint8"):
+        quality.main([str(tmp_path / "bad.npz"), "--dataset", "mnist", "--dataroot", root, "--cache", cache])
+    with pytest.raises(SystemExit, match="no CIFAR-10 in"):
+        quality.main([str(tmp_path / "s.npz"), "--dataset", "cifar10", "--dataroot", str(tmp_path / "none"),
+                      "--cache", cache])
