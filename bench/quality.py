@@ -2,8 +2,9 @@
 
     python3 bench/quality.py SAMPLES.npz --dataset fashion-mnist [--dataroot DIR]
 
-A small CNN is trained once on the dataset's train split (about two minutes on two CPU cores for
-Fashion-MNIST; its weights are cached under ~/.cache/gans-quality, keyed by the data files) and then reports:
+A small CNN is trained once on the dataset's train split (3 epochs, 92.6% test accuracy on Fashion-MNIST,
+about 8 minutes on two CPU cores; its weights are then cached under ~/.cache/gans-quality, keyed by the data
+files) and then reports, in about a minute for 10,000 samples:
 
 - fid: the Frechet distance between Gaussians fitted to the classifier's penultimate features (256 numbers
   per image) of the samples and of the test split. Heusel et al.'s FID with a dataset-specific network in
@@ -203,7 +204,8 @@ def frechet_distance(mu1, cov1, mu2, cov2):
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = np.linalg.eigvalsh(root1 @ cov2 @ root1)
     cross = np.sqrt(np.clip(inner, 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross)
+    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross)
+    return max(0.0, fid)  # rounding can leave -1e-6 for identical sets
 
 
 def fid_from_features(f1, f2):
