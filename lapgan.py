@@ -46,9 +46,10 @@ def get_args(argv=None):
     a("--nz", type=int, default=100, help="noise size at the base level")
     a("--epochs", type=int, default=25)
     a("--batch-size", type=int, default=128, help="D: half real, half generated; G: the whole batch")
-    a("--lr", type=float, default=0.02, help="learning rate")
+    a("--lr", type=float, default=None, help="learning rate (default 0.02; --model large: 0.01)")
     a("--optim", choices=["sgd", "adam"], default="sgd", help="adam (beta1 0.5): quick runs, not the paper")
-    a("--momentum", type=float, default=0.5, help="initial momentum, +0.0008 per epoch up to 0.8")
+    a("--momentum", type=float, default=None, help="initial momentum, +0.0008 per epoch up to 0.8 (default 0.5; "
+      "--model large: 0)")
     a("--balance", action="store_true", help="the LSUN code's rule: update D or G (or both)")
     a("--select", type=int, default=200, help="validation images for model selection (0: off)")
     a("--seed", type=int, default=1)
@@ -75,6 +76,9 @@ def get_args(argv=None):
     a("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
     a("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
     args = p.parse_args(argv)
+    large = args.model == "large"  # lsun/train.lua's setting for the large model
+    args.lr = args.lr if args.lr is not None else (0.01 if large else 0.02)
+    args.momentum = args.momentum if args.momentum is not None else (0.0 if large else 0.5)
     if not args.sample and not args.dataset:
         p.error("--dataset is required for training (or give --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
@@ -723,20 +727,24 @@ def save_npz(path, images, labels=None):
 
 # ----------------------------------------------------------------------------- sampling (Sec. 2.3)
 @torch.no_grad()
-def sample_chain(Gs, sizes, n, nz, y, device, gen=None, upscale=0):
+def sample_chain(Gs, sizes, n, nz, y, device, gen=None, upscale=0, images=()):
     """generate.lua: G_0 draws the base image from noise; each later level upsamples the image so far and
     adds G_k's residual. --upscale runs the finest G again past its training size (the blog's 'recursive'
-    images). -> the image at every level, coarse to fine."""
-    out = []
-    for k in range(len(Gs) + upscale):
+    images). `images`: the coarse levels already drawn (--chain). -> the image at every level, coarse to fine."""
+    out = list(images)
+    for k in range(len(out), len(Gs) + upscale):
         G, f = Gs[min(k, len(Gs) - 1)], sizes[k] if k < len(sizes) else round(out[-1].shape[-1] * sizes[-1] / sizes[-2])
         if k == 0:
             x = G([noise(0, n, f, nz, device, gen)], y)
         else:
-            c = up(x, f)
+            c = up(out[-1], f)
             x = c + G([noise(k, n, f, nz, device, gen), c], y)
         out.append(x.float())
     return out
+
+def renormalise(x, mean_a, std_a, mean_b, std_b):
+    """A's normalised images in B's normalisation: exact at any level, as `down` and `up` commute with it."""
+    return (x * std_a + mean_a - mean_b) / std_b
 
 def to_display(x, mean, std):
     """Normalised images -> [-1, 1] in true colours (save_grid's and save_npz's convention)."""
@@ -779,7 +787,8 @@ def load_levels(paths, need=None):
     return {k: G.eval() for k, G in Gs.items()}, first[0]
 
 def chain_levels(a, b, switch):
-    """--chain A B: start with one model's coarse levels (the blog's cats) and finish with another's (horses)."""
+    """--chain A B: start with one model's coarse levels (the blog's cats) and finish with another's (horses).
+    -> (A's generators below the switch, B's pyramid, B's checkpoint)."""
     ca, cb = (load_checkpoint(p, SCRIPT) for p in (a, b))
     if not 1 <= switch < len(cb["sizes"]):
         fail(f"--switch {switch} is out of range; {b} has levels 0..{len(cb['sizes']) - 1}")
@@ -790,18 +799,16 @@ def chain_levels(a, b, switch):
         fail(f"{a} and {b} do not fit at level {switch}: B's level {switch} takes {sb[switch - 1]} px images with "
              f"{cb['args']['nc']} channels ({ncls[1]} classes) from A; pick another --switch or checkpoints")
     ga, gb = load_levels([a], range(switch))[0], load_levels([b], range(switch, len(sb)))[0]
-    Gs = [ga[k] for k in range(switch)] + [gb[k] for k in range(switch, len(sb))]
-    # the base level's noise is drawn for A's G_0, so with A's noise size
-    return Gs, {**cb, "sizes": sa[:switch] + sb[switch:], "args": {**cb["args"], "nz": ca["args"]["nz"]}}
+    return [ga[k] for k in range(switch)], ca, [gb[k] for k in range(switch, len(sb))], cb
 
 def sample(args):
     if args.chain:
-        Gs, ck = chain_levels(*args.chain, args.switch)
+        Ga, ca, Gb, ck = chain_levels(*args.chain, args.switch)
     else:
         Gs, ck = load_levels(args.ckpt)
-        Gs = [Gs[k] for k in range(len(ck["sizes"]))]
+        Ga, ca, Gb = [], None, [Gs[k] for k in range(len(ck["sizes"]))]
     dev = pick_device(args)
-    Gs, sizes, nz = [G.to(dev) for G in Gs], ck["sizes"], ck["args"]["nz"]
+    Ga, Gb, sizes, nz = [G.to(dev) for G in Ga], [G.to(dev) for G in Gb], ck["sizes"], ck["args"]["nz"]
     ncls = len(ck["classes"]) if ck["args"]["conditional"] else 0
     run = {"mean": ck["mean"].to(dev), "std": ck["std"].to(dev), "sizes": sizes, "ncls": ncls}
     torch.manual_seed(args.seed)
@@ -810,21 +817,30 @@ def sample(args):
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
     labels = lambda n: (torch.full((n,), args.label) if args.label is not None else torch.randint(ncls, (n,))
                         ).to(dev) if ncls else None
+
+    def chain(n, y, upscale=0):
+        """A's levels (with A's noise size), mapped into B's normalisation, then B's levels."""
+        first = sample_chain(Ga, ca["sizes"], n, ca["args"]["nz"], y, dev) if Ga else []
+        stats = [ca[m].to(dev) for m in ("mean", "std")] if Ga else []
+        first = [renormalise(x, *stats, run["mean"], run["std"]) for x in first]
+        return sample_chain(Ga + Gb, sizes, n, nz, y, dev, upscale=upscale, images=first)
     y = labels(args.n)
-    chain = sample_chain(Gs, sizes, args.n, nz, y, dev)
-    save_grid(level_sheet(chain, run), stem + ".png", len(chain) * 4)
+    chain_imgs = chain(args.n, y)
+    save_grid(level_sheet(chain_imgs, run), stem + ".png", len(chain_imgs) * 4)
     if args.npz:
-        save_npz(args.npz, to_display(chain[-1], run["mean"], run["std"]), None if y is None else y.cpu())
+        save_npz(args.npz, to_display(chain_imgs[-1], run["mean"], run["std"]), None if y is None else y.cpu())
     if args.upscale:
-        big = sample_chain(Gs, sizes, 8, nz, labels(8), dev, upscale=args.upscale)[-1]
+        big = chain(8, labels(8), args.upscale)[-1]
         save_grid(to_display(big, run["mean"], run["std"]), stem + "_upscale.png", 4)
     if args.resample or args.eval:
         test = load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "test")
         run.update(images=test[0].to(dev), labels=test[1].to(dev))
     if args.resample:
-        resample_sheet(Gs[-1], len(Gs) - 1, run, args.resample, nz, stem + "_resample.png")
+        resample_sheet(Gb[-1], len(sizes) - 1, run, args.resample, nz, stem + "_resample.png")
+    if args.eval and Ga:
+        fail("--eval scores one model's pyramid; drop --chain (or --eval)")
     if args.eval:
-        evaluate(args, Gs, run, ck, nz, stem)
+        evaluate(args, Gb, run, ck, nz, stem)
     print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
 
 # ----------------------------------------------------------------------------- evaluation (Sec. 4.1)
@@ -840,9 +856,22 @@ def val_test_ll(d2, n_val, dim):
     return parzen_ll(d2[n_val:], dim, sigma), sigma
 
 @torch.no_grad()
+def base_d2(G, base, y, nz, m, pix):
+    """Squared distances (pixel units) of each true base image to m samples of G_0; with classes, the samples
+    of each image's own class, so the base is scored as log q_0(I_0 | y) like the residual levels."""
+    d2 = torch.empty(len(base), m, dtype=torch.float64, device=base.device)
+    for c in (y.unique().tolist() if y is not None else [None]):
+        rows = torch.ones(len(base), dtype=torch.bool, device=base.device) if c is None else y == c
+        yc = None if c is None else torch.full((m,), c, device=base.device)
+        made = torch.cat([G([noise(0, len(i), base.shape[-1], nz, base.device)], None if yc is None else yc[i])
+                          for i in torch.arange(m, device=base.device).split(1000)])
+        d2[rows] = torch.cdist(pix(base[rows]), pix(made)).pow(2)
+    return d2
+
+@torch.no_grad()
 def residual_d2(G, coarse, h, y, run, nz, m):
     """Squared distances (pixel units) of each image's true residual h to m residuals drawn from its own
-    coarse image."""
+    coarse image (and class)."""
     rows = []
     for i in range(len(h)):
         c, yi = coarse[i:i + 1].expand(m, -1, -1, -1), None if y is None else y[i:i + 1].expand(m)
@@ -854,16 +883,16 @@ def residual_d2(G, coarse, h, y, run, nz, m):
 def evaluate(args, Gs, run, ck, nz, stem):
     """Sec. 4.1: log p(I) = log q_0(I_0) + sum_k log q_k(h_k | u(I_{k-1})), a Parzen window per level on
     pixels in [0, 1]: the base from --eval-samples samples, each residual from --eval-cond samples drawn from
-    the test image's own coarse image (and class). The pyramid's coefficients are scored as the paper does."""
+    the test image's own coarse image. A conditional model is scored as log p(I | y): every level, the base
+    included, conditioned on the test image's true label. The pyramid's coefficients are scored as the
+    paper does."""
     dev, sizes = run["images"].device, run["sizes"]
     n_val = min(1000, len(run["images"]) // 2)  # as gan.py: sigma on test[:1000], scores on test[1000:2000]
     x, y = get_batch(run, torch.arange(min(len(run["images"]), n_val + args.eval_images), device=dev), False)
-    yb = torch.randint(run["ncls"], (args.eval_samples,), device=dev) if run["ncls"] else None
-    chunks = torch.arange(args.eval_samples, device=dev).split(1000)
-    base = torch.cat([Gs[0]([noise(0, len(c), sizes[0], nz, dev)], None if yb is None else yb[c]) for c in chunks])
     pix = lambda t: (t.float() * run["std"] + run["mean"]).flatten(1).double()
     base_x, res = laplacian_pyramid(x, sizes)  # the coefficients that are scored
-    total, sigma = val_test_ll(torch.cdist(pix(base_x), pix(base)).pow(2), n_val, x.shape[1] * sizes[0] ** 2)
+    d2 = base_d2(Gs[0], base_x, y, nz, args.eval_samples, pix)
+    total, sigma = val_test_ll(d2, n_val, x.shape[1] * sizes[0] ** 2)
     report = [f"level 0 {total.mean().item():.1f} (sigma {sigma:.3f})"]
     for k in range(1, len(Gs)):
         coarse = up(reconstruct(base_x, res[:k - 1]), sizes[k])
@@ -872,7 +901,7 @@ def evaluate(args, Gs, run, ck, nz, stem):
         total, report = total + ll, report + [f"level {k} {ll.mean().item():.1f} (sigma {sigma:.3f})"]
     print(f"Parzen log-likelihood: {total.mean().item():.1f} +- {(total.std() / math.sqrt(len(total))).item():.1f} "
           f"nats on {len(total)} test images ({'; '.join(report)})")
-    fake = sample_chain(Gs, sizes, 32, nz, None if yb is None else yb[:32], dev)[-1]
+    fake = sample_chain(Gs, sizes, 32, nz, None if y is None else y[torch.arange(32, device=dev) % len(y)], dev)[-1]
     fake = to_display(fake, run["mean"], run["std"]).cpu()
     train = load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "train")[0]
     m = (train.shape[-1] - sizes[-1]) // 2  # centre crops, the samples' size

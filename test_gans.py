@@ -894,6 +894,174 @@ def test_lapgan_bad_inputs_give_one_line_errors(lapgan_runs, tmp_path, monkeypat
     lap_one_line_error(e, "--switch 3 is out of range")
 
 
+# ----------------------------------------------------------------------------- lapgan.py: the method against closed forms
+def test_lapgan_noise_is_uniform_on_minus_one_one():
+    g = torch.Generator().manual_seed(0)
+    for k, shape in ((0, (4000, 100)), (2, (40, 1, 32, 32))):
+        z = lapgan.noise(k, shape[0], 32, 100, "cpu", g)
+        assert z.shape == shape and z.min() >= -1 and z.max() <= 1
+        assert z.min() < -0.99 and z.max() > 0.99 and abs(z.mean().item()) < 0.02  # not [0, 1]
+        assert z.var().item() == pytest.approx(1 / 3, rel=0.03)  # the variance of U(-1, 1)
+
+
+def test_lapgan_sample_chain_adds_each_residual_to_the_upsampled_image():
+    """Fig. 1: I_k = u(I_{k-1}) + G_k(z_k, u(I_{k-1})); stub generators with known outputs, checked against the
+    independent NumPy bilinear enlargement."""
+    torch.manual_seed(0)
+    sizes, n = [4, 7, 12], 3
+    base, res = torch.randn(n, 2, 4, 4), [torch.randn(n, 2, s, s) for s in sizes[1:]]
+    seen = []
+
+    def stub(k):
+        def G(xs, y):
+            seen.append((k, xs[-1].clone() if k else None))
+            return base if k == 0 else res[k - 1]
+        return G
+    out = lapgan.sample_chain([stub(k) for k in range(3)], sizes, n, 5, None, "cpu")
+    expect = [base.numpy()]
+    for r in res:
+        expect.append(lap_np_up(expect[-1], r.shape[-1]) + r.numpy())
+    assert [o.shape[-1] for o in out] == sizes
+    assert all(np.abs(o.numpy() - e).max() < 1e-5 for o, e in zip(out, expect))
+    # each G_k is conditioned on the upsampled image of the level below
+    assert np.abs(seen[2][1].numpy() - lap_np_up(expect[1], 12)).max() < 1e-5
+    # --chain: coarse levels given, only the rest drawn
+    again = lapgan.sample_chain([stub(k) for k in range(3)], sizes, n, 5, None, "cpu", images=out[:1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again, out))
+
+
+def test_lapgan_one_step_gradients_match_the_papers_losses():
+    """D_k: BCE(D(real), 1) and BCE(D(coarse + G residual), 0), averaged over the mixed batch; G_k: the
+    non-saturating BCE(D(coarse + G residual), 1) through the D just updated. The first SGD step moves each
+    weight by -lr times its gradient, compared with gradients computed here from the recorded inputs."""
+    for k in (0, 1):
+        run = lap_tiny_run(["--conditional", "--lr", "0.05"])
+        lv, calls = run["levels"][k], {}
+        lv["D"].eval()  # no dropout: the same function here and in the step
+        D0, G0 = copy.deepcopy(lv["D"]), copy.deepcopy(lv["G"])
+
+        def record(name, net):
+            def call(xs, y=None):
+                calls[name] = ([t.detach().clone() for t in xs], y)
+                return net(xs, y)
+            return call
+        lv["Gt"], lv["Dt"] = record("G", lv["Gt"]), record("D", lv["Dt"])
+        x, y = lapgan.get_batch(run, torch.randperm(16))
+        lapgan.level_step(run, k, x, y)
+        h = 4
+        d_in, d_y = calls["D"]
+        logits = D0(d_in, d_y)
+        loss_d = (F.softplus(-logits[:h]).mean() + F.softplus(logits[h:]).mean()) / 2
+        grads = torch.autograd.grad(loss_d, list(D0.parameters()))
+        for p0, p1, g in zip(D0.parameters(), lv["D"].parameters(), grads):
+            assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
+        g_in, g_y = calls["G"]
+        made = G0(g_in, g_y)[h:] + (g_in[1][h:] if k else 0)
+        D1 = copy.deepcopy(lv["D"])
+        loss_g = F.softplus(-D1([made], y[8:])).mean()
+        grads = torch.autograd.grad(loss_g, list(G0.parameters()))
+        for p0, p1, g in zip(G0.parameters(), lv["G"].parameters(), grads):
+            assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
+
+
+def test_lapgan_selection_takes_the_smallest_distance_per_image():
+    """approxParzen: per validation image the minimum over its samples of ||coarse + G residual - fine||,
+    then the mean over images; samples that differ, so the minimum is not the mean."""
+    torch.manual_seed(0)
+    x, sizes, outs = torch.randn(4, 3, 16, 16), [4, 8, 16], []
+
+    def G(xs, y):
+        out = xs[0].expand(-1, 3, -1, -1) * 0.7  # samples that vary with the noise plane
+        outs.append((xs[1].clone(), out.clone()))
+        return out
+    score = lapgan.selection_score(G, 2, x, None, sizes, 5, torch.Generator().manual_seed(0), n=16)
+    fine = x
+    per_image = [((c + o) - fine[i:i + 1]).flatten(1).norm(dim=1) for i, (c, o) in enumerate(outs)]
+    assert all(d.max() - d.min() > 0.1 for d in per_image)
+    assert score == pytest.approx(torch.stack([d.min() for d in per_image]).mean().item(), rel=1e-5)
+    assert all(torch.allclose(c[0], lapgan.up(lapgan.down(x[i:i + 1], 8), 16)[0], atol=1e-6)
+               for i, (c, _) in enumerate(outs))
+
+
+def test_lapgan_parzen_is_a_mean_over_samples():
+    """log (1/N) sum_j N(x; s_j, sigma^2 I): N identical samples give the single Gaussian's density, whatever N."""
+    for n in (1, 5, 50):
+        d2 = torch.full((2, n), 0.8, dtype=torch.float64)
+        one = -0.8 / (2 * 0.3 ** 2) - 6 / 2 * math.log(2 * math.pi * 0.3 ** 2)
+        assert lapgan.parzen_ll(d2, 6, 0.3).tolist() == pytest.approx([one, one], rel=1e-9)
+
+
+def test_lapgan_conditional_base_is_scored_with_the_images_own_class():
+    """log p(I | y): the base level's samples are drawn with each test image's label, as at the residual
+    levels; a stub G_0 that draws one fixed image per class gives distances in closed form."""
+    torch.manual_seed(0)
+    protos, labels_seen = torch.randn(3, 2, 4, 4), []
+
+    def G0(xs, y):
+        labels_seen.append(y.clone())
+        return protos[y]
+    base, y = torch.randn(7, 2, 4, 4), torch.tensor([0, 2, 2, 1, 0, 2, 1])
+    pix = lambda t: (t * 0.5 + 0.2).flatten(1).double()
+    d2 = lapgan.base_d2(G0, base, y, 5, 30, pix)
+    assert d2.shape == (7, 30)
+    want = ((base - protos[y]) * 0.5).flatten(1).pow(2).sum(1).double()
+    assert torch.allclose(d2, want[:, None].expand(7, 30), rtol=1e-6)
+    assert sorted(torch.cat(labels_seen).unique().tolist()) == [0, 1, 2]
+    # unconditional: every image against the same samples
+    d2u = lapgan.base_d2(lambda xs, y: xs[0][:, :32].view(-1, 2, 4, 4), base, None, 32, 6, pix)
+    assert d2u.shape == (7, 6) and d2u.std(0).max() > 0
+
+
+def test_lapgan_chain_converts_between_normalisations(lapgan_runs, tmp_path):
+    """--chain A B with A = the model re-expressed under another normalisation (its G_0's last layer mapped
+    so that it draws the same pixels) and B = the model itself: the chain must draw the model's own pixels."""
+    path = os.path.join(lapgan_runs["full"], "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    mu, sd = ck["mean"].flatten(), ck["std"].flatten()
+    mu2, sd2 = torch.tensor([0.9, 0.1, 0.4]), torch.tensor([0.05, 0.6, 0.3])
+    g0 = {k: v.clone() for k, v in ck["levels"][0]["G"].items()}
+    per = g0["body.4.bias"].numel() // 3  # output units per channel: C x s x s, channel first
+    scale, shift = (sd / sd2).repeat_interleave(per), ((mu - mu2) / sd2).repeat_interleave(per)
+    g0["body.4.weight"] *= scale[:, None]
+    g0["body.4.bias"] = g0["body.4.bias"] * scale + shift
+    other = {**ck, "mean": mu2.view(1, 3, 1, 1), "std": sd2.view(1, 3, 1, 1),
+             "levels": {0: {**ck["levels"][0], "G": g0}}}
+    torch.save(other, tmp_path / "other.pt")
+    outs = {}
+    for name, src in (("own", ["--ckpt", path]), ("chain", ["--chain", str(tmp_path / "other.pt"), path])):
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.main(["--sample", *src, "--n", "6", "--npz", str(tmp_path / f"{name}.npz"),
+                         "--out", str(tmp_path / f"{name}.png"), "--seed", "4"])
+        outs[name] = (np.load(tmp_path / f"{name}.npz")["images"].astype(int),
+                      np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int))
+    assert outs["own"][0].std() > 5  # real pictures, not a constant
+    assert np.abs(outs["own"][0] - outs["chain"][0]).max() <= 1
+    assert np.abs(outs["own"][1] - outs["chain"][1]).max() <= 1  # every level of the sheet too
+
+
+def test_lapgan_folder_reader_labels_crop_and_cache(tmp_path):
+    make_image_folder(tmp_path)
+    x, y, classes = lapgan.load_folder(str(tmp_path), 32, None, 2)
+    assert classes == ["cats", "dogs"] and x.shape == (12, 3, 32, 32) and y.tolist() == [0] * 6 + [1] * 6
+    # resize the shorter side to 32, then centre-crop: the first cat is 40 x 50 (h x w)
+    im = Image.open(tmp_path / "cats" / "0.png")
+    w = round(50 * 32 / 40)
+    ref = np.asarray(im.resize((w, 32), Image.BICUBIC))[:, (w - 32) // 2:(w - 32) // 2 + 32]
+    assert np.array_equal(x[0].permute(1, 2, 0).numpy(), ref)
+    assert len(list(tmp_path.glob(".cache-32px-*.npz"))) == 1
+    x2, y2, _ = lapgan.load_folder(str(tmp_path), 32, None, 2)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    xg, _, _ = lapgan.load_folder(str(tmp_path), 16, 1, 2)
+    assert xg.shape == (12, 1, 16, 16) and xg.dtype == torch.uint8
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="no images"):
+        lapgan.load_folder(str(tmp_path / "empty"), 32, None, 1)
+    (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="broken.png"):
+        lapgan.load_folder(str(tmp_path), 32, None, 1)
+
+
+
 # ----------------------------------------------------------------------------- vaegan.py
 def vaegan_cli(*args, timeout=120):
     """vaegan.py as a user runs it, in a subprocess limited to one thread."""
