@@ -17,7 +17,7 @@ momentum is capped at 0.8 as in the paper (the code: 0.7); D_k pads its convs wh
 would leave no pixels (below 14 px); the large model's L2 pooling adds 1e-6 under the root. `--optim adam`
 is an addition for short runs; the defaults are the paper's SGD setting.
 """
-import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
+import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, urllib.request, zlib
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 SCRIPT = "lapgan"
 LEVELS = {"cifar10": [8, 14, 28], "mnist": [7, 14, 28], "fashion-mnist": [7, 14, 28], "shapes": [8, 16, 32]}
 
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description="LAPGAN: a Laplacian pyramid of GANs")
     a = p.add_argument
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
@@ -75,6 +75,17 @@ def get_args(argv=None):
     a("--eval-images", type=int, default=1000, help="held-out test images to score")
     a("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
     a("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
+    return p
+
+def typed_flags(argv=None):
+    """The flags the user typed: argv parsed again with every default replaced by SUPPRESS."""
+    p = make_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+def get_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     large = args.model == "large"  # lsun/train.lua's setting for the large model
     args.lr = args.lr if args.lr is not None else (0.01 if large else 0.02)
@@ -83,6 +94,15 @@ def get_args(argv=None):
         p.error("--dataset is required for training (or give --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
         p.error("--sample needs --ckpt DIR/ckpt.pt (or --chain A.pt B.pt)")
+    if args.image_size is not None and not 0 < args.image_size <= 1024:
+        fail(f"--image-size {args.image_size} must be between 1 and 1024")
+    for flag, least in (("epochs", 1), ("batch_size", 2), ("log_every", 1), ("n", 1)):
+        if getattr(args, flag) < least:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least {least}")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        fail(f"the folder of --out {args.out} does not exist; create it or choose another path")
+    if args.outf and os.path.isfile(args.outf):
+        fail(f"--outf {args.outf} is a file; give a folder")
     return args
 
 def fail(msg):
@@ -101,7 +121,11 @@ def pick_device(args, local_rank=0):
 # ----------------------------------------------------------------------------- data
 # Every loader returns the whole split as one uint8 tensor N x C x H x W: decoded once, then batches
 # are gathered by index on the device, with no per-image Python in the training loop.
-CIFAR = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+             "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
@@ -130,31 +154,66 @@ def download(url, path, md5):
             fail(f"checksum mismatch for {url}; delete {path}.part and try again")
     os.replace(path + ".part", path)
 
+class BatchUnpickler(pickle.Unpickler):
+    """The official batches hold dicts, lists, bytes and numpy arrays only: anything else is refused, so a
+    crafted file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+def md5_of(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8."""
+    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8, checked
+    against the official checksums before anything is unpickled."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
-    if os.path.isdir(folder):
-        read = lambda n: open(os.path.join(folder, n), "rb").read()
-    else:
-        if not os.path.exists(tar):
-            download(CIFAR[0], tar, CIFAR[1])
-        members = {os.path.basename(m.name): m for m in tarfile.open(tar).getmembers()}
-        read = lambda n: tarfile.open(tar).extractfile(members[n]).read()
-    batches = [pickle.loads(read(n), encoding="bytes") for n in names]
-    x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([b[b"labels"] for b in batches])
-    meta = pickle.loads(read("batches.meta"), encoding="bytes")
-    return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in meta[b"label_names"]]
+    if not os.path.isdir(folder) and not os.path.exists(tar):
+        download(CIFAR_URL, tar, CIFAR_MD5["cifar-10-python.tar.gz"])
+    checked = [os.path.join(folder, n) for n in names] if os.path.isdir(folder) else [tar]
+    for path in checked:
+        if not os.path.exists(path):
+            fail(f"{path} is missing; delete {folder} to download CIFAR-10 again, or replace the file")
+        if md5_of(path) != CIFAR_MD5[os.path.basename(path)]:
+            fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
+    try:
+        if os.path.isdir(folder):
+            read = {n: open(os.path.join(folder, n), "rb").read() for n in names + ["batches.meta"]}
+        else:
+            with tarfile.open(tar) as t:
+                read = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+        batches = [BatchUnpickler(io.BytesIO(read[n]), encoding="bytes").load() for n in names + ["batches.meta"]]
+        x = np.concatenate([b[b"data"] for b in batches[:-1]]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([b[b"labels"] for b in batches[:-1]])
+        classes = [c.decode() for c in batches[-1][b"label_names"]]
+    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError, zlib.error) as e:
+        fail(f"{checked[0] if len(checked) == 1 else folder} is damaged ({type(e).__name__}: {e}); "
+             f"delete it to download it again, or replace it")
+    return torch.from_numpy(x), torch.from_numpy(y).long(), classes
 
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\0\0" or data[2] != 8:
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        fail(f"{path} is damaged ({type(e).__name__}: {e}); delete it to download it again, or replace it")
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         fail(f"{path} is not a uint8 IDX file")
-    dims = np.frombuffer(data, ">i4", data[3], 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+    dims, start = np.frombuffer(data, ">i4", data[3], 4), 4 + 4 * data[3]
+    if len(data) != start + int(np.prod(dims)):
+        fail(f"{path} is damaged ({len(data) - start} bytes of data, its header says {int(np.prod(dims))}); "
+             f"delete it to download it again, or replace it")
+    return np.frombuffer(data, np.uint8, offset=start).reshape(dims)
 
 def load_mnist(root, name, split):
     """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
@@ -175,7 +234,9 @@ def decode_image(path, size, mode):
     """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
     try:
         im = Image.open(path)
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "I;16", "1") else "RGB"))
+        if im.mode.startswith("I"):  # 16-bit greyscale: keep the top 8 bits (Pillow's convert would clip)
+            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     s = size / min(im.size)
@@ -187,15 +248,20 @@ def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXT))
+    def unreadable(e):
+        fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable)
+                   for f in fs if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
     classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
     stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    if os.path.exists(cache):
-        z = np.load(cache)
-        return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
+    try:
+        with np.load(cache) as z:
+            return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
+    except Exception:  # absent, truncated or unreadable: decode the images again
+        pass
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         ims = list(pool.map(lambda f: decode_image(f, size, mode), files))
@@ -203,10 +269,15 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:
-        np.savez(cache, x=x, y=y)
-    except OSError:
-        pass  # a read-only dataset still works, it is just decoded again next time
+    try:  # atomic: a crash or a full disk never leaves a truncated cache behind
+        with open(cache + ".tmp", "wb") as f:
+            np.savez(f, x=x, y=y)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(cache + ".tmp", cache)
+    except OSError:  # a read-only dataset still works, it is just decoded again next time
+        if os.path.exists(cache + ".tmp"):
+            os.remove(cache + ".tmp")
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
@@ -492,8 +563,13 @@ def pyramid_sizes(args, size):
     except ValueError:
         fail(f"--levels {args.levels!r} is not a comma-separated list of sizes; use e.g. --levels 8,14,28")
     if len(sizes) < 2 or sizes[0] < 2 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] > size:
-        fail(f"--levels {','.join(map(str, sizes))} must be 2 or more increasing sizes from 2 px up to the "
-             f"image size {size}; use e.g. --levels {','.join(map(str, default))}")
+        fits = default if default[-1] <= size else sorted({size >> i for i in range(5) if size >> i >= 4})
+        fits = fits if len(fits) > 1 else [max(2, size // 2), size]
+        if size < 3:
+            fail(f"{size} px images are too small for a pyramid; use --image-size 8 or more")
+        what = f"--levels {','.join(map(str, sizes))}" if args.levels else f"the {args.dataset} pyramid {sizes}"
+        fail(f"{what} must be 2 or more increasing sizes from 2 px up to the "
+             f"image size {size}; use e.g. --levels {','.join(map(str, fits))}")
     return sizes
 
 def channel_stats(images):
@@ -510,8 +586,11 @@ def setup_training(args, device, rank, world, data=None):
     sizes, ncls = pyramid_sizes(args, args.image_size), len(classes) if args.conditional else 0
     if args.level is not None and not 0 <= args.level < len(sizes):
         fail(f"--level {args.level} is out of range; this pyramid has levels 0..{len(sizes) - 1}")
-    if args.batch_size < 2 or args.batch_size % 2 or len(images) < args.batch_size // 2 * world:
-        fail(f"--batch-size {args.batch_size} must be even and at most twice the {len(images)} images per rank")
+    if args.batch_size % 2:
+        fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
+    if len(images) < args.batch_size * world:
+        fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
+             f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
     levels, train = {}, [args.level] if args.level is not None else list(range(len(sizes)))
     for k in train:
         torch.manual_seed(args.seed + 1000 * k)  # level k starts from the same weights, alone or not
@@ -542,12 +621,29 @@ def wrap_nets(run, device):
             Gt, Dt, lv["Dg"] = torch.compile(Gt), torch.compile(Dt), torch.compile(lv["D"])
         lv["Gt"], lv["Dt"] = Gt, Dt
 
-def train(args, device, rank=0, world=1):
+MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
+SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch", "eval",
+                 "eval_images", "eval_samples", "eval_cond", "resume"]  # not used in training
+
+def resume_args(args, typed):
+    """--resume: the checkpoint's training flags, with those a resume may change taken from the command line."""
+    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
+    differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY and getattr(args, k) != ckpt["args"].get(k)]
+    if differ:
+        fail(f"--resume keeps the checkpoint's training flags; {', '.join('--' + k.replace('_', '-') for k in differ)} "
+             f"differ from it (only {', '.join('--' + k.replace('_', '-') for k in MAY_CHANGE)} may change): "
+             f"drop them, or start a new run with another --outf")
+    if ckpt["epoch"] >= args.epochs:
+        fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than {ckpt['epoch']} "
+             f"to train more")
+    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True}), ckpt
+
+def train(args, device, rank=0, world=1, typed=()):
     args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
     if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
-        keep = {k: getattr(args, k) for k in ("epochs", "outf", "cuda", "amp", "compile", "log_every", "workers")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep, "resume": True})
+        args, ckpt = resume_args(args, typed)
+    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
     run = setup_training(args, device, rank, world)
     if args.resume:
         restore(run, ckpt)
@@ -596,7 +692,7 @@ def end_of_epoch_files(run, epoch, val):
         append_log(os.path.join(args.outf, "select.csv"), {"epoch": epoch, **{f"dist{k}": d for k, d in score.items()}})
         better, path = [k for k, d in score.items() if d < s["best"].get(k, math.inf)], f"{args.outf}/best.pt"
         if better:
-            old = torch.load(path, weights_only=True)["levels"] if os.path.exists(path) else {}
+            old = load_checkpoint(path, SCRIPT)["levels"] if os.path.exists(path) else {}
             s["best"].update({k: score[k] for k in better})
             save_checkpoint({**meta, "levels": {**old, **level_states(run, better)}}, path)
     if len(run["train"]) == len(run["sizes"]):  # conditional: one row per class
@@ -622,16 +718,28 @@ def restore(run, ckpt):
     run["state"].update(epoch=ckpt["epoch"], step=ckpt["step"], best=dict(ckpt["balance"]["best"]))
     set_rng_state(ckpt["rng"])
     if run["rank"] == 0:
-        trim_log(os.path.join(run["args"].outf, "log.csv"), ckpt["step"])
+        trim_log(os.path.join(run["args"].outf, "log.csv"), "step", ckpt["step"])
+        trim_log(os.path.join(run["args"].outf, "select.csv"), "epoch", ckpt["epoch"])
     else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run["args"].seed + run["rank"] + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 # ----------------------------------------------------------------------------- checkpoints, logs, pictures
 def save_checkpoint(obj, path):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: written to PATH.tmp, synced to the disk, then renamed, so a crash, a power cut or a full disk
+    leaves the previous checkpoint intact."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if e.errno == errno.ENOSPC:
+            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; the last checkpoint is kept")
+        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
 
 def load_checkpoint(path, script):
     if not os.path.exists(path):
@@ -639,7 +747,7 @@ def load_checkpoint(path, script):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete or replace it")
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
@@ -662,14 +770,15 @@ def append_log(path, row):
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
-def trim_log(path, step):
-    """After a crash mid-epoch, drop the log rows past the checkpoint: the resumed run writes them again."""
+def trim_log(path, key, last):
+    """After a crash, drop the rows past the checkpoint (column `key` above `last`): the resumed run writes
+    them again."""
     if os.path.exists(path):
         with open(path) as f:
             rows = list(csv.DictReader(f))
         os.remove(path)
         for r in rows:
-            if int(r["step"]) <= step:
+            if int(r[key]) <= last:
                 append_log(path, r)
 
 def progress_line(epoch, epochs, it, iters, row, rate, eta_s):
@@ -813,6 +922,8 @@ def sample(args):
     run = {"mean": ck["mean"].to(dev), "std": ck["std"].to(dev), "sizes": sizes, "ncls": ncls}
     torch.manual_seed(args.seed)
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname((args.chain or args.ckpt)[-1]), "samples.png"))[0]
+    if args.label is not None and not ncls:
+        fail(f"{(args.chain or args.ckpt)[-1]} was trained without --conditional; drop --label")
     if ncls and args.label is not None and not 0 <= args.label < ncls:
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
     labels = lambda n: (torch.full((n,), args.label) if args.label is not None else torch.randint(ncls, (n,))
@@ -951,7 +1062,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world)
+        return train(args, device, rank, world, typed_flags(argv))
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -2,7 +2,7 @@
 
     python3 -m pytest -q test_gans.py
 """
-import argparse, contextlib, copy, csv, gzip, io, math, os, pickle, re, shutil, socket, struct, subprocess, sys
+import argparse, contextlib, copy, csv, errno, gzip, hashlib, io, math, os, pickle, re, shutil, socket, struct, subprocess, sys
 import tarfile
 import numpy as np
 import pytest
@@ -30,13 +30,14 @@ def seeded():
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def write_cifar_tarball(root, n_per_batch=6, seed=0):
-    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys."""
+def write_cifar_tarball(root, n_per_batch=6, seed=0, protocol=2):
+    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys. protocol 4 pickles
+    hold only what Python 2's official batches hold (protocol 2 under Python 3 adds _codecs.encode)."""
     rng = np.random.default_rng(seed)
     batches = {}
     with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
         def add(name, obj):
-            data = pickle.dumps(obj, protocol=2)
+            data = pickle.dumps(obj, protocol=protocol)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -625,8 +626,20 @@ def test_lapgan_parzen_closed_form():
 
 
 # ----------------------------------------------------------------------------- lapgan.py: data
-def test_lapgan_cifar10_reader_and_crops(tmp_path):
-    batches = write_cifar_tarball(tmp_path)
+def lap_patch_cifar_md5(monkeypatch, root):
+    """Fake CIFAR-10 files have their own checksums: put them in the script's table."""
+    table = {}
+    with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz")) as tar:
+        for m in tar.getmembers():
+            table[os.path.basename(m.name)] = hashlib.md5(tar.extractfile(m).read()).hexdigest()
+    with open(os.path.join(root, "cifar-10-python.tar.gz"), "rb") as f:
+        table["cifar-10-python.tar.gz"] = hashlib.md5(f.read()).hexdigest()
+    monkeypatch.setattr(lapgan, "CIFAR_MD5", table)
+
+
+def test_lapgan_cifar10_reader_and_crops(tmp_path, monkeypatch):
+    batches = write_cifar_tarball(tmp_path, protocol=4)
+    lap_patch_cifar_md5(monkeypatch, tmp_path)
     x, y, classes = lapgan.read_cifar10(str(tmp_path), "train")
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[0] == "airplane" and classes[9] == "truck"
     first = batches["data_batch_1"][0][0]
@@ -695,6 +708,9 @@ def lapgan_runs(tmp_path_factory):
         rows = read_log(os.path.join(part, "log.csv"))
         with open(os.path.join(part, "log.csv"), "a", newline="") as f:  # a crash mid-epoch 2 had logged a row
             csv.DictWriter(f, list(rows[-1])).writerow({**rows[-1], "step": "6", "epoch": "2", "err_d": "9"})
+        sel = read_log(os.path.join(part, "select.csv"))
+        with open(os.path.join(part, "select.csv"), "a", newline="") as f:  # and its model-selection row
+            csv.DictWriter(f, list(sel[-1])).writerow({**sel[-1], "epoch": "2", "dist0": "9"})
         lapgan.main(LAPGAN_TINY + ["--epochs", "2", "--outf", part, "--resume"])
         lapgan.main(["--dataset", "shapes", "--image-size", "16", "--levels", "8,16", "--limit", "16",
                      "--batch-size", "8", "--width-g", "8", "--width-d", "8", "--nz", "5", "--select", "0",
@@ -1059,6 +1075,199 @@ def test_lapgan_folder_reader_labels_crop_and_cache(tmp_path):
     (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="broken.png"):
         lapgan.load_folder(str(tmp_path), 32, None, 1)
+
+
+
+# ----------------------------------------------------------------------------- lapgan.py: bad data, bad flags, faults
+class LapCrafted:
+    """A pickle that would run a shell command when loaded by a plain unpickler."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def lap_write_tar(root, members):
+    with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_lapgan_cifar_checksums_and_restricted_unpickler(tmp_path, monkeypatch):
+    write_cifar_tarball(tmp_path, protocol=4)
+    with pytest.raises(SystemExit) as e:  # the fake tarball is not the official file
+        lapgan.read_cifar10(str(tmp_path), "train")
+    lap_one_line_error(e, "cifar-10-python.tar.gz does not match the official CIFAR-10 checksum; delete it")
+    # a crafted batch with a matching (patched) checksum is still refused by the unpickler
+    crafted, marker = tmp_path / "crafted", tmp_path / "ran"
+    os.makedirs(crafted)
+    lap_write_tar(crafted, {n: pickle.dumps(LapCrafted(str(marker)), protocol=2)
+                            for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]})
+    lap_patch_cifar_md5(monkeypatch, crafted)
+    with pytest.raises(SystemExit) as e:
+        lapgan.read_cifar10(str(crafted), "train")
+    lap_one_line_error(e, "is damaged", "posix.system is not allowed")
+    assert not marker.exists()
+    # the extracted folder: each batch file is checked
+    lap_patch_cifar_md5(monkeypatch, tmp_path)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(tmp_path / "ex")
+    assert lapgan.read_cifar10(str(tmp_path / "ex"), "test")[0].shape == (6, 3, 32, 32)
+    with open(tmp_path / "ex" / "cifar-10-batches-py" / "data_batch_3", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(SystemExit) as e:
+        lapgan.read_cifar10(str(tmp_path / "ex"), "train")
+    lap_one_line_error(e, "data_batch_3 does not match the official CIFAR-10 checksum")
+    # a truncated tarball (checksum patched to match): damaged, one line
+    data = (tmp_path / "cifar-10-python.tar.gz").read_bytes()
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(data[:len(data) // 2])
+    monkeypatch.setitem(lapgan.CIFAR_MD5, "cifar-10-python.tar.gz", hashlib.md5(data[:len(data) // 2]).hexdigest())
+    with pytest.raises(SystemExit) as e:
+        lapgan.read_cifar10(str(tmp_path), "train")
+    lap_one_line_error(e, "cifar-10-python.tar.gz is damaged", "delete it to download it again, or replace it")
+
+
+def test_lapgan_damaged_idx_files(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as e:
+        lapgan.load_mnist(str(tmp_path), "mnist", "train")
+    lap_one_line_error(e, "train-images-idx3-ubyte.gz is damaged", "delete it to download it again, or replace it")
+    with gzip.open(path, "wb") as f:  # the header says 40 images, the file holds 39
+        f.write(gzip.decompress(data)[:-28 * 28])
+    with pytest.raises(SystemExit) as e:
+        lapgan.load_mnist(str(tmp_path), "mnist", "train")
+    lap_one_line_error(e, "train-images-idx3-ubyte.gz is damaged", "header says 31360")
+
+
+def test_lapgan_folder_16_bit_unreadable_and_cache(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    grey16 = np.full((20, 20), 40000, np.uint16)
+    grey16[:10] = 1000
+    Image.fromarray(grey16).save(tmp_path / "a" / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode.startswith("I")
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(tmp_path / "b" / "flat.png")
+    x, y, _ = lapgan.load_folder(str(tmp_path), 20, None, 1)
+    assert x.shape == (2, 1, 20, 20) and x[0, 0, 15, 5].item() == 40000 >> 8 and x[0, 0, 2, 5].item() == 1000 >> 8
+    # a truncated cache is decoded again and rewritten, without a traceback
+    cache = next(tmp_path.glob(".cache-*.npz"))
+    cache.write_bytes(cache.read_bytes()[:100])
+    x2, _, _ = lapgan.load_folder(str(tmp_path), 20, None, 1)
+    assert torch.equal(x, x2) and np.load(cache)["x"].shape == (2, 1, 20, 20)
+    assert not list(tmp_path.glob("*.tmp"))
+    # an unreadable sub-folder stops the run instead of losing a class
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith(os.sep + "b"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(SystemExit) as e:
+        lapgan.load_folder(str(tmp_path), 16, None, 1)
+    lap_one_line_error(e, f"cannot read {tmp_path / 'b'} (Permission denied); fix its permissions or move it out")
+
+
+def test_lapgan_checkpoint_write_on_a_full_disk(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    lapgan.save_checkpoint({"script": "lapgan", "w": torch.arange(5)}, path)
+    before = open(path, "rb").read()
+    for err, words in ((errno.ENOSPC, "no space left on"), (errno.EIO, "could not write")):
+        def broken(obj, f, err=err):
+            f.write(b"abc")
+            raise OSError(err, os.strerror(err))
+        monkeypatch.setattr(torch, "save", broken)
+        with pytest.raises(SystemExit) as e:
+            lapgan.save_checkpoint({"script": "lapgan", "w": torch.zeros(5)}, path)
+        lap_one_line_error(e, words, path, "the last checkpoint is kept")
+        assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--image-size", "0"], "--image-size 0 must be between 1 and 1024"),
+    (["--image-size", "-4"], "--image-size -4 must be between 1 and 1024"),
+    (["--image-size", "5000"], "--image-size 5000 must be between 1 and 1024"),
+    (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--batch-size", "1"], "--batch-size 1 must be at least 2"),
+    (["--log-every", "0"], "--log-every 0 must be at least 1"),
+    (["--n", "0"], "--n 0 must be at least 1"),
+    (["--out", "/nonexistent-folder/x.png"], "the folder of --out /nonexistent-folder/x.png does not exist"),
+])
+def test_lapgan_numbers_checked_after_parsing(flags, words):
+    with pytest.raises(SystemExit) as e:
+        lapgan.get_args(["--dataset", "shapes", *flags])
+    lap_one_line_error(e, words)
+
+
+def test_lapgan_run_level_checks(lapgan_runs, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        lapgan.get_args(["--dataset", "shapes", "--outf", str(tmp_path / "file")])
+    lap_one_line_error(e, "--outf", "is a file")
+    with pytest.raises(SystemExit) as e:  # too little data
+        lapgan.main(["--dataset", "shapes", "--limit", "6", "--batch-size", "8", "--outf", str(tmp_path / "o")])
+    lap_one_line_error(e, "only 6 training images, fewer than one batch of --batch-size 8; lower --batch-size")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(LAPGAN_TINY + ["--batch-size", "7", "--outf", str(tmp_path / "o")])
+    lap_one_line_error(e, "--batch-size 7 must be even")
+    full = lapgan_runs["full"]
+    with pytest.raises(SystemExit) as e:  # a fresh run into a run's folder
+        lapgan.main(LAPGAN_TINY + ["--epochs", "3", "--outf", full])
+    lap_one_line_error(e, f"{full} already holds a run; add --resume to continue it, or choose another --outf")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(LAPGAN_TINY + ["--epochs", "3", "--outf", full, "--resume", "--lr", "0.01", "--batch-size", "4"])
+    lap_one_line_error(e, "--resume keeps the checkpoint's training flags; --batch-size, --lr differ from it (only "
+                       "--dataroot, --epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change)")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--outf", full, "--resume", "--dataset", "shapes", "--epochs", "2"])
+    lap_one_line_error(e, "the checkpoint has already trained 2 epochs; give --epochs larger than 2")
+    # the flags a resume may change come from the command line, the others from the checkpoint
+    argv = ["--dataset", "shapes", "--outf", full, "--resume", "--epochs", "5", "--dataroot", "/elsewhere",
+            "--log-every", "1", "--n", "3"]
+    args, ck = lapgan.resume_args(lapgan.get_args(argv), lapgan.typed_flags(argv))
+    assert (args.epochs, args.dataroot, args.log_every, args.outf) == (5, "/elsewhere", 1, full)
+    assert (args.batch_size, args.nz, args.conditional, args.lr) == (8, 8, True, 0.02) and ck["epoch"] == 2
+    # the pyramid does not fit the images: the suggestion fits
+    with pytest.raises(SystemExit) as e:
+        lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "shapes"]), 16)
+    lap_one_line_error(e, "the shapes pyramid [8, 16, 32] must be", "use e.g. --levels 4,8,16")
+    assert lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "shapes", "--levels", "4,8,16"]), 16) == [4, 8, 16]
+    with pytest.raises(SystemExit) as e:
+        lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "folder", "--levels", "4,8"]), 6)
+    lap_one_line_error(e, "use e.g. --levels 3,6")
+
+
+def test_lapgan_label_on_an_unconditional_model(tmp_path):
+    outf = str(tmp_path / "u")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--dataset", "shapes", "--image-size", "16", "--levels", "8,16", "--limit", "16",
+                     "--batch-size", "8", "--width-g", "8", "--width-d", "8", "--nz", "5", "--select", "0",
+                     "--epochs", "1", "--outf", outf])
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--sample", "--ckpt", os.path.join(outf, "ckpt.pt"), "--label", "1"])
+    lap_one_line_error(e, "ckpt.pt was trained without --conditional; drop --label")
+
+
+def test_lapgan_resume_trims_select_csv_and_guards_best(lapgan_runs, tmp_path):
+    """After a crash between the model-selection row and the checkpoint, select.csv holds a row past the
+    checkpoint: the resumed run drops it and writes it again. A damaged best.pt is one clean line."""
+    sel = read_log(os.path.join(lapgan_runs["part"], "select.csv"))
+    assert [r["epoch"] for r in sel] == ["1", "2"]
+    assert sel == read_log(os.path.join(lapgan_runs["full"], "select.csv"))
+    outf = tmp_path / "r"
+    os.makedirs(outf)
+    ck = torch.load(lapgan_runs["e1"], weights_only=True)
+    torch.save({**ck, "balance": {"best": {}}}, outf / "ckpt.pt")  # every level will look better
+    (outf / "best.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(LAPGAN_TINY + ["--epochs", "2", "--outf", str(outf), "--resume"])
+    lap_one_line_error(e, "best.pt is not a readable checkpoint")
 
 
 
