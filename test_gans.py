@@ -519,9 +519,7 @@ def lap_tiny_run(extra=(), n=16, size=32, nc=3, ncls=6):
     data = (torch.randint(0, 256, (n, nc, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % ncls,
             [str(i) for i in range(ncls)])
     with contextlib.redirect_stdout(io.StringIO()):
-        run = lapgan.setup_training(args, torch.device("cpu"), 0, 1, data)
-    lapgan.wrap_nets(run, torch.device("cpu"))
-    return run
+        return lapgan.setup_run(args, torch.device("cpu"), data)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -529,7 +527,7 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
     """D_k's fakes are G_k's residual added to the upsampled coarse image (the whole fine image); its reals
     are the fine real images; G_k is conditioned on other real images' coarse images, with their labels."""
     run = lap_tiny_run(["--conditional"])
-    lv, calls = run["levels"][k], {}
+    lv, calls = run.levels[k], {}
 
     def record(name, net):
         def call(xs, y=None):
@@ -537,17 +535,17 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
             calls[name] = ([t.detach().clone() for t in xs], y, out.detach().clone())
             return out
         return call
-    for name in ("Gt", "Dt", "Dg"):
-        lv[name] = record(name, lv[name])
+    for name in ("G", "D", "DG"):
+        lv.fwd[name] = record(name, lv.fwd[name])
     torch.manual_seed(1)
     x, y = lapgan.get_batch(run, torch.randperm(16))
     lapgan.level_step(run, k, x, y)
     h, B = 4, 8
-    fine, coarse = lapgan.level_view(x, run["sizes"], k)
-    g_in, g_y, g_out = calls["Gt"]
-    d_in, d_y, _ = calls["Dt"]
-    dg_in, dg_y, _ = calls["Dg"]
-    assert len(d_in) == 1 and len(dg_in) == 1 and g_out.shape == (B + h, 3, run["sizes"][k], run["sizes"][k])
+    fine, coarse = lapgan.level_view(x, run.sizes, k)
+    g_in, g_y, g_out = calls["G"]
+    d_in, d_y, _ = calls["D"]
+    dg_in, dg_y, _ = calls["DG"]
+    assert len(d_in) == 1 and len(dg_in) == 1 and g_out.shape == (B + h, 3, run.sizes[k], run.sizes[k])
     assert torch.equal(d_y, y[:B]) and torch.equal(g_y, y[h:]) and torch.equal(dg_y, y[B:])
     if k == 0:
         assert len(g_in) == 1 and g_in[0].shape == (B + h, 8)
@@ -559,7 +557,7 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
         # neither the coarse image alone nor the residual alone
         assert (d_in[0][h:] - coarse[h:B]).abs().max() > 1e-3 and (d_in[0][h:] - g_out[:h]).abs().max() > 1e-3
         # the reals are the same sum for real images: coarse + true residual of the pyramid
-        base, res = lapgan.laplacian_pyramid(x[:h], run["sizes"][:k + 1])
+        base, res = lapgan.laplacian_pyramid(x[:h], run.sizes[:k + 1])
         assert torch.allclose(d_in[0][:h], coarse[:h] + res[-1], atol=1e-5)
     assert torch.allclose(d_in[0][:h], fine[:h], atol=1e-6)
 
@@ -601,7 +599,7 @@ def test_lapgan_balance_rule_truth_table(err_real, err_fake, expected):
 
 def test_lapgan_balance_rule_decides_which_net_steps(monkeypatch):
     run = lap_tiny_run(["--balance"])
-    lv = run["levels"][1]
+    lv = run.levels[1].nets
     with torch.no_grad():
         lv["D"].body[-2].bias.fill_(5.0)  # D says "real" to everything: tiny real error, large fake error
     seen = []
@@ -652,8 +650,7 @@ def test_lapgan_cifar10_reader_and_crops(tmp_path, monkeypatch):
         tar.extractall(tmp_path / "ex")
     assert torch.equal(lapgan.read_cifar10(str(tmp_path / "ex"), "train")[0], x)
     # Sec. 4: 28 x 28 crops of the 32 x 32 images, centred when not training, random windows in training
-    run = {"images": x, "labels": y, "sizes": [8, 14, 28], "mean": torch.zeros(1, 3, 1, 1),
-           "std": torch.ones(1, 3, 1, 1), "ncls": 0}
+    run = lapgan.Run([8, 14, 28], 0, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), images=x, labels=y)
     c, _ = lapgan.get_batch(run, torch.arange(30), train=False)
     assert torch.equal(c, x[..., 2:30, 2:30].float() / 255)
     c, _ = lapgan.get_batch(run, torch.arange(30), train=True)
@@ -849,8 +846,7 @@ def test_lapgan_parzen_ranks_real_above_noise(lapgan_runs, tmp_path):
     args = argparse.Namespace(eval_images=20, eval_samples=300, eval_cond=8)
     scores = {}
     for name, images in (("real", test_x), ("noise", torch.cat([test_x[:20], noise]))):
-        run = {"images": images, "labels": test_y, "mean": ck["mean"], "std": ck["std"], "sizes": ck["sizes"],
-               "ncls": 6}
+        run = lapgan.Run(ck["sizes"], 6, ck["mean"], ck["std"], images=images, labels=test_y)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             lapgan.evaluate(args, Gs, run, ck, ck["args"]["nz"], str(tmp_path / name))
@@ -952,16 +948,16 @@ def test_lapgan_one_step_gradients_match_the_papers_losses():
     weight by -lr times its gradient, compared with gradients computed here from the recorded inputs."""
     for k in (0, 1):
         run = lap_tiny_run(["--conditional", "--lr", "0.05"])
-        lv, calls = run["levels"][k], {}
-        lv["D"].eval()  # no dropout: the same function here and in the step
-        D0, G0 = copy.deepcopy(lv["D"]), copy.deepcopy(lv["G"])
+        lv, calls = run.levels[k], {}
+        lv.nets["D"].eval()  # no dropout: the same function here and in the step
+        D0, G0 = copy.deepcopy(lv.nets["D"]), copy.deepcopy(lv.nets["G"])
 
         def record(name, net):
             def call(xs, y=None):
                 calls[name] = ([t.detach().clone() for t in xs], y)
                 return net(xs, y)
             return call
-        lv["Gt"], lv["Dt"] = record("G", lv["Gt"]), record("D", lv["Dt"])
+        lv.fwd["G"], lv.fwd["D"] = record("G", lv.fwd["G"]), record("D", lv.fwd["D"])
         x, y = lapgan.get_batch(run, torch.randperm(16))
         lapgan.level_step(run, k, x, y)
         h = 4
@@ -969,14 +965,14 @@ def test_lapgan_one_step_gradients_match_the_papers_losses():
         logits = D0(d_in, d_y)
         loss_d = (F.softplus(-logits[:h]).mean() + F.softplus(logits[h:]).mean()) / 2
         grads = torch.autograd.grad(loss_d, list(D0.parameters()))
-        for p0, p1, g in zip(D0.parameters(), lv["D"].parameters(), grads):
+        for p0, p1, g in zip(D0.parameters(), lv.nets["D"].parameters(), grads):
             assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
         g_in, g_y = calls["G"]
         made = G0(g_in, g_y)[h:] + (g_in[1][h:] if k else 0)
-        D1 = copy.deepcopy(lv["D"])
+        D1 = copy.deepcopy(lv.nets["D"])
         loss_g = F.softplus(-D1([made], y[8:])).mean()
         grads = torch.autograd.grad(loss_g, list(G0.parameters()))
-        for p0, p1, g in zip(G0.parameters(), lv["G"].parameters(), grads):
+        for p0, p1, g in zip(G0.parameters(), lv.nets["G"].parameters(), grads):
             assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
 
 
@@ -1076,6 +1072,22 @@ def test_lapgan_folder_reader_labels_crop_and_cache(tmp_path):
     with pytest.raises(SystemExit, match="broken.png"):
         lapgan.load_folder(str(tmp_path), 32, None, 1)
 
+
+
+def test_lapgan_setup_run_and_train_step_change_the_weights():
+    """The entry points a benchmark uses: setup_run on in-memory data, then train_step (one real step)."""
+    args = lapgan.get_args(["--dataset", "shapes", "--batch-size", "8", "--width-g", "8", "--width-d", "8",
+                            "--nz", "8"])
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 256, (32, 3, 32, 32), generator=g, dtype=torch.uint8), None, ["a"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = lapgan.setup_run(args, torch.device("cpu"), data)
+    assert sorted(run.levels) == [0, 1, 2] and sorted(run.nets) == ["D0", "D1", "D2", "G0", "G1", "G2"]
+    before = {k: [p.detach().clone() for p in n.parameters()] for k, n in run.nets.items()}
+    stats = lapgan.train_step(run, torch.randint(32, (16,)))
+    assert {"err_d0", "err_g2", "d_x1", "upd_g0"} <= set(stats) and all(math.isfinite(float(v)) for v in stats.values())
+    for k, net in run.nets.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[k], net.parameters())), k
 
 
 # ----------------------------------------------------------------------------- lapgan.py: bad data, bad flags, faults
