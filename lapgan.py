@@ -5,20 +5,21 @@ Adversarial Networks" (NIPS), read beside its Torch code (Eyescream: cifar/, lsu
 
 A Laplacian pyramid stores an image as a small base image plus one residual h_k = I_k - u(I_{k-1}) per finer
 level, d(.) shrinking and u(.) enlarging an image. LAPGAN learns one conditional GAN per level: G_0 draws the
-base image from noise; G_k draws the residual h_k from noise z_k and the upsampled coarser image u(I_{k-1}); D_k
-tells real fine images from u(I_{k-1}) + G_k(z_k, u(I_{k-1})). Each level trains alone, on real coarse images;
-sampling runs the chain I_k = u(I_{k-1}) + G_k(z_k, u(I_{k-1})) from the base up (Sec. 2.3, Fig. 1).
+base image from noise; G_k draws the residual h_k from noise z_k and the upsampled coarser image u(I_{k-1});
+D_k tells real fine images from u(I_{k-1}) + G_k(z_k, u(I_{k-1})). Each level trains alone, on real coarse
+images; sampling runs the chain I_k = u(I_{k-1}) + G_k(z_k, u(I_{k-1})) from the base up (Sec. 2.3, Fig. 1).
 Levels are numbered here from the base up (level 0 = the coarsest, the order of sampling), while the paper's
 I_0 is the full image and its index grows towards the base.
 
 Paper to code:
-    Sec. 2.2   d(.), u(.), the pyramid and its inverse        down, up, laplacian_pyramid, reconstruct, level_view
-    Sec. 2.3   Fig. 1, the sampling chain; blog: --upscale    noise, sample_chain, upscale_chain, renormalise
-    Sec. 2.3   one level's training step (Fig. 2)             Level, level_step, train_step
-    Sec. 3     the networks (CIFAR-10, LSUN), conditioning    mlp_nets, conv_nets, large_nets, Conditioned
-    Sec. 3     SGD schedule; lsun/train.lua's balance rule    sgd_schedule, set_sgd, balance_rule
-    Sec. 4.1   Parzen log-likelihood; cifar/ model selection  evaluate, parzen_ll, base_d2, selection_score
-    Sec. 4.2   samples drawn from one real coarse image       resample_sheet (--resample)
+    Sec. 2.2  d(.), u(.), the pyramid and its inverse       down, up, laplacian_pyramid, reconstruct,
+                                                            level_view
+    Sec. 2.3  Fig. 1, the sampling chain; blog: --upscale   noise, sample_chain, upscale_chain, renormalise
+    Sec. 2.3  one level's training step (Fig. 2)            Level, level_step, train_step
+    Sec. 3    the networks (CIFAR-10, LSUN), conditioning   mlp_nets, conv_nets, large_nets, Conditioned
+    Sec. 3    SGD schedule; lsun/train.lua's balance rule   sgd_schedule, set_sgd, balance_rule
+    Sec. 4.1  Parzen log-likelihood; cifar/ model selection evaluate, parzen_ll, base_d2, selection_score
+    Sec. 4.2  samples drawn from one real coarse image      resample_sheet (--resample)
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (= sigmoid + BCE); images are normalised per
 channel with the training split's mean/std (the CIFAR code: per pixel), which commutes with d and u (--chain
@@ -49,7 +50,7 @@ SCRIPT = "lapgan"
 # Sec. 3.1: CIFAR-10 8 -> 14 -> 28 on 28 x 28 crops; the others: the same ratios on their own sizes
 LEVELS = {"cifar10": [8, 14, 28], "mnist": [7, 14, 28], "fashion-mnist": [7, 14, 28], "shapes": [8, 16, 32]}
 
-# ----------------------------------------------------------------------------- Sec. 2.2: the Laplacian pyramid
+# ------------------------------------------------------------------------ Sec. 2.2: the Laplacian pyramid
 def area_matrix(n_in, n_out, device=None):
     """Torch's image.scale when shrinking: output pixel i averages the source interval [i r, (i+1) r),
     r = n_in / n_out, a pixel cut by an end of it counted by the fraction covered. Rows sum to 1."""
@@ -82,7 +83,7 @@ def level_view(x, sizes, k):
     """What level k sees of real images x: (I_k, u(I_{k-1}), or None at the base)."""
     return down(x, sizes[k]), (up(down(x, sizes[k - 1]), sizes[k]) if k else None)
 
-# ----------------------------------------------------------------------------- Sec. 2.3, Fig. 1: sampling
+# ------------------------------------------------------------------------ Sec. 2.3, Fig. 1: sampling
 def noise(k, n, size, nz, device, gen=None):
     """Sec. 3: uniform on [-1, 1]; a 100-d vector at the base (n x nz), one extra input plane at level k
     (n x 1 x size x size)."""
@@ -117,14 +118,14 @@ def renormalise(x, mean_a, std_a, mean_b, std_b):
     `up` commute with a per-channel affine map (the pyramid's residuals only scale)."""
     return (x * std_a + mean_a - mean_b) / std_b
 
-# ----------------------------------------------------------------------------- Sec. 2.3: one level's training step
+# ------------------------------------------------------------------------ Sec. 2.3: one level's training step
 @dataclass
 class Level:
     """Level k of the pyramid. The G step's forward through D uses D itself (fwd["DG"]), not its
     data-parallel wrapper: only G's gradients are wanted there, so only they are computed and all-reduced."""
     nets: dict  # {"G": G_k, "D": D_k}: the modules that are saved
     opts: dict  # {"G": ..., "D": ...}: their optimisers (SGD as the paper, or Adam)
-    fwd: dict   # {"G", "D", "DG"}: the callables of the forward passes (DDP or compiled wrappers, or the nets)
+    fwd: dict   # {"G", "D", "DG"}: the callables of the forward passes (DDP/compiled wrappers, or the nets)
 
     def __getitem__(self, m):  # level["G"]: read access by name, as for a dict
         return self.nets[m]
@@ -198,7 +199,7 @@ def train_step(run, idx):
     x, y = get_batch(run, idx)
     return {name: v for k in run.levels for name, v in level_step(run, k, x, y).items()}
 
-# ----------------------------------------------------------------------------- Sec. 3: the networks
+# ------------------------------------------------------------------------ Sec. 3: the networks
 class Conditioned(nn.Module):
     """Feeds inputs and class to `body` (Eyescream's class-conditional CIFAR). Base: inputs flattened, one-hot
     appended. Level k: a class plane, Linear(classes -> s*s) -> ReLU, after the first input plane: G_k sees
@@ -279,7 +280,7 @@ def build_level(targs, k, sizes, nc, ncls):
         g, d = conv_nets(cin, nc, sizes[k], targs["width_g"], targs["width_d"], ncls)
     return Conditioned(g, ncls, sizes[k], k == 0), Conditioned(d, ncls, sizes[k], k == 0)
 
-# ----------------------------------------------------------------------------- Sec. 3: the optimisation schedule
+# ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
 def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):
     """Sec. 3: after every epoch lr /= 1 + 4e-5 and momentum += 0.0008, up to 0.8. -> (lr, momentum)."""
     return lr0 / (1 + decay) ** (epoch - 1), min(m0 + m_step * (epoch - 1), m_max)
@@ -304,7 +305,7 @@ def global_mean(*values):
         t /= dist.get_world_size()
     return t.tolist()
 
-# ----------------------------------------------------------------------------- Sec. 4: evaluation
+# ------------------------------------------------------------------------ Sec. 4: evaluation
 @torch.no_grad()
 def selection_score(G, k, x, y, sizes, nz, gen, n=128):
     """cifar/train/conditional_adversarial.lua approxParzen: per validation image, n samples from its own
@@ -326,7 +327,8 @@ def parzen_ll(d2, dim, sigma):
 
 def val_test_ll(d2, n_val, dim):
     """sigma chosen on the first n_val (validation) images, then applied to the rest (test)."""
-    sigma = max(torch.logspace(-2.5, 0, 26).tolist(), key=lambda s: parzen_ll(d2[:n_val], dim, s).mean().item())
+    sigmas = torch.logspace(-2.5, 0, 26).tolist()
+    sigma = max(sigmas, key=lambda s: parzen_ll(d2[:n_val], dim, s).mean().item())
     return parzen_ll(d2[n_val:], dim, sigma), sigma
 
 @torch.no_grad()
@@ -374,8 +376,9 @@ def evaluate(args, Gs, run, ck, nz, stem):
         d2 = residual_d2(Gs[k], coarse, res[k - 1], y, run.std, nz, args.eval_cond)
         ll, sigma = val_test_ll(d2, n_val, x.shape[1] * sizes[k] ** 2)
         total, report = total + ll, report + [f"level {k} {ll.mean().item():.1f} (sigma {sigma:.3f})"]
-    print(f"Parzen log-likelihood: {total.mean().item():.1f} +- {(total.std() / math.sqrt(len(total))).item():.1f}"
-          f" nats on {len(total)} test images ({'; '.join(report)})")
+    se = (total.std() / math.sqrt(len(total))).item()  # the standard error of the mean
+    print(f"Parzen log-likelihood: {total.mean().item():.1f} +- {se:.1f} nats on {len(total)} test images "
+          f"({'; '.join(report)})")
     yn = None if y is None else y[torch.arange(32, device=dev) % len(y)]
     fake = to_display(sample_chain(Gs, sizes, 32, nz, yn, dev)[-1], run.mean, run.std).cpu()
     train = load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "train")[0]
@@ -385,34 +388,7 @@ def evaluate(args, Gs, run, ck, nz, stem):
     pairs = np.stack([to_uint8(fake), train[torch.cat(d, 1).argmin(1)].permute(0, 2, 3, 1).numpy()], 1)
     save_grid(pairs.reshape(-1, *pairs.shape[2:]), stem + "_nn.png", 8)  # each sample beside its nearest
 
-# ----------------------------------------------------------------------------- the training loop, sampling
-def setup_run(args, device, data, rank=0, world=1):
-    """-> a Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names): the
-    pyramid, and G_k, D_k and their optimisers for each level trained (all, or --level K)."""
-    images, labels, classes = data
-    sizes, ncls = pyramid_sizes(args, images.shape[-1]), len(classes) if args.conditional else 0
-    if args.level is not None and not 0 <= args.level < len(sizes):
-        fail(f"--level {args.level} is out of range; this pyramid has levels 0..{len(sizes) - 1}")
-    if args.batch_size % 2:
-        fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
-    if len(images) < args.batch_size * world:
-        fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
-             f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
-    levels = {}
-    for k in [args.level] if args.level is not None else range(len(sizes)):
-        torch.manual_seed(args.seed + 1000 * k)  # level k starts from the same weights, alone or not
-        G, D = (m.to(device) for m in build_level(vars(args), k, sizes, images.shape[1], ncls))
-        levels[k] = Level({"G": G, "D": D}, {"G": optimiser(G, args), "D": optimiser(D, args)},
-                          forward_callables(G, D, args, world, device))
-        if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
-            ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-            print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
-    torch.manual_seed(args.seed + rank)
-    mean, std = channel_stats(images)
-    labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
-    return Run(sizes, ncls, mean.to(device), std.to(device), classes, images.to(device), labels.to(device),
-               args, levels, rank, world, lr=args.lr, momentum=args.momentum)
-
+# ------------------------------------------------------------------------ the training loop, sampling
 def train(args, device, rank=0, world=1, typed=()):
     """Epochs of shuffled steps; a log row and a progress line every --log-every steps; model selection,
     pictures and the checkpoint after each epoch (rank 0)."""
@@ -434,8 +410,8 @@ def train(args, device, rank=0, world=1, typed=()):
         idx, acc, count = batches(run, epoch), {}, 0
         for i, b in enumerate(idx):
             # the fakes' and the G step's conditions: other real images drawn at random, as the code does
-            for name, v in train_step(run, torch.cat([b, torch.randint(n, (B * 3 // 2,), device=b.device)])).items():
-                acc[name] = acc.get(name, 0) + v
+            stats = train_step(run, torch.cat([b, torch.randint(n, (B * 3 // 2,), device=b.device)]))
+            acc = {name: acc.get(name, 0) + v for name, v in stats.items()}
             run.step, count = run.step + 1, count + 1
             if run.step % args.log_every and i < len(idx) - 1:
                 continue
@@ -452,8 +428,9 @@ def train(args, device, rank=0, world=1, typed=()):
                 rate = (run.step - start) * B * world / (time.time() - t0)
                 eta = ((args.epochs - epoch) * len(idx) + len(idx) - i - 1) * B * world / rate
                 eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
-                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
-                      f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | ETA {eta}")
+                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} "
+                      f"G {row['err_g']:.2f} D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | "
+                      f"{rate:.0f} img/s | ETA {eta}")
         run.epoch = epoch
         if rank == 0:
             end_of_epoch_files(run, val)
@@ -472,9 +449,10 @@ def sample(args):
     run = Run(sizes, ncls, ck["mean"].to(dev), ck["std"].to(dev))
     Ga, Gb = [G.to(dev) for G in Ga], [G.to(dev) for G in Gb]
     torch.manual_seed(args.seed)
-    stem = os.path.splitext(args.out or os.path.join(os.path.dirname((args.chain or args.ckpt)[-1]), "samples"))[0]
+    last = (args.chain or args.ckpt)[-1]
+    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(last), "samples"))[0]
     if args.label is not None and not ncls:
-        fail(f"{(args.chain or args.ckpt)[-1]} was trained without --conditional; drop --label")
+        fail(f"{last} was trained without --conditional; drop --label")
     if ncls and args.label is not None and not 0 <= args.label < ncls:
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
 
@@ -501,23 +479,21 @@ def sample(args):
         run.images, run.labels = test[0].to(dev), test[1].to(dev)
     if args.resample:
         resample_sheet(Gb[-1], len(sizes) - 1, run, args.resample, nz, stem + "_resample.png")
-    if args.eval and Ga:
-        fail("--eval scores one model's pyramid; drop --chain (or --eval)")
     if args.eval:
         evaluate(args, Gb, run, ck, nz, stem)
     print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
 
-# ----------------------------------------------------------------------------- Appendix: plumbing, not the paper
+# ------------------------------------------------------------------------ Appendix: plumbing, not the paper
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
-# Data: every loader returns the whole split as one uint8 tensor N x C x H x W, decoded once; batches are
-# gathered by index on the device, with no per-image Python in the training loop.
+# Data: each split as one uint8 tensor N x C x H x W, decoded once; batches are gathered by index on device
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-             "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+CIFAR_MD5 = dict(zip(["cifar-10-python.tar.gz", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)],
+                     ["c58f30108f718f92721af3b95e74349a", "40351d587109b95175f43aff81a1287e",
+                      "c99cafc152244af753f735de768cd75f", "d4bba439e000b95fd0a9bffe97cbabec",
+                      "54ebc095f3ab1f0389bbae665268c751", "634d18415352ddfa80567beed471001a",
+                      "482c414d41f54cd18b22e5b47cb7c3cb"]))
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
@@ -526,35 +502,34 @@ IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09f
                              "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
 IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-CLASSES = {"mnist": [str(i) for i in range(10)],
-           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                             "Shirt", "Sneaker", "Bag", "Ankle boot"],
-           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"]}
+CLASSES = {"mnist": list("0123456789"), "shapes": "circle square triangle diamond cross ring".split(),
+           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                             "Sneaker", "Bag", "Ankle boot"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
-
+def damaged(path, e):
+    fail(f"{path} is damaged ({type(e).__name__}: {e}); delete it to download it again, or replace it")
+def md5_of(path):
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
 def find_or_download(candidates, url, md5):
-    """The first candidate path that exists, else the file downloaded to candidates[0] (md5 checked)."""
-    found = [c for c in candidates if os.path.exists(c)]
-    if found:
-        return found[0]
-    path = candidates[0]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    print(f"downloading {url}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
-            f.write(r.read())
-    except OSError as e:
-        fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {os.path.dirname(path)}")
-    with open(path + ".part", "rb") as f:
-        if hashlib.md5(f.read()).hexdigest() != md5:
+    """The first of the candidate paths that exists, else the file downloaded to candidates[0]."""
+    path = next((c for c in candidates if os.path.exists(c)), None) or candidates[0]
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        print(f"downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+                f.write(r.read())
+        except OSError as e:
+            fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {os.path.dirname(path)}")
+        if md5_of(path + ".part") != md5:
             fail(f"checksum mismatch for {url}; delete {path}.part and try again")
-    os.replace(path + ".part", path)
+        os.replace(path + ".part", path)
     return path
-
 class BatchUnpickler(pickle.Unpickler):
-    """The official batches hold dicts, lists, bytes and numpy arrays only: anything else is refused, so a
-    crafted file cannot run code."""
+    """Only what the official CIFAR-10 batches hold (numpy arrays); anything else is refused, so a crafted
+    file cannot run code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
@@ -562,37 +537,28 @@ class BatchUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
         return super().find_class(module, name)
-
-def damaged(path, e):
-    fail(f"{path} is damaged ({type(e).__name__}: {e}); delete it to download it again, or replace it")
-
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8, checked
-    against the official checksums before anything is unpickled."""
+    """The official python tarball (or its extracted folder), checked against the official md5s before
+    anything is unpickled: pickled dicts of 10000 x 3072 uint8."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
-    checked = [os.path.join(folder, n) for n in names] if os.path.isdir(folder) else \
+    files = [os.path.join(folder, n) for n in names] if os.path.isdir(folder) else \
         [find_or_download([tar], CIFAR_URL, CIFAR_MD5["cifar-10-python.tar.gz"])]
-    for path in checked:
-        if not os.path.exists(path):
-            fail(f"{path} is missing; delete {folder} to download CIFAR-10 again, or replace the file")
-        with open(path, "rb") as f:
-            if hashlib.md5(f.read()).hexdigest() != CIFAR_MD5[os.path.basename(path)]:
-                fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
     try:
+        for path in files:
+            if md5_of(path) != CIFAR_MD5[os.path.basename(path)]:
+                fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
         if os.path.isdir(folder):
             read = {n: open(os.path.join(folder, n), "rb").read() for n in names + ["batches.meta"]}
         else:
             with tarfile.open(tar) as t:
-                read = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
-        batches = [BatchUnpickler(io.BytesIO(read[n]), encoding="bytes").load() for n in names + ["batches.meta"]]
-        x = np.concatenate([b[b"data"] for b in batches[:-1]]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([b[b"labels"] for b in batches[:-1]])
-        classes = [c.decode() for c in batches[-1][b"label_names"]]
-    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError, zlib.error) as e:
-        damaged(checked[0] if len(checked) == 1 else folder, e)
-    return torch.from_numpy(x), torch.from_numpy(y).long(), classes
-
+                read = {os.path.basename(m.name): t.extractfile(m).read() for m in t if m.isfile()}
+        b = [BatchUnpickler(io.BytesIO(read[n]), encoding="bytes").load() for n in names + ["batches.meta"]]
+        x = np.concatenate([d[b"data"] for d in b[:-1]]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([d[b"labels"] for d in b[:-1]])
+    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.PickleError, zlib.error) as e:
+        damaged(files[0] if len(files) == 1 else folder, e)
+    return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in b[-1][b"label_names"]]
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
     try:
@@ -606,10 +572,8 @@ def read_idx(path):
     if len(data) != start + int(np.prod(dims)):
         damaged(path, ValueError(f"{len(data) - start} bytes of data, its header says {int(np.prod(dims))}"))
     return np.frombuffer(data, np.uint8, offset=start).reshape(dims)
-
 def load_mnist(root, name, split):
-    """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
-    else downloaded to DATAROOT/NAME."""
+    """MNIST and Fashion-MNIST: DATAROOT/NAME, DATAROOT or a Debian dataset package, else downloaded."""
     paths = []
     for i in [0, 1] if split == "train" else [2, 3]:
         dirs = (os.path.join(root, name), root, os.path.join(SYSTEM_DATA, name))
@@ -617,7 +581,6 @@ def load_mnist(root, name, split):
         paths.append(find_or_download(found, IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
     x, y = read_idx(paths[0]), read_idx(paths[1])
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
-
 def decode_image(path, size, mode):
     """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
     try:
@@ -628,19 +591,17 @@ def decode_image(path, size, mode):
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
-    im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.BICUBIC)
+    im = im.resize([max(size, round(n * scale)) for n in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
-
+def walk_error(e):
+    fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
 def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-
-    def unreadable(e):
-        fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable)
-                   for f in fs if f.lower().endswith(IMAGE_EXT))
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=walk_error) for f in fs
+                   if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
     classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
@@ -658,24 +619,20 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:  # atomic: a crash or a full disk never leaves a truncated cache behind
+    try:  # atomic, so a crash or a full disk never leaves a truncated cache; a read-only folder skips it
         with open(cache + ".tmp", "wb") as f:
             np.savez(f, x=x, y=y)
-            f.flush()
-            os.fsync(f.fileno())
+            f.flush(), os.fsync(f.fileno())
         os.replace(cache + ".tmp", cache)
-    except OSError:  # a read-only dataset still works, it is just decoded again next time
+    except OSError:
         if os.path.exists(cache + ".tmp"):
             os.remove(cache + ".tmp")
     return torch.from_numpy(x), torch.from_numpy(y), classes
-
 def make_shapes(n, size, seed):
-    """The built-in synthetic set: one coloured shape per image on a dark background, one class each.
-    Made in whole chunks of 1000 with their own seeds (a chunk's draws depend on its length), then cut,
-    so `--limit` takes a prefix of the same images."""
+    """The built-in synthetic set: one coloured shape per image on a dark background, one class each. Made
+    in whole chunks of 1000 with their own seeds, then cut, so `--limit` takes a prefix of the same images."""
     parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
     return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
-
 def shape_chunk(n, size, rng):
     y = rng.integers(0, 6, n)
     c = (np.arange(size) + 0.5) / size * 2 - 1
@@ -687,9 +644,7 @@ def shape_chunk(n, size, rng):
              ((ax <= 0.3) & (ay <= 0.9)) | ((ay <= 0.3) & (ax <= 0.9)), (rr <= 1) & (rr >= 0.45)]
     mask = np.choose(y[:, None, None], masks)[:, None]
     fg, bg = rng.uniform(0.45, 1, (n, 3, 1, 1)), rng.uniform(0, 0.2, (n, 3, 1, 1))
-    x = (np.where(mask, fg, bg) * 255).round().astype(np.uint8)
-    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-
+    return torch.from_numpy((np.where(mask, fg, bg) * 255).round().astype(np.uint8)), torch.from_numpy(y)
 def load_dataset(args, split):
     """-> (uint8 images N x C x H x W, int64 labels, class names). folder/shapes hold out every 10th image."""
     if args.dataset == "cifar10":
@@ -704,7 +659,8 @@ def load_dataset(args, split):
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
-        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().byte()
+        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = x.round().byte()
     elif args.channels == 3 and x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     if split == "train" and args.limit:
@@ -714,9 +670,8 @@ def load_dataset(args, split):
     size = args.image_size or x.shape[-1]
     if x.shape[-1] != size or x.shape[-2] != size:  # antialiased bilinear, in chunks
         x = torch.cat([F.interpolate(c.float(), (size, size), mode="bilinear", antialias=True).round()
-                       .clamp(0, 255).to(torch.uint8) for c in x.split(4096)])
-    return x, y, classes
-
+                       .clamp(0, 255).byte() for c in x.split(4096)])
+    return x, y.long(), classes
 def channel_stats(images):
     """Per-channel mean and std of the training split, [0, 1] pixel units, shaped 1 x C x 1 x 1."""
     s = torch.zeros(2, images.shape[1], dtype=torch.float64)
@@ -724,37 +679,36 @@ def channel_stats(images):
         s += torch.stack([(c.double() / 255).sum((0, 2, 3)), (c.double() / 255).pow(2).sum((0, 2, 3))])
     m = s / (images.numel() / images.shape[1])
     return m[0].float().view(1, -1, 1, 1), (m[1] - m[0] ** 2).clamp(min=1e-8).sqrt().float().view(1, -1, 1, 1)
-
 def pyramid_sizes(args, size):
     """--levels, or the paper's pyramid for the dataset (otherwise size/16 ... size, from 4 px)."""
-    default = LEVELS.get(args.dataset) or sorted({size >> i for i in range(5) if size >> i >= 4})
+    halvings = sorted({size >> i for i in range(5) if size >> i >= 4})
+    default = LEVELS.get(args.dataset) or halvings
     try:
         sizes = [int(v) for v in args.levels.split(",")] if args.levels else default
     except ValueError:
         fail(f"--levels {args.levels!r} is not a comma-separated list of sizes; use e.g. --levels 8,14,28")
     if len(sizes) < 2 or sizes[0] < 2 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] > size:
-        if size < 3:
+        if size < 4:
             fail(f"{size} px images are too small for a pyramid; use --image-size 8 or more")
-        fits = default if default[-1] <= size and len(default) > 1 else \
-            sorted({size >> i for i in range(5) if size >> i >= 4})
-        fits = fits if len(fits) > 1 else [max(2, size // 2), size]
-        what = f"--levels {','.join(map(str, sizes))}" if args.levels else f"the {args.dataset} pyramid {sizes}"
+        fits = default if default[-1] <= size else halvings
+        fits = fits if len(fits) > 1 else [size // 2, size]
+        what = f"the {args.dataset} pyramid {sizes}"
+        what = f"--levels {','.join(map(str, sizes))}" if args.levels else what
         fail(f"{what} must be 2 or more increasing sizes from 2 px up to the image size {size}; "
              f"use e.g. --levels {','.join(map(str, fits))}")
     return sizes
-
 def get_batch(run, idx, train=True):
     """Gather uint8 images on the device, crop to the finest level (random crops in training, Sec. 3.1: 28x28
     crops of CIFAR's 32x32; centred otherwise), normalise per channel. -> (x, labels)."""
     x, size, dev = run.images[idx], run.sizes[-1], run.images.device
     if x.shape[-1] > size:
         m, n = x.shape[-1] - size, len(idx)
-        o = torch.randint(m + 1, (2, n, 1), device=dev) if train else torch.full((2, n, 1), m // 2, device=dev)
-        r = torch.arange(size, device=dev)
-        x = x[torch.arange(n, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[:, None, None],
-              (o[0] + r)[:, None, :, None], (o[1] + r)[:, None, None, :]]
+        o = torch.randint(m + 1, (2, n, 1), device=dev) if train else torch.full((2, n, 1), m // 2,
+                                                                                      device=dev)
+        r, ar = torch.arange(size, device=dev), torch.arange(max(n, x.shape[1]), device=dev)
+        x = x[ar[:n, None, None, None], ar[:x.shape[1], None, None], (o[0] + r)[:, None, :, None],
+              (o[1] + r)[:, None, None, :]]
     return (x.float() / 255 - run.mean) / run.std, run.labels[idx]
-
 def batches(run, epoch):
     """This rank's share of one shuffled pass, B/2 real images per step (reproducible per epoch)."""
     n, half = len(run.images), run.args.batch_size // 2
@@ -762,15 +716,13 @@ def batches(run, epoch):
     perm = perm[run.rank::run.world].to(run.images.device)
     return perm[: len(perm) // half * half].view(-1, half)
 
-# Checkpoints and resume
+# Checkpoints and resume: checkpoint() and restore() mirror each other
 def save_checkpoint(obj, path):
-    """Atomic: written to PATH.tmp, synced to the disk, then renamed, so a crash, a power cut or a full disk
-    leaves the previous checkpoint intact."""
+    """Atomic: PATH.tmp, synced, then renamed, so a crash, a power cut or a full disk keeps the last one."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            f.flush(), os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except OSError as e:
         if os.path.exists(path + ".tmp"):
@@ -779,7 +731,6 @@ def save_checkpoint(obj, path):
             fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
                  f"the last checkpoint is kept")
         fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
-
 def load_checkpoint(path, script=SCRIPT):
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
@@ -791,28 +742,25 @@ def load_checkpoint(path, script=SCRIPT):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
     return ckpt
-
-def model_meta(run):
-    """What sampling needs besides the weights: the flags, pyramid, classes and normalisation."""
-    flags = {**vars(run.args), "image_size": run.images.shape[-1], "nc": run.images.shape[1]}
-    return {"script": SCRIPT, "args": flags, "classes": run.classes, "sizes": run.sizes,
-            "mean": run.mean.cpu(), "std": run.std.cpu(), "epoch": run.epoch}
-
-def checkpoint(run):
-    """ckpt.pt: everything a resume needs; `restore` reads back exactly this."""
-    levels = {k: {**{m: lv.nets[m].state_dict() for m in "GD"}, **{"opt" + m: lv.opts[m].state_dict() for m in "GD"}}
-              for k, lv in run.levels.items()}
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    return {**model_meta(run), "levels": levels, "step": run.step, "balance": {"best": run.best}, "rng": rng}
-
+def checkpoint(run, ks=None, opts=True):
+    """ckpt.pt (or best.pt: levels ks, no optimisers): the flags, pyramid, normalisation and weights."""
+    args, levels = {**vars(run.args), "image_size": run.images.shape[-1], "nc": run.images.shape[1]}, {}
+    for k in run.levels if ks is None else ks:
+        levels[k] = {m: run.levels[k].nets[m].state_dict() for m in "GD"}
+        if opts:
+            levels[k].update({f"opt{m}": run.levels[k].opts[m].state_dict() for m in "GD"})
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"script": SCRIPT, "args": args, "classes": run.classes, "sizes": run.sizes,
+            "mean": run.mean.cpu(), "std": run.std.cpu(), "epoch": run.epoch, "step": run.step,
+            "balance": {"best": dict(run.best)}, "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
+            "levels": levels}
 def restore(run, ckpt):
     for k, lv in run.levels.items():
         if k not in ckpt["levels"]:
             fail(f"the checkpoint does not hold level {k}; resume with the same --level")
         for m in "GD":
             lv.nets[m].load_state_dict(ckpt["levels"][k][m])
-            lv.opts[m].load_state_dict(ckpt["levels"][k]["opt" + m])
+            lv.opts[m].load_state_dict(ckpt["levels"][k][f"opt{m}"])
     run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], dict(ckpt["balance"]["best"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -823,77 +771,75 @@ def restore(run, ckpt):
     else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
-
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
-SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch", "eval",
-                 "eval_images", "eval_samples", "eval_cond", "resume"]  # not used in training
-
+SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch",
+                 "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
 def resume_args(args, typed):
-    """--resume: the checkpoint's training flags, with those a resume may change taken from the command line."""
-    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
-    differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY and getattr(args, k) != ckpt["args"].get(k)]
+    """--resume: the checkpoint's training flags; those a resume may change come from the command line."""
+    ckpt, flag = load_checkpoint(os.path.join(args.outf, "ckpt.pt")), lambda k: "--" + k.replace("_", "-")
+    differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY
+              and getattr(args, k) != ckpt["args"].get(k)]
     if differ:
-        fail(f"--resume keeps the checkpoint's training flags; {', '.join('--' + k.replace('_', '-') for k in differ)} "
-             f"differ from it (only {', '.join('--' + k.replace('_', '-') for k in MAY_CHANGE)} may change): "
-             f"drop them, or start a new run with another --outf")
+        fail(f"--resume keeps the checkpoint's training flags; {', '.join(map(flag, differ))} differ from it "
+             f"(only {', '.join(map(flag, MAY_CHANGE))} may change): drop them, or start a new run with "
+             f"another --outf")
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
-    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True}), ckpt
-
+    kept = {k: getattr(args, k) for k in MAY_CHANGE}
+    return argparse.Namespace(**{**ckpt["args"], **kept, "resume": True}), ckpt
 def load_levels(paths, need=None):
-    """Generators [G_k for k in need] of one pyramid from one or more checkpoints (levels trained apart
-    with --level K, later files replacing earlier ones' levels); `need` defaults to every level."""
+    """[G_k for k in need] (default: every level) from one or more checkpoints of one pyramid, for levels
+    trained apart with --level K; later files replace earlier ones' levels."""
     Gs, first = {}, None
     for path in paths:
         ck = load_checkpoint(path)
         ncls = len(ck["classes"]) if ck["args"]["conditional"] else 0
         if first and (ck["sizes"], ck["args"]["nc"], ncls) != first[1]:
-            fail(f"{path} holds another pyramid (sizes, channels, classes) than {paths[0]}; use matching runs")
+            fail(f"{path} holds another pyramid (sizes, channels, classes) than {paths[0]}; use matching "
+                 f"checkpoints")
         first = first or (ck, (ck["sizes"], ck["args"]["nc"], ncls))
         for k, st in ck["levels"].items():
             Gs[k] = build_level(ck["args"], k, ck["sizes"], ck["args"]["nc"], ncls)[0]
             Gs[k].load_state_dict(st["G"])
     need = range(len(first[0]["sizes"])) if need is None else need
-    missing = [k for k in need if k not in Gs]
-    if missing:
-        fail(f"level {missing[0]} is in none of {' '.join(paths)}; add the checkpoint of the run that trained it")
+    if any(k not in Gs for k in need):
+        fail(f"level {min(set(need) - set(Gs))} is in none of {' '.join(paths)}; add the checkpoint of the "
+             f"run that trained it")
     return [Gs[k].eval() for k in need], first[0]
-
 def chain_levels(a, b, switch):
-    """--chain A B: start with one model's coarse levels (the blog's cats) and finish with another's (horses).
+    """--chain A B: one model's coarse levels (the blog's cats) finished by another's (horses).
     -> (A's generators below the switch, A's checkpoint, B's from the switch on, B's checkpoint)."""
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     if not 1 <= switch < len(cb["sizes"]):
         fail(f"--switch {switch} is out of range; {b} has levels 0..{len(cb['sizes']) - 1}")
     sa, sb = ca["sizes"], cb["sizes"]
-    ncls = [len(c["classes"]) if c["args"]["conditional"] else 0 for c in (ca, cb)]
-    fits = switch <= len(sa) and sa[switch - 1] == sb[switch - 1] and ca["args"]["nc"] == cb["args"]["nc"]
-    if not fits or ncls[0] != ncls[1]:
+    nca, ncb = (len(c["classes"]) if c["args"]["conditional"] else 0 for c in (ca, cb))
+    if switch > len(sa) or (sa[switch - 1], ca["args"]["nc"], nca) != (sb[switch - 1], cb["args"]["nc"], ncb):
         fail(f"{a} and {b} do not fit at level {switch}: B's level {switch} takes {sb[switch - 1]} px images "
-             f"with {cb['args']['nc']} channels ({ncls[1]} classes) from A; pick another --switch or checkpoints")
+             f"with {cb['args']['nc']} channels ({ncb} classes) from A; pick another --switch or checkpoints")
     return load_levels([a], range(switch))[0], ca, load_levels([b], range(switch, len(sb)))[0], cb
-
 def end_of_epoch_files(run, val):
     """Model selection (select.csv, best.pt), the sample sheet, ckpt.pt and curves.png, on rank 0."""
     args, dev, gens = run.args, run.images.device, [lv.nets["G"] for lv in run.levels.values()]
     gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch; training RNG untouched
     if not all(torch.isfinite(p).all() for G in gens for p in G.parameters()):
-        fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {args.outf} is kept")
+        fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {args.outf} is "
+             f"kept")
     for G in gens:
         G.eval()
     if val is not None:  # the last test images; --eval scores the first ones
-        v = Run(run.sizes, run.ncls, run.mean, run.std, images=val[0][-args.select:].to(dev),
+        v = Run(run.sizes, 0, run.mean, run.std, images=val[0][-args.select:].to(dev),
                 labels=val[1][-args.select:].to(dev))
         x, y = get_batch(v, torch.arange(len(v.images), device=dev), False)
-        score = {k: selection_score(lv.nets["G"], k, x, y, run.sizes, args.nz, gen) for k, lv in run.levels.items()}
-        append_log(os.path.join(args.outf, "select.csv"), {"epoch": run.epoch, **{f"dist{k}": d for k, d in score.items()}})
+        score = {k: selection_score(G, k, x, y, run.sizes, args.nz, gen) for k, G in zip(run.levels, gens)}
+        append_log(f"{args.outf}/select.csv", {"epoch": run.epoch, **{f"dist{k}": score[k] for k in score}})
         better, path = [k for k, d in score.items() if d < run.best.get(k, math.inf)], f"{args.outf}/best.pt"
         if better:
             old = load_checkpoint(path)["levels"] if os.path.exists(path) else {}
             run.best.update({k: score[k] for k in better})
-            new = {k: {m: run.levels[k].nets[m].state_dict() for m in "GD"} for k in better}
-            save_checkpoint({**model_meta(run), "levels": {**old, **new}}, path)
+            best = checkpoint(run, better, opts=False)
+            save_checkpoint({**best, "levels": {**old, **best["levels"]}}, path)
     sheet = f"{args.outf}/samples_e{run.epoch:03d}.png"
     if len(run.levels) == len(run.sizes):  # conditional: one row per class
         n = 3 * run.ncls or 24
@@ -901,11 +847,11 @@ def end_of_epoch_files(run, val):
         save_grid(level_sheet(chain, run), sheet, 3 * len(chain))
     else:  # one level alone: samples from real coarse images
         k = next(iter(run.levels))
-        resample_sheet(run.levels[k].nets["G"], k, run, 6, args.nz, sheet, gen)
+        resample_sheet(gens[0], k, run, 6, args.nz, sheet, gen)
     for G in gens:
         G.train()
-    save_checkpoint(checkpoint(run), os.path.join(args.outf, "ckpt.pt"))
-    plot_curves(os.path.join(args.outf, "log.csv"), os.path.join(args.outf, "curves.png"))
+    save_checkpoint(checkpoint(run), f"{args.outf}/ckpt.pt")
+    plot_curves(f"{args.outf}/log.csv", f"{args.outf}/curves.png")
 
 # Logs and pictures
 def append_log(path, row):
@@ -915,9 +861,8 @@ def append_log(path, row):
         if new:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
 def trim_log(path, key, last):
-    """Drop the rows whose column `key` is past `last`."""
+    """Keep the rows whose column `key` is at most `last`."""
     if os.path.exists(path):
         with open(path) as f:
             rows = list(csv.DictReader(f))
@@ -925,7 +870,6 @@ def trim_log(path, key, last):
         for r in rows:
             if int(r[key]) <= last:
                 append_log(path, r)
-
 def plot_curves(csv_path, png_path, w=640, h=80):
     """Every numeric column of log.csv against the step, one panel each, drawn with Pillow."""
     with open(csv_path) as f:
@@ -939,18 +883,15 @@ def plot_curves(csv_path, png_path, w=640, h=80):
         v = [float(r[col]) for r in rows]
         lo, span = min(v), (max(v) - min(v)) or 1.0
         draw.line([(60 + (s - steps[0]) / ((steps[-1] - steps[0]) or 1) * (w - 70),
-                    (i + 1) * h - 8 - (x - lo) / span * (h - 24)) for s, x in zip(steps, v)], fill=(31, 119, 180))
+                    (i + 1) * h - 8 - (x - lo) / span * (h - 24)) for s, x in zip(steps, v)], fill="navy")
         draw.text((4, i * h + 2), f"{col}: {lo:.3g} to {lo + span:.3g}", fill="black")
     img.save(png_path)
-
 def to_display(x, mean, std):
     """Normalised images -> [-1, 1] in true colours (save_grid's and save_npz's convention)."""
     return (x * std.to(x.device) + mean.to(x.device)) * 2 - 1
-
 def to_uint8(x):
     """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
 def save_grid(images, path, nrow=8, pad=2):
     x = to_uint8(images) if torch.is_tensor(images) else images
     n, h, w, c = x.shape
@@ -959,48 +900,66 @@ def save_grid(images, path, nrow=8, pad=2):
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
-
 def save_npz(path, images, labels=None):
-    extra = {"labels": np.asarray(labels, np.int64)} if labels is not None else {}
+    extra = {} if labels is None else {"labels": np.asarray(labels, np.int64)}
     np.savez(path, images=to_uint8(images), **extra)
-
 def level_sheet(chain, run):
     """Every level of each sample side by side, enlarged (nearest) to the finest size."""
     big = [F.interpolate(x, chain[-1].shape[-2:], mode="nearest") for x in chain]
     return to_display(torch.stack(big, 1).flatten(0, 1), run.mean, run.std)
-
 def resample_sheet(G, k, run, n, nz, path, gen=None):
     """Sec. 4.2, the paper's check that G does not copy: per row a real image, its coarse image, then n
     samples of level k drawn from that same coarse image (and class)."""
-    dev, size = run.images.device, run.sizes[k]
+    dev = run.images.device
     x, y = get_batch(run, torch.arange(8, device=dev) % len(run.images), False)
     fine, coarse = level_view(x, run.sizes, k)
     c = coarse if k else torch.zeros_like(fine)
     cc = c.repeat_interleave(n, 0)
     with torch.no_grad():
-        made = G([noise(k, 8 * n, size, nz, dev, gen), cc][:1 + (k > 0)], y.repeat_interleave(n))
+        made = G([noise(k, 8 * n, run.sizes[k], nz, dev, gen), cc][:1 + (k > 0)], y.repeat_interleave(n))
     rows = torch.cat([fine[:, None], c[:, None], (made.float() + cc).view(8, n, *fine.shape[1:])], 1)
     save_grid(to_display(rows.flatten(0, 1), run.mean, run.std), path, n + 2)
 
-# Device and data-parallel helpers
+# Setting up a run: the networks on the device, their optimisers, data parallelism
+def setup_run(args, device, data, rank=0, world=1):
+    """-> a Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names): the
+    pyramid, and G_k, D_k and their optimisers for each level trained (all, or --level K)."""
+    images, labels, classes = data
+    sizes, ncls = pyramid_sizes(args, images.shape[-1]), len(classes) if args.conditional else 0
+    if args.level is not None and not 0 <= args.level < len(sizes):
+        fail(f"--level {args.level} is out of range; this pyramid has levels 0..{len(sizes) - 1}")
+    if args.batch_size % 2:
+        fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
+    if len(images) < args.batch_size * world:
+        fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
+             f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
+    levels = {}
+    for k in [args.level] if args.level is not None else range(len(sizes)):
+        torch.manual_seed(args.seed + 1000 * k)  # level k starts from the same weights, alone or not
+        G, D = (m.to(device) for m in build_level(vars(args), k, sizes, images.shape[1], ncls))
+        levels[k] = Level({"G": G, "D": D}, {"G": optimiser(G, args), "D": optimiser(D, args)},
+                          forward_callables(G, D, args, world, device))
+        if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
+            ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+            print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
+    torch.manual_seed(args.seed + rank)
+    mean, std = channel_stats(images)
+    labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
+    return Run(sizes, ncls, mean.to(device), std.to(device), classes, images.to(device), labels.to(device),
+               args, levels, rank, world, lr=args.lr, momentum=args.momentum)
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
-    if not args.cuda:
-        if args.amp:
-            print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
-        return torch.device("cpu")
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    return torch.device("cuda", local_rank)
-
+    if args.amp and not args.cuda:
+        print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
+    torch.backends.cudnn.benchmark = args.cuda  # fixed shapes: let cuDNN pick the fastest kernels
+    return torch.device("cuda", local_rank) if args.cuda else torch.device("cpu")
 def optimiser(net, args):
     if args.optim == "adam":
         return torch.optim.Adam(net.parameters(), args.lr, betas=(0.5, 0.999))
     return torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, dampening=args.momentum)
-
 def forward_callables(G, D, args, world, device):
-    """A level's `fwd`: DDP wrappers for data parallelism, torch.compile for speed; "DG", the G step's D,
-    is D itself (see Level)."""
+    """A level's `fwd`: DDP wrappers when data-parallel, torch.compile when asked; "DG" is D itself."""
     fwd = {"G": G, "D": D, "DG": D}
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -1010,59 +969,44 @@ def forward_callables(G, D, args, world, device):
 
 # Command line
 def make_parser():
-    p = argparse.ArgumentParser(description="LAPGAN: a Laplacian pyramid of GANs")
-    a = p.add_argument
+    p = argparse.ArgumentParser(description="LAPGAN: a Laplacian pyramid of GANs (README.md lists the flags)")
+    a, on, no = p.add_argument, "store_true", None
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
     a("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    a("--image-size", type=int, default=None, help="native size unless given; 64 for folder")
-    a("--channels", type=int, choices=[1, 3], default=None, help="force greyscale or RGB")
-    a("--conditional", action="store_true", help="class-conditional levels")
-    a("--limit", type=int, default=None, help="use only the first N training images")
-    a("--levels", default=None, help="pyramid sizes coarse to fine, e.g. 8,14,28 (default: per dataset)")
-    a("--level", type=int, default=None, help="train level K alone (0 = the base); default: all levels")
+    a("--image-size", type=int, default=no, help="native size unless given; 64 for folder")
+    a("--channels", type=int, choices=[1, 3], default=no), a("--conditional", action=on)
+    a("--limit", type=int, default=no, help="use only the first N training images")
+    a("--levels", default=no, help="pyramid sizes coarse to fine, e.g. 8,14,28 (default: per dataset)")
+    a("--level", type=int, default=no, help="train level K alone (0 = the base); default: all levels")
     a("--model", choices=["small", "large"], default="small", help="large: the paper's LSUN nets")
     a("--width-g", type=int, default=128, help="G_k feature maps: 128 (paper's models) or 64 (code)")
-    a("--width-d", type=int, default=64, help="D_k feature maps")
-    a("--nz", type=int, default=100, help="noise size at the base level")
-    a("--epochs", type=int, default=25)
-    a("--batch-size", type=int, default=128, help="D: half real, half generated; G: the whole batch")
-    a("--lr", type=float, default=None, help="learning rate (default 0.02; --model large: 0.01)")
+    a("--width-d", type=int, default=64), a("--nz", type=int, default=100, help="noise size at the base")
+    a("--epochs", type=int, default=25), a("--batch-size", type=int, default=128, help="half real for D")
+    a("--lr", type=float, default=no, help="learning rate (default 0.02; --model large: 0.01)")
+    a("--momentum", type=float, default=no, help="initial momentum (0.5; --model large: 0), +0.0008/epoch")
     a("--optim", choices=["sgd", "adam"], default="sgd", help="adam (beta1 0.5): quick runs, not the paper")
-    a("--momentum", type=float, default=None,
-      help="initial momentum, +0.0008 per epoch up to 0.8 (default 0.5; --model large: 0)")
-    a("--balance", action="store_true", help="the LSUN code's rule: update D or G (or both)")
+    a("--balance", action=on, help="the LSUN code's rule: update D or G (or both)")
     a("--select", type=int, default=200, help="validation images for model selection (0: off)")
-    a("--seed", type=int, default=1)
-    a("--outf", default=None, help="output folder (default out/lapgan-DATASET)")
-    a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
-    a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
-    a("--cuda", action="store_true")
-    a("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    a("--compile", action="store_true", help="torch.compile the networks")
-    a("--workers", type=int, default=4, help="threads decoding a folder of images")
-    a("--sample", action="store_true", help="sample from --ckpt instead of training")
-    a("--ckpt", nargs="+", default=None, help="checkpoint(s); several merge levels trained apart")
-    a("--n", type=int, default=64, help="number of samples")
-    a("--label", type=int, default=None, help="class to sample (conditional models)")
-    a("--npz", default=None, help="also write the samples to this .npz")
-    a("--out", default=None, help="grid PNG (default: beside the checkpoint)")
+    a("--seed", type=int, default=1), a("--outf", default=no, help="output folder (out/lapgan-DATASET)")
+    a("--resume", action=on), a("--log-every", type=int, default=100), a("--workers", type=int, default=4)
+    a("--cuda", action=on), a("--amp", action=on), a("--compile", action=on)
+    a("--sample", action=on), a("--ckpt", nargs="+", default=no, help="several join levels trained apart")
+    a("--n", type=int, default=64), a("--label", type=int, default=no), a("--npz", default=no)
+    a("--out", default=no, help="grid PNG (default: beside the checkpoint)")
     a("--resample", type=int, default=0, help="N samples from each of 8 real coarse images")
     a("--upscale", type=int, default=0, help="run the finest G N more times past its size")
-    a("--chain", nargs=2, default=None, metavar=("A", "B"), help="levels below --switch from A, the rest B")
-    a("--switch", type=int, default=1, help="first level taken from B with --chain")
-    a("--eval", action="store_true", help="Parzen log-likelihood and a nearest-neighbour sheet")
+    a("--chain", nargs=2, default=no, metavar=("A", "B"), help="levels below --switch from A, the rest B")
+    a("--switch", type=int, default=1), a("--eval", action=on, help="Parzen log-likelihood, neighbours")
     a("--eval-images", type=int, default=1000, help="held-out test images to score")
     a("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
     a("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
     return p
-
 def typed_flags(argv=None):
     """The flags the user typed: argv parsed again with every default replaced by SUPPRESS."""
     p = make_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
-
 def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
@@ -1070,7 +1014,9 @@ def get_args(argv=None):
         p.error("--dataset is required for training (or give --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
         p.error("--sample needs --ckpt DIR/ckpt.pt (or --chain A.pt B.pt)")
-    large = args.model == "large"  # lsun/train.lua's setting for the large model
+    if args.eval and args.chain:
+        fail("--eval scores one model's pyramid; drop --chain (or --eval)")
+    large = args.model == "large"  # lsun/train.lua's lr and momentum for the large model
     if args.lr is None:
         args.lr = 0.01 if large else 0.02
     if args.momentum is None:
@@ -1086,7 +1032,6 @@ def get_args(argv=None):
     if os.path.isfile(args.outf):
         fail(f"--outf {args.outf} is a file; give a folder")
     return args
-
 def main(argv=None):
     args = get_args(argv)
     if args.sample:
@@ -1102,6 +1047,5 @@ def main(argv=None):
     finally:
         if world > 1:
             dist.destroy_process_group()
-
 if __name__ == "__main__":
     main()
