@@ -507,11 +507,14 @@ CLASSES = {"mnist": list("0123456789"), "shapes": "circle square triangle diamon
                              "Sneaker", "Bag", "Ankle boot"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
 def damaged(path, e):
     fail(f"{path} is damaged ({type(e).__name__}: {e}); delete it to download it again, or replace it")
+
 def md5_of(path):
     with open(path, "rb") as f:
         return hashlib.md5(f.read()).hexdigest()
+
 def find_or_download(candidates, url, md5):
     """The first of the candidate paths that exists, else the file downloaded to candidates[0]."""
     path = next((c for c in candidates if os.path.exists(c)), None) or candidates[0]
@@ -527,6 +530,7 @@ def find_or_download(candidates, url, md5):
             fail(f"checksum mismatch for {url}; delete {path}.part and try again")
         os.replace(path + ".part", path)
     return path
+
 class BatchUnpickler(pickle.Unpickler):
     """Only what the official CIFAR-10 batches hold (numpy arrays); anything else is refused, so a crafted
     file cannot run code."""
@@ -537,6 +541,7 @@ class BatchUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
         return super().find_class(module, name)
+
 def read_cifar10(root, split):
     """The official python tarball (or its extracted folder), checked against the official md5s before
     anything is unpickled: pickled dicts of 10000 x 3072 uint8."""
@@ -559,6 +564,7 @@ def read_cifar10(root, split):
     except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.PickleError, zlib.error) as e:
         damaged(files[0] if len(files) == 1 else folder, e)
     return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in b[-1][b"label_names"]]
+
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
     try:
@@ -572,6 +578,7 @@ def read_idx(path):
     if len(data) != start + int(np.prod(dims)):
         damaged(path, ValueError(f"{len(data) - start} bytes of data, its header says {int(np.prod(dims))}"))
     return np.frombuffer(data, np.uint8, offset=start).reshape(dims)
+
 def load_mnist(root, name, split):
     """MNIST and Fashion-MNIST: DATAROOT/NAME, DATAROOT or a Debian dataset package, else downloaded."""
     paths = []
@@ -581,6 +588,7 @@ def load_mnist(root, name, split):
         paths.append(find_or_download(found, IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
     x, y = read_idx(paths[0]), read_idx(paths[1])
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
+
 def decode_image(path, size, mode):
     """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
     try:
@@ -594,8 +602,10 @@ def decode_image(path, size, mode):
     im = im.resize([max(size, round(n * scale)) for n in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
+
 def walk_error(e):
     fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
+
 def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
@@ -628,11 +638,13 @@ def load_folder(root, size, channels, workers):
         if os.path.exists(cache + ".tmp"):
             os.remove(cache + ".tmp")
     return torch.from_numpy(x), torch.from_numpy(y), classes
+
 def make_shapes(n, size, seed):
     """The built-in synthetic set: one coloured shape per image on a dark background, one class each. Made
     in whole chunks of 1000 with their own seeds, then cut, so `--limit` takes a prefix of the same images."""
     parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
     return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
+
 def shape_chunk(n, size, rng):
     y = rng.integers(0, 6, n)
     c = (np.arange(size) + 0.5) / size * 2 - 1
@@ -645,6 +657,7 @@ def shape_chunk(n, size, rng):
     mask = np.choose(y[:, None, None], masks)[:, None]
     fg, bg = rng.uniform(0.45, 1, (n, 3, 1, 1)), rng.uniform(0, 0.2, (n, 3, 1, 1))
     return torch.from_numpy((np.where(mask, fg, bg) * 255).round().astype(np.uint8)), torch.from_numpy(y)
+
 def load_dataset(args, split):
     """-> (uint8 images N x C x H x W, int64 labels, class names). folder/shapes hold out every 10th image."""
     if args.dataset == "cifar10":
@@ -672,6 +685,7 @@ def load_dataset(args, split):
         x = torch.cat([F.interpolate(c.float(), (size, size), mode="bilinear", antialias=True).round()
                        .clamp(0, 255).byte() for c in x.split(4096)])
     return x, y.long(), classes
+
 def channel_stats(images):
     """Per-channel mean and std of the training split, [0, 1] pixel units, shaped 1 x C x 1 x 1."""
     s = torch.zeros(2, images.shape[1], dtype=torch.float64)
@@ -679,6 +693,7 @@ def channel_stats(images):
         s += torch.stack([(c.double() / 255).sum((0, 2, 3)), (c.double() / 255).pow(2).sum((0, 2, 3))])
     m = s / (images.numel() / images.shape[1])
     return m[0].float().view(1, -1, 1, 1), (m[1] - m[0] ** 2).clamp(min=1e-8).sqrt().float().view(1, -1, 1, 1)
+
 def pyramid_sizes(args, size):
     """--levels, or the paper's pyramid for the dataset (otherwise size/16 ... size, from 4 px)."""
     halvings = sorted({size >> i for i in range(5) if size >> i >= 4})
@@ -697,6 +712,7 @@ def pyramid_sizes(args, size):
         fail(f"{what} must be 2 or more increasing sizes from 2 px up to the image size {size}; "
              f"use e.g. --levels {','.join(map(str, fits))}")
     return sizes
+
 def get_batch(run, idx, train=True):
     """Gather uint8 images on the device, crop to the finest level (random crops in training, Sec. 3.1: 28x28
     crops of CIFAR's 32x32; centred otherwise), normalise per channel. -> (x, labels)."""
@@ -709,6 +725,7 @@ def get_batch(run, idx, train=True):
         x = x[ar[:n, None, None, None], ar[:x.shape[1], None, None], (o[0] + r)[:, None, :, None],
               (o[1] + r)[:, None, None, :]]
     return (x.float() / 255 - run.mean) / run.std, run.labels[idx]
+
 def batches(run, epoch):
     """This rank's share of one shuffled pass, B/2 real images per step (reproducible per epoch)."""
     n, half = len(run.images), run.args.batch_size // 2
@@ -731,6 +748,7 @@ def save_checkpoint(obj, path):
             fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
                  f"the last checkpoint is kept")
         fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
+
 def load_checkpoint(path, script=SCRIPT):
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
@@ -742,6 +760,7 @@ def load_checkpoint(path, script=SCRIPT):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
     return ckpt
+
 def checkpoint(run, ks=None, opts=True):
     """ckpt.pt (or best.pt: levels ks, no optimisers): the flags, pyramid, normalisation and weights."""
     args, levels = {**vars(run.args), "image_size": run.images.shape[-1], "nc": run.images.shape[1]}, {}
@@ -754,6 +773,7 @@ def checkpoint(run, ks=None, opts=True):
             "mean": run.mean.cpu(), "std": run.std.cpu(), "epoch": run.epoch, "step": run.step,
             "balance": {"best": dict(run.best)}, "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
             "levels": levels}
+
 def restore(run, ckpt):
     for k, lv in run.levels.items():
         if k not in ckpt["levels"]:
@@ -771,9 +791,11 @@ def restore(run, ckpt):
     else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
+
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
 SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch",
                  "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
+
 def resume_args(args, typed):
     """--resume: the checkpoint's training flags; those a resume may change come from the command line."""
     ckpt, flag = load_checkpoint(os.path.join(args.outf, "ckpt.pt")), lambda k: "--" + k.replace("_", "-")
@@ -788,6 +810,7 @@ def resume_args(args, typed):
              f"{ckpt['epoch']} to train more")
     kept = {k: getattr(args, k) for k in MAY_CHANGE}
     return argparse.Namespace(**{**ckpt["args"], **kept, "resume": True}), ckpt
+
 def load_levels(paths, need=None):
     """[G_k for k in need] (default: every level) from one or more checkpoints of one pyramid, for levels
     trained apart with --level K; later files replace earlier ones' levels."""
@@ -807,6 +830,7 @@ def load_levels(paths, need=None):
         fail(f"level {min(set(need) - set(Gs))} is in none of {' '.join(paths)}; add the checkpoint of the "
              f"run that trained it")
     return [Gs[k].eval() for k in need], first[0]
+
 def chain_levels(a, b, switch):
     """--chain A B: one model's coarse levels (the blog's cats) finished by another's (horses).
     -> (A's generators below the switch, A's checkpoint, B's from the switch on, B's checkpoint)."""
@@ -819,6 +843,7 @@ def chain_levels(a, b, switch):
         fail(f"{a} and {b} do not fit at level {switch}: B's level {switch} takes {sb[switch - 1]} px images "
              f"with {cb['args']['nc']} channels ({ncb} classes) from A; pick another --switch or checkpoints")
     return load_levels([a], range(switch))[0], ca, load_levels([b], range(switch, len(sb)))[0], cb
+
 def end_of_epoch_files(run, val):
     """Model selection (select.csv, best.pt), the sample sheet, ckpt.pt and curves.png, on rank 0."""
     args, dev, gens = run.args, run.images.device, [lv.nets["G"] for lv in run.levels.values()]
@@ -861,6 +886,7 @@ def append_log(path, row):
         if new:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
 def trim_log(path, key, last):
     """Keep the rows whose column `key` is at most `last`."""
     if os.path.exists(path):
@@ -870,6 +896,7 @@ def trim_log(path, key, last):
         for r in rows:
             if int(r[key]) <= last:
                 append_log(path, r)
+
 def plot_curves(csv_path, png_path, w=640, h=80):
     """Every numeric column of log.csv against the step, one panel each, drawn with Pillow."""
     with open(csv_path) as f:
@@ -886,12 +913,15 @@ def plot_curves(csv_path, png_path, w=640, h=80):
                     (i + 1) * h - 8 - (x - lo) / span * (h - 24)) for s, x in zip(steps, v)], fill="navy")
         draw.text((4, i * h + 2), f"{col}: {lo:.3g} to {lo + span:.3g}", fill="black")
     img.save(png_path)
+
 def to_display(x, mean, std):
     """Normalised images -> [-1, 1] in true colours (save_grid's and save_npz's convention)."""
     return (x * std.to(x.device) + mean.to(x.device)) * 2 - 1
+
 def to_uint8(x):
     """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
 def save_grid(images, path, nrow=8, pad=2):
     x = to_uint8(images) if torch.is_tensor(images) else images
     n, h, w, c = x.shape
@@ -900,13 +930,16 @@ def save_grid(images, path, nrow=8, pad=2):
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
 def save_npz(path, images, labels=None):
     extra = {} if labels is None else {"labels": np.asarray(labels, np.int64)}
     np.savez(path, images=to_uint8(images), **extra)
+
 def level_sheet(chain, run):
     """Every level of each sample side by side, enlarged (nearest) to the finest size."""
     big = [F.interpolate(x, chain[-1].shape[-2:], mode="nearest") for x in chain]
     return to_display(torch.stack(big, 1).flatten(0, 1), run.mean, run.std)
+
 def resample_sheet(G, k, run, n, nz, path, gen=None):
     """Sec. 4.2, the paper's check that G does not copy: per row a real image, its coarse image, then n
     samples of level k drawn from that same coarse image (and class)."""
@@ -947,6 +980,7 @@ def setup_run(args, device, data, rank=0, world=1):
     labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
     return Run(sizes, ncls, mean.to(device), std.to(device), classes, images.to(device), labels.to(device),
                args, levels, rank, world, lr=args.lr, momentum=args.momentum)
+
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
@@ -954,10 +988,12 @@ def pick_device(args, local_rank=0):
         print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
     torch.backends.cudnn.benchmark = args.cuda  # fixed shapes: let cuDNN pick the fastest kernels
     return torch.device("cuda", local_rank) if args.cuda else torch.device("cpu")
+
 def optimiser(net, args):
     if args.optim == "adam":
         return torch.optim.Adam(net.parameters(), args.lr, betas=(0.5, 0.999))
     return torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, dampening=args.momentum)
+
 def forward_callables(G, D, args, world, device):
     """A level's `fwd`: DDP wrappers when data-parallel, torch.compile when asked; "DG" is D itself."""
     fwd = {"G": G, "D": D, "DG": D}
@@ -1001,12 +1037,14 @@ def make_parser():
     a("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
     a("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
     return p
+
 def typed_flags(argv=None):
     """The flags the user typed: argv parsed again with every default replaced by SUPPRESS."""
     p = make_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
+
 def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
@@ -1032,6 +1070,7 @@ def get_args(argv=None):
     if os.path.isfile(args.outf):
         fail(f"--outf {args.outf} is a file; give a folder")
     return args
+
 def main(argv=None):
     args = get_args(argv)
     if args.sample:
@@ -1047,5 +1086,6 @@ def main(argv=None):
     finally:
         if world > 1:
             dist.destroy_process_group()
+
 if __name__ == "__main__":
     main()
