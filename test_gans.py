@@ -1210,7 +1210,7 @@ def test_lapgan_checkpoint_write_on_a_full_disk(tmp_path, monkeypatch):
     (["--log-every", "0"], "--log-every 0 must be at least 1"),
     (["--n", "0"], "--n 0 must be at least 1"),
     (["--out", "/nonexistent-folder/x.png"], "the folder of --out /nonexistent-folder/x.png does not exist"),
-])
+], ids=["size0", "size-4", "size5000", "epochs0", "batch1", "log0", "n0", "out"])
 def test_lapgan_numbers_checked_after_parsing(flags, words):
     with pytest.raises(SystemExit) as e:
         lapgan.get_args(["--dataset", "shapes", *flags])
