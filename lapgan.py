@@ -897,21 +897,22 @@ def trim_log(path, key, last):
             if int(r[key]) <= last:
                 append_log(path, r)
 
-def plot_curves(csv_path, png_path, w=640, h=80):
+def plot_curves(csv_path, png_path, width=640, panel=80):
     """Every numeric column of log.csv against the step, one panel each, drawn with Pillow."""
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     if len(rows) < 2:
         return
     cols, steps = [c for c in rows[0] if c not in ("step", "epoch")], [float(r["step"]) for r in rows]
-    img = Image.new("RGB", (w, h * len(cols)), "white")
+    img = Image.new("RGB", (width, panel * len(cols)), "white")
     draw = ImageDraw.Draw(img)
     for i, col in enumerate(cols):
         v = [float(r[col]) for r in rows]
         lo, span = min(v), (max(v) - min(v)) or 1.0
-        draw.line([(60 + (s - steps[0]) / ((steps[-1] - steps[0]) or 1) * (w - 70),
-                    (i + 1) * h - 8 - (x - lo) / span * (h - 24)) for s, x in zip(steps, v)], fill="navy")
-        draw.text((4, i * h + 2), f"{col}: {lo:.3g} to {lo + span:.3g}", fill="black")
+        xy = [(60 + (s - steps[0]) / ((steps[-1] - steps[0]) or 1) * (width - 70),
+               (i + 1) * panel - 8 - (x - lo) / span * (panel - 24)) for s, x in zip(steps, v)]
+        draw.line(xy, fill="navy")
+        draw.text((4, i * panel + 2), f"{col}: {lo:.3g} to {lo + span:.3g}", fill="black")
     img.save(png_path)
 
 def to_display(x, mean, std):
