@@ -1051,6 +1051,17 @@ def test_lapgan_chain_converts_between_normalisations(lapgan_runs, tmp_path):
     assert np.abs(outs["own"][1] - outs["chain"][1]).max() <= 1  # every level of the sheet too
 
 
+def test_lapgan_large_model_takes_the_lsun_codes_lr_and_momentum():
+    large = lapgan.get_args(["--dataset", "folder", "--model", "large"])
+    small = lapgan.get_args(["--dataset", "folder"])
+    assert (large.lr, large.momentum) == (0.01, 0.0) and (small.lr, small.momentum) == (0.02, 0.5)
+    typed = lapgan.get_args(["--dataset", "folder", "--model", "large", "--lr", "0.003", "--momentum", "0.2"])
+    assert (typed.lr, typed.momentum) == (0.003, 0.2)
+    with pytest.raises(SystemExit) as e:  # --eval scores one model's pyramid, not a chain of two
+        lapgan.get_args(["--sample", "--chain", "a.pt", "b.pt", "--eval"])
+    lap_one_line_error(e, "--eval scores one model's pyramid; drop --chain")
+
+
 def test_lapgan_folder_reader_labels_crop_and_cache(tmp_path):
     make_image_folder(tmp_path)
     x, y, classes = lapgan.load_folder(str(tmp_path), 32, None, 2)
