@@ -2,7 +2,7 @@
 
     python3 -m pytest -q test_gans.py
 """
-import argparse, contextlib, copy, csv, gzip, io, math, os, pickle, re, shutil, socket, struct, subprocess, sys
+import argparse, contextlib, copy, csv, errno, gzip, hashlib, io, math, os, pickle, re, shutil, socket, struct, subprocess, sys
 import tarfile
 import numpy as np
 import pytest
@@ -30,13 +30,14 @@ def seeded():
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def write_cifar_tarball(root, n_per_batch=6, seed=0):
-    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys."""
+def write_cifar_tarball(root, n_per_batch=6, seed=0, protocol=2):
+    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys. protocol 4 pickles
+    hold only what Python 2's official batches hold (protocol 2 under Python 3 adds _codecs.encode)."""
     rng = np.random.default_rng(seed)
     batches = {}
     with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
         def add(name, obj):
-            data = pickle.dumps(obj, protocol=2)
+            data = pickle.dumps(obj, protocol=protocol)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -520,9 +521,7 @@ def lap_tiny_run(extra=(), n=16, size=32, nc=3, ncls=6):
     data = (torch.randint(0, 256, (n, nc, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % ncls,
             [str(i) for i in range(ncls)])
     with contextlib.redirect_stdout(io.StringIO()):
-        run = lapgan.setup_training(args, torch.device("cpu"), 0, 1, data)
-    lapgan.wrap_nets(run, torch.device("cpu"))
-    return run
+        return lapgan.setup_run(args, torch.device("cpu"), data)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -530,7 +529,7 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
     """D_k's fakes are G_k's residual added to the upsampled coarse image (the whole fine image); its reals
     are the fine real images; G_k is conditioned on other real images' coarse images, with their labels."""
     run = lap_tiny_run(["--conditional"])
-    lv, calls = run["levels"][k], {}
+    lv, calls = run.levels[k], {}
 
     def record(name, net):
         def call(xs, y=None):
@@ -538,17 +537,17 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
             calls[name] = ([t.detach().clone() for t in xs], y, out.detach().clone())
             return out
         return call
-    for name in ("Gt", "Dt", "Dg"):
-        lv[name] = record(name, lv[name])
+    for name in ("G", "D", "DG"):
+        lv.fwd[name] = record(name, lv.fwd[name])
     torch.manual_seed(1)
     x, y = lapgan.get_batch(run, torch.randperm(16))
     lapgan.level_step(run, k, x, y)
     h, B = 4, 8
-    fine, coarse = lapgan.level_view(x, run["sizes"], k)
-    g_in, g_y, g_out = calls["Gt"]
-    d_in, d_y, _ = calls["Dt"]
-    dg_in, dg_y, _ = calls["Dg"]
-    assert len(d_in) == 1 and len(dg_in) == 1 and g_out.shape == (B + h, 3, run["sizes"][k], run["sizes"][k])
+    fine, coarse = lapgan.level_view(x, run.sizes, k)
+    g_in, g_y, g_out = calls["G"]
+    d_in, d_y, _ = calls["D"]
+    dg_in, dg_y, _ = calls["DG"]
+    assert len(d_in) == 1 and len(dg_in) == 1 and g_out.shape == (B + h, 3, run.sizes[k], run.sizes[k])
     assert torch.equal(d_y, y[:B]) and torch.equal(g_y, y[h:]) and torch.equal(dg_y, y[B:])
     if k == 0:
         assert len(g_in) == 1 and g_in[0].shape == (B + h, 8)
@@ -560,7 +559,7 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
         # neither the coarse image alone nor the residual alone
         assert (d_in[0][h:] - coarse[h:B]).abs().max() > 1e-3 and (d_in[0][h:] - g_out[:h]).abs().max() > 1e-3
         # the reals are the same sum for real images: coarse + true residual of the pyramid
-        base, res = lapgan.laplacian_pyramid(x[:h], run["sizes"][:k + 1])
+        base, res = lapgan.laplacian_pyramid(x[:h], run.sizes[:k + 1])
         assert torch.allclose(d_in[0][:h], coarse[:h] + res[-1], atol=1e-5)
     assert torch.allclose(d_in[0][:h], fine[:h], atol=1e-6)
 
@@ -602,7 +601,7 @@ def test_lapgan_balance_rule_truth_table(err_real, err_fake, expected):
 
 def test_lapgan_balance_rule_decides_which_net_steps(monkeypatch):
     run = lap_tiny_run(["--balance"])
-    lv = run["levels"][1]
+    lv = run.levels[1].nets
     with torch.no_grad():
         lv["D"].body[-2].bias.fill_(5.0)  # D says "real" to everything: tiny real error, large fake error
     seen = []
@@ -627,8 +626,20 @@ def test_lapgan_parzen_closed_form():
 
 
 # ----------------------------------------------------------------------------- lapgan.py: data
-def test_lapgan_cifar10_reader_and_crops(tmp_path):
-    batches = write_cifar_tarball(tmp_path)
+def lap_patch_cifar_md5(monkeypatch, root):
+    """Fake CIFAR-10 files have their own checksums: put them in the script's table."""
+    table = {}
+    with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz")) as tar:
+        for m in tar.getmembers():
+            table[os.path.basename(m.name)] = hashlib.md5(tar.extractfile(m).read()).hexdigest()
+    with open(os.path.join(root, "cifar-10-python.tar.gz"), "rb") as f:
+        table["cifar-10-python.tar.gz"] = hashlib.md5(f.read()).hexdigest()
+    monkeypatch.setattr(lapgan, "CIFAR_MD5", table)
+
+
+def test_lapgan_cifar10_reader_and_crops(tmp_path, monkeypatch):
+    batches = write_cifar_tarball(tmp_path, protocol=4)
+    lap_patch_cifar_md5(monkeypatch, tmp_path)
     x, y, classes = lapgan.read_cifar10(str(tmp_path), "train")
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[0] == "airplane" and classes[9] == "truck"
     first = batches["data_batch_1"][0][0]
@@ -641,8 +652,7 @@ def test_lapgan_cifar10_reader_and_crops(tmp_path):
         tar.extractall(tmp_path / "ex")
     assert torch.equal(lapgan.read_cifar10(str(tmp_path / "ex"), "train")[0], x)
     # Sec. 4: 28 x 28 crops of the 32 x 32 images, centred when not training, random windows in training
-    run = {"images": x, "labels": y, "sizes": [8, 14, 28], "mean": torch.zeros(1, 3, 1, 1),
-           "std": torch.ones(1, 3, 1, 1), "ncls": 0}
+    run = lapgan.Run([8, 14, 28], 0, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), images=x, labels=y)
     c, _ = lapgan.get_batch(run, torch.arange(30), train=False)
     assert torch.equal(c, x[..., 2:30, 2:30].float() / 255)
     c, _ = lapgan.get_batch(run, torch.arange(30), train=True)
@@ -697,6 +707,9 @@ def lapgan_runs(tmp_path_factory):
         rows = read_log(os.path.join(part, "log.csv"))
         with open(os.path.join(part, "log.csv"), "a", newline="") as f:  # a crash mid-epoch 2 had logged a row
             csv.DictWriter(f, list(rows[-1])).writerow({**rows[-1], "step": "6", "epoch": "2", "err_d": "9"})
+        sel = read_log(os.path.join(part, "select.csv"))
+        with open(os.path.join(part, "select.csv"), "a", newline="") as f:  # and its model-selection row
+            csv.DictWriter(f, list(sel[-1])).writerow({**sel[-1], "epoch": "2", "dist0": "9"})
         lapgan.main(LAPGAN_TINY + ["--epochs", "2", "--outf", part, "--resume"])
         lapgan.main(["--dataset", "shapes", "--image-size", "16", "--levels", "8,16", "--limit", "16",
                      "--batch-size", "8", "--width-g", "8", "--width-d", "8", "--nz", "5", "--select", "0",
@@ -835,8 +848,7 @@ def test_lapgan_parzen_ranks_real_above_noise(lapgan_runs, tmp_path):
     args = argparse.Namespace(eval_images=20, eval_samples=300, eval_cond=8)
     scores = {}
     for name, images in (("real", test_x), ("noise", torch.cat([test_x[:20], noise]))):
-        run = {"images": images, "labels": test_y, "mean": ck["mean"], "std": ck["std"], "sizes": ck["sizes"],
-               "ncls": 6}
+        run = lapgan.Run(ck["sizes"], 6, ck["mean"], ck["std"], images=images, labels=test_y)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             lapgan.evaluate(args, Gs, run, ck, ck["args"]["nz"], str(tmp_path / name))
@@ -894,6 +906,394 @@ def test_lapgan_bad_inputs_give_one_line_errors(lapgan_runs, tmp_path, monkeypat
     with pytest.raises(SystemExit) as e:
         lapgan.main(["--sample", "--chain", a, b, "--switch", "3"])
     lap_one_line_error(e, "--switch 3 is out of range")
+
+
+# ----------------------------------------------------------------------------- lapgan.py: the method against closed forms
+def test_lapgan_noise_is_uniform_on_minus_one_one():
+    g = torch.Generator().manual_seed(0)
+    for k, shape in ((0, (4000, 100)), (2, (40, 1, 32, 32))):
+        z = lapgan.noise(k, shape[0], 32, 100, "cpu", g)
+        assert z.shape == shape and z.min() >= -1 and z.max() <= 1
+        assert z.min() < -0.99 and z.max() > 0.99 and abs(z.mean().item()) < 0.02  # not [0, 1]
+        assert z.var().item() == pytest.approx(1 / 3, rel=0.03)  # the variance of U(-1, 1)
+
+
+def test_lapgan_sample_chain_adds_each_residual_to_the_upsampled_image():
+    """Fig. 1: I_k = u(I_{k-1}) + G_k(z_k, u(I_{k-1})); stub generators with known outputs, checked against the
+    independent NumPy bilinear enlargement."""
+    torch.manual_seed(0)
+    sizes, n = [4, 7, 12], 3
+    base, res = torch.randn(n, 2, 4, 4), [torch.randn(n, 2, s, s) for s in sizes[1:]]
+    seen = []
+
+    def stub(k):
+        def G(xs, y):
+            seen.append((k, xs[-1].clone() if k else None))
+            return base if k == 0 else res[k - 1]
+        return G
+    out = lapgan.sample_chain([stub(k) for k in range(3)], sizes, n, 5, None, "cpu")
+    expect = [base.numpy()]
+    for r in res:
+        expect.append(lap_np_up(expect[-1], r.shape[-1]) + r.numpy())
+    assert [o.shape[-1] for o in out] == sizes
+    assert all(np.abs(o.numpy() - e).max() < 1e-5 for o, e in zip(out, expect))
+    # each G_k is conditioned on the upsampled image of the level below
+    assert np.abs(seen[2][1].numpy() - lap_np_up(expect[1], 12)).max() < 1e-5
+    # --chain: coarse levels given, only the rest drawn
+    again = lapgan.sample_chain([stub(k) for k in range(3)], sizes, n, 5, None, "cpu", images=out[:1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again, out))
+
+
+def test_lapgan_one_step_gradients_match_the_papers_losses():
+    """D_k: BCE(D(real), 1) and BCE(D(coarse + G residual), 0), averaged over the mixed batch; G_k: the
+    non-saturating BCE(D(coarse + G residual), 1) through the D just updated. The first SGD step moves each
+    weight by -lr times its gradient, compared with gradients computed here from the recorded inputs."""
+    for k in (0, 1):
+        run = lap_tiny_run(["--conditional", "--lr", "0.05"])
+        lv, calls = run.levels[k], {}
+        lv.nets["D"].eval()  # no dropout: the same function here and in the step
+        D0, G0 = copy.deepcopy(lv.nets["D"]), copy.deepcopy(lv.nets["G"])
+
+        def record(name, net):
+            def call(xs, y=None):
+                calls[name] = ([t.detach().clone() for t in xs], y)
+                return net(xs, y)
+            return call
+        lv.fwd["G"], lv.fwd["D"] = record("G", lv.fwd["G"]), record("D", lv.fwd["D"])
+        x, y = lapgan.get_batch(run, torch.randperm(16))
+        lapgan.level_step(run, k, x, y)
+        h = 4
+        d_in, d_y = calls["D"]
+        logits = D0(d_in, d_y)
+        loss_d = (F.softplus(-logits[:h]).mean() + F.softplus(logits[h:]).mean()) / 2
+        grads = torch.autograd.grad(loss_d, list(D0.parameters()))
+        for p0, p1, g in zip(D0.parameters(), lv.nets["D"].parameters(), grads):
+            assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
+        g_in, g_y = calls["G"]
+        made = G0(g_in, g_y)[h:] + (g_in[1][h:] if k else 0)
+        D1 = copy.deepcopy(lv.nets["D"])
+        loss_g = F.softplus(-D1([made], y[8:])).mean()
+        grads = torch.autograd.grad(loss_g, list(G0.parameters()))
+        for p0, p1, g in zip(G0.parameters(), lv.nets["G"].parameters(), grads):
+            assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
+
+
+def test_lapgan_selection_takes_the_smallest_distance_per_image():
+    """approxParzen: per validation image the minimum over its samples of ||coarse + G residual - fine||,
+    then the mean over images; samples that differ, so the minimum is not the mean."""
+    torch.manual_seed(0)
+    x, sizes, outs = torch.randn(4, 3, 16, 16), [4, 8, 16], []
+
+    def G(xs, y):
+        out = xs[0].expand(-1, 3, -1, -1) * 0.7  # samples that vary with the noise plane
+        outs.append((xs[1].clone(), out.clone()))
+        return out
+    score = lapgan.selection_score(G, 2, x, None, sizes, 5, torch.Generator().manual_seed(0), n=16)
+    fine = x
+    per_image = [((c + o) - fine[i:i + 1]).flatten(1).norm(dim=1) for i, (c, o) in enumerate(outs)]
+    assert all(d.max() - d.min() > 0.1 for d in per_image)
+    assert score == pytest.approx(torch.stack([d.min() for d in per_image]).mean().item(), rel=1e-5)
+    assert all(torch.allclose(c[0], lapgan.up(lapgan.down(x[i:i + 1], 8), 16)[0], atol=1e-6)
+               for i, (c, _) in enumerate(outs))
+
+
+def test_lapgan_parzen_is_a_mean_over_samples():
+    """log (1/N) sum_j N(x; s_j, sigma^2 I): N identical samples give the single Gaussian's density, whatever N."""
+    for n in (1, 5, 50):
+        d2 = torch.full((2, n), 0.8, dtype=torch.float64)
+        one = -0.8 / (2 * 0.3 ** 2) - 6 / 2 * math.log(2 * math.pi * 0.3 ** 2)
+        assert lapgan.parzen_ll(d2, 6, 0.3).tolist() == pytest.approx([one, one], rel=1e-9)
+
+
+def test_lapgan_conditional_base_is_scored_with_the_images_own_class():
+    """log p(I | y): the base level's samples are drawn with each test image's label, as at the residual
+    levels; a stub G_0 that draws one fixed image per class gives distances in closed form."""
+    torch.manual_seed(0)
+    protos, labels_seen = torch.randn(3, 2, 4, 4), []
+
+    def G0(xs, y):
+        labels_seen.append(y.clone())
+        return protos[y]
+    base, y = torch.randn(7, 2, 4, 4), torch.tensor([0, 2, 2, 1, 0, 2, 1])
+    pix = lambda t: (t * 0.5 + 0.2).flatten(1).double()
+    d2 = lapgan.base_d2(G0, base, y, 5, 30, pix)
+    assert d2.shape == (7, 30)
+    want = ((base - protos[y]) * 0.5).flatten(1).pow(2).sum(1).double()
+    assert torch.allclose(d2, want[:, None].expand(7, 30), rtol=1e-6)
+    assert sorted(torch.cat(labels_seen).unique().tolist()) == [0, 1, 2]
+    # unconditional: every image against the same samples
+    d2u = lapgan.base_d2(lambda xs, y: xs[0][:, :32].view(-1, 2, 4, 4), base, None, 32, 6, pix)
+    assert d2u.shape == (7, 6) and d2u.std(0).max() > 0
+
+
+def test_lapgan_chain_converts_between_normalisations(lapgan_runs, tmp_path):
+    """--chain A B with A = the model re-expressed under another normalisation (its G_0's last layer mapped
+    so that it draws the same pixels) and B = the model itself: the chain must draw the model's own pixels."""
+    path = os.path.join(lapgan_runs["full"], "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    mu, sd = ck["mean"].flatten(), ck["std"].flatten()
+    mu2, sd2 = torch.tensor([0.9, 0.1, 0.4]), torch.tensor([0.05, 0.6, 0.3])
+    g0 = {k: v.clone() for k, v in ck["levels"][0]["G"].items()}
+    per = g0["body.4.bias"].numel() // 3  # output units per channel: C x s x s, channel first
+    scale, shift = (sd / sd2).repeat_interleave(per), ((mu - mu2) / sd2).repeat_interleave(per)
+    g0["body.4.weight"] *= scale[:, None]
+    g0["body.4.bias"] = g0["body.4.bias"] * scale + shift
+    other = {**ck, "mean": mu2.view(1, 3, 1, 1), "std": sd2.view(1, 3, 1, 1),
+             "levels": {0: {**ck["levels"][0], "G": g0}}}
+    torch.save(other, tmp_path / "other.pt")
+    outs = {}
+    for name, src in (("own", ["--ckpt", path]), ("chain", ["--chain", str(tmp_path / "other.pt"), path])):
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.main(["--sample", *src, "--n", "6", "--npz", str(tmp_path / f"{name}.npz"),
+                         "--out", str(tmp_path / f"{name}.png"), "--seed", "4"])
+        outs[name] = (np.load(tmp_path / f"{name}.npz")["images"].astype(int),
+                      np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int))
+    assert outs["own"][0].std() > 5  # real pictures, not a constant
+    assert np.abs(outs["own"][0] - outs["chain"][0]).max() <= 1
+    assert np.abs(outs["own"][1] - outs["chain"][1]).max() <= 1  # every level of the sheet too
+
+
+def test_lapgan_large_model_takes_the_lsun_codes_lr_and_momentum():
+    large = lapgan.get_args(["--dataset", "folder", "--model", "large"])
+    small = lapgan.get_args(["--dataset", "folder"])
+    assert (large.lr, large.momentum) == (0.01, 0.0) and (small.lr, small.momentum) == (0.02, 0.5)
+    typed = lapgan.get_args(["--dataset", "folder", "--model", "large", "--lr", "0.003", "--momentum", "0.2"])
+    assert (typed.lr, typed.momentum) == (0.003, 0.2)
+    with pytest.raises(SystemExit) as e:  # --eval scores one model's pyramid, not a chain of two
+        lapgan.get_args(["--sample", "--chain", "a.pt", "b.pt", "--eval"])
+    lap_one_line_error(e, "--eval scores one model's pyramid; drop --chain")
+
+
+def test_lapgan_folder_reader_labels_crop_and_cache(tmp_path):
+    make_image_folder(tmp_path)
+    x, y, classes = lapgan.load_folder(str(tmp_path), 32, None, 2)
+    assert classes == ["cats", "dogs"] and x.shape == (12, 3, 32, 32) and y.tolist() == [0] * 6 + [1] * 6
+    # resize the shorter side to 32, then centre-crop: the first cat is 40 x 50 (h x w)
+    im = Image.open(tmp_path / "cats" / "0.png")
+    w = round(50 * 32 / 40)
+    ref = np.asarray(im.resize((w, 32), Image.BICUBIC))[:, (w - 32) // 2:(w - 32) // 2 + 32]
+    assert np.array_equal(x[0].permute(1, 2, 0).numpy(), ref)
+    assert len(list(tmp_path.glob(".cache-32px-*.npz"))) == 1
+    x2, y2, _ = lapgan.load_folder(str(tmp_path), 32, None, 2)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    xg, _, _ = lapgan.load_folder(str(tmp_path), 16, 1, 2)
+    assert xg.shape == (12, 1, 16, 16) and xg.dtype == torch.uint8
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="no images"):
+        lapgan.load_folder(str(tmp_path / "empty"), 32, None, 1)
+    (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="broken.png"):
+        lapgan.load_folder(str(tmp_path), 32, None, 1)
+
+
+
+def test_lapgan_setup_run_and_train_step_change_the_weights():
+    """The entry points a benchmark uses: setup_run on in-memory data, then train_step (one real step)."""
+    args = lapgan.get_args(["--dataset", "shapes", "--batch-size", "8", "--width-g", "8", "--width-d", "8",
+                            "--nz", "8"])
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 256, (32, 3, 32, 32), generator=g, dtype=torch.uint8), None, ["a"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = lapgan.setup_run(args, torch.device("cpu"), data)
+    assert sorted(run.levels) == [0, 1, 2] and sorted(run.nets) == ["D0", "D1", "D2", "G0", "G1", "G2"]
+    before = {k: [p.detach().clone() for p in n.parameters()] for k, n in run.nets.items()}
+    stats = lapgan.train_step(run, torch.randint(32, (16,)))
+    assert {"err_d0", "err_g2", "d_x1", "upd_g0"} <= set(stats) and all(math.isfinite(float(v)) for v in stats.values())
+    for k, net in run.nets.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[k], net.parameters())), k
+
+
+# ----------------------------------------------------------------------------- lapgan.py: bad data, bad flags, faults
+class LapCrafted:
+    """A pickle that would run a shell command when loaded by a plain unpickler."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def lap_write_tar(root, members):
+    with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_lapgan_cifar_checksums_and_restricted_unpickler(tmp_path, monkeypatch):
+    write_cifar_tarball(tmp_path, protocol=4)
+    with pytest.raises(SystemExit) as e:  # the fake tarball is not the official file
+        lapgan.read_cifar10(str(tmp_path), "train")
+    lap_one_line_error(e, "cifar-10-python.tar.gz does not match the official CIFAR-10 checksum; delete it")
+    # a crafted batch with a matching (patched) checksum is still refused by the unpickler
+    crafted, marker = tmp_path / "crafted", tmp_path / "ran"
+    os.makedirs(crafted)
+    lap_write_tar(crafted, {n: pickle.dumps(LapCrafted(str(marker)), protocol=2)
+                            for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]})
+    lap_patch_cifar_md5(monkeypatch, crafted)
+    with pytest.raises(SystemExit) as e:
+        lapgan.read_cifar10(str(crafted), "train")
+    lap_one_line_error(e, "is damaged", "posix.system is not allowed")
+    assert not marker.exists()
+    # the extracted folder: each batch file is checked
+    lap_patch_cifar_md5(monkeypatch, tmp_path)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(tmp_path / "ex")
+    assert lapgan.read_cifar10(str(tmp_path / "ex"), "test")[0].shape == (6, 3, 32, 32)
+    with open(tmp_path / "ex" / "cifar-10-batches-py" / "data_batch_3", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(SystemExit) as e:
+        lapgan.read_cifar10(str(tmp_path / "ex"), "train")
+    lap_one_line_error(e, "data_batch_3 does not match the official CIFAR-10 checksum")
+    # a truncated tarball (checksum patched to match): damaged, one line
+    data = (tmp_path / "cifar-10-python.tar.gz").read_bytes()
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(data[:len(data) // 2])
+    monkeypatch.setitem(lapgan.CIFAR_MD5, "cifar-10-python.tar.gz", hashlib.md5(data[:len(data) // 2]).hexdigest())
+    with pytest.raises(SystemExit) as e:
+        lapgan.read_cifar10(str(tmp_path), "train")
+    lap_one_line_error(e, "cifar-10-python.tar.gz is damaged", "delete it to download it again, or replace it")
+
+
+def test_lapgan_damaged_idx_files(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as e:
+        lapgan.load_mnist(str(tmp_path), "mnist", "train")
+    lap_one_line_error(e, "train-images-idx3-ubyte.gz is damaged", "delete it to download it again, or replace it")
+    with gzip.open(path, "wb") as f:  # the header says 40 images, the file holds 39
+        f.write(gzip.decompress(data)[:-28 * 28])
+    with pytest.raises(SystemExit) as e:
+        lapgan.load_mnist(str(tmp_path), "mnist", "train")
+    lap_one_line_error(e, "train-images-idx3-ubyte.gz is damaged", "header says 31360")
+
+
+def test_lapgan_folder_16_bit_unreadable_and_cache(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    grey16 = np.full((20, 20), 40000, np.uint16)
+    grey16[:10] = 1000
+    Image.fromarray(grey16).save(tmp_path / "a" / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode.startswith("I")
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(tmp_path / "b" / "flat.png")
+    x, y, _ = lapgan.load_folder(str(tmp_path), 20, None, 1)
+    assert x.shape == (2, 1, 20, 20) and x[0, 0, 15, 5].item() == 40000 >> 8 and x[0, 0, 2, 5].item() == 1000 >> 8
+    # a truncated cache is decoded again and rewritten, without a traceback
+    cache = next(tmp_path.glob(".cache-*.npz"))
+    cache.write_bytes(cache.read_bytes()[:100])
+    x2, _, _ = lapgan.load_folder(str(tmp_path), 20, None, 1)
+    assert torch.equal(x, x2) and np.load(cache)["x"].shape == (2, 1, 20, 20)
+    assert not list(tmp_path.glob("*.tmp"))
+    # an unreadable sub-folder stops the run instead of losing a class
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith(os.sep + "b"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(SystemExit) as e:
+        lapgan.load_folder(str(tmp_path), 16, None, 1)
+    lap_one_line_error(e, f"cannot read {tmp_path / 'b'} (Permission denied); fix its permissions or move it out")
+
+
+def test_lapgan_checkpoint_write_on_a_full_disk(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    lapgan.save_checkpoint({"script": "lapgan", "w": torch.arange(5)}, path)
+    before = open(path, "rb").read()
+    for err, words in ((errno.ENOSPC, "no space left on"), (errno.EIO, "could not write")):
+        def broken(obj, f, err=err):
+            f.write(b"abc")
+            raise OSError(err, os.strerror(err))
+        monkeypatch.setattr(torch, "save", broken)
+        with pytest.raises(SystemExit) as e:
+            lapgan.save_checkpoint({"script": "lapgan", "w": torch.zeros(5)}, path)
+        lap_one_line_error(e, words, path, "the last checkpoint is kept")
+        assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--image-size", "0"], "--image-size 0 must be between 1 and 1024"),
+    (["--image-size", "-4"], "--image-size -4 must be between 1 and 1024"),
+    (["--image-size", "5000"], "--image-size 5000 must be between 1 and 1024"),
+    (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--batch-size", "1"], "--batch-size 1 must be at least 2"),
+    (["--log-every", "0"], "--log-every 0 must be at least 1"),
+    (["--n", "0"], "--n 0 must be at least 1"),
+    (["--out", "/nonexistent-folder/x.png"], "the folder of --out /nonexistent-folder/x.png does not exist"),
+], ids=["size0", "size-4", "size5000", "epochs0", "batch1", "log0", "n0", "out"])
+def test_lapgan_numbers_checked_after_parsing(flags, words):
+    with pytest.raises(SystemExit) as e:
+        lapgan.get_args(["--dataset", "shapes", *flags])
+    lap_one_line_error(e, words)
+
+
+def test_lapgan_run_level_checks(lapgan_runs, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        lapgan.get_args(["--dataset", "shapes", "--outf", str(tmp_path / "file")])
+    lap_one_line_error(e, "--outf", "is a file")
+    with pytest.raises(SystemExit) as e:  # too little data
+        lapgan.main(["--dataset", "shapes", "--limit", "6", "--batch-size", "8", "--outf", str(tmp_path / "o")])
+    lap_one_line_error(e, "only 6 training images, fewer than one batch of --batch-size 8; lower --batch-size")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(LAPGAN_TINY + ["--batch-size", "7", "--outf", str(tmp_path / "o")])
+    lap_one_line_error(e, "--batch-size 7 must be even")
+    full = lapgan_runs["full"]
+    with pytest.raises(SystemExit) as e:  # a fresh run into a run's folder
+        lapgan.main(LAPGAN_TINY + ["--epochs", "3", "--outf", full])
+    lap_one_line_error(e, f"{full} already holds a run; add --resume to continue it, or choose another --outf")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(LAPGAN_TINY + ["--epochs", "3", "--outf", full, "--resume", "--lr", "0.01", "--batch-size", "4"])
+    lap_one_line_error(e, "--resume keeps the checkpoint's training flags; --batch-size, --lr differ from it (only "
+                       "--dataroot, --epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change)")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--outf", full, "--resume", "--dataset", "shapes", "--epochs", "2"])
+    lap_one_line_error(e, "the checkpoint has already trained 2 epochs; give --epochs larger than 2")
+    # the flags a resume may change come from the command line, the others from the checkpoint
+    argv = ["--dataset", "shapes", "--outf", full, "--resume", "--epochs", "5", "--dataroot", "/elsewhere",
+            "--log-every", "1", "--n", "3"]
+    args, ck = lapgan.resume_args(lapgan.get_args(argv), lapgan.typed_flags(argv))
+    assert (args.epochs, args.dataroot, args.log_every, args.outf) == (5, "/elsewhere", 1, full)
+    assert (args.batch_size, args.nz, args.conditional, args.lr) == (8, 8, True, 0.02) and ck["epoch"] == 2
+    # the pyramid does not fit the images: the suggestion fits
+    with pytest.raises(SystemExit) as e:
+        lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "shapes"]), 16)
+    lap_one_line_error(e, "the shapes pyramid [8, 16, 32] must be", "use e.g. --levels 4,8,16")
+    assert lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "shapes", "--levels", "4,8,16"]), 16) == [4, 8, 16]
+    with pytest.raises(SystemExit) as e:
+        lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "folder", "--levels", "4,8"]), 6)
+    lap_one_line_error(e, "use e.g. --levels 3,6")
+
+
+def test_lapgan_label_on_an_unconditional_model(tmp_path):
+    outf = str(tmp_path / "u")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--dataset", "shapes", "--image-size", "16", "--levels", "8,16", "--limit", "16",
+                     "--batch-size", "8", "--width-g", "8", "--width-d", "8", "--nz", "5", "--select", "0",
+                     "--epochs", "1", "--outf", outf])
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--sample", "--ckpt", os.path.join(outf, "ckpt.pt"), "--label", "1"])
+    lap_one_line_error(e, "ckpt.pt was trained without --conditional; drop --label")
+
+
+def test_lapgan_resume_trims_select_csv_and_guards_best(lapgan_runs, tmp_path):
+    """After a crash between the model-selection row and the checkpoint, select.csv holds a row past the
+    checkpoint: the resumed run drops it and writes it again. A damaged best.pt is one clean line."""
+    sel = read_log(os.path.join(lapgan_runs["part"], "select.csv"))
+    assert [r["epoch"] for r in sel] == ["1", "2"]
+    assert sel == read_log(os.path.join(lapgan_runs["full"], "select.csv"))
+    outf = tmp_path / "r"
+    os.makedirs(outf)
+    ck = torch.load(lapgan_runs["e1"], weights_only=True)
+    torch.save({**ck, "balance": {"best": {}}}, outf / "ckpt.pt")  # every level will look better
+    (outf / "best.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(LAPGAN_TINY + ["--epochs", "2", "--outf", str(outf), "--resume"])
+    lap_one_line_error(e, "best.pt is not a readable checkpoint")
+
 
 
 # ----------------------------------------------------------------------------- vaegan.py
