@@ -932,15 +932,20 @@ def test_vaegan_shapes_bias_and_bn_momentum(size, nc):
     assert mu.shape == logvar.shape == (B, nz)
     out = nets["Dec"](mu)
     assert out.shape == (B, nc, size, size) and out.abs().max() <= 1  # tanh
-    s = -(-size // 8)  # 28 -> 4, 32 -> 4, 64 -> 8
+    # Dis_l: the code's CelebA model (64 px) took D's 4th conv, its CIFAR model (32 px) the 3rd: 8 x 8 both
+    depth, s = (4, size // 8) if size >= 64 else (3, -(-size // 4))  # 28 -> 7, 32 -> 8, 64 -> 8
     feats = nets["D"][0](x)
-    assert feats.shape == (B, 4 * w, s, s)  # Dis_l: D's 4th conv, 256 x 8 x 8 at width 64 and 64 px
+    assert feats.shape == (B, 4 * w, s, s) and isinstance(nets["D"][0][-1], nn.Conv2d)
+    assert sum(isinstance(m, nn.Conv2d) for m in nets["D"][0]) == depth
+    assert args.gamma == (1e-6 if size >= 64 else 1e-5)  # the code's w for that layer
     assert nets["D"](x).shape == (B,)  # one logit per image
     assert torch.allclose(nets["D"][1](feats), nets["D"](x))  # D is Dis_l then the rest
     for name, net in nets.items():
         layers = [m for m in net.modules() if not isinstance(m, nn.Sequential)]
         bns = [m for m in layers if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
         assert bns and all(m.momentum == 0.1 for m in bns), name
+        # BN starts as the identity on normalised units (scale 1, shift 0), as deeppy's and PyTorch's
+        assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in bns), name
         for a, b in zip(layers, layers[1:]):
             if isinstance(a, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 before_bn = isinstance(b, (nn.BatchNorm1d, nn.BatchNorm2d))
@@ -1212,6 +1217,99 @@ def test_vaegan_bad_inputs_give_one_line_errors(tmp_path):
         vaegan.main(VAEGAN_TINY + ["--resume", "--outf", str(tmp_path / "empty")])
 
 
+# ----------------------------------------------------------------------------- vaegan.py: against the paper's code
+def rmsprop_by_hand(weights, grads, lr, decay):
+    """RMSProp (decay 0.9, eps 1e-8) written out, on g + decay[i] * W: the gradient deeppy would take."""
+    W, sq = [w.clone() for w in weights], [torch.zeros_like(w) for w in weights]
+    for gs in grads:
+        for i, g in enumerate(gs):
+            g = g + decay[i] * W[i]
+            sq[i] = 0.9 * sq[i] + 0.1 * g * g
+            W[i] = W[i] - lr * g / (sq[i].sqrt() + 1e-8)
+    return W
+
+
+def test_vaegan_weight_decay_is_deeppys_and_spares_the_latent_head():
+    wd, B = 0.5, 8
+    run = vaegan_run("--weight-decay", str(wd))
+    E, opt = run["nets"]["E"], run["opts"]["E"]
+    params = list(E.parameters())
+    before = [p.detach().clone() for p in params]
+    grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(3)]
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    moved = torch.cat([(p.detach() - w).flatten() for p, w in zip(params, before)])
+    convs = [m for m in E.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert convs[-1] is E[-1]  # the mu / log sigma^2 layer
+    weights = {id(m.weight) for m in convs[:-1]}
+    lr = opt.param_groups[0]["lr"]
+
+    def expected(per_weight, head=0.0):
+        decay = [per_weight if id(p) in weights else head if p is E[-1].weight else 0.0 for p in params]
+        W = rmsprop_by_hand(before, grads, lr, decay)
+        return torch.cat([(w - b).flatten() for w, b in zip(W, before)])
+    # deeppy adds 2 wd W to the gradient of a batch sum; our losses are batch means, so 2 wd / B
+    assert (moved - expected(2 * wd / B)).norm() < 1e-4 * moved.norm()
+    for wrong in (expected(wd / B), expected(2 * wd / B, head=2 * wd / B), expected(0.0)):
+        assert (moved - wrong).norm() > 1e-3 * moved.norm()
+
+
+def test_vaegan_pixel_gamma_is_the_faces_codes_weight():
+    args = vaegan.get_args(["--dataset", "shapes", "--recon", "pixel"])
+    # the faces post's code: the decoder's gradient of 1e-4 sum_i ||x~_i - x_i||^2, its GAN term also summed
+    # over the batch; ours: gamma * mean_i 1/2 ||x~_i - x_i||^2 and a batch-mean GAN term, so B x ours
+    B, x = 5, torch.randn(5, 3, 4, 4)
+    x_tilde = torch.randn(5, 3, 4, 4, requires_grad=True)
+    ours = torch.autograd.grad(args.gamma * vaegan.recon_error(x_tilde, x).mean(), x_tilde)[0]
+    theirs = torch.autograd.grad(1e-4 * ((x_tilde - x) ** 2).sum(), x_tilde)[0]
+    assert torch.allclose(B * ours, theirs, rtol=1e-5)
+    assert vaegan.get_args(["--dataset", "shapes", "--recon", "pixel", "--gamma", "0.3"]).gamma == 0.3
+
+
+def test_vaegan_attribute_vector_points_towards_the_class(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(40) % 4
+    monkeypatch.setattr(vaegan, "load_dataset", lambda targs, split: (x, y, list("abcd")))
+
+    class StubEncoder(nn.Module):  # mu = the first 3 pixels, log sigma^2 = 0
+        def forward(self, v):
+            return torch.cat([v.flatten(1)[:, :3], torch.zeros(len(v), 3)], 1)
+    v = vaegan.attribute_vector(StubEncoder(), argparse.Namespace(), 2, torch.device("cpu"))
+    mu = x.flatten(1)[:, :3].float() / 127.5 - 1
+    # Sec. 5: the mean latent of the images with the attribute minus the mean of those without
+    assert torch.allclose(v, mu[y == 2].mean(0) - mu[y != 2].mean(0), atol=1e-6)
+
+
+def test_vaegan_data_readers(tmp_path):
+    batches = write_cifar_tarball(tmp_path)
+    x, y, classes = vaegan.read_cifar10(str(tmp_path), "train")
+    first = batches["data_batch_1"][0][0]
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[9] == "truck"
+    assert np.array_equal(x[0, 0].numpy().ravel(), first[:1024]) and np.array_equal(x[0, 2].numpy().ravel(), first[2048:])
+    assert y[6:12].tolist() == batches["data_batch_2"][1] and y.dtype == torch.int64
+    assert vaegan.read_cifar10(str(tmp_path), "test")[1].tolist() == batches["test_batch"][1]
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:  # the extracted folder reads the same
+        tar.extractall(tmp_path / "ex")
+    assert torch.equal(vaegan.read_cifar10(str(tmp_path / "ex"), "train")[0], x)
+    os.makedirs(tmp_path / "fashion-mnist")  # DATAROOT/NAME
+    data = write_mnist(tmp_path / "fashion-mnist")
+    x, y, classes = vaegan.load_mnist(str(tmp_path), "fashion-mnist", "train")
+    assert x.shape == (40, 1, 28, 28) and np.array_equal(x[:, 0].numpy(), data["train"][0])
+    assert y.tolist() == data["train"][1].tolist() and classes[9] == "Ankle boot"
+    assert np.array_equal(vaegan.load_mnist(str(tmp_path), "fashion-mnist", "test")[0][:, 0].numpy(), data["t10k"][0])
+    folder = tmp_path / "images"
+    make_image_folder(folder, 3)
+    x, y, classes = vaegan.load_folder(str(folder), 16, None, 2)
+    assert classes == ["cats", "dogs"] and x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    im = np.asarray(Image.open(folder / "cats" / "0.png"))  # 40 x 50: scale the short side to 16, crop the centre
+    ref = np.asarray(Image.fromarray(im).resize((20, 16), Image.BICUBIC))[:, 2:18]
+    assert np.array_equal(x[0].permute(1, 2, 0).numpy(), ref)
+    assert len(list(folder.glob(".cache-16px-*.npz"))) == 1
+    assert torch.equal(vaegan.load_folder(str(folder), 16, None, 2)[0], x)  # from the cache
+
+
 # ----------------------------------------------------------------------------- lapgan.py and vaegan.py: data parallel
 def _ddp_run_worker(rank, port, script, argv, result):
     """One torchrun-style rank of lapgan.py or vaegan.py: train, then save its weights and its file writes."""
@@ -1222,10 +1320,22 @@ def _ddp_run_worker(rank, port, script, argv, result):
     for name in ("save_checkpoint", "append_log", "save_grid", "plot_curves"):
         real = getattr(mod, name)
         setattr(mod, name, lambda *a, _real=real, _name=name, **k: (writes.append(_name), _real(*a, **k))[1])
-    run = mod.main(argv)
-    nets = ({f"{m}{k}": lv[m] for k, lv in run["levels"].items() for m in ("G", "D")} if script == "lapgan"
-            else run["nets"])
-    torch.save({"nets": {k: n.state_dict() for k, n in nets.items()}, "writes": writes}, f"{result}{rank}.pt")
+    # Gloo aborts ("terminate called without an active exception") when one rank tears its group down
+    # while the other still talks to it: every teardown waits for both ranks first, even after an error
+    destroy = torch.distributed.destroy_process_group
+
+    def barrier_then_destroy(*a, **k):
+        torch.distributed.barrier()
+        destroy(*a, **k)
+    torch.distributed.destroy_process_group = barrier_then_destroy
+    try:
+        run = mod.main(argv)
+        nets = ({f"{m}{k}": lv[m] for k, lv in run["levels"].items() for m in ("G", "D")} if script == "lapgan"
+                else run["nets"])
+        torch.save({"nets": {k: n.state_dict() for k, n in nets.items()}, "writes": writes}, f"{result}{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            destroy()
 
 
 @pytest.mark.parametrize("script,argv", [
@@ -1234,7 +1344,17 @@ def _ddp_run_worker(rank, port, script, argv, result):
 def test_data_parallel_two_ranks_lapgan_vaegan(tmp_path, script, argv):
     """Two Gloo ranks: identical weights (and BN statistics) afterwards, and only rank 0 writes files."""
     outf, result = str(tmp_path / "ddp"), str(tmp_path / "rank")
-    torch.multiprocessing.spawn(_ddp_run_worker, args=(free_port(), script, argv + ["--outf", outf], result), nprocs=2)
+    ctx = torch.multiprocessing.spawn(_ddp_run_worker, args=(free_port(), script, argv + ["--outf", outf], result),
+                                      nprocs=2, join=False)
+    import time
+    try:  # join raises if a rank failed (a SIGABRT included); True once both exited, False while one runs
+        deadline = time.time() + 300
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "the ranks did not finish in 5 minutes"
+    finally:
+        for p in ctx.processes:
+            p.kill() if p.is_alive() else p.join()
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
     r0, r1 = (torch.load(f"{result}{r}.pt", weights_only=True) for r in (0, 1))
     assert r1["writes"] == [] and "save_checkpoint" in r0["writes"]
     for net, state in r0["nets"].items():

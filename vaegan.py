@@ -23,12 +23,15 @@ may skip D's or the decoder's step; the encoder always steps. `--recon pixel --n
 
 Reduction: every loss is summed over its features (latent units, Dis_l units or pixels) and averaged
 over the batch. The paper's code sums over the batch too; a common factor changes nothing under RMSProp
-except the weight decay, so `--weight-decay` is given in the paper's units and divided by the batch.
+except the weight decay: deeppy's adds 2 wd W to the summed loss's gradient, so ours is 2 wd / B.
 Summing over features keeps gamma's meaning: the paper's w = 1e-6 weighs a sum over 16,384 Dis_l units
 (64x64) against one GAN error per image, exactly as here. Other deviations: D outputs a logit (BCE with
 logits, without the code's eps clip); the decoder's GAN term lacks the code's (1 - w) factor; prior and
 posterior samples share one decoder batch; PyTorch's default init (deeppy's is sqrt(3) narrower);
-pictures decode the posterior mean; under torchrun gradients are all-reduced by hand (no DDP wrapper).
+pictures decode the posterior mean; under torchrun gradients are all-reduced by hand (no DDP wrapper);
+at 32 px D's 3rd conv and the decoder's first deconv have 256 filters (the code's CIFAR nets: 192).
+Dis_l and gamma follow the size (`disl_depth`, `default_gamma`); `--recon pixel` with the GAN defaults
+to gamma 2e-4, the faces code's 1e-4 on the summed squared error in our units.
 """
 import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +57,7 @@ def get_args(argv=None):
     a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
     a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
     a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
-    a("--gamma", type=float, default=None, help="reconstruction weight in the decoder (1e-6 disl, 1 pixel)")
+    a("--gamma", type=float, default=None, help="decoder's reconstruction weight (disl: 1e-6 at 64 px, 1e-5 below; pixel: 2e-4)")
     a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
     a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
     a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
@@ -86,9 +89,29 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
         p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
-    if args.gamma is None:  # the paper's CelebA w for Dis_l; the early pixel version summed unweighted
-        args.gamma = 1e-6 if args.recon == "disl" else 1.0
+    if args.dataset:  # training: the native size unless given, then gamma for that size
+        args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
+        if args.gamma is None:
+            args.gamma = default_gamma(args.recon, args.no_gan, args.image_size)
     return args
+
+NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28, "folder": 64, "shapes": 32}
+
+def disl_depth(size):
+    """Which of D's convs gives Dis_l: the code's CelebA model (64 px) took the 4th (256 x 8 x 8 at width
+    64), its CIFAR model (32 px) the 3rd (also 8 x 8 there). Smaller images follow the CIFAR setting."""
+    return 4 if size >= 64 else 3
+
+def default_gamma(recon, no_gan, size):
+    """The decoder's weight on the reconstruction error (the paper's w) in our units.
+    Dis_l: the code's 1e-6 at 64 px (CelebA) and 1e-5 at 32 px (CIFAR, 3rd conv); its losses were sums
+    over the batch like both our terms' batch means times B, so w carries over unchanged.
+    Pixels with the GAN: the faces post's code scaled the decoder's gradient of the batch-summed squared
+    error sum_i ||x~_i - x_i||^2 by 1e-4; ours is gamma * 1/2 ||x~ - x||^2 averaged over the batch, so
+    B times ours matches it when gamma / 2 = 1e-4, i.e. gamma = 2e-4. A plain VAE has no GAN term to weigh."""
+    if recon == "pixel":
+        return 1.0 if no_gan else 2e-4
+    return 1e-6 if size >= 64 else 1e-5
 
 def fail(msg):
     raise SystemExit(f"error: {msg}")
@@ -300,13 +323,13 @@ def make_decoder(nc, size, nz, w):
     return nn.Sequential(*layers, nn.Conv2d(ws[-1], nc, 5, 1, 2), nn.Tanh())
 
 def make_discriminator(nc, size, w):
-    """D[0]: conv5 32 + ReLU, conv5/2 128 and 256 (BN, ReLU), conv5/2 256 whose raw output is Dis_l;
-    D[1]: BN, ReLU, FC 512 (BN, ReLU), FC 1, a logit."""
+    """conv5 32 + ReLU, conv5/2 128, 256 and 256 (BN, ReLU), FC 512 (BN, ReLU), FC 1, a logit.
+    D[0] ends at the raw output of the conv that gives Dis_l (`disl_depth`), D[1] is the rest."""
     s = -(-size // 8)
-    features = nn.Sequential(nn.Conv2d(nc, w // 2, 5, 1, 2), nn.ReLU(True), *conv_bn(w // 2, 2 * w),
-                             *conv_bn(2 * w, 4 * w), nn.Conv2d(4 * w, 4 * w, 5, 2, 2, bias=False))
-    return nn.Sequential(features, nn.Sequential(nn.BatchNorm2d(4 * w, eps=1e-6), nn.ReLU(True), nn.Flatten(),
-                                                 *fc_bn(4 * w * s * s, 8 * w), nn.Linear(8 * w, 1), nn.Flatten(0)))
+    layers = [nn.Conv2d(nc, w // 2, 5, 1, 2), nn.ReLU(True), *conv_bn(w // 2, 2 * w), *conv_bn(2 * w, 4 * w),
+              *conv_bn(4 * w, 4 * w), nn.Flatten(), *fc_bn(4 * w * s * s, 8 * w), nn.Linear(8 * w, 1), nn.Flatten(0)]
+    cut = {3: 6, 4: 9}[disl_depth(size)]  # just after that conv, before its BN
+    return nn.Sequential(nn.Sequential(*layers[:cut]), nn.Sequential(*layers[cut:]))
 
 def build_nets(args, nc):
     if args.no_gan and args.recon == "disl":
@@ -316,12 +339,14 @@ def build_nets(args, nc):
             "Dec": make_decoder(nc, args.image_size, args.nz, args.width)}
     return nets if args.no_gan else {**nets, "D": make_discriminator(nc, args.image_size, args.width)}
 
-def make_optimizer(net, args):
-    """RMSProp (decay 0.9) as the code; weight decay on conv/linear weights only, divided by the batch
-    because our losses are batch means where the code's were batch sums."""
-    wd = {id(m.weight) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
+def make_optimizer(net, args, head=None):
+    """RMSProp (decay 0.9) as the code. Weight decay as deeppy's: it adds 2 wd W to the gradient of a
+    batch-summed loss; ours are batch means (1/B of it), so 2 wd / B. Only on conv/linear weights, and
+    not on `head` (the encoder's mu/log sigma^2 layer), which the code built without a decay."""
+    wd = {id(m.weight) for m in net.modules()
+          if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m is not head}
     groups = [{"params": [p for p in net.parameters() if (id(p) in wd) == on],
-               "weight_decay": args.weight_decay / args.batch_size if on else 0.0} for on in (True, False)]
+               "weight_decay": 2 * args.weight_decay / args.batch_size if on else 0.0} for on in (True, False)]
     return torch.optim.RMSprop(groups, args.lr, alpha=0.9, eps=1e-8)
 
 def annealed_lr(args, epoch):
@@ -481,7 +506,7 @@ def setup_training(args, device, rank, world, data=None):
         print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()) + " parameters")
     return {"args": args, "images": images.to(device), "classes": classes, "rank": rank, "world": world,
             "state": {"epoch": 0, "step": 0}, "nets": nets, "fwd": fwd,
-            "opts": {k: make_optimizer(n, args) for k, n in nets.items()}}
+            "opts": {k: make_optimizer(n, args, n[-1] if k == "E" else None) for k, n in nets.items()}}
 
 def train(args, device, rank=0, world=1):
     args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
@@ -761,7 +786,10 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world)
+        run = train(args, device, rank, world)
+        if world > 1:  # every rank done before any tears Gloo/NCCL down, or a peer may abort mid-exit
+            dist.barrier()
+        return run
     finally:
         if world > 1:
             dist.destroy_process_group()
