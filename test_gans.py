@@ -1282,8 +1282,8 @@ def test_vaegan_attribute_vector_points_towards_the_class(monkeypatch):
     assert torch.allclose(v, mu[y == 2].mean(0) - mu[y != 2].mean(0), atol=1e-6)
 
 
-def test_vaegan_data_readers(tmp_path):
-    batches = write_cifar_tarball(tmp_path)
+def test_vaegan_data_readers(tmp_path, monkeypatch):
+    batches = vaegan_cifar(tmp_path, monkeypatch)
     x, y, classes = vaegan.read_cifar10(str(tmp_path), "train")
     first = batches["data_batch_1"][0][0]
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[9] == "truck"
@@ -1308,6 +1308,178 @@ def test_vaegan_data_readers(tmp_path):
     assert np.array_equal(x[0].permute(1, 2, 0).numpy(), ref)
     assert len(list(folder.glob(".cache-16px-*.npz"))) == 1
     assert torch.equal(vaegan.load_folder(str(folder), 16, None, 2)[0], x)  # from the cache
+
+
+# ----------------------------------------------------------------------------- vaegan.py: bad input and faults
+def vaegan_cifar(root, monkeypatch, n_per_batch=6):
+    """write_cifar_tarball's batches pickled again as the official ones read (bytes as bytes, protocol 4),
+    with vaegan.CIFAR_MD5 patched to the md5s of these fake files."""
+    import hashlib
+    batches, path = write_cifar_tarball(root, n_per_batch), os.path.join(root, "cifar-10-python.tar.gz")
+    with tarfile.open(path) as tar:
+        members = [(m.name, pickle.loads(tar.extractfile(m).read(), encoding="bytes")) for m in tar.getmembers()]
+    md5 = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members:
+            data = pickle.dumps(obj, protocol=4)
+            md5[os.path.basename(name)] = hashlib.md5(data).hexdigest()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        md5["cifar-10-python.tar.gz"] = hashlib.md5(f.read()).hexdigest()
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", md5)
+    return batches
+
+
+def vaegan_error(call, *fragments):
+    """call() stops with one line, 'error: ...', holding every fragment."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    assert all(f in msg for f in fragments), msg
+    return msg
+
+
+def test_vaegan_cifar_checksums_and_restricted_unpickler(tmp_path, monkeypatch):
+    import hashlib
+    vaegan_cifar(tmp_path, monkeypatch)
+    tar = str(tmp_path / "cifar-10-python.tar.gz")
+    assert vaegan.read_cifar10(str(tmp_path), "test")[0].shape == (6, 3, 32, 32)
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", {**vaegan.CIFAR_MD5, "cifar-10-python.tar.gz": "0" * 32})
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path), "train"),
+                 f"{tar} does not match the official CIFAR-10 checksum; delete it to download it again")
+    # a crafted batch whose unpickling would run a command: refused even when its md5 is the expected one
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    folder = tmp_path / "ex" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Crafted(), b"labels": [0]}, protocol=4))
+    md5 = hashlib.md5((folder / "test_batch").read_bytes()).hexdigest()
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", {**vaegan.CIFAR_MD5, "test_batch": md5})
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path / "ex"), "test"), "is damaged", "system")
+    assert not marker.exists()
+    (folder / "test_batch").write_bytes(b"another file")  # the extracted folder: each batch file is checked
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path / "ex"), "test"),
+                 f"{folder / 'test_batch'} does not match the official CIFAR-10 checksum")
+    # a truncated tarball (say its md5 were right): damaged, one line
+    data = open(tar, "rb").read()
+    with open(tar, "wb") as f:
+        f.write(data[:len(data) // 2])
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", {**vaegan.CIFAR_MD5,
+                                              "cifar-10-python.tar.gz": hashlib.md5(data[:len(data) // 2]).hexdigest()})
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path), "train"),
+                 f"{tar} is damaged (", "); delete it to download it again, or replace it")
+
+
+def test_vaegan_damaged_idx_files(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # a download cut short
+    vaegan_error(lambda: vaegan.load_mnist(str(tmp_path), "mnist", "train"), f"{path} is damaged (",
+                 "delete it to download it again, or replace it")
+    write_idx(path, np.zeros((40, 28, 28)))
+    with gzip.open(path) as f:
+        raw = f.read()
+    with gzip.open(path, "wb") as f:  # the header says 40 images, the file holds 39
+        f.write(raw[:-28 * 28])
+    vaegan_error(lambda: vaegan.load_mnist(str(tmp_path), "mnist", "train"), f"{path} is damaged (",
+                 f"{39 * 28 * 28} bytes of data, its header gives {40 * 28 * 28}")
+
+
+def test_vaegan_folder_16bit_unreadable_and_cache(tmp_path, monkeypatch):
+    root = tmp_path / "grey"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 0x8040, np.uint16)).save(root / "a" / "deep.png")  # 16-bit grey
+    assert Image.open(root / "a" / "deep.png").mode.startswith("I")
+    x, _, _ = vaegan.load_folder(str(root), 8, None, 1)
+    assert x.shape == (1, 1, 8, 8) and (x == 0x80).all()  # 0x8040 >> 8, not clipped to white
+    cache = next(root.glob(".cache-*.npz"))
+    assert not list(root.glob("*.tmp"))  # written atomically
+    cache.write_bytes(cache.read_bytes()[:40])  # truncated by a crash: decoded again, no traceback
+    assert torch.equal(vaegan.load_folder(str(root), 8, None, 1)[0], x)
+    assert np.load(cache)["x"].shape == (1, 1, 8, 8)  # and written again whole
+    (root / "b").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what os.walk meets in a folder it may not read (root ignores chmod)
+        if os.path.basename(os.fspath(path)) == "b":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    vaegan_error(lambda: vaegan.load_folder(str(root), 8, None, 1),
+                 f"cannot read {root / 'b'} (Permission denied); fix its permissions or move it out of --dataroot")
+
+
+def test_vaegan_checkpoint_write_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    path = str(tmp_path / "ckpt.pt")
+    vaegan.save_checkpoint({"script": "vaegan", "step": 1}, path)
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    vaegan_error(lambda: vaegan.save_checkpoint({"script": "vaegan", "step": 2}, path),
+                 f"no space left on {tmp_path} writing {path}; the last checkpoint is kept")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+    def read_only(obj, f):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    vaegan_error(lambda: vaegan.save_checkpoint({}, path),
+                 f"could not write {path} (Read-only file system); the last checkpoint is kept")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_vaegan_numbers_and_paths_are_checked(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = [(["--epochs", "0"], "--epochs 0 must be at least 1"),
+             (["--image-size", "0"], "--image-size 0 must be between 1 and 1024"),
+             (["--image-size", "-8"], "--image-size -8 must be between"),
+             (["--image-size", "100000"], "--image-size 100000 must be between 1 and 1024"),
+             (["--batch-size", "1"], "--batch-size 1 must be at least 2"),
+             (["--log-every", "0"], "--log-every 0 must be at least 1"),
+             (["--outf", str(tmp_path / "file")], f"--outf {tmp_path / 'file'} is a file; give a folder")]
+    for extra, fragment in cases:
+        vaegan_error(lambda: vaegan.main(["--dataset", "shapes"] + extra), fragment)
+    ckpt = str(tmp_path / "ckpt.pt")
+    vaegan_error(lambda: vaegan.main(["--sample", "--ckpt", ckpt, "--n", "0"]), "--n 0 must be at least 1")
+    vaegan_error(lambda: vaegan.main(["--sample", "--ckpt", ckpt, "--out", str(tmp_path / "no" / "s.png")]),
+                 f"the folder {tmp_path / 'no'} does not exist")
+
+
+def test_vaegan_too_little_data_and_the_32_image_picture(tmp_path):
+    vaegan_error(lambda: vaegan.main(VAEGAN_TINY + ["--limit", "7", "--outf", str(tmp_path / "a")]),
+                 "only 7 training images, fewer than one batch of --batch-size 8; lower --batch-size or add images")
+    outf = str(tmp_path / "b")
+    vaegan.main(VAEGAN_TINY + ["--limit", "12", "--batch-size", "4", "--epochs", "1", "--outf", outf])
+    c = 16 + 2
+    assert Image.open(os.path.join(outf, "recon_e001.png")).size == (2 + 8 * c, 2 + 2 * c)  # 8 over 8
+
+
+def test_vaegan_fresh_run_and_resume_flags(tmp_path):
+    outf = str(tmp_path / "run")
+    tiny = VAEGAN_TINY + ["--limit", "16", "--outf", outf]
+    vaegan.main(tiny + ["--epochs", "1"])
+    vaegan_error(lambda: vaegan.main(tiny + ["--epochs", "2"]),
+                 f"error: {outf} already holds a run; add --resume to continue it, or choose another --outf")
+    msg = vaegan_error(lambda: vaegan.main(tiny + ["--epochs", "2", "--resume", "--lr", "0.1", "--batch-size", "4"]))
+    assert msg == ("error: --resume keeps the checkpoint's training flags; --batch-size, --lr differ from it (only "
+                   "--dataroot, --epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): "
+                   "drop them, or start a new run with another --outf")
+    vaegan_error(lambda: vaegan.main(tiny + ["--epochs", "1", "--resume"]),
+                 "the checkpoint has already trained 1 epochs; give --epochs larger than 1 to train more")
+    # the flags a resume may change come from the command line: here a --dataroot the data moved to
+    run = vaegan.main(tiny + ["--epochs", "2", "--resume", "--dataroot", str(tmp_path / "moved"), "--log-every", "1"])
+    assert run["args"].dataroot == str(tmp_path / "moved") and run["args"].log_every == 1
+    assert torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)["epoch"] == 2
 
 
 # ----------------------------------------------------------------------------- lapgan.py and vaegan.py: data parallel

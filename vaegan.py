@@ -33,7 +33,7 @@ at 32 px D's 3rd conv and the decoder's first deconv have 256 filters (the code'
 Dis_l and gamma follow the size (`disl_depth`, `default_gamma`); `--recon pixel` with the GAN defaults
 to gamma 2e-4, the faces code's 1e-4 on the summed squared error in our units.
 """
-import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
+import argparse, contextlib, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, urllib.request, zlib
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw
 
 SCRIPT = "vaegan"
 
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)")
     a = p.add_argument
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
@@ -86,9 +86,26 @@ def get_args(argv=None):
     a("--steps", type=int, default=10, help="interpolation steps")
     a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
     a("--attribute", type=int, default=None, help="class K: add mean z of K minus mean z of the rest")
+    return p
+
+def get_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
         p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else "."
+    for bad, msg in [(args.image_size is not None and not 0 < args.image_size <= 1024,
+                      f"--image-size {args.image_size} must be between 1 and 1024"),
+                     (args.epochs < 1, f"--epochs {args.epochs} must be at least 1"),
+                     (args.batch_size < 2, f"--batch-size {args.batch_size} must be at least 2 (batch norm)"),
+                     (args.log_every < 1, f"--log-every {args.log_every} must be at least 1"),
+                     (args.n < 1, f"--n {args.n} must be at least 1"),
+                     (not os.path.isdir(out_dir), f"--out {args.out}: the folder {out_dir} does not exist; create it"),
+                     (args.outf and os.path.isfile(args.outf), f"--outf {args.outf} is a file; give a folder")]:
+        if bad:
+            fail(msg)
+    if args.dataset:
+        args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
     if args.dataset:  # training: the native size unless given, then gamma for that size
         args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
         if args.gamma is None:
@@ -129,7 +146,11 @@ def pick_device(args, local_rank=0):
 # ----------------------------------------------------------------------------- data
 # Every loader returns the whole split as one uint8 tensor N x C x H x W: decoded once, then batches
 # are gathered by index on the device, with no per-image Python in the training loop.
-CIFAR = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+             "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
@@ -141,88 +162,133 @@ IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 CLASSES = {"mnist": [str(i) for i in range(10)],
            "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                              "Shirt", "Sneaker", "Bag", "Ankle boot"],
+           "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
            "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
 
-def download(url, path, md5):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def damaged(path, what):
+    fail(f"{path} is damaged ({str(what).splitlines()[0] if str(what) else type(what).__name__}); "
+         "delete it to download it again, or replace it")
+
+def find_or_download(candidates, target, url, md5):
+    """The first of `candidates` that exists; else `url` downloaded to `target`, its md5 checked."""
+    found = next((c for c in candidates if os.path.exists(c)), None)
+    if found:
+        return found
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     print(f"downloading {url}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as r, open(target + ".part", "wb") as f:
             f.write(r.read())
     except OSError as e:
-        fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {os.path.dirname(path)}")
-    with open(path + ".part", "rb") as f:
+        fail(f"could not download {url} ({e}); put {os.path.basename(target)} in {os.path.dirname(target)}")
+    with open(target + ".part", "rb") as f:
         if hashlib.md5(f.read()).hexdigest() != md5:
-            fail(f"checksum mismatch for {url}; delete {path}.part and try again")
-    os.replace(path + ".part", path)
+            fail(f"checksum mismatch for {url}; delete {target}.part and try again")
+    os.replace(target + ".part", target)
+    return target
+
+class BatchUnpickler(pickle.Unpickler):
+    """The official CIFAR-10 batches hold dicts, lists, bytes and numpy arrays: any other class a pickle
+    asks for (os.system, say) is refused, so a crafted file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no official batch holds")
+        return super().find_class(module, name)
+
+def checked(path, data, md5):
+    if hashlib.md5(data).hexdigest() != md5:
+        fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
+    return data
 
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8."""
+    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8,
+    checked against the official md5s before anything is unpickled."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
-    if os.path.isdir(folder):
-        read = lambda n: open(os.path.join(folder, n), "rb").read()
-    else:
-        if not os.path.exists(tar):
-            download(CIFAR[0], tar, CIFAR[1])
-        members = {os.path.basename(m.name): m for m in tarfile.open(tar).getmembers()}
-        read = lambda n: tarfile.open(tar).extractfile(members[n]).read()
-    batches = [pickle.loads(read(n), encoding="bytes") for n in names]
-    x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([b[b"labels"] for b in batches])
-    meta = pickle.loads(read("batches.meta"), encoding="bytes")
-    return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in meta[b"label_names"]]
+    tar = os.path.join(root, "cifar-10-python.tar.gz")
+    path = find_or_download([os.path.join(root, "cifar-10-batches-py"), tar], tar, CIFAR_URL,
+                            CIFAR_MD5["cifar-10-python.tar.gz"])
+    try:
+        if os.path.isdir(path):
+            blobs = {}
+            for n in names:
+                with open(os.path.join(path, n), "rb") as f:
+                    blobs[n] = checked(os.path.join(path, n), f.read(), CIFAR_MD5[n])
+        else:
+            with open(path, "rb") as f:
+                checked(path, f.read(), CIFAR_MD5["cifar-10-python.tar.gz"])
+            with tarfile.open(path) as t:
+                members = {os.path.basename(m.name): m for m in t.getmembers()}
+                blobs = {n: t.extractfile(members[n]).read() for n in names}
+        batches = [BatchUnpickler(io.BytesIO(blobs[n]), encoding="bytes").load() for n in names]
+        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([b[b"labels"] for b in batches])
+    except DAMAGED as e:
+        damaged(path, f"no {e}" if isinstance(e, KeyError) else e)
+    return torch.from_numpy(x), torch.from_numpy(y).long(), CLASSES["cifar10"]
 
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\0\0" or data[2] != 8:
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except DAMAGED as e:
+        damaged(path, e)
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         fail(f"{path} is not a uint8 IDX file")
-    dims = np.frombuffer(data, ">i4", data[3], 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+    start = 4 + 4 * data[3]
+    dims = np.frombuffer(data, ">i4", data[3], 4) if len(data) >= start else damaged(path, "a short header")
+    if len(data) - start < np.prod(dims):
+        damaged(path, f"{len(data) - start} bytes of data, its header gives {np.prod(dims)}")
+    return np.frombuffer(data, np.uint8, np.prod(dims), start).reshape(dims)
 
 def load_mnist(root, name, split):
     """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
     else downloaded to DATAROOT/NAME."""
-    paths = []
-    for i in ([0, 1] if split == "train" else [2, 3]):
-        dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
-        found = [c for c in (os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3]))
-                 if os.path.exists(c)]
-        if not found:
-            download(IDX_URLS[name] + IDX_FILES[i], os.path.join(root, name, IDX_FILES[i]), IDX_MD5[name][i])
-        paths.append(found[0] if found else os.path.join(root, name, IDX_FILES[i]))
-    x, y = read_idx(paths[0]), read_idx(paths[1])
+    dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
+    x, y = (read_idx(find_or_download([os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])],
+                                      os.path.join(root, name, IDX_FILES[i]), IDX_URLS[name] + IDX_FILES[i],
+                                      IDX_MD5[name][i])) for i in ([0, 1] if split == "train" else [2, 3]))
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
 
 def decode_image(path, size, mode):
     """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
     try:
         im = Image.open(path)
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "I;16", "1") else "RGB"))
+        if im.mode.startswith("I"):  # 16-bit grey: keep the top 8 bits (convert("L") would clip to white)
+            im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
-    s = size / min(im.size)
-    im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
-    l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-    return np.asarray(im.crop((l, t, l + size, t + size)))
+    scale = size / min(im.size)
+    im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.BICUBIC)
+    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+def unreadable(e):
+    fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
 
 def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXT))
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable) for f in fs
+                   if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
     classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
     stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    if os.path.exists(cache):
-        z = np.load(cache)
-        return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
+    try:
+        with np.load(cache) as z:
+            return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
+    except Exception:
+        pass  # absent, or damaged by a crash or a full disk: decode again and rewrite it
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         ims = list(pool.map(lambda f: decode_image(f, size, mode), files))
@@ -230,8 +296,12 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:
-        np.savez(cache, x=x, y=y)
+    try:  # atomically, so that a crash leaves no half-written cache
+        with open(cache + ".tmp", "wb") as f:
+            np.savez(f, x=x, y=y)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(cache + ".tmp", cache)
     except OSError:
         pass  # a read-only dataset still works, it is just decoded again next time
     return torch.from_numpy(x), torch.from_numpy(y), classes
@@ -497,6 +567,9 @@ def run_epoch(run, epoch, t0):
 
 def setup_training(args, device, rank, world, data=None):
     images, labels, classes = data or load_dataset(args, "train")
+    if len(images) < args.batch_size * world:
+        fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}; "
+             "lower --batch-size or add images")
     args.image_size, args.nc = images.shape[-1], images.shape[1]
     nets = {k: v.to(device) for k, v in build_nets(args, args.nc).items()}
     torch.manual_seed(args.seed + rank)  # each rank its own noise
@@ -508,12 +581,30 @@ def setup_training(args, device, rank, world, data=None):
             "state": {"epoch": 0, "step": 0}, "nets": nets, "fwd": fwd,
             "opts": {k: make_optimizer(n, args, n[-1] if k == "E" else None) for k, n in nets.items()}}
 
-def train(args, device, rank=0, world=1):
-    args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
+MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
+SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "interp", "steps", "walk", "attribute")
+
+def resumed_args(args, ckpt, typed):
+    """--resume: the checkpoint's training flags; only MAY_CHANGE come from the command line, and a typed
+    flag that differs from the checkpoint is an error rather than silently dropped."""
+    saved = ckpt["args"]
+    differ = [k for k in vars(args) if k in typed and k not in MAY_CHANGE + SAMPLING_ONLY
+              and k in saved and getattr(args, k) != saved[k]]
+    if differ:
+        fail("--resume keeps the checkpoint's training flags; " + ", ".join("--" + k.replace("_", "-") for k in differ)
+             + " differ from it (only --dataroot, --epochs, --outf, --cuda, --amp, --compile, --workers, "
+             "--log-every may change): drop them, or start a new run with another --outf")
+    if ckpt["epoch"] >= args.epochs:
+        fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
+             f"{ckpt['epoch']} to train more")
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True})
+
+def train(args, device, rank=0, world=1, typed=()):
     if args.resume:
         ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
-        keep = {k: getattr(args, k) for k in ("epochs", "outf", "cuda", "amp", "compile", "log_every", "workers")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep, "resume": True})
+        args = resumed_args(args, ckpt, typed)
+    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
     run = setup_training(args, device, rank, world)
     if args.resume:
         restore(run, ckpt)
@@ -537,12 +628,14 @@ def end_of_epoch_files(run, epoch, fixed_z):
     args, nets, opts = run["args"], run["nets"], run["opts"]
     if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
         fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {args.outf} is kept")
-    x = get_batch(run, torch.arange(32, device=run["images"].device))
+    k = min(32, len(run["images"]))  # 32 images over their reconstructions, or as many as there are
+    nrow = min(8, k)
+    x = get_batch(run, torch.arange(k // nrow * nrow, device=run["images"].device))
     nn.ModuleDict(nets).eval()  # BN with its running statistics for pictures
     with torch.no_grad():
         save_grid(nets["Dec"](fixed_z), os.path.join(args.outf, f"samples_e{epoch:03d}.png"))
-        save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0])),
-                  os.path.join(args.outf, f"recon_e{epoch:03d}.png"))
+        save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0]), nrow),
+                  os.path.join(args.outf, f"recon_e{epoch:03d}.png"), nrow)
     nn.ModuleDict(nets).train()
     save_checkpoint({"script": SCRIPT, "args": vars(args), **{k: n.state_dict() for k, n in nets.items()},
                      **{"opt" + k: o.state_dict() for k, o in opts.items()}, "classes": run["classes"],
@@ -567,9 +660,20 @@ def restore(run, ckpt):
 
 # ----------------------------------------------------------------------------- checkpoints, logs, pictures
 def save_checkpoint(obj, path):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: written beside, flushed to disk, then renamed, so a crash or a full disk keeps the last one."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if e.errno == errno.ENOSPC:
+            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
+                 "the last checkpoint is kept")
+        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
 
 def load_checkpoint(path, script):
     if not os.path.exists(path):
@@ -775,6 +879,10 @@ def bench(args, device):
 
 def main(argv=None):
     args = get_args(argv)
+    typed_only = make_parser()  # which flags were typed: parsed again with no defaults at all
+    for action in typed_only._actions:
+        action.default = argparse.SUPPRESS
+    typed = set(vars(typed_only.parse_args(argv)))
     if args.sample:
         return sample(args)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -786,7 +894,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        run = train(args, device, rank, world)
+        run = train(args, device, rank, world, typed)
         if world > 1:  # every rank done before any tears Gloo/NCCL down, or a peer may abort mid-exit
             dist.barrier()
         return run
