@@ -907,7 +907,7 @@ VAEGAN_TINY = ["--dataset", "shapes", "--image-size", "16", "--width", "8", "--n
 def vaegan_run(*extra, n=32):
     """A training run (networks, optimisers, data) on tiny shapes, as train() sets it up."""
     args = vaegan.get_args(VAEGAN_TINY + list(extra))
-    return vaegan.setup_training(args, torch.device("cpu"), 0, 1, vaegan.make_shapes(n, 16, 0))
+    return vaegan.setup_run(args, torch.device("cpu"), vaegan.make_shapes(n, 16, 0))
 
 
 class RecordingOptimizer:
@@ -925,7 +925,7 @@ class RecordingOptimizer:
 def test_vaegan_shapes_bias_and_bn_momentum(size, nc):
     w, nz, B = 8, 10, 3
     args = vaegan.get_args(["--dataset", "shapes", "--image-size", str(size), "--width", str(w), "--nz", str(nz)])
-    nets = vaegan.build_nets(args, nc)
+    nets = vaegan.build_nets(args, nc, size)
     assert set(nets) == {"E", "Dec", "D"}
     x = torch.rand(B, nc, size, size) * 2 - 1
     mu, logvar = vaegan.posterior(nets["E"], x)
@@ -958,11 +958,11 @@ def test_vaegan_shapes_bias_and_bn_momentum(size, nc):
 
 def test_vaegan_unsupported_size_and_disl_without_d_are_clear_errors():
     with pytest.raises(SystemExit, match="--image-size 30"):
-        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "30"]), 3)
+        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "30"]), 3, 30)
     with pytest.raises(SystemExit, match="--recon disl needs"):
-        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan"]), 3)
+        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan"]), 3, 32)
     nets = vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan",
-                                              "--recon", "pixel"]), 3)
+                                              "--recon", "pixel"]), 3, 32)
     assert set(nets) == {"E", "Dec"}
 
 
@@ -1009,9 +1009,9 @@ def grad_distance(a, b):
 @pytest.mark.parametrize("extra", [[], ["--recon", "pixel", "--fake-recon", "--nonsat"]])
 def test_vaegan_routing_table_numerically(extra):
     run = vaegan_run("--gamma", "0.5", "--margin", "-1", *extra)  # no rule: every network steps
-    args, nets = run["args"], run["nets"]
+    args, nets = run.args, run.nets
     stepped = {}
-    run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in nets.items()}
+    run.opts = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in nets.items()}
     x = vaegan.get_batch(run, torch.arange(8))
     torch.manual_seed(1234)
     out = vaegan.train_step(run, x)
@@ -1039,12 +1039,12 @@ def test_vaegan_routing_table_numerically(extra):
 def test_vaegan_plain_vae_routing():
     run = vaegan_run("--recon", "pixel", "--no-gan")
     stepped = {}
-    run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run["nets"].items()}
+    run.opts = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run.nets.items()}
     x = vaegan.get_batch(run, torch.arange(8))
     torch.manual_seed(5)
     out = vaegan.train_step(run, x)
     assert set(stepped) == {"E", "Dec"} and "gan_g" not in out
-    E, Dec = run["nets"]["E"], run["nets"]["Dec"]
+    E, Dec = run.nets["E"], run.nets["Dec"]
     torch.manual_seed(5)
     mu, logvar = E(x).chunk(2, 1)
     z = mu + torch.exp(logvar / 2) * torch.randn_like(mu)  # no prior batch without a GAN
@@ -1117,7 +1117,7 @@ def test_vaegan_equilibrium_rule_in_the_training_step(monkeypatch):
     for err_real, err_fake, upd_d, upd_dec in EQUILIBRIUM_CASES[:5] + EQUILIBRIUM_CASES[8:9]:
         monkeypatch.setattr(vaegan, "global_mean", lambda *v, r=err_real, f=err_fake: [r, f])
         stepped = {}
-        run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run["nets"].items()}
+        run.opts = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run.nets.items()}
         out = vaegan.train_step(run, x)
         expected = {"E"} | ({"D"} if upd_d else set()) | ({"Dec"} if upd_dec else set())
         assert set(stepped) == expected, (err_real, err_fake)  # the encoder always steps
@@ -1125,10 +1125,10 @@ def test_vaegan_equilibrium_rule_in_the_training_step(monkeypatch):
     # with real optimisers: a skipped network keeps its weights, the encoder moves
     run = vaegan_run()
     monkeypatch.setattr(vaegan, "global_mean", lambda *v: [0.1, 0.1])  # D too good: D rests
-    before = {k: copy.deepcopy(n.state_dict()) for k, n in run["nets"].items()}
+    before = {k: copy.deepcopy(n.state_dict()) for k, n in run.nets.items()}
     vaegan.train_step(run, x)
     changed = {k: any(not torch.equal(before[k][p], v) for p, v in n.named_parameters())
-               for k, n in run["nets"].items()}
+               for k, n in run.nets.items()}
     assert changed == {"E": True, "Dec": True, "D": False}
 
 
@@ -1232,7 +1232,7 @@ def rmsprop_by_hand(weights, grads, lr, decay):
 def test_vaegan_weight_decay_is_deeppys_and_spares_the_latent_head():
     wd, B = 0.5, 8
     run = vaegan_run("--weight-decay", str(wd))
-    E, opt = run["nets"]["E"], run["opts"]["E"]
+    E, opt = run.nets["E"], run.opts["E"]
     params = list(E.parameters())
     before = [p.detach().clone() for p in params]
     grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(3)]
@@ -1478,7 +1478,7 @@ def test_vaegan_fresh_run_and_resume_flags(tmp_path):
                  "the checkpoint has already trained 1 epochs; give --epochs larger than 1 to train more")
     # the flags a resume may change come from the command line: here a --dataroot the data moved to
     run = vaegan.main(tiny + ["--epochs", "2", "--resume", "--dataroot", str(tmp_path / "moved"), "--log-every", "1"])
-    assert run["args"].dataroot == str(tmp_path / "moved") and run["args"].log_every == 1
+    assert run.args.dataroot == str(tmp_path / "moved") and run.args.log_every == 1
     assert torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)["epoch"] == 2
 
 
@@ -1503,7 +1503,7 @@ def _ddp_run_worker(rank, port, script, argv, result):
     try:
         run = mod.main(argv)
         nets = ({f"{m}{k}": lv[m] for k, lv in run["levels"].items() for m in ("G", "D")} if script == "lapgan"
-                else run["nets"])
+                else run.nets)
         torch.save({"nets": {k: n.state_dict() for k, n in nets.items()}, "writes": writes}, f"{result}{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
