@@ -342,7 +342,7 @@ def train(args, device, rank=0, world=1, typed=()):
                 fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
                      f"checkpoint in {args.outf} is kept (try a lower --lr)")
             if rank == 0:
-                append_log(os.path.join(args.outf, "log.csv"), row)
+                append_log(os.path.join(args.outf, "log.csv"), [row])
                 rate = (run.step - start) * per_step / (time.time() - t0)
                 eta = ((args.epochs - epoch + 1) * len(idx) - i - 1) * per_step / rate / 60
                 gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} D(x) {row['d_x']:.2f} "
@@ -399,8 +399,8 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 # ----------------------------------------------------------------------------- data
-# Every loader returns the whole split as one uint8 tensor N x C x H x W: decoded once, then batches
-# are gathered by index on the device, with no per-image Python in the training loop.
+# Every loader returns a whole split as one uint8 tensor N x C x H x W, int64 labels and class names:
+# decoded once, then batches are gathered by index on the device, with no per-image Python in the loop.
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28, "folder": 64, "shapes": 32}
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
@@ -413,26 +413,24 @@ IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09f
                      "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
            "fashion-mnist": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
                              "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
-IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-CLASSES = {"mnist": [str(i) for i in range(10)],
-           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                             "Shirt", "Sneaker", "Bag", "Ankle boot"],
-           "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"]}
+IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
+CLASSES = {"mnist": list("0123456789"), "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"],
+           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                             "Bag", "Ankle boot"],
+           "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
 
 def damaged(path, what):
-    fail(f"{path} is damaged ({str(what).splitlines()[0] if str(what) else type(what).__name__}); "
-         "delete it to download it again, or replace it")
+    fail(f"{path} is damaged ({str(what).splitlines()[0]}); delete it to download it again, or replace it")
 
 def find_or_download(candidates, target, url, md5):
     """The first of `candidates` that exists; else `url` downloaded to `target`, its md5 checked."""
-    found = next((c for c in candidates if os.path.exists(c)), None)
+    found = [c for c in candidates if os.path.exists(c)]
     if found:
-        return found
+        return found[0]
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     print(f"downloading {url}")
     try:
@@ -446,6 +444,14 @@ def find_or_download(candidates, target, url, md5):
     os.replace(target + ".part", target)
     return target
 
+def checked(path):
+    """The bytes of a CIFAR-10 file whose md5 is the official one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.md5(data).hexdigest() != CIFAR_MD5[os.path.basename(path)]:
+        fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
+    return data
+
 class BatchUnpickler(pickle.Unpickler):
     """The official CIFAR-10 batches hold dicts, lists, bytes and numpy arrays: any other class a pickle
     asks for (os.system, say) is refused, so a crafted file cannot run code."""
@@ -457,31 +463,20 @@ class BatchUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no official batch holds")
         return super().find_class(module, name)
 
-def checked(path, data, md5):
-    if hashlib.md5(data).hexdigest() != md5:
-        fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
-    return data
-
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8,
-    checked against the official md5s before anything is unpickled."""
+    """The official python tarball or its extracted folder, checked against the official md5s before
+    anything is unpickled: pickled dicts of 10000 x 3072 uint8 each."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     tar = os.path.join(root, "cifar-10-python.tar.gz")
     path = find_or_download([os.path.join(root, "cifar-10-batches-py"), tar], tar, CIFAR_URL,
                             CIFAR_MD5["cifar-10-python.tar.gz"])
+    blobs = [checked(os.path.join(path, n)) for n in names] if os.path.isdir(path) else checked(path) and []
     try:
-        if os.path.isdir(path):
-            blobs = {}
-            for n in names:
-                with open(os.path.join(path, n), "rb") as f:
-                    blobs[n] = checked(os.path.join(path, n), f.read(), CIFAR_MD5[n])
-        else:
-            with open(path, "rb") as f:
-                checked(path, f.read(), CIFAR_MD5["cifar-10-python.tar.gz"])
+        if not blobs:
             with tarfile.open(path) as t:
                 members = {os.path.basename(m.name): m for m in t.getmembers()}
-                blobs = {n: t.extractfile(members[n]).read() for n in names}
-        batches = [BatchUnpickler(io.BytesIO(blobs[n]), encoding="bytes").load() for n in names]
+                blobs = [t.extractfile(members[n]).read() for n in names]
+        batches = [BatchUnpickler(io.BytesIO(b), encoding="bytes").load() for b in blobs]
         x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
         y = np.concatenate([b[b"labels"] for b in batches])
     except DAMAGED as e:
@@ -498,14 +493,13 @@ def read_idx(path):
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         fail(f"{path} is not a uint8 IDX file")
     start = 4 + 4 * data[3]
-    dims = np.frombuffer(data, ">i4", data[3], 4) if len(data) >= start else damaged(path, "a short header")
+    dims = np.frombuffer(data[:start].ljust(start, b"\0"), ">i4", data[3], 4)
     if len(data) - start < np.prod(dims):
         damaged(path, f"{len(data) - start} bytes of data, its header gives {np.prod(dims)}")
     return np.frombuffer(data, np.uint8, np.prod(dims), start).reshape(dims)
 
 def load_mnist(root, name, split):
-    """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
-    else downloaded to DATAROOT/NAME."""
+    """MNIST and Fashion-MNIST: in DATAROOT, DATAROOT/NAME or a Debian dataset package, else downloaded."""
     dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
     x, y = (read_idx(find_or_download([os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])],
                                       os.path.join(root, name, IDX_FILES[i]), IDX_URLS[name] + IDX_FILES[i],
@@ -540,11 +534,8 @@ def load_folder(root, size, channels, workers):
     classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
     stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    try:
-        with np.load(cache) as z:
-            return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
-    except Exception:
-        pass  # absent, or damaged by a crash or a full disk: decode again and rewrite it
+    with contextlib.suppress(Exception), np.load(cache) as z:  # absent or damaged: decoded again
+        return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         ims = list(pool.map(lambda f: decode_image(f, size, mode), files))
@@ -552,20 +543,15 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:  # atomically, so that a crash leaves no half-written cache
-        with open(cache + ".tmp", "wb") as f:
-            np.savez(f, x=x, y=y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(cache + ".tmp", cache)
-    except OSError:
-        pass  # a read-only dataset still works, it is just decoded again next time
+    with contextlib.suppress(OSError), open(cache + ".tmp", "wb") as f:  # read-only data: decoded each time
+        np.savez(f, x=x, y=y)
+        f.flush(), os.fsync(f.fileno())
+        os.replace(cache + ".tmp", cache)  # atomically: a crash leaves no half-written cache
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
     """The built-in synthetic set: one coloured shape per image on a dark background, one class each.
     Made in chunks of 1000 with their own seeds, so `--limit` takes a prefix of the same images."""
-    # whole chunks, then cut: a chunk's random draws depend on its length
     parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
     return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
 
@@ -580,15 +566,7 @@ def shape_chunk(n, size, rng):
              ((ax <= 0.3) & (ay <= 0.9)) | ((ay <= 0.3) & (ax <= 0.9)), (rr <= 1) & (rr >= 0.45)]
     mask = np.choose(y[:, None, None], masks)[:, None]
     fg, bg = rng.uniform(0.45, 1, (n, 3, 1, 1)), rng.uniform(0, 0.2, (n, 3, 1, 1))
-    x = (np.where(mask, fg, bg) * 255).round().astype(np.uint8)
-    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-
-def resize_images(x, size):
-    """Resize a uint8 N x C x H x W tensor (antialiased bilinear) when --image-size asks for it."""
-    if x.shape[-2:] == (size, size):
-        return x
-    out = [F.interpolate(c.float(), (size, size), mode="bilinear", antialias=True) for c in x.split(4096)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+    return torch.from_numpy((np.where(mask, fg, bg) * 255).round().astype(np.uint8)), torch.from_numpy(y)
 
 def load_dataset(args, split):
     """-> (uint8 images N x C x H x W, int64 labels, class names). folder/shapes hold out every 10th image."""
@@ -605,19 +583,20 @@ def load_dataset(args, split):
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
         x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().byte()
-    elif args.channels == 3 and x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
+    x, y = x.expand(-1, args.channels or x.shape[1], -1, -1), y.long()  # grey to RGB when asked
     if split == "train" and args.limit:
         x, y = x[:args.limit], y[:args.limit]
     if len(x) == 0:
         fail(f"the {split} split of {args.dataset} under {args.dataroot} holds no images")
-    return resize_images(x, args.image_size), y, classes
+    if x.shape[-1] != args.image_size:  # antialiased bilinear, in chunks
+        x = torch.cat([F.interpolate(c.float(), args.image_size, mode="bilinear", antialias=True).round().byte()
+                       for c in x.split(4096)])
+    return x.contiguous(), y, classes
 
 def batches(run, epoch):
     """This rank's share of one shuffled pass, as index tensors on the device (reproducible per epoch)."""
-    n, bs = len(run.images), run.args.batch_size
-    gen = torch.Generator().manual_seed(run.args.seed * 100003 + epoch)
-    perm = torch.randperm(n, generator=gen)[run.rank::run.world].to(run.images.device)
+    gen, bs = torch.Generator().manual_seed(run.args.seed * 100003 + epoch), run.args.batch_size
+    perm = torch.randperm(len(run.images), generator=gen)[run.rank::run.world].to(run.images.device)
     return perm[: len(perm) // bs * bs].view(-1, bs)
 
 def get_batch(run, idx):
@@ -626,21 +605,19 @@ def get_batch(run, idx):
 # ----------------------------------------------------------------------------- checkpoints and resume
 def checkpoint(run):
     """Everything a resume needs; `restore` reads back exactly these."""
-    return {"script": SCRIPT, "args": vars(run.args), "image": list(run.images.shape[1::2]),
-            **{k: n.state_dict() for k, n in run.nets.items()},
-            **{"opt" + k: o.state_dict() for k, o in run.opts.items()}, "classes": run.classes,
-            "epoch": run.epoch, "step": run.step, "balance": {"equilibrium": run.args.equilibrium,
-                                                                "margin": run.args.margin},
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    return {"script": SCRIPT, "args": vars(run.args), "image": list(run.images.shape[1::2]),  # C, size
+            **{k: n.state_dict() for k, n in run.nets.items()}, **{"opt" + k: o.state_dict() for k, o in run.opts.items()},
+            "epoch": run.epoch, "step": run.step, "classes": run.classes, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "balance": {"equilibrium": run.args.equilibrium, "margin": run.args.margin}}
 
 def restore(run, ckpt):
     for k, n in run.nets.items():
         n.load_state_dict(ckpt[k]), run.opts[k].load_state_dict(ckpt["opt" + k])
     run.epoch, run.step = ckpt["epoch"], ckpt["step"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     if run.rank == 0:
         trim_log(os.path.join(run.args.outf, "log.csv"), ckpt["step"])
     else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
@@ -651,11 +628,10 @@ MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers",
 SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "interp", "steps", "walk", "attribute")
 
 def resumed_args(args, ckpt, typed):
-    """--resume: the checkpoint's training flags; only MAY_CHANGE come from the command line, and a typed
-    flag that differs from the checkpoint is an error rather than silently dropped."""
-    saved = ckpt["args"]
-    differ = [k for k in vars(args) if k in typed and k not in MAY_CHANGE + SAMPLING_ONLY
-              and k in saved and getattr(args, k) != saved[k]]
+    """--resume: the checkpoint's flags, but MAY_CHANGE's from the command line; other typed flags that
+    differ from the checkpoint are an error, not silently dropped."""
+    differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
+              and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
         fail("--resume keeps the checkpoint's training flags; " + ", ".join("--" + k.replace("_", "-") for k in differ)
              + " differ from it (only --dataroot, --epochs, --outf, --cuda, --amp, --compile, --workers, "
@@ -663,22 +639,20 @@ def resumed_args(args, ckpt, typed):
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
-    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True})
+    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True})
 
 def save_checkpoint(obj, path):
     """Atomic: written beside, flushed to disk, then renamed, so a crash or a full disk keeps the last one."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            f.flush(), os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         if e.errno == errno.ENOSPC:
-            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
-                 "the last checkpoint is kept")
+            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; the last checkpoint is kept")
         fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
 
 def load_checkpoint(path, script):
@@ -688,9 +662,9 @@ def load_checkpoint(path, script):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        other = ckpt.get("script") if isinstance(ckpt, dict) else None
-        fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
+    other = (ckpt.get("script") if isinstance(ckpt, dict) else None) or "another program"
+    if other != script:
+        fail(f"{path} was written by {other}.py, not {script}.py; use that script")
     return ckpt
 
 # ----------------------------------------------------------------------------- logs and pictures
@@ -700,9 +674,8 @@ def end_of_epoch_files(run, fixed_z):
     nets, outf, epoch = run.nets, run.args.outf, run.epoch
     if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
         fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
-    k = min(32, len(run.images))
-    nrow = min(8, k)
-    x = get_batch(run, torch.arange(k // nrow * nrow, device=run.images.device))
+    nrow = min(8, len(run.images))
+    x = get_batch(run, torch.arange(min(32, len(run.images)) // nrow * nrow, device=run.images.device))
     nn.ModuleDict(nets).eval()  # BN with its running statistics for pictures
     with torch.no_grad():
         save_grid(nets["Dec"](fixed_z), os.path.join(outf, f"samples_e{epoch:03d}.png"))
@@ -712,22 +685,22 @@ def end_of_epoch_files(run, fixed_z):
     save_checkpoint(checkpoint(run), os.path.join(outf, "ckpt.pt"))
     plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
 
-def append_log(path, row):
+def append_log(path, rows):
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:
             w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 
 def trim_log(path, step):
     """After a crash mid-epoch, drop the log rows past the checkpoint: the resumed run writes them again."""
     if os.path.exists(path):
         with open(path) as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         os.remove(path)
-        for r in (r for r in rows if int(r["step"]) <= step):
-            append_log(path, r)
+        if rows:
+            append_log(path, rows)
 
 def plot_curves(csv_path, png_path, w=480, h=80):
     """curves.png: every numeric column of log.csv against the row, one panel each, drawn with Pillow."""
@@ -755,8 +728,8 @@ def grid_image(images, nrow=8, pad=2):
     n, h, w, c = x.shape
     grid = np.full((-(-n // nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+        top, left = pad + i // nrow * (h + pad), pad + i % nrow * (w + pad)
+        grid[top:top + h, left:left + w] = x[i]
     return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
 def save_grid(images, path, nrow=8):
@@ -770,12 +743,10 @@ def pair_rows(a, b, nrow=8):
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
-    if not args.cuda:
-        if args.amp:
-            print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
-        return torch.device("cpu")
+    if args.amp and not args.cuda:
+        print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    return torch.device("cuda", local_rank)
+    return torch.device("cuda", local_rank) if args.cuda else torch.device("cpu")
 
 def global_mean(*values):
     """Average scalars over data-parallel ranks so every rank's rule takes the same branch."""
@@ -794,20 +765,21 @@ def average_grads(grads, world):
     return {k: [next(parts).view_as(g) for g in gs] for k, gs in grads.items()}
 
 # ----------------------------------------------------------------------------- command line
-def make_parser():
-    p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)")
+def get_args(argv=None, typed_only=False):
+    """The flags; with typed_only, only those typed (every default dropped), to tell what --resume may take."""
+    p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)", argument_default=None)
     a = p.add_argument
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
     a("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    a("--image-size", type=int, default=None, help="native size unless given; 64 for folder")
-    a("--channels", type=int, choices=[1, 3], default=None, help="force greyscale or RGB")
-    a("--limit", type=int, default=None, help="use only the first N training images")
+    a("--image-size", type=int, help="the native size unless given; 64 for folder")
+    a("--channels", type=int, choices=[1, 3], help="force greyscale or RGB")
+    a("--limit", type=int, help="use only the first N training images")
     a("--nz", type=int, default=128, help="latent size")
     a("--width", type=int, default=64, help="base width: encoder 64-128-256-1024, D 32-128-256-256-512")
     a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
     a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
     a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
-    a("--gamma", type=float, default=None, help="decoder's reconstruction weight (disl: 1e-6 at 64 px, 1e-5 below; pixel: 2e-4)")
+    a("--gamma", type=float, help="the decoder's reconstruction weight (disl: 1e-6 at 64 px, 1e-5 below; pixel 2e-4)")
     a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
     a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
     a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
@@ -818,7 +790,7 @@ def make_parser():
     a("--lr-power", type=float, default=0.75, help="lr = lr0 - (e/E)^power (lr0 - lr_end)")
     a("--weight-decay", type=float, default=1e-5, help="on conv/linear weights, paper units")
     a("--seed", type=int, default=1)
-    a("--outf", default=None, help="output folder (default out/vaegan-DATASET)")
+    a("--outf", help="output folder (default out/vaegan-DATASET)")
     a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
     a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
     a("--cuda", action="store_true")
@@ -826,19 +798,19 @@ def make_parser():
     a("--compile", action="store_true", help="torch.compile the networks")
     a("--workers", type=int, default=4, help="threads decoding a folder of images")
     a("--sample", action="store_true", help="sample from --ckpt instead of training")
-    a("--ckpt", default=None)
+    a("--ckpt")
     a("--n", type=int, default=64, help="number of samples")
-    a("--npz", default=None, help="also write the samples to this .npz")
-    a("--out", default=None, help="grid PNG (default: beside the checkpoint)")
+    a("--npz", help="also write the samples to this .npz")
+    a("--out", help="grid PNG (default: beside the checkpoint)")
     a("--recon-grid", action="store_true", help="test images (odd rows) over their reconstructions")
-    a("--interp", choices=["lerp", "slerp"], default=None, help="between two encoded test images")
+    a("--interp", choices=["lerp", "slerp"], help="between two encoded test images")
     a("--steps", type=int, default=10, help="interpolation steps")
     a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
-    a("--attribute", type=int, default=None, help="class K: add mean z of K minus mean z of the rest")
-    return p
-
-def get_args(argv=None):
-    p = make_parser()
+    a("--attribute", type=int, help="class K: add mean z of K minus mean z of the rest")
+    if typed_only:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(p.parse_args(argv)))
     args = p.parse_args(argv)
     if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
         p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
@@ -862,10 +834,6 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    typed_only = make_parser()  # which flags were typed: parsed again with no defaults at all
-    for action in typed_only._actions:
-        action.default = argparse.SUPPRESS
-    typed = set(vars(typed_only.parse_args(argv)))
     if args.sample:
         return sample(args)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -875,7 +843,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        run = train(args, device, rank, world, typed)
+        run = train(args, device, rank, world, get_args(argv, typed_only=True))
         if world > 1:  # every rank done before any tears Gloo/NCCL down, or a peer may abort mid-exit
             dist.barrier()
         return run
