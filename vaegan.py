@@ -1,11 +1,10 @@
 """vaegan.py: the VAE/GAN of Larsen, Sønderby, Larochelle & Winther 2016, "Autoencoding beyond pixels
 using a learned similarity metric" (ICML), first shown in the "Generating Faces with Torch" post.
 
-A VAE encodes an image x to q(z | x) = N(mu, sigma^2) and decodes a sample z to x~; a GAN's
-discriminator D tells real images from fakes, and the VAE's decoder is also the GAN's generator. The
-VAE's pixel error is replaced by the error of D's hidden features Dis_l (Sec. 2.3): the decoder is told
-"look the same to D" rather than "match every pixel", and the blur of a plain VAE goes away. Each
-network learns from its own row of this table (Alg. 1), the heart of the method:
+A VAE encodes x to q(z | x) = N(mu, sigma^2) and decodes a sample z to x~; the decoder is also a GAN's
+generator. The VAE's pixel error is replaced by the error of D's hidden features Dis_l (Sec. 2.3), so
+the decoder learns to "look the same to D", not to "match every pixel", and a plain VAE's blur goes
+away. Each network learns from its own row of this table (Alg. 1), the heart of the method:
 
     | into          | KL prior | reconstruction (Dis_l or pixels) | GAN                  |
     | encoder       | yes      | yes                              | no                   |
@@ -30,8 +29,8 @@ Deviations (also in README.md):
 - D outputs a logit (BCE with logits, without the code's clip); the decoder's GAN term lacks the code's
   (1 - w) factor; reconstructions and prior samples share one decoder batch (one set of BN statistics).
 - At 32 px D's 3rd conv and the decoder's first deconv have 256 filters (the code's CIFAR nets: 192).
-- PyTorch's default init (deeppy's is sqrt(3) narrower); pictures decode the posterior mean.
-- Under torchrun the gradients are all-reduced by hand: autograd.grad does not fire DDP's hooks.
+- PyTorch's default init (deeppy's is sqrt(3) narrower); pictures decode the posterior mean; under
+  torchrun the gradients are all-reduced by hand (autograd.grad does not fire DDP's hooks).
 - No --conditional or --label: the paper's model is unconditional; labels serve attribute vectors.
 
     python vaegan.py --dataset fashion-mnist --dataroot /usr/share/datasets/fashion-mnist
@@ -62,7 +61,8 @@ def reparameterise(mu, logvar, eps):
     return mu + torch.exp(0.5 * logvar) * eps
 
 def kl_divergence(mu, logvar):
-    """The prior's term, KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), per image."""
+    """The prior's term, KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2),
+    per image (Kingma & Welling 2014, Appendix B)."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
 
 def recon_error(a, b):
@@ -70,7 +70,7 @@ def recon_error(a, b):
     pixels it is the VAE's error; on Dis_l features it is the learned similarity (Sec. 2.3, Eq. 5)."""
     return 0.5 * (a - b).pow(2).flatten(1).sum(1)
 
-# ----------------------------------------------------------------------------- Dis_l and the GAN (Sec. 2.2-2.3)
+# ------------------------------------------------------------------------- Dis_l and the GAN (Sec. 2.2-2.3)
 def disl_depth(size):
     """Which of D's convs gives Dis_l: the code's CelebA model (64 px) took the 4th, its CIFAR model
     (32 px) the 3rd, 8 x 8 features both; smaller images follow the CIFAR setting."""
@@ -121,7 +121,7 @@ def forward_losses(fwd, args, x):
     out["d_x"], out["d_gz"] = torch.sigmoid(real).mean(), torch.sigmoid(fake).mean()
     return out
 
-# ----------------------------------------------------------------------------- Alg. 1: which loss trains which net
+# --------------------------------------------------------------------- Alg. 1: which loss trains which net
 def network_losses(out, args):
     """Each network's own row of the table in the module docstring."""
     if args.no_gan:
@@ -211,7 +211,8 @@ def build_nets(args, nc, size):
     if args.no_gan and args.recon == "disl":
         fail("--recon disl needs the discriminator's features; drop --no-gan or add --recon pixel")
     torch.manual_seed(args.seed)
-    nets = {"E": make_encoder(nc, size, args.nz, args.width), "Dec": make_decoder(nc, size, args.nz, args.width)}
+    nets = {"E": make_encoder(nc, size, args.nz, args.width),
+            "Dec": make_decoder(nc, size, args.nz, args.width)}
     return nets if args.no_gan else {**nets, "D": make_discriminator(nc, size, args.width)}
 
 # ----------------------------------------------------------------------------- the schedule (the code's)
@@ -221,7 +222,8 @@ def make_optimizer(net, args, head=None):
     not on `head` (the encoder's mu/log sigma^2 layer), which the code built without a decay."""
     wd = {id(m.weight) for m in net.modules()
           if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m is not head}
-    groups = [{"params": [p for p in net.parameters() if id(p) in wd], "weight_decay": 2 * args.weight_decay / args.batch_size},
+    decay = 2 * args.weight_decay / args.batch_size
+    groups = [{"params": [p for p in net.parameters() if id(p) in wd], "weight_decay": decay},
               {"params": [p for p in net.parameters() if id(p) not in wd], "weight_decay": 0.0}]
     return torch.optim.RMSprop(groups, args.lr, alpha=0.9, eps=1e-8)
 
@@ -246,7 +248,7 @@ def attribute_vector(E, targs, k, device, n=10000):
         fail(f"--attribute {k}: the first {n} training images must hold class {k} and other classes")
     return z[on].mean(0) - z[~on].mean(0)
 
-# ----------------------------------------------------------------------------- latent tools (interpolation, a walk)
+# --------------------------------------------------------------------- latent tools (interpolation, a walk)
 @torch.no_grad()
 def decode(Dec, z, batch=500):
     return torch.cat([Dec(z[i:i + batch]) for i in range(0, len(z), batch)])
@@ -259,8 +261,7 @@ def slerp(a, b, t):
     c = ua @ ub  # cos(omega)
     v = ub - c * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
     s = v.norm()
-    # atan2, not acos: acos of a float32 cosine that rounds to 0.99999994 is 3e-4, not 0
-    omega = torch.atan2(s, c)
+    omega = torch.atan2(s, c)  # not acos: acos of a float32 cosine rounded to 0.99999994 is 3e-4, not 0
     if s < 1e-5 and c > 0:  # parallel: the arc is a point, so the path is the line between the norms
         return a + (b - a) * t[:, None]
     if s < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
@@ -306,8 +307,7 @@ def setup_run(args, device, data, rank=0, world=1):
     parts = {**nets, "Dfeat": nets["D"][0]} if "D" in nets else nets  # Dis_l: D's own first layers
     fwd = {k: torch.compile(m, dynamic=False) if args.compile else m for k, m in parts.items()}
     opts = {k: make_optimizer(n, args, head=n[-1] if k == "E" else None) for k, n in nets.items()}
-    if rank == 0:
-        print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()) + " parameters")
+    print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()), "parameters")
     return Run(args, nets, fwd, opts, images.to(device), classes, rank, world)
 
 def train(args, device, rank=0, world=1, typed=()):
@@ -345,10 +345,10 @@ def train(args, device, rank=0, world=1, typed=()):
                 append_log(os.path.join(args.outf, "log.csv"), [row])
                 rate = (run.step - start) * per_step / (time.time() - t0)
                 eta = ((args.epochs - epoch + 1) * len(idx) - i - 1) * per_step / rate / 60
-                gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} D(x) {row['d_x']:.2f} "
-                       f"D(G(z)) {row['d_gz']:.2f}") if "d_x" in row else ""
-                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] KL {row['kl']:.1f} rec {row['recon']:.4g}"
-                      f"{gan} | {rate:.0f} img/s | ETA {eta:.0f}m")
+                gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} "
+                       f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f}") if "d_x" in row else ""
+                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] KL {row['kl']:.1f} "
+                      f"rec {row['recon']:.4g}{gan} | {rate:.0f} img/s | ETA {eta:.0f}m")
         run.epoch = epoch
         if world > 1:  # BN running statistics are per rank; make every rank hold rank 0's
             for buf in (buf for net in run.nets.values() for buf in net.buffers()):
@@ -377,7 +377,8 @@ def sample(args):
         real, y = real.to(device), y.to(device)
     if args.recon_grid:  # test images over their reconstructions
         k = min(32, len(real)) // 8 * 8 or fail("--recon-grid needs 8 or more test images")
-        save_grid(pair_rows(real[:k].float() / 127.5 - 1, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
+        x = real[:k].float() / 127.5 - 1
+        save_grid(pair_rows(x, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
     if args.interp:  # rows: the latents of pairs of test images, lerp or slerp between them
         t, k = torch.linspace(0, 1, args.steps, device=device), min(8, len(real) // 2)
         ends = encode(E, real[:2 * k]).view(k, 2, -1)
@@ -394,7 +395,7 @@ def sample(args):
                   stem + f"_attr{args.attribute}.png")
     print(f"wrote {stem}*" + (f" and {args.npz}" if args.npz else ""))
 
-# ----------------------------------------------------------------------------- Appendix: plumbing, not the paper
+# ------------------------------------------------------------------------- Appendix: plumbing, not the paper
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
@@ -403,22 +404,25 @@ def fail(msg):
 # decoded once, then batches are gathered by index on the device, with no per-image Python in the loop.
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28, "folder": 64, "shapes": 32}
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-             "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+CIFAR_MD5 = {  # the official tarball's and its batch files'
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
                      "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
            "fashion-mnist": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
                              "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
-IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz"]
-CLASSES = {"mnist": list("0123456789"), "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"],
-           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                             "Bag", "Ankle boot"],
-           "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+IDX_FILES = [f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+CLASSES = {"mnist": list("0123456789"),
+           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"],
+           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                             "Sneaker", "Bag", "Ankle boot"],
+           "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                       "truck"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
@@ -501,9 +505,10 @@ def read_idx(path):
 def load_mnist(root, name, split):
     """MNIST and Fashion-MNIST: in DATAROOT, DATAROOT/NAME or a Debian dataset package, else downloaded."""
     dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
-    x, y = (read_idx(find_or_download([os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])],
-                                      os.path.join(root, name, IDX_FILES[i]), IDX_URLS[name] + IDX_FILES[i],
-                                      IDX_MD5[name][i])) for i in ([0, 1] if split == "train" else [2, 3]))
+    found = [[os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])] for i in range(4)]
+    x, y = (read_idx(find_or_download(found[i], os.path.join(root, name, IDX_FILES[i]),
+                                      IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
+            for i in ([0, 1] if split == "train" else [2, 3]))
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
 
 def decode_image(path, size, mode):
@@ -516,17 +521,16 @@ def decode_image(path, size, mode):
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
-    im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.BICUBIC)
+    im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
-
-def unreadable(e):
-    fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
 
 def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
+    def unreadable(e):  # os.walk would skip the folder without a word
+        fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable) for f in fs
                    if f.lower().endswith(IMAGE_EXT))
     if not files:
@@ -582,15 +586,16 @@ def load_dataset(args, split):
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
-        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().byte()
+        luma = torch.tensor([0.299, 0.587, 0.114])
+        x = torch.einsum("nchw,c->nhw", x.float(), luma)[:, None].round().byte()
     x, y = x.expand(-1, args.channels or x.shape[1], -1, -1), y.long()  # grey to RGB when asked
     if split == "train" and args.limit:
         x, y = x[:args.limit], y[:args.limit]
     if len(x) == 0:
         fail(f"the {split} split of {args.dataset} under {args.dataroot} holds no images")
     if x.shape[-1] != args.image_size:  # antialiased bilinear, in chunks
-        x = torch.cat([F.interpolate(c.float(), args.image_size, mode="bilinear", antialias=True).round().byte()
-                       for c in x.split(4096)])
+        x = torch.cat([F.interpolate(c.float(), args.image_size, mode="bilinear", antialias=True)
+                       for c in x.split(4096)]).round().clamp(0, 255).byte()
     return x.contiguous(), y, classes
 
 def batches(run, epoch):
@@ -606,7 +611,8 @@ def get_batch(run, idx):
 def checkpoint(run):
     """Everything a resume needs; `restore` reads back exactly these."""
     return {"script": SCRIPT, "args": vars(run.args), "image": list(run.images.shape[1::2]),  # C, size
-            **{k: n.state_dict() for k, n in run.nets.items()}, **{"opt" + k: o.state_dict() for k, o in run.opts.items()},
+            **{k: n.state_dict() for k, n in run.nets.items()},
+            **{"opt" + k: o.state_dict() for k, o in run.opts.items()},
             "epoch": run.epoch, "step": run.step, "classes": run.classes, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "balance": {"equilibrium": run.args.equilibrium, "margin": run.args.margin}}
@@ -625,7 +631,8 @@ def restore(run, ckpt):
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
-SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "interp", "steps", "walk", "attribute")
+SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "interp", "steps", "walk",
+                 "attribute")
 
 def resumed_args(args, ckpt, typed):
     """--resume: the checkpoint's flags, but MAY_CHANGE's from the command line; other typed flags that
@@ -633,9 +640,10 @@ def resumed_args(args, ckpt, typed):
     differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
               and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
-        fail("--resume keeps the checkpoint's training flags; " + ", ".join("--" + k.replace("_", "-") for k in differ)
-             + " differ from it (only --dataroot, --epochs, --outf, --cuda, --amp, --compile, --workers, "
-             "--log-every may change): drop them, or start a new run with another --outf")
+        flags = ", ".join("--" + k.replace("_", "-") for k in differ)
+        fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
+             "--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, "
+             "or start a new run with another --outf")
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
@@ -652,7 +660,8 @@ def save_checkpoint(obj, path):
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         if e.errno == errno.ENOSPC:
-            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; the last checkpoint is kept")
+            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
+                 "the last checkpoint is kept")
         fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
 
 def load_checkpoint(path, script):
@@ -737,7 +746,8 @@ def save_grid(images, path, nrow=8):
 
 def pair_rows(a, b, nrow=8):
     """Each row of `a` over the same row of `b`: images over their reconstructions in an 8-column grid."""
-    return torch.stack([a.reshape(-1, nrow, *a.shape[1:]), b.reshape(-1, nrow, *b.shape[1:])], 1).flatten(0, 2)
+    rows = [a.reshape(-1, nrow, *a.shape[1:]), b.reshape(-1, nrow, *b.shape[1:])]  # R x nrow x C x H x W
+    return torch.stack(rows, 1).flatten(0, 2)
 
 # ----------------------------------------------------------------------------- device and data parallel
 def pick_device(args, local_rank=0):
@@ -765,9 +775,8 @@ def average_grads(grads, world):
     return {k: [next(parts).view_as(g) for g in gs] for k, gs in grads.items()}
 
 # ----------------------------------------------------------------------------- command line
-def get_args(argv=None, typed_only=False):
-    """The flags; with typed_only, only those typed (every default dropped), to tell what --resume may take."""
-    p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)", argument_default=None)
+def make_parser():
+    p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)")
     a = p.add_argument
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
     a("--dataroot", default="./data", help="where the data lives or is downloaded to")
@@ -779,7 +788,7 @@ def get_args(argv=None, typed_only=False):
     a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
     a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
     a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
-    a("--gamma", type=float, help="the decoder's reconstruction weight (disl: 1e-6 at 64 px, 1e-5 below; pixel 2e-4)")
+    a("--gamma", type=float, help="decoder's reconstruction weight; disl 1e-6 (64 px) or 1e-5, pixel 2e-4")
     a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
     a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
     a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
@@ -807,6 +816,11 @@ def get_args(argv=None, typed_only=False):
     a("--steps", type=int, default=10, help="interpolation steps")
     a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
     a("--attribute", type=int, help="class K: add mean z of K minus mean z of the rest")
+    return p
+
+def get_args(argv=None, typed_only=False):
+    """The flags; with typed_only, the set of those typed (no defaults), to tell what --resume may take."""
+    p = make_parser()
     if typed_only:
         for action in p._actions:
             action.default = argparse.SUPPRESS
@@ -821,8 +835,8 @@ def get_args(argv=None, typed_only=False):
                      (args.batch_size < 2, f"--batch-size {args.batch_size} must be at least 2 (batch norm)"),
                      (args.log_every < 1, f"--log-every {args.log_every} must be at least 1"),
                      (args.n < 1, f"--n {args.n} must be at least 1"),
-                     (not os.path.isdir(out_dir), f"--out {args.out}: the folder {out_dir} does not exist; create it"),
-                     (args.outf and os.path.isfile(args.outf), f"--outf {args.outf} is a file; give a folder")]:
+                     (not os.path.isdir(out_dir), f"--out {args.out}: the folder {out_dir} does not exist"),
+                     (os.path.isfile(args.outf or ""), f"--outf {args.outf} is a file; give a folder")]:
         if bad:
             fail(msg)
     if args.dataset:  # training: the native size unless given, then gamma for that size
