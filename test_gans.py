@@ -1482,6 +1482,20 @@ def test_vaegan_fresh_run_and_resume_flags(tmp_path):
     assert torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)["epoch"] == 2
 
 
+def test_vaegan_setup_run_and_train_step_on_random_data():
+    """The entry points bench/bench.py uses: a Run on in-memory data, then one real training step."""
+    args = vaegan.get_args(VAEGAN_TINY + ["--margin", "-1"])
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g), None, [])
+    run = vaegan.setup_run(args, torch.device("cpu"), data)
+    assert isinstance(run, vaegan.Run) and set(run.nets) == {"E", "Dec", "D"} and run.images.shape == (16, 3, 16, 16)
+    before = {k: [p.detach().clone() for p in n.parameters()] for k, n in run.nets.items()}
+    out = vaegan.train_step(run, vaegan.get_batch(run, torch.arange(8)))
+    assert {"kl", "recon", "gan_d", "gan_g", "upd_d", "upd_dec"} <= set(out)
+    for k, n in run.nets.items():  # the rule is off: every network steps
+        assert any(not torch.equal(p, b) for p, b in zip(n.parameters(), before[k])), k
+
+
 # ----------------------------------------------------------------------------- lapgan.py and vaegan.py: data parallel
 def _ddp_run_worker(rank, port, script, argv, result):
     """One torchrun-style rank of lapgan.py or vaegan.py: train, then save its weights and its file writes."""

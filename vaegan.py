@@ -237,6 +237,10 @@ def encode(E, x, batch=500):
     """uint8 images -> posterior means mu (the code's embedding), in batches."""
     return torch.cat([posterior(E, x[i:i + batch].float() / 127.5 - 1)[0] for i in range(0, len(x), batch)])
 
+@torch.no_grad()
+def decode(Dec, z, batch=500):
+    return torch.cat([Dec(z[i:i + batch]) for i in range(0, len(z), batch)])
+
 def attribute_vector(E, targs, k, device, n=10000):
     """The mean latent of the images with attribute (here: class) k minus the mean of those without;
     adding it to an image's latent adds the attribute."""
@@ -249,10 +253,6 @@ def attribute_vector(E, targs, k, device, n=10000):
     return z[on].mean(0) - z[~on].mean(0)
 
 # --------------------------------------------------------------------- latent tools (interpolation, a walk)
-@torch.no_grad()
-def decode(Dec, z, batch=500):
-    return torch.cat([Dec(z[i:i + batch]) for i in range(0, len(z), batch)])
-
 def slerp(a, b, t):
     """Spherical interpolation (White 2016) of direction, linear in norm: Gaussian latents live near a
     sphere, and a straight line between two of them cuts through the unlikely low-norm interior."""
@@ -365,7 +365,7 @@ def sample(args):
     nets = build_nets(targs, *ckpt["image"])
     for k, n in nets.items():
         n.load_state_dict(ckpt[k])
-    E, Dec = (nets[k].to(device).eval() for k in ("E", "Dec"))
+    E, Dec = (nets[k].to(device).eval() for k in ("E", "Dec"))  # BN with its running statistics
     torch.manual_seed(args.seed)
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
     x = decode(Dec, torch.randn(args.n, targs.nz, device=device))
