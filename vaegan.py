@@ -674,6 +674,8 @@ def load_checkpoint(path, script):
     other = (ckpt.get("script") if isinstance(ckpt, dict) else None) or "another program"
     if other != script:
         fail(f"{path} was written by {other}.py, not {script}.py; use that script")
+    if "image" not in ckpt:  # the image shape entry came with the checkpoint/restore pair
+        fail(f"{path} was written by an older {script}.py; train it again with this one")
     return ckpt
 
 # ----------------------------------------------------------------------------- logs and pictures
