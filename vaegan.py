@@ -457,8 +457,7 @@ def checked(path):
     return data
 
 class BatchUnpickler(pickle.Unpickler):
-    """The official CIFAR-10 batches hold dicts, lists, bytes and numpy arrays: any other class a pickle
-    asks for (os.system, say) is refused, so a crafted file cannot run code."""
+    """Only what the official batches hold: a crafted file's os.system (say) is refused, not run."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
@@ -468,8 +467,7 @@ class BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 def read_cifar10(root, split):
-    """The official python tarball or its extracted folder, checked against the official md5s before
-    anything is unpickled: pickled dicts of 10000 x 3072 uint8 each."""
+    """The official tarball or its extracted folder, md5-checked before anything is unpickled."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     tar = os.path.join(root, "cifar-10-python.tar.gz")
     path = find_or_download([os.path.join(root, "cifar-10-batches-py"), tar], tar, CIFAR_URL,
@@ -554,8 +552,7 @@ def load_folder(root, size, channels, workers):
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
-    """The built-in synthetic set: one coloured shape per image on a dark background, one class each.
-    Made in chunks of 1000 with their own seeds, so `--limit` takes a prefix of the same images."""
+    """One coloured shape per image, one class each; chunks of 1000 seeded alone, so --limit is a prefix."""
     parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
     return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
 
@@ -635,8 +632,7 @@ SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "i
                  "attribute")
 
 def resumed_args(args, ckpt, typed):
-    """--resume: the checkpoint's flags, but MAY_CHANGE's from the command line; other typed flags that
-    differ from the checkpoint are an error, not silently dropped."""
+    """The checkpoint's flags, MAY_CHANGE's from the command line; other typed flags must agree."""
     differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
               and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
@@ -680,8 +676,7 @@ def load_checkpoint(path, script):
 
 # ----------------------------------------------------------------------------- logs and pictures
 def end_of_epoch_files(run, fixed_z):
-    """Samples of the fixed latents, 32 training images over their reconstructions (or as many as there
-    are), the checkpoint and curves.png. NaN weights stop the run with the last good checkpoint kept."""
+    """Fixed-latent samples, 32 training images (or all) over their reconstructions, ckpt.pt, curves.png."""
     nets, outf, epoch = run.nets, run.args.outf, run.epoch
     if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
         fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
@@ -769,8 +764,7 @@ def global_mean(*values):
     return t.tolist()
 
 def average_grads(grads, world):
-    """What DDP's backward hooks do, done by hand because autograd.grad does not fire them: one
-    all-reduce of all gradients together, divided by the number of ranks."""
+    """DDP's backward hooks by hand (autograd.grad does not fire them): one all-reduce, mean over ranks."""
     flat = torch.cat([g.flatten() for gs in grads.values() for g in gs])
     dist.all_reduce(flat)
     parts = iter(flat.div_(world).split([g.numel() for gs in grads.values() for g in gs]))
