@@ -1309,7 +1309,7 @@ VAEGAN_TINY = ["--dataset", "shapes", "--image-size", "16", "--width", "8", "--n
 def vaegan_run(*extra, n=32):
     """A training run (networks, optimisers, data) on tiny shapes, as train() sets it up."""
     args = vaegan.get_args(VAEGAN_TINY + list(extra))
-    return vaegan.setup_training(args, torch.device("cpu"), 0, 1, vaegan.make_shapes(n, 16, 0))
+    return vaegan.setup_run(args, torch.device("cpu"), vaegan.make_shapes(n, 16, 0))
 
 
 class RecordingOptimizer:
@@ -1327,22 +1327,27 @@ class RecordingOptimizer:
 def test_vaegan_shapes_bias_and_bn_momentum(size, nc):
     w, nz, B = 8, 10, 3
     args = vaegan.get_args(["--dataset", "shapes", "--image-size", str(size), "--width", str(w), "--nz", str(nz)])
-    nets = vaegan.build_nets(args, nc)
+    nets = vaegan.build_nets(args, nc, size)
     assert set(nets) == {"E", "Dec", "D"}
     x = torch.rand(B, nc, size, size) * 2 - 1
     mu, logvar = vaegan.posterior(nets["E"], x)
     assert mu.shape == logvar.shape == (B, nz)
     out = nets["Dec"](mu)
     assert out.shape == (B, nc, size, size) and out.abs().max() <= 1  # tanh
-    s = -(-size // 8)  # 28 -> 4, 32 -> 4, 64 -> 8
+    # Dis_l: the code's CelebA model (64 px) took D's 4th conv, its CIFAR model (32 px) the 3rd: 8 x 8 both
+    depth, s = (4, size // 8) if size >= 64 else (3, -(-size // 4))  # 28 -> 7, 32 -> 8, 64 -> 8
     feats = nets["D"][0](x)
-    assert feats.shape == (B, 4 * w, s, s)  # Dis_l: D's 4th conv, 256 x 8 x 8 at width 64 and 64 px
+    assert feats.shape == (B, 4 * w, s, s) and isinstance(nets["D"][0][-1], nn.Conv2d)
+    assert sum(isinstance(m, nn.Conv2d) for m in nets["D"][0]) == depth
+    assert args.gamma == (1e-6 if size >= 64 else 1e-5)  # the code's w for that layer
     assert nets["D"](x).shape == (B,)  # one logit per image
     assert torch.allclose(nets["D"][1](feats), nets["D"](x))  # D is Dis_l then the rest
     for name, net in nets.items():
         layers = [m for m in net.modules() if not isinstance(m, nn.Sequential)]
         bns = [m for m in layers if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
         assert bns and all(m.momentum == 0.1 for m in bns), name
+        # BN starts as the identity on normalised units (scale 1, shift 0), as deeppy's and PyTorch's
+        assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in bns), name
         for a, b in zip(layers, layers[1:]):
             if isinstance(a, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 before_bn = isinstance(b, (nn.BatchNorm1d, nn.BatchNorm2d))
@@ -1355,11 +1360,11 @@ def test_vaegan_shapes_bias_and_bn_momentum(size, nc):
 
 def test_vaegan_unsupported_size_and_disl_without_d_are_clear_errors():
     with pytest.raises(SystemExit, match="--image-size 30"):
-        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "30"]), 3)
+        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "30"]), 3, 30)
     with pytest.raises(SystemExit, match="--recon disl needs"):
-        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan"]), 3)
+        vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan"]), 3, 32)
     nets = vaegan.build_nets(vaegan.get_args(["--dataset", "shapes", "--image-size", "32", "--no-gan",
-                                              "--recon", "pixel"]), 3)
+                                              "--recon", "pixel"]), 3, 32)
     assert set(nets) == {"E", "Dec"}
 
 
@@ -1406,9 +1411,9 @@ def grad_distance(a, b):
 @pytest.mark.parametrize("extra", [[], ["--recon", "pixel", "--fake-recon", "--nonsat"]])
 def test_vaegan_routing_table_numerically(extra):
     run = vaegan_run("--gamma", "0.5", "--margin", "-1", *extra)  # no rule: every network steps
-    args, nets = run["args"], run["nets"]
+    args, nets = run.args, run.nets
     stepped = {}
-    run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in nets.items()}
+    run.opts = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in nets.items()}
     x = vaegan.get_batch(run, torch.arange(8))
     torch.manual_seed(1234)
     out = vaegan.train_step(run, x)
@@ -1436,12 +1441,12 @@ def test_vaegan_routing_table_numerically(extra):
 def test_vaegan_plain_vae_routing():
     run = vaegan_run("--recon", "pixel", "--no-gan")
     stepped = {}
-    run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run["nets"].items()}
+    run.opts = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run.nets.items()}
     x = vaegan.get_batch(run, torch.arange(8))
     torch.manual_seed(5)
     out = vaegan.train_step(run, x)
     assert set(stepped) == {"E", "Dec"} and "gan_g" not in out
-    E, Dec = run["nets"]["E"], run["nets"]["Dec"]
+    E, Dec = run.nets["E"], run.nets["Dec"]
     torch.manual_seed(5)
     mu, logvar = E(x).chunk(2, 1)
     z = mu + torch.exp(logvar / 2) * torch.randn_like(mu)  # no prior batch without a GAN
@@ -1514,7 +1519,7 @@ def test_vaegan_equilibrium_rule_in_the_training_step(monkeypatch):
     for err_real, err_fake, upd_d, upd_dec in EQUILIBRIUM_CASES[:5] + EQUILIBRIUM_CASES[8:9]:
         monkeypatch.setattr(vaegan, "global_mean", lambda *v, r=err_real, f=err_fake: [r, f])
         stepped = {}
-        run["opts"] = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run["nets"].items()}
+        run.opts = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run.nets.items()}
         out = vaegan.train_step(run, x)
         expected = {"E"} | ({"D"} if upd_d else set()) | ({"Dec"} if upd_dec else set())
         assert set(stepped) == expected, (err_real, err_fake)  # the encoder always steps
@@ -1522,10 +1527,10 @@ def test_vaegan_equilibrium_rule_in_the_training_step(monkeypatch):
     # with real optimisers: a skipped network keeps its weights, the encoder moves
     run = vaegan_run()
     monkeypatch.setattr(vaegan, "global_mean", lambda *v: [0.1, 0.1])  # D too good: D rests
-    before = {k: copy.deepcopy(n.state_dict()) for k, n in run["nets"].items()}
+    before = {k: copy.deepcopy(n.state_dict()) for k, n in run.nets.items()}
     vaegan.train_step(run, x)
     changed = {k: any(not torch.equal(before[k][p], v) for p, v in n.named_parameters())
-               for k, n in run["nets"].items()}
+               for k, n in run.nets.items()}
     assert changed == {"E": True, "Dec": True, "D": False}
 
 
@@ -1614,6 +1619,285 @@ def test_vaegan_bad_inputs_give_one_line_errors(tmp_path):
         vaegan.main(VAEGAN_TINY + ["--resume", "--outf", str(tmp_path / "empty")])
 
 
+# ----------------------------------------------------------------------------- vaegan.py: against the paper's code
+def rmsprop_by_hand(weights, grads, lr, decay):
+    """RMSProp (decay 0.9, eps 1e-8) written out, on g + decay[i] * W: the gradient deeppy would take."""
+    W, sq = [w.clone() for w in weights], [torch.zeros_like(w) for w in weights]
+    for gs in grads:
+        for i, g in enumerate(gs):
+            g = g + decay[i] * W[i]
+            sq[i] = 0.9 * sq[i] + 0.1 * g * g
+            W[i] = W[i] - lr * g / (sq[i].sqrt() + 1e-8)
+    return W
+
+
+def test_vaegan_weight_decay_is_deeppys_and_spares_the_latent_head():
+    wd, B = 0.5, 8
+    run = vaegan_run("--weight-decay", str(wd))
+    E, opt = run.nets["E"], run.opts["E"]
+    params = list(E.parameters())
+    before = [p.detach().clone() for p in params]
+    grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(3)]
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    moved = torch.cat([(p.detach() - w).flatten() for p, w in zip(params, before)])
+    convs = [m for m in E.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert convs[-1] is E[-1]  # the mu / log sigma^2 layer
+    weights = {id(m.weight) for m in convs[:-1]}
+    lr = opt.param_groups[0]["lr"]
+
+    def expected(per_weight, head=0.0):
+        decay = [per_weight if id(p) in weights else head if p is E[-1].weight else 0.0 for p in params]
+        W = rmsprop_by_hand(before, grads, lr, decay)
+        return torch.cat([(w - b).flatten() for w, b in zip(W, before)])
+    # deeppy adds 2 wd W to the gradient of a batch sum; our losses are batch means, so 2 wd / B
+    assert (moved - expected(2 * wd / B)).norm() < 1e-4 * moved.norm()
+    for wrong in (expected(wd / B), expected(2 * wd / B, head=2 * wd / B), expected(0.0)):
+        assert (moved - wrong).norm() > 1e-3 * moved.norm()
+
+
+def test_vaegan_pixel_gamma_is_the_faces_codes_weight():
+    args = vaegan.get_args(["--dataset", "shapes", "--recon", "pixel"])
+    # the faces post's code: the decoder's gradient of 1e-4 sum_i ||x~_i - x_i||^2, its GAN term also summed
+    # over the batch; ours: gamma * mean_i 1/2 ||x~_i - x_i||^2 and a batch-mean GAN term, so B x ours
+    B, x = 5, torch.randn(5, 3, 4, 4)
+    x_tilde = torch.randn(5, 3, 4, 4, requires_grad=True)
+    ours = torch.autograd.grad(args.gamma * vaegan.recon_error(x_tilde, x).mean(), x_tilde)[0]
+    theirs = torch.autograd.grad(1e-4 * ((x_tilde - x) ** 2).sum(), x_tilde)[0]
+    assert torch.allclose(B * ours, theirs, rtol=1e-5)
+    assert vaegan.get_args(["--dataset", "shapes", "--recon", "pixel", "--gamma", "0.3"]).gamma == 0.3
+
+
+def test_vaegan_attribute_vector_points_towards_the_class(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(40) % 4
+    monkeypatch.setattr(vaegan, "load_dataset", lambda targs, split: (x, y, list("abcd")))
+
+    class StubEncoder(nn.Module):  # mu = the first 3 pixels, log sigma^2 = 0
+        def forward(self, v):
+            return torch.cat([v.flatten(1)[:, :3], torch.zeros(len(v), 3)], 1)
+    v = vaegan.attribute_vector(StubEncoder(), argparse.Namespace(), 2, torch.device("cpu"))
+    mu = x.flatten(1)[:, :3].float() / 127.5 - 1
+    # Sec. 5: the mean latent of the images with the attribute minus the mean of those without
+    assert torch.allclose(v, mu[y == 2].mean(0) - mu[y != 2].mean(0), atol=1e-6)
+
+
+def test_vaegan_data_readers(tmp_path, monkeypatch):
+    batches = vaegan_cifar(tmp_path, monkeypatch)
+    x, y, classes = vaegan.read_cifar10(str(tmp_path), "train")
+    first = batches["data_batch_1"][0][0]
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[9] == "truck"
+    assert np.array_equal(x[0, 0].numpy().ravel(), first[:1024]) and np.array_equal(x[0, 2].numpy().ravel(), first[2048:])
+    assert y[6:12].tolist() == batches["data_batch_2"][1] and y.dtype == torch.int64
+    assert vaegan.read_cifar10(str(tmp_path), "test")[1].tolist() == batches["test_batch"][1]
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:  # the extracted folder reads the same
+        tar.extractall(tmp_path / "ex")
+    assert torch.equal(vaegan.read_cifar10(str(tmp_path / "ex"), "train")[0], x)
+    os.makedirs(tmp_path / "fashion-mnist")  # DATAROOT/NAME
+    data = write_mnist(tmp_path / "fashion-mnist")
+    x, y, classes = vaegan.load_mnist(str(tmp_path), "fashion-mnist", "train")
+    assert x.shape == (40, 1, 28, 28) and np.array_equal(x[:, 0].numpy(), data["train"][0])
+    assert y.tolist() == data["train"][1].tolist() and classes[9] == "Ankle boot"
+    assert np.array_equal(vaegan.load_mnist(str(tmp_path), "fashion-mnist", "test")[0][:, 0].numpy(), data["t10k"][0])
+    folder = tmp_path / "images"
+    make_image_folder(folder, 3)
+    x, y, classes = vaegan.load_folder(str(folder), 16, None, 2)
+    assert classes == ["cats", "dogs"] and x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    im = np.asarray(Image.open(folder / "cats" / "0.png"))  # 40 x 50: scale the short side to 16, crop the centre
+    ref = np.asarray(Image.fromarray(im).resize((20, 16), Image.BICUBIC))[:, 2:18]
+    assert np.array_equal(x[0].permute(1, 2, 0).numpy(), ref)
+    assert len(list(folder.glob(".cache-16px-*.npz"))) == 1
+    assert torch.equal(vaegan.load_folder(str(folder), 16, None, 2)[0], x)  # from the cache
+
+
+# ----------------------------------------------------------------------------- vaegan.py: bad input and faults
+def vaegan_cifar(root, monkeypatch, n_per_batch=6):
+    """write_cifar_tarball's batches pickled again as the official ones read (bytes as bytes, protocol 4),
+    with vaegan.CIFAR_MD5 patched to the md5s of these fake files."""
+    import hashlib
+    batches, path = write_cifar_tarball(root, n_per_batch), os.path.join(root, "cifar-10-python.tar.gz")
+    with tarfile.open(path) as tar:
+        members = [(m.name, pickle.loads(tar.extractfile(m).read(), encoding="bytes")) for m in tar.getmembers()]
+    md5 = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members:
+            data = pickle.dumps(obj, protocol=4)
+            md5[os.path.basename(name)] = hashlib.md5(data).hexdigest()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        md5["cifar-10-python.tar.gz"] = hashlib.md5(f.read()).hexdigest()
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", md5)
+    return batches
+
+
+def vaegan_error(call, *fragments):
+    """call() stops with one line, 'error: ...', holding every fragment."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    assert all(f in msg for f in fragments), msg
+    return msg
+
+
+def test_vaegan_cifar_checksums_and_restricted_unpickler(tmp_path, monkeypatch):
+    import hashlib
+    vaegan_cifar(tmp_path, monkeypatch)
+    tar = str(tmp_path / "cifar-10-python.tar.gz")
+    assert vaegan.read_cifar10(str(tmp_path), "test")[0].shape == (6, 3, 32, 32)
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", {**vaegan.CIFAR_MD5, "cifar-10-python.tar.gz": "0" * 32})
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path), "train"),
+                 f"{tar} does not match the official CIFAR-10 checksum; delete it to download it again")
+    # a crafted batch whose unpickling would run a command: refused even when its md5 is the expected one
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    folder = tmp_path / "ex" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Crafted(), b"labels": [0]}, protocol=4))
+    md5 = hashlib.md5((folder / "test_batch").read_bytes()).hexdigest()
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", {**vaegan.CIFAR_MD5, "test_batch": md5})
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path / "ex"), "test"), "is damaged", "system")
+    assert not marker.exists()
+    (folder / "test_batch").write_bytes(b"another file")  # the extracted folder: each batch file is checked
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path / "ex"), "test"),
+                 f"{folder / 'test_batch'} does not match the official CIFAR-10 checksum")
+    # a truncated tarball (say its md5 were right): damaged, one line
+    data = open(tar, "rb").read()
+    with open(tar, "wb") as f:
+        f.write(data[:len(data) // 2])
+    monkeypatch.setattr(vaegan, "CIFAR_MD5", {**vaegan.CIFAR_MD5,
+                                              "cifar-10-python.tar.gz": hashlib.md5(data[:len(data) // 2]).hexdigest()})
+    vaegan_error(lambda: vaegan.read_cifar10(str(tmp_path), "train"),
+                 f"{tar} is damaged (", "); delete it to download it again, or replace it")
+
+
+def test_vaegan_damaged_idx_files(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # a download cut short
+    vaegan_error(lambda: vaegan.load_mnist(str(tmp_path), "mnist", "train"), f"{path} is damaged (",
+                 "delete it to download it again, or replace it")
+    write_idx(path, np.zeros((40, 28, 28)))
+    with gzip.open(path) as f:
+        raw = f.read()
+    with gzip.open(path, "wb") as f:  # the header says 40 images, the file holds 39
+        f.write(raw[:-28 * 28])
+    vaegan_error(lambda: vaegan.load_mnist(str(tmp_path), "mnist", "train"), f"{path} is damaged (",
+                 f"{39 * 28 * 28} bytes of data, its header gives {40 * 28 * 28}")
+
+
+def test_vaegan_folder_16bit_unreadable_and_cache(tmp_path, monkeypatch):
+    root = tmp_path / "grey"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 0x8040, np.uint16)).save(root / "a" / "deep.png")  # 16-bit grey
+    assert Image.open(root / "a" / "deep.png").mode.startswith("I")
+    x, _, _ = vaegan.load_folder(str(root), 8, None, 1)
+    assert x.shape == (1, 1, 8, 8) and (x == 0x80).all()  # 0x8040 >> 8, not clipped to white
+    cache = next(root.glob(".cache-*.npz"))
+    assert not list(root.glob("*.tmp"))  # written atomically
+    cache.write_bytes(cache.read_bytes()[:40])  # truncated by a crash: decoded again, no traceback
+    assert torch.equal(vaegan.load_folder(str(root), 8, None, 1)[0], x)
+    assert np.load(cache)["x"].shape == (1, 1, 8, 8)  # and written again whole
+    (root / "b").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what os.walk meets in a folder it may not read (root ignores chmod)
+        if os.path.basename(os.fspath(path)) == "b":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    vaegan_error(lambda: vaegan.load_folder(str(root), 8, None, 1),
+                 f"cannot read {root / 'b'} (Permission denied); fix its permissions or move it out of --dataroot")
+
+
+def test_vaegan_checkpoint_write_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    path = str(tmp_path / "ckpt.pt")
+    vaegan.save_checkpoint({"script": "vaegan", "step": 1}, path)
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    vaegan_error(lambda: vaegan.save_checkpoint({"script": "vaegan", "step": 2}, path),
+                 f"no space left on {tmp_path} writing {path}; the last checkpoint is kept")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+    def read_only(obj, f):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    vaegan_error(lambda: vaegan.save_checkpoint({}, path),
+                 f"could not write {path} (Read-only file system); the last checkpoint is kept")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_vaegan_numbers_and_paths_are_checked(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = [(["--epochs", "0"], "--epochs 0 must be at least 1"),
+             (["--image-size", "0"], "--image-size 0 must be between 1 and 1024"),
+             (["--image-size", "-8"], "--image-size -8 must be between"),
+             (["--image-size", "100000"], "--image-size 100000 must be between 1 and 1024"),
+             (["--batch-size", "1"], "--batch-size 1 must be at least 2"),
+             (["--log-every", "0"], "--log-every 0 must be at least 1"),
+             (["--outf", str(tmp_path / "file")], f"--outf {tmp_path / 'file'} is a file; give a folder")]
+    for extra, fragment in cases:
+        vaegan_error(lambda: vaegan.main(["--dataset", "shapes"] + extra), fragment)
+    ckpt = str(tmp_path / "ckpt.pt")
+    vaegan_error(lambda: vaegan.main(["--sample", "--ckpt", ckpt, "--n", "0"]), "--n 0 must be at least 1")
+    vaegan_error(lambda: vaegan.main(["--sample", "--ckpt", ckpt, "--out", str(tmp_path / "no" / "s.png")]),
+                 f"the folder {tmp_path / 'no'} does not exist")
+
+
+def test_vaegan_too_little_data_and_the_32_image_picture(tmp_path):
+    vaegan_error(lambda: vaegan.main(VAEGAN_TINY + ["--limit", "7", "--outf", str(tmp_path / "a")]),
+                 "only 7 training images, fewer than one batch of --batch-size 8; lower --batch-size or add images")
+    outf = str(tmp_path / "b")
+    vaegan.main(VAEGAN_TINY + ["--limit", "12", "--batch-size", "4", "--epochs", "1", "--outf", outf])
+    c = 16 + 2
+    assert Image.open(os.path.join(outf, "recon_e001.png")).size == (2 + 8 * c, 2 + 2 * c)  # 8 over 8
+
+
+def test_vaegan_fresh_run_and_resume_flags(tmp_path):
+    outf = str(tmp_path / "run")
+    tiny = VAEGAN_TINY + ["--limit", "16", "--outf", outf]
+    vaegan.main(tiny + ["--epochs", "1"])
+    vaegan_error(lambda: vaegan.main(tiny + ["--epochs", "2"]),
+                 f"error: {outf} already holds a run; add --resume to continue it, or choose another --outf")
+    msg = vaegan_error(lambda: vaegan.main(tiny + ["--epochs", "2", "--resume", "--lr", "0.1", "--batch-size", "4"]))
+    assert msg == ("error: --resume keeps the checkpoint's training flags; --batch-size, --lr differ from it (only "
+                   "--dataroot, --epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): "
+                   "drop them, or start a new run with another --outf")
+    vaegan_error(lambda: vaegan.main(tiny + ["--epochs", "1", "--resume"]),
+                 "the checkpoint has already trained 1 epochs; give --epochs larger than 1 to train more")
+    # the flags a resume may change come from the command line: here a --dataroot the data moved to
+    run = vaegan.main(tiny + ["--epochs", "2", "--resume", "--dataroot", str(tmp_path / "moved"), "--log-every", "1"])
+    assert run.args.dataroot == str(tmp_path / "moved") and run.args.log_every == 1
+    assert torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)["epoch"] == 2
+
+
+def test_vaegan_setup_run_and_train_step_on_random_data():
+    """The entry points bench/bench.py uses: a Run on in-memory data, then one real training step."""
+    args = vaegan.get_args(VAEGAN_TINY + ["--margin", "-1"])
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g), None, [])
+    run = vaegan.setup_run(args, torch.device("cpu"), data)
+    assert isinstance(run, vaegan.Run) and set(run.nets) == {"E", "Dec", "D"} and run.images.shape == (16, 3, 16, 16)
+    before = {k: [p.detach().clone() for p in n.parameters()] for k, n in run.nets.items()}
+    out = vaegan.train_step(run, vaegan.get_batch(run, torch.arange(8)))
+    assert {"kl", "recon", "gan_d", "gan_g", "upd_d", "upd_dec"} <= set(out)
+    for k, n in run.nets.items():  # the rule is off: every network steps
+        assert any(not torch.equal(p, b) for p, b in zip(n.parameters(), before[k])), k
+
+
 # ----------------------------------------------------------------------------- lapgan.py and vaegan.py: data parallel
 def _ddp_run_worker(rank, port, script, argv, result):
     """One torchrun-style rank of lapgan.py or vaegan.py: train, then save its weights and its file writes."""
@@ -1624,10 +1908,22 @@ def _ddp_run_worker(rank, port, script, argv, result):
     for name in ("save_checkpoint", "append_log", "save_grid", "plot_curves"):
         real = getattr(mod, name)
         setattr(mod, name, lambda *a, _real=real, _name=name, **k: (writes.append(_name), _real(*a, **k))[1])
-    run = mod.main(argv)
-    nets = ({f"{m}{k}": lv[m] for k, lv in run["levels"].items() for m in ("G", "D")} if script == "lapgan"
-            else run["nets"])
-    torch.save({"nets": {k: n.state_dict() for k, n in nets.items()}, "writes": writes}, f"{result}{rank}.pt")
+    # Gloo aborts ("terminate called without an active exception") when one rank tears its group down
+    # while the other still talks to it: every teardown waits for both ranks first, even after an error
+    destroy = torch.distributed.destroy_process_group
+
+    def barrier_then_destroy(*a, **k):
+        torch.distributed.barrier()
+        destroy(*a, **k)
+    torch.distributed.destroy_process_group = barrier_then_destroy
+    try:
+        run = mod.main(argv)
+        nets = ({f"{m}{k}": lv[m] for k, lv in run["levels"].items() for m in ("G", "D")} if script == "lapgan"
+                else run.nets)
+        torch.save({"nets": {k: n.state_dict() for k, n in nets.items()}, "writes": writes}, f"{result}{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            destroy()
 
 
 @pytest.mark.parametrize("script,argv", [
@@ -1636,7 +1932,17 @@ def _ddp_run_worker(rank, port, script, argv, result):
 def test_data_parallel_two_ranks_lapgan_vaegan(tmp_path, script, argv):
     """Two Gloo ranks: identical weights (and BN statistics) afterwards, and only rank 0 writes files."""
     outf, result = str(tmp_path / "ddp"), str(tmp_path / "rank")
-    torch.multiprocessing.spawn(_ddp_run_worker, args=(free_port(), script, argv + ["--outf", outf], result), nprocs=2)
+    ctx = torch.multiprocessing.spawn(_ddp_run_worker, args=(free_port(), script, argv + ["--outf", outf], result),
+                                      nprocs=2, join=False)
+    import time
+    try:  # join raises if a rank failed (a SIGABRT included); True once both exited, False while one runs
+        deadline = time.time() + 300
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "the ranks did not finish in 5 minutes"
+    finally:
+        for p in ctx.processes:
+            p.kill() if p.is_alive() else p.join()
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
     r0, r1 = (torch.load(f"{result}{r}.pt", weights_only=True) for r in (0, 1))
     assert r1["writes"] == [] and "save_checkpoint" in r0["writes"]
     for net, state in r0["nets"].items():

@@ -1,37 +1,46 @@
-"""vaegan.py: the VAE/GAN, a variational autoencoder and a GAN sharing one decoder/generator.
+"""vaegan.py: the VAE/GAN of Larsen, Sønderby, Larochelle & Winther 2016, "Autoencoding beyond pixels
+using a learned similarity metric" (ICML), first shown in the "Generating Faces with Torch" post.
 
-Papers: Larsen, Sønderby, Larochelle & Winther 2016, "Autoencoding beyond pixels using a learned
-similarity metric" (ICML), and the "Generating Faces with Torch" post that first showed it (a VAE whose
-decoder is also a GAN generator). The VAE's pixel error is replaced by the error of the discriminator's
-hidden features Dis_l (Sec. 2.3), so the decoder is told "look the same to D" rather than "match every
-pixel", and the blur of a plain VAE goes away.
+A VAE encodes x to q(z | x) = N(mu, sigma^2) and decodes a sample z to x~; the decoder is also a GAN's
+generator. The VAE's pixel error is replaced by the error of D's hidden features Dis_l (Sec. 2.3), so
+the decoder learns to "look the same to D", not to "match every pixel", and a plain VAE's blur goes
+away. Each network learns from its own row of this table (Alg. 1), the heart of the method:
+
+    | into          | KL prior | reconstruction (Dis_l or pixels) | GAN                  |
+    | encoder       | yes      | yes                              | no                   |
+    | decoder       | no       | weighted by gamma                | yes (generator side) |
+    | discriminator | no       | no                               | yes                  |
+
+Paper (and its code, andersbll/autoencoding_beyond_pixels) to code:
+    Sec. 2.1  the VAE: q(z | x), z = mu + sigma eps, KL     posterior, reparameterise, kl_divergence
+    Sec. 2.3  Dis_l, the learned similarity, weight gamma    recon_error, disl_depth, default_gamma
+    Sec. 2.2  the GAN's losses on x, Dec(z) (and x~)         forward_losses (--nonsat, --fake-recon)
+    Alg. 1    which loss updates which network              network_losses, routed_grads, train_step
+    code      the equilibrium rule (0.68 +- 0.35)            equilibrium_rule (--equilibrium, --margin)
+    Sec. 4    the 64 px (CelebA) and 32 px (CIFAR) nets     make_encoder, make_decoder, make_discriminator
+    code      RMSProp, annealed lr, weight decay             make_optimizer, annealed_lr
+    Sec. 5    visual attribute vectors                       attribute_vector (--attribute K)
+
+Deviations (also in README.md):
+- Losses are summed over features and averaged over the batch (the code summed over the batch too). A
+  common factor changes nothing under RMSProp but weight decay: deeppy adds 2 wd W to the gradient of
+  the summed loss, so ours adds 2 wd W / B; the mu/log sigma^2 layer has no decay, as in the code.
+- `--recon pixel` with the GAN: gamma 2e-4 by default, the faces code's 1e-4 in our units.
+- D outputs a logit (BCE with logits, without the code's clip); the decoder's GAN term lacks the code's
+  (1 - w) factor; reconstructions and prior samples share one decoder batch (one set of BN statistics).
+- At 32 px D's 3rd conv and the decoder's first deconv have 256 filters (the code's CIFAR nets: 192).
+- PyTorch's default init (deeppy's is sqrt(3) narrower); pictures decode the posterior mean; under
+  torchrun the gradients are all-reduced by hand (autograd.grad does not fire DDP's hooks).
+- No --conditional or --label: the paper's model is unconditional; labels serve attribute vectors.
 
     python vaegan.py --dataset fashion-mnist --dataroot /usr/share/datasets/fashion-mnist
+    python vaegan.py --dataset fashion-mnist --recon pixel --no-gan --outf out/vae-fashion-mnist
     python vaegan.py --sample --ckpt out/vaegan-fashion-mnist/ckpt.pt --recon-grid --attribute 1
-
-Which loss trains which network (Alg. 1 of the paper; the heart of the method):
-
-    | into          | KL prior | reconstruction (Dis_l or pixels) | GAN                 |
-    | ------------- | -------- | -------------------------------- | ------------------- |
-    | encoder       | yes      | yes                              | no                  |
-    | decoder       | no       | weighted by gamma                | yes (generator side)|
-    | discriminator | no       | no                               | yes                 |
-
-One forward pass per batch; each network's gradient is taken of exactly its own row of the table
-with torch.autograd.grad(loss, that_net.parameters()), then the optimisers step. The equilibrium rule
-may skip D's or the decoder's step; the encoder always steps. `--recon pixel --no-gan` is a plain VAE.
-
-Reduction: every loss is summed over its features (latent units, Dis_l units or pixels) and averaged
-over the batch. The paper's code sums over the batch too; a common factor changes nothing under RMSProp
-except the weight decay, so `--weight-decay` is given in the paper's units and divided by the batch.
-Summing over features keeps gamma's meaning: the paper's w = 1e-6 weighs a sum over 16,384 Dis_l units
-(64x64) against one GAN error per image, exactly as here. Other deviations: D outputs a logit (BCE with
-logits, without the code's eps clip); the decoder's GAN term lacks the code's (1 - w) factor; prior and
-posterior samples share one decoder batch; PyTorch's default init (deeppy's is sqrt(3) narrower);
-pictures decode the posterior mean; under torchrun gradients are all-reduced by hand (no DDP wrapper).
 """
-import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
+import argparse, contextlib, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, zlib
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -41,164 +50,493 @@ from PIL import Image, ImageDraw
 
 SCRIPT = "vaegan"
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)")
-    a = p.add_argument
-    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
-    a("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    a("--image-size", type=int, default=None, help="native size unless given; 64 for folder")
-    a("--channels", type=int, choices=[1, 3], default=None, help="force greyscale or RGB")
-    a("--limit", type=int, default=None, help="use only the first N training images")
-    a("--nz", type=int, default=128, help="latent size")
-    a("--width", type=int, default=64, help="base width: encoder 64-128-256-1024, D 32-128-256-256-512")
-    a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
-    a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
-    a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
-    a("--gamma", type=float, default=None, help="reconstruction weight in the decoder (1e-6 disl, 1 pixel)")
-    a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
-    a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
-    a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
-    a("--epochs", type=int, default=25, help="25 epochs of CelebA ~ the paper's 62,500 steps")
-    a("--batch-size", type=int, default=64)
-    a("--lr", type=float, default=0.025 / 64, help="RMSProp start (the code: 0.025 / batch)")
-    a("--lr-end", type=float, default=1e-5 / 64, help="RMSProp end of the annealing")
-    a("--lr-power", type=float, default=0.75, help="lr = lr0 - (e/E)^power (lr0 - lr_end)")
-    a("--weight-decay", type=float, default=1e-5, help="on conv/linear weights, paper units")
-    a("--seed", type=int, default=1)
-    a("--outf", default=None, help="output folder (default out/vaegan-DATASET)")
-    a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
-    a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
-    a("--cuda", action="store_true")
-    a("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    a("--compile", action="store_true", help="torch.compile the networks")
-    a("--workers", type=int, default=4, help="threads decoding a folder of images")
-    a("--bench", type=int, default=0, help="time N training steps on random data and exit")
-    a("--sample", action="store_true", help="sample from --ckpt instead of training")
-    a("--ckpt", default=None)
-    a("--n", type=int, default=64, help="number of samples")
-    a("--npz", default=None, help="also write the samples to this .npz")
-    a("--out", default=None, help="grid PNG (default: beside the checkpoint)")
-    a("--recon-grid", action="store_true", help="test images (odd rows) over their reconstructions")
-    a("--interp", choices=["lerp", "slerp"], default=None, help="between two encoded test images")
-    a("--steps", type=int, default=10, help="interpolation steps")
-    a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
-    a("--attribute", type=int, default=None, help="class K: add mean z of K minus mean z of the rest")
-    args = p.parse_args(argv)
-    if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
-        p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
-    if args.gamma is None:  # the paper's CelebA w for Dis_l; the early pixel version summed unweighted
-        args.gamma = 1e-6 if args.recon == "disl" else 1.0
-    return args
+# ----------------------------------------------------------------------------- the VAE (Sec. 2.1)
+def posterior(E, x):
+    """q(z | x) = N(mu, diag sigma^2). The encoder's last layer gives mu and log sigma^2 side by side
+    (the code's two heads as one layer): x B x C x H x W -> mu, logvar, B x nz each."""
+    return E(x).float().chunk(2, 1)
 
+def reparameterise(mu, logvar, eps):
+    """z = mu + sigma * eps (Kingma & Welling 2014): a sample that is differentiable in mu and sigma."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+def kl_divergence(mu, logvar):
+    """The prior's term, KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2),
+    per image (Kingma & Welling 2014, Appendix B)."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+
+def recon_error(a, b):
+    """Gaussian negative log-likelihood with sigma 1, up to a constant: 1/2 ||a - b||^2 per image. On
+    pixels it is the VAE's error; on Dis_l features it is the learned similarity (Sec. 2.3, Eq. 5)."""
+    return 0.5 * (a - b).pow(2).flatten(1).sum(1)
+
+# ------------------------------------------------------------------------- Dis_l and the GAN (Sec. 2.2-2.3)
+def disl_depth(size):
+    """Which of D's convs gives Dis_l: the code's CelebA model (64 px) took the 4th, its CIFAR model
+    (32 px) the 3rd, 8 x 8 features both; smaller images follow the CIFAR setting."""
+    return 4 if size >= 64 else 3
+
+def default_gamma(recon, no_gan, size):
+    """The decoder's weight on the reconstruction error (the paper's gamma, the code's w), in our units.
+    Dis_l: the code's 1e-6 at 64 px and 1e-5 at 32 px. Its losses were batch sums where both of our
+    decoder's terms are batch means, 1/B of them, so w carries over unchanged.
+    Pixels with the GAN: the faces code scaled the decoder's gradient of the batch-summed squared error
+    sum_i ||x~_i - x_i||^2 by 1e-4. Ours, times B, is gamma sum_i 1/2 ||x~_i - x_i||^2: equal when
+    gamma / 2 = 1e-4, so 2e-4. A plain VAE has no GAN term to weigh it against."""
+    if recon == "pixel":
+        return 1.0 if no_gan else 2e-4
+    return 1e-6 if size >= 64 else 1e-5
+
+def bce(logits, target, reduction="mean"):
+    """-log D(x) (target 1) or -log(1 - D(x)) (target 0), from D's logits."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction=reduction)
+
+def forward_losses(fwd, args, x):
+    """The single forward pass of a step -> every loss term as a batch mean. fwd: the callables of the
+    forward pass (`Run.fwd`); x: B x C x H x W in [-1, 1]."""
+    B = x.shape[0]
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp and x.device.type == "cuda"):
+        mu, logvar = posterior(fwd["E"], x)
+        z = reparameterise(mu, logvar, torch.randn_like(mu))
+        if not args.no_gan:  # Sec. 2.3: fakes decoded from the prior, in the same decoder batch
+            z = torch.cat([z, torch.randn_like(mu)])  # 2B x nz
+        x_all = fwd["Dec"](z)  # one batch, so BN's running statistics (used for pictures) match training
+        x_tilde, x_p = x_all[:B], x_all[B:]
+        out = {"kl": kl_divergence(mu, logvar).mean()}
+        if args.recon == "disl":  # Sec. 2.3: both through D's first layers; the real features a fixed target
+            feats = fwd["Dfeat"](torch.cat([x_tilde, x])).float()  # 2B x C' x H' x W'
+            out["recon"] = recon_error(feats[:B], feats[B:].detach()).mean()
+        else:
+            out["recon"] = recon_error(x_tilde.float(), x).mean()
+        if args.no_gan:
+            return out
+        fakes = torch.cat([x_tilde, x_p]) if args.fake_recon else x_p
+        logits = fwd["D"](torch.cat([x, fakes])).float()  # one D batch of reals and fakes, as the code
+    real, fake = logits[:B], logits[B:]
+    out["err_real"], out["err_fake"] = bce(real, 1.0), bce(fake, 0.0)
+    out["gan_d"] = 0.5 * (out["err_real"] + out["err_fake"])  # the code weighs reals and fakes 1/2 each
+    # Alg. 1: the decoder maximises L_GAN, i.e. minimises log(1 - D(Dec(z))) summed over its fakes;
+    # --nonsat: -log D(Dec(z)) instead, whose gradient does not vanish while D wins.
+    out["gan_g"] = (bce(fake, 1.0, "sum") if args.nonsat else -bce(fake, 0.0, "sum")) / B
+    out["d_x"], out["d_gz"] = torch.sigmoid(real).mean(), torch.sigmoid(fake).mean()
+    return out
+
+# --------------------------------------------------------------------- Alg. 1: which loss trains which net
+def network_losses(out, args):
+    """Each network's own row of the table in the module docstring."""
+    if args.no_gan:
+        return {"E": out["kl"] + out["recon"], "Dec": out["recon"]}
+    return {"E": out["kl"] + out["recon"], "Dec": args.gamma * out["recon"] + out["gan_g"], "D": out["gan_d"]}
+
+def routed_grads(run, x):
+    """One forward pass, then each network's gradient of exactly its own loss: autograd.grad with that
+    network's parameters as explicit inputs. A backward() of the sum would leak the GAN gradient into
+    the encoder and the reconstruction gradient into D; the three share one graph, hence retain_graph."""
+    out = forward_losses(run.fwd, run.args, x)
+    losses = network_losses(out, run.args)
+    last = list(losses)[-1]
+    return out, {k: torch.autograd.grad(loss, list(run.nets[k].parameters()), retain_graph=k != last)
+                 for k, loss in losses.items()}
+
+def equilibrium_rule(err_real, err_fake, equilibrium=0.68, margin=0.35):
+    """The paper's code: D skips its step when too good (a cost below eq - margin), the decoder when too
+    bad (a D cost above eq + margin); both step if both would skip. -> (update_d, update_dec)."""
+    if margin < 0:
+        return True, True
+    update_d = not (err_real < equilibrium - margin or err_fake < equilibrium - margin)
+    update_dec = not (err_real > equilibrium + margin or err_fake > equilibrium + margin)
+    return (update_d, update_dec) if update_d or update_dec else (True, True)
+
+def train_step(run, x):
+    """One real training step. Takes the Run and a batch x (float B x C x H x W in [-1, 1], on the
+    device); returns the step's loss terms as tensors and the rule's decisions. All gradients come
+    first, then the rule decides, then the optimisers step: every gradient is of the same weights."""
+    args = run.args
+    out, grads = routed_grads(run, x)
+    if run.world > 1:
+        grads = average_grads(grads, run.world)
+    upd = {"E": True, "Dec": True, "D": not args.no_gan}
+    if not args.no_gan:  # one host sync per step: the rule needs D's two costs as numbers
+        upd["D"], upd["Dec"] = equilibrium_rule(*global_mean(out["err_real"], out["err_fake"]),
+                                                args.equilibrium, args.margin)
+    for k, gs in grads.items():
+        if upd[k]:  # the encoder always steps
+            for p, g in zip(run.nets[k].parameters(), gs):
+                p.grad = g
+            run.opts[k].step()
+    return {**{k: v.detach() for k, v in out.items()}, "upd_d": float(upd["D"]), "upd_dec": float(upd["Dec"])}
+
+# ----------------------------------------------------------------------------- the networks (the code's nets)
+def conv_bn(a, b, transposed=False):
+    """conv5 stride 2, no bias (BN follows); BN momentum 0.1 is deeppy's 0.9 in PyTorch's convention."""
+    conv = (nn.ConvTranspose2d(a, b, 5, 2, 2, output_padding=1, bias=False) if transposed
+            else nn.Conv2d(a, b, 5, 2, 2, bias=False))
+    return [conv, nn.BatchNorm2d(b, eps=1e-6), nn.ReLU(True)]
+
+def fc_bn(a, b):
+    return [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, eps=1e-6), nn.ReLU(True)]
+
+def make_encoder(nc, size, nz, w):
+    """conv 64 -> 128 -> 256 (stride 2, BN, ReLU), FC 1024 (BN, ReLU), then mu and log sigma^2."""
+    s = -(-size // 8)  # side after three stride-2 'same' convs: 64 -> 8, 32 -> 4, 28 -> 4
+    return nn.Sequential(*conv_bn(nc, w), *conv_bn(w, 2 * w), *conv_bn(2 * w, 4 * w), nn.Flatten(),
+                         *fc_bn(4 * w * s * s, 16 * w), nn.Linear(16 * w, 2 * nz))
+
+def make_decoder(nc, size, nz, w):
+    """FC to 256 x s0 x s0 (BN, ReLU), deconv5/2 to 256, 128, 32 (BN, ReLU), conv5 to C, tanh.
+    Depth follows the size, s0 * 2^n with up to three doublings: 64 = 8 * 8, 32 = 4 * 8, 28 = 7 * 4."""
+    s0, n = size, 0
+    while n < 3 and s0 % 2 == 0 and s0 >= 8:
+        s0, n = s0 // 2, n + 1
+    if n < 2:
+        fail(f"--image-size {size} does not fit; use s*2^n with n >= 2 and s >= 4, e.g. 28, 32 or 64")
+    ws = [4 * w] + [4 * w, 2 * w, w // 2][-n:]
+    layers = [*fc_bn(nz, 4 * w * s0 * s0), nn.Unflatten(1, (4 * w, s0, s0))]  # B x nz -> B x 4w x s0 x s0
+    for a, b in zip(ws, ws[1:]):
+        layers += conv_bn(a, b, transposed=True)
+    return nn.Sequential(*layers, nn.Conv2d(ws[-1], nc, 5, 1, 2), nn.Tanh())
+
+def make_discriminator(nc, size, w):
+    """conv5 32 + ReLU, conv5/2 128, 256 and 256 (BN, ReLU), FC 512 (BN, ReLU), FC 1 (a logit).
+    D[0] ends at the raw output of the conv that gives Dis_l (`disl_depth`), D[1] is the rest."""
+    s = -(-size // 8)
+    layers = [nn.Conv2d(nc, w // 2, 5, 1, 2), nn.ReLU(True), *conv_bn(w // 2, 2 * w), *conv_bn(2 * w, 4 * w),
+              *conv_bn(4 * w, 4 * w), nn.Flatten(), *fc_bn(4 * w * s * s, 8 * w), nn.Linear(8 * w, 1),
+              nn.Flatten(0)]
+    cut = {3: 6, 4: 9}[disl_depth(size)]  # just after that conv, before its BN
+    return nn.Sequential(nn.Sequential(*layers[:cut]), nn.Sequential(*layers[cut:]))
+
+def build_nets(args, nc, size):
+    """{"E", "Dec", "D"} (no D for a plain VAE), seeded so that every data-parallel rank starts alike."""
+    if args.no_gan and args.recon == "disl":
+        fail("--recon disl needs the discriminator's features; drop --no-gan or add --recon pixel")
+    torch.manual_seed(args.seed)
+    nets = {"E": make_encoder(nc, size, args.nz, args.width),
+            "Dec": make_decoder(nc, size, args.nz, args.width)}
+    return nets if args.no_gan else {**nets, "D": make_discriminator(nc, size, args.width)}
+
+# ----------------------------------------------------------------------------- the schedule (the code's)
+def make_optimizer(net, args, head=None):
+    """RMSProp (decay 0.9) as the code. Weight decay as deeppy's: it adds 2 wd W to the gradient of a
+    batch-summed loss; ours are batch means (1/B of it), so 2 wd / B. Only on conv/linear weights, and
+    not on `head` (the encoder's mu/log sigma^2 layer), which the code built without a decay."""
+    wd = {id(m.weight) for m in net.modules()
+          if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m is not head}
+    decay = 2 * args.weight_decay / args.batch_size
+    groups = [{"params": [p for p in net.parameters() if id(p) in wd], "weight_decay": decay},
+              {"params": [p for p in net.parameters() if id(p) not in wd], "weight_decay": 0.0}]
+    return torch.optim.RMSprop(groups, args.lr, alpha=0.9, eps=1e-8)
+
+def annealed_lr(args, epoch):
+    """The code's GammaAnnealer: lr0 - (e / E)^0.75 (lr0 - lr_end), set once per epoch (e from 0)."""
+    return args.lr - ((epoch - 1) / args.epochs) ** args.lr_power * (args.lr - args.lr_end)
+
+# ----------------------------------------------------------------------------- attribute vectors (Sec. 5)
+@torch.no_grad()
+def encode(E, x, batch=500):
+    """uint8 images -> posterior means mu (the code's embedding), in batches."""
+    return torch.cat([posterior(E, x[i:i + batch].float() / 127.5 - 1)[0] for i in range(0, len(x), batch)])
+
+@torch.no_grad()
+def decode(Dec, z, batch=500):
+    return torch.cat([Dec(z[i:i + batch]) for i in range(0, len(z), batch)])
+
+def attribute_vector(E, targs, k, device, n=10000):
+    """The mean latent of the images with attribute (here: class) k minus the mean of those without;
+    adding it to an image's latent adds the attribute."""
+    x, y, classes = load_dataset(targs, "train")
+    if not 0 <= k < len(classes):
+        fail(f"--attribute {k} is out of range; this dataset has classes 0..{len(classes) - 1}")
+    on, z = (y[:n] == k).to(device), encode(E, x[:n].to(device))  # z: N x nz
+    if on.all() or not on.any():
+        fail(f"--attribute {k}: the first {n} training images must hold class {k} and other classes")
+    return z[on].mean(0) - z[~on].mean(0)
+
+# --------------------------------------------------------------------- latent tools (interpolation, a walk)
+def slerp(a, b, t):
+    """Spherical interpolation (White 2016) of direction, linear in norm: Gaussian latents live near a
+    sphere, and a straight line between two of them cuts through the unlikely low-norm interior."""
+    na, nb = a.norm(), b.norm()
+    ua, ub = a / na, b / nb
+    c = ua @ ub  # cos(omega)
+    v = ub - c * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
+    s = v.norm()
+    omega = torch.atan2(s, c)  # not acos: acos of a float32 cosine rounded to 0.99999994 is 3e-4, not 0
+    if s < 1e-5 and c > 0:  # parallel: the arc is a point, so the path is the line between the norms
+        return a + (b - a) * t[:, None]
+    if s < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
+        e = torch.zeros_like(a)
+        e[ua.abs().argmin()] = 1
+        v, omega = e - (ua @ e) * ua, torch.tensor(math.pi, dtype=a.dtype, device=a.device)
+    v = v / v.norm()
+    path = ua * torch.cos(omega * t)[:, None] + v * torch.sin(omega * t)[:, None]
+    return path * (na + (nb - na) * t)[:, None]
+
+def walk(nz, frames, device, per_key=16):
+    """A slow tour of latent space: 16 latents at a time, each slerping between random key points."""
+    keys = torch.randn(frames // per_key + 2, 16, nz, device=device)
+    t = torch.linspace(0, 1, per_key + 1, device=device)[:-1]
+    path = [torch.stack([slerp(a, b, t) for a, b in zip(k0, k1)], 1) for k0, k1 in zip(keys, keys[1:])]
+    return torch.cat(path)[:frames]  # frames x 16 x nz
+
+# ----------------------------------------------------------------------------- the training loop
+@dataclass
+class Run:
+    """A training run. There is no DDP wrapper: autograd.grad does not fire its hooks, so `train_step`
+    all-reduces the gradients itself, and the decoder's GAN loss goes through D itself (fwd["D"]) in the
+    same forward pass as D's own loss, each network then taking the gradient of its own row only."""
+    args: argparse.Namespace  # the user's flags (the checkpoint's on --resume); never written to
+    nets: dict  # "E", "Dec" and "D" (none for a plain VAE): the nn.Modules that are saved
+    fwd: dict  # the callables of the forward pass (compiled, or the modules); "Dfeat" is D up to Dis_l
+    opts: dict  # one RMSProp per network, so that each steps on its own gradient alone
+    images: torch.Tensor  # the training set, uint8 N x C x H x W, on the device
+    classes: list  # class names
+    rank: int = 0  # this process in data-parallel training
+    world: int = 1  # the number of processes
+    epoch: int = 0  # epochs done
+    step: int = 0  # training steps done
+
+def setup_run(args, device, data, rank=0, world=1):
+    """A Run for in-memory data (uint8 images N x C x H x W, int64 labels or None, class names)."""
+    images, _, classes = data
+    if len(images) < args.batch_size * world:
+        fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}; "
+             "lower --batch-size or add images")
+    nets = {k: n.to(device) for k, n in build_nets(args, images.shape[1], images.shape[-1]).items()}
+    torch.manual_seed(args.seed + rank)  # the same weights on every rank, but each rank its own noise
+    parts = {**nets, "Dfeat": nets["D"][0]} if "D" in nets else nets  # Dis_l: D's own first layers
+    fwd = {k: torch.compile(m, dynamic=False) if args.compile else m for k, m in parts.items()}
+    opts = {k: make_optimizer(n, args, head=n[-1] if k == "E" else None) for k, n in nets.items()}
+    print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()), "parameters")
+    return Run(args, nets, fwd, opts, images.to(device), classes, rank, world)
+
+def train(args, device, rank=0, world=1, typed=()):
+    """--epochs epochs of `train_step` with the code's lr annealing; a log row and a progress line every
+    --log-every steps; pictures and a checkpoint after each epoch (rank 0 writes every file)."""
+    if args.resume:
+        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
+        args = resumed_args(args, ckpt, typed)
+    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
+    if args.resume:
+        restore(run, ckpt)
+    if rank == 0:
+        os.makedirs(args.outf, exist_ok=True)
+    fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    start, t0, per_step = run.step, time.time(), args.batch_size * world
+    for epoch in range(run.epoch + 1, args.epochs + 1):
+        for group in (g for opt in run.opts.values() for g in opt.param_groups):
+            group["lr"] = annealed_lr(args, epoch)
+        idx, acc, count = batches(run, epoch), {}, 0  # idx: steps x batch indices
+        for i, b in enumerate(idx):
+            out = train_step(run, get_batch(run, b))
+            run.step, count = run.step + 1, count + 1
+            acc = {k: acc.get(k, 0) + v for k, v in out.items()}  # on the device: no sync per step
+            if run.step % args.log_every and i < len(idx) - 1:
+                continue
+            row = {"step": run.step, "epoch": epoch, **{k: float(v) / count for k, v in acc.items()},
+                   "lr": run.opts["E"].param_groups[0]["lr"]}
+            acc, count = {}, 0
+            if not all(math.isfinite(v) for v in row.values()):
+                fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
+                     f"checkpoint in {args.outf} is kept (try a lower --lr)")
+            if rank == 0:
+                append_log(os.path.join(args.outf, "log.csv"), [row])
+                rate = (run.step - start) * per_step / (time.time() - t0)
+                eta = ((args.epochs - epoch + 1) * len(idx) - i - 1) * per_step / rate / 60
+                gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} "
+                       f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f}") if "d_x" in row else ""
+                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] KL {row['kl']:.1f} "
+                      f"rec {row['recon']:.4g}{gan} | {rate:.0f} img/s | ETA {eta:.0f}m")
+        run.epoch = epoch
+        if world > 1:  # BN running statistics are per rank; make every rank hold rank 0's
+            for buf in (buf for net in run.nets.values() for buf in net.buffers()):
+                dist.broadcast(buf, 0)
+        if rank == 0:
+            end_of_epoch_files(run, fixed_z)
+    return run
+
+# ----------------------------------------------------------------------------- the sampling command
+def sample(args):
+    """Samples from the prior; with flags, reconstructions, interpolations, a walk, attribute vectors."""
+    ckpt = load_checkpoint(args.ckpt, SCRIPT)
+    targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
+    nets = build_nets(targs, *ckpt["image"])
+    for k, n in nets.items():
+        n.load_state_dict(ckpt[k])
+    E, Dec = (nets[k].to(device).eval() for k in ("E", "Dec"))  # BN with its running statistics
+    torch.manual_seed(args.seed)
+    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
+    x = decode(Dec, torch.randn(args.n, targs.nz, device=device))
+    save_grid(x, stem + ".png")
+    if args.npz:
+        np.savez(args.npz, images=to_uint8(x))
+    if args.recon_grid or args.interp or args.attribute is not None:
+        real, y, _ = load_dataset(targs, "test")
+        real, y = real.to(device), y.to(device)
+    if args.recon_grid:  # test images over their reconstructions
+        k = min(32, len(real)) // 8 * 8 or fail("--recon-grid needs 8 or more test images")
+        x = real[:k].float() / 127.5 - 1
+        save_grid(pair_rows(x, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
+    if args.interp:  # rows: the latents of pairs of test images, lerp or slerp between them
+        t, k = torch.linspace(0, 1, args.steps, device=device), min(8, len(real) // 2)
+        ends = encode(E, real[:2 * k]).view(k, 2, -1)
+        lerp = [a + (b - a) * t[:, None] for a, b in ends]
+        zs = torch.cat([slerp(a, b, t) for a, b in ends] if args.interp == "slerp" else lerp)
+        save_grid(decode(Dec, zs), stem + f"_{args.interp}.png", args.steps)
+    if args.walk:
+        frames = [grid_image(decode(Dec, f), 4) for f in walk(targs.nz, args.walk, device)]
+        frames[0].save(stem + "_walk.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    if args.attribute is not None:  # rows: test images of other classes, reconstructions, + the vector
+        v, pick = attribute_vector(E, targs, args.attribute, device), real[y != args.attribute][:8]
+        zp = encode(E, pick)
+        save_grid(torch.cat([pick.float() / 127.5 - 1, decode(Dec, zp), decode(Dec, zp + v)]),
+                  stem + f"_attr{args.attribute}.png")
+    print(f"wrote {stem}*" + (f" and {args.npz}" if args.npz else ""))
+
+# ------------------------------------------------------------------------- Appendix: plumbing, not the paper
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
-def pick_device(args, local_rank=0):
-    if args.cuda and not torch.cuda.is_available():
-        fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
-    if not args.cuda:
-        if args.amp:
-            print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
-        return torch.device("cpu")
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    return torch.device("cuda", local_rank)
-
 # ----------------------------------------------------------------------------- data
-# Every loader returns the whole split as one uint8 tensor N x C x H x W: decoded once, then batches
-# are gathered by index on the device, with no per-image Python in the training loop.
-CIFAR = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+# Every loader returns a whole split as one uint8 tensor N x C x H x W, int64 labels and class names:
+# decoded once, then batches are gathered by index on the device, with no per-image Python in the loop.
+NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28, "folder": 64, "shapes": 32}
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = {  # the official tarball's and its batch files'
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
                      "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
            "fashion-mnist": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
                              "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
-IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-CLASSES = {"mnist": [str(i) for i in range(10)],
-           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                             "Shirt", "Sneaker", "Bag", "Ankle boot"],
-           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"]}
+IDX_FILES = [f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+CLASSES = {"mnist": list("0123456789"),
+           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"],
+           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                             "Sneaker", "Bag", "Ankle boot"],
+           "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                       "truck"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
 
-def download(url, path, md5):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def damaged(path, what):
+    fail(f"{path} is damaged ({str(what).splitlines()[0]}); delete it to download it again, or replace it")
+
+def find_or_download(candidates, target, url, md5):
+    """The first of `candidates` that exists; else `url` downloaded to `target`, its md5 checked."""
+    found = [c for c in candidates if os.path.exists(c)]
+    if found:
+        return found[0]
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     print(f"downloading {url}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as r, open(target + ".part", "wb") as f:
             f.write(r.read())
     except OSError as e:
-        fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {os.path.dirname(path)}")
-    with open(path + ".part", "rb") as f:
+        fail(f"could not download {url} ({e}); put {os.path.basename(target)} in {os.path.dirname(target)}")
+    with open(target + ".part", "rb") as f:
         if hashlib.md5(f.read()).hexdigest() != md5:
-            fail(f"checksum mismatch for {url}; delete {path}.part and try again")
-    os.replace(path + ".part", path)
+            fail(f"checksum mismatch for {url}; delete {target}.part and try again")
+    os.replace(target + ".part", target)
+    return target
+
+def checked(path):
+    """The bytes of a CIFAR-10 file whose md5 is the official one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.md5(data).hexdigest() != CIFAR_MD5[os.path.basename(path)]:
+        fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
+    return data
+
+class BatchUnpickler(pickle.Unpickler):
+    """Only what the official batches hold: a crafted file's os.system (say) is refused, not run."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no official batch holds")
+        return super().find_class(module, name)
 
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8."""
+    """The official tarball or its extracted folder, md5-checked before anything is unpickled."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
-    if os.path.isdir(folder):
-        read = lambda n: open(os.path.join(folder, n), "rb").read()
-    else:
-        if not os.path.exists(tar):
-            download(CIFAR[0], tar, CIFAR[1])
-        members = {os.path.basename(m.name): m for m in tarfile.open(tar).getmembers()}
-        read = lambda n: tarfile.open(tar).extractfile(members[n]).read()
-    batches = [pickle.loads(read(n), encoding="bytes") for n in names]
-    x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([b[b"labels"] for b in batches])
-    meta = pickle.loads(read("batches.meta"), encoding="bytes")
-    return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in meta[b"label_names"]]
+    tar = os.path.join(root, "cifar-10-python.tar.gz")
+    path = find_or_download([os.path.join(root, "cifar-10-batches-py"), tar], tar, CIFAR_URL,
+                            CIFAR_MD5["cifar-10-python.tar.gz"])
+    blobs = [checked(os.path.join(path, n)) for n in names] if os.path.isdir(path) else checked(path) and []
+    try:
+        if not blobs:
+            with tarfile.open(path) as t:
+                members = {os.path.basename(m.name): m for m in t.getmembers()}
+                blobs = [t.extractfile(members[n]).read() for n in names]
+        batches = [BatchUnpickler(io.BytesIO(b), encoding="bytes").load() for b in blobs]
+        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([b[b"labels"] for b in batches])
+    except DAMAGED as e:
+        damaged(path, f"no {e}" if isinstance(e, KeyError) else e)
+    return torch.from_numpy(x), torch.from_numpy(y).long(), CLASSES["cifar10"]
 
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\0\0" or data[2] != 8:
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except DAMAGED as e:
+        damaged(path, e)
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         fail(f"{path} is not a uint8 IDX file")
-    dims = np.frombuffer(data, ">i4", data[3], 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+    start = 4 + 4 * data[3]
+    dims = np.frombuffer(data[:start].ljust(start, b"\0"), ">i4", data[3], 4)
+    if len(data) - start < np.prod(dims):
+        damaged(path, f"{len(data) - start} bytes of data, its header gives {np.prod(dims)}")
+    return np.frombuffer(data, np.uint8, np.prod(dims), start).reshape(dims)
 
 def load_mnist(root, name, split):
-    """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
-    else downloaded to DATAROOT/NAME."""
-    paths = []
-    for i in ([0, 1] if split == "train" else [2, 3]):
-        dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
-        found = [c for c in (os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3]))
-                 if os.path.exists(c)]
-        if not found:
-            download(IDX_URLS[name] + IDX_FILES[i], os.path.join(root, name, IDX_FILES[i]), IDX_MD5[name][i])
-        paths.append(found[0] if found else os.path.join(root, name, IDX_FILES[i]))
-    x, y = read_idx(paths[0]), read_idx(paths[1])
+    """MNIST and Fashion-MNIST: in DATAROOT, DATAROOT/NAME or a Debian dataset package, else downloaded."""
+    dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
+    found = [[os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])] for i in range(4)]
+    x, y = (read_idx(find_or_download(found[i], os.path.join(root, name, IDX_FILES[i]),
+                                      IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
+            for i in ([0, 1] if split == "train" else [2, 3]))
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
 
 def decode_image(path, size, mode):
     """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
     try:
         im = Image.open(path)
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "I;16", "1") else "RGB"))
+        if im.mode.startswith("I"):  # 16-bit grey: keep the top 8 bits (convert("L") would clip to white)
+            im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
-    s = size / min(im.size)
-    im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
-    l, t = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-    return np.asarray(im.crop((l, t, l + size, t + size)))
+    scale = size / min(im.size)
+    im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
+    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
 
 def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXT))
+    def unreadable(e):  # os.walk would skip the folder without a word
+        fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable) for f in fs
+                   if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
     classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
     stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    if os.path.exists(cache):
-        z = np.load(cache)
+    with contextlib.suppress(Exception), np.load(cache) as z:  # absent or damaged: decoded again
         return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -207,16 +545,14 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:
-        np.savez(cache, x=x, y=y)
-    except OSError:
-        pass  # a read-only dataset still works, it is just decoded again next time
+    with contextlib.suppress(OSError), open(cache + ".tmp", "wb") as f:  # read-only data: decoded each time
+        np.savez(f, x=x, y=y)
+        f.flush(), os.fsync(f.fileno())
+        os.replace(cache + ".tmp", cache)  # atomically: a crash leaves no half-written cache
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
-    """The built-in synthetic set: one coloured shape per image on a dark background, one class each.
-    Made in chunks of 1000 with their own seeds, so `--limit` takes a prefix of the same images."""
-    # whole chunks, then cut: a chunk's random draws depend on its length
+    """One coloured shape per image, one class each; chunks of 1000 seeded alone, so --limit is a prefix."""
     parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
     return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
 
@@ -231,15 +567,7 @@ def shape_chunk(n, size, rng):
              ((ax <= 0.3) & (ay <= 0.9)) | ((ay <= 0.3) & (ax <= 0.9)), (rr <= 1) & (rr >= 0.45)]
     mask = np.choose(y[:, None, None], masks)[:, None]
     fg, bg = rng.uniform(0.45, 1, (n, 3, 1, 1)), rng.uniform(0, 0.2, (n, 3, 1, 1))
-    x = (np.where(mask, fg, bg) * 255).round().astype(np.uint8)
-    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-
-def resize_images(x, size):
-    """Resize a uint8 N x C x H x W tensor (antialiased bilinear) when --image-size asks for it."""
-    if x.shape[-2:] == (size, size):
-        return x
-    out = [F.interpolate(c.float(), (size, size), mode="bilinear", antialias=True) for c in x.split(4096)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+    return torch.from_numpy((np.where(mask, fg, bg) * 255).round().astype(np.uint8)), torch.from_numpy(y)
 
 def load_dataset(args, split):
     """-> (uint8 images N x C x H x W, int64 labels, class names). folder/shapes hold out every 10th image."""
@@ -249,158 +577,183 @@ def load_dataset(args, split):
         x, y, classes = load_mnist(args.dataroot, args.dataset, split)
     elif args.dataset == "shapes":
         n = min(10000, args.limit or 10000) if split == "train" else 2000
-        x, y, classes = make_shapes(n, args.image_size or 32, 0 if split == "train" else 1)
+        x, y, classes = make_shapes(n, args.image_size, 0 if split == "train" else 1)
     else:
-        x, y, classes = load_folder(args.dataroot, args.image_size or 64, args.channels, args.workers)
+        x, y, classes = load_folder(args.dataroot, args.image_size, args.channels, args.workers)
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
-        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().byte()
-    elif args.channels == 3 and x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
+        luma = torch.tensor([0.299, 0.587, 0.114])
+        x = torch.einsum("nchw,c->nhw", x.float(), luma)[:, None].round().byte()
+    x, y = x.expand(-1, args.channels or x.shape[1], -1, -1), y.long()  # grey to RGB when asked
     if split == "train" and args.limit:
         x, y = x[:args.limit], y[:args.limit]
     if len(x) == 0:
         fail(f"the {split} split of {args.dataset} under {args.dataroot} holds no images")
-    return resize_images(x, args.image_size or x.shape[-1]), y, classes
+    if x.shape[-1] != args.image_size:  # antialiased bilinear, in chunks
+        x = torch.cat([F.interpolate(c.float(), args.image_size, mode="bilinear", antialias=True)
+                       for c in x.split(4096)]).round().clamp(0, 255).byte()
+    return x.contiguous(), y, classes
 
-# ----------------------------------------------------------------------------- models (the code's 64x64 nets)
-def conv_bn(a, b, transposed=False):
-    """conv5 stride 2, no bias (BN follows); BN momentum 0.1 is deeppy's 0.9 in PyTorch's convention."""
-    conv = (nn.ConvTranspose2d(a, b, 5, 2, 2, output_padding=1, bias=False) if transposed
-            else nn.Conv2d(a, b, 5, 2, 2, bias=False))
-    return [conv, nn.BatchNorm2d(b, eps=1e-6), nn.ReLU(True)]
+def batches(run, epoch):
+    """This rank's share of one shuffled pass, as index tensors on the device (reproducible per epoch)."""
+    gen, bs = torch.Generator().manual_seed(run.args.seed * 100003 + epoch), run.args.batch_size
+    perm = torch.randperm(len(run.images), generator=gen)[run.rank::run.world].to(run.images.device)
+    return perm[: len(perm) // bs * bs].view(-1, bs)
 
-def fc_bn(a, b):
-    return [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, eps=1e-6), nn.ReLU(True)]
+def get_batch(run, idx):
+    return run.images[idx].float().div_(127.5).sub_(1)  # uint8 -> [-1, 1] on the device
 
-def make_encoder(nc, size, nz, w):
-    """conv 64 -> 128 -> 256 (stride 2, BN, ReLU), FC 1024 (BN, ReLU), then the mu and log sigma^2 heads,
-    here one linear layer to 2 x nz split in two by `posterior` (the same thing as two heads)."""
-    s = -(-size // 8)  # side after three stride-2 'same' convs: 64 -> 8, 32 -> 4, 28 -> 4
-    return nn.Sequential(*conv_bn(nc, w), *conv_bn(w, 2 * w), *conv_bn(2 * w, 4 * w), nn.Flatten(),
-                         *fc_bn(4 * w * s * s, 16 * w), nn.Linear(16 * w, 2 * nz))
+# ----------------------------------------------------------------------------- checkpoints and resume
+def checkpoint(run):
+    """Everything a resume needs; `restore` reads back exactly these."""
+    return {"script": SCRIPT, "args": vars(run.args), "image": list(run.images.shape[1::2]),  # C, size
+            **{k: n.state_dict() for k, n in run.nets.items()},
+            **{"opt" + k: o.state_dict() for k, o in run.opts.items()},
+            "epoch": run.epoch, "step": run.step, "classes": run.classes, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "balance": {"equilibrium": run.args.equilibrium, "margin": run.args.margin}}
 
-def posterior(E, x):
-    """-> mu, log sigma^2 of q(z | x)."""
-    return E(x).float().chunk(2, 1)
+def restore(run, ckpt):
+    for k, n in run.nets.items():
+        n.load_state_dict(ckpt[k]), run.opts[k].load_state_dict(ckpt["opt" + k])
+    run.epoch, run.step = ckpt["epoch"], ckpt["step"]
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    if run.rank == 0:
+        trim_log(os.path.join(run.args.outf, "log.csv"), ckpt["step"])
+    else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
+        torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
+    print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
-def make_decoder(nc, size, nz, w):
-    """FC to 256 x 8 x 8 (BN, ReLU), transposed conv5 to 256, 128, 32 (BN, ReLU), conv5 to C, tanh.
-    Depth follows the size: s0 * 2^n with up to three doublings (64 = 8*8, 32 = 4*8, 28 = 7*4)."""
-    s0, n = size, 0
-    while n < 3 and s0 % 2 == 0 and s0 >= 8:
-        s0, n = s0 // 2, n + 1
-    if n < 2:
-        fail(f"--image-size {size} does not fit; use s*2^n with n >= 2 and s >= 4, e.g. 28, 32 or 64")
-    ws = [4 * w] + [4 * w, 2 * w, w // 2][-n:]
-    layers = [*fc_bn(nz, 4 * w * s0 * s0), nn.Unflatten(1, (4 * w, s0, s0))]
-    for a, b in zip(ws, ws[1:]):
-        layers += conv_bn(a, b, transposed=True)
-    return nn.Sequential(*layers, nn.Conv2d(ws[-1], nc, 5, 1, 2), nn.Tanh())
+MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
+SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "interp", "steps", "walk",
+                 "attribute")
 
-def make_discriminator(nc, size, w):
-    """D[0]: conv5 32 + ReLU, conv5/2 128 and 256 (BN, ReLU), conv5/2 256 whose raw output is Dis_l;
-    D[1]: BN, ReLU, FC 512 (BN, ReLU), FC 1, a logit."""
-    s = -(-size // 8)
-    features = nn.Sequential(nn.Conv2d(nc, w // 2, 5, 1, 2), nn.ReLU(True), *conv_bn(w // 2, 2 * w),
-                             *conv_bn(2 * w, 4 * w), nn.Conv2d(4 * w, 4 * w, 5, 2, 2, bias=False))
-    return nn.Sequential(features, nn.Sequential(nn.BatchNorm2d(4 * w, eps=1e-6), nn.ReLU(True), nn.Flatten(),
-                                                 *fc_bn(4 * w * s * s, 8 * w), nn.Linear(8 * w, 1), nn.Flatten(0)))
+def resumed_args(args, ckpt, typed):
+    """The checkpoint's flags, MAY_CHANGE's from the command line; other typed flags must agree."""
+    differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
+              and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
+    if differ:
+        flags = ", ".join("--" + k.replace("_", "-") for k in differ)
+        fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
+             "--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, "
+             "or start a new run with another --outf")
+    if ckpt["epoch"] >= args.epochs:
+        fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
+             f"{ckpt['epoch']} to train more")
+    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True})
 
-def build_nets(args, nc):
-    if args.no_gan and args.recon == "disl":
-        fail("--recon disl needs the discriminator's features; drop --no-gan or add --recon pixel")
-    torch.manual_seed(args.seed)  # the same initial weights on every data-parallel rank
-    nets = {"E": make_encoder(nc, args.image_size, args.nz, args.width),
-            "Dec": make_decoder(nc, args.image_size, args.nz, args.width)}
-    return nets if args.no_gan else {**nets, "D": make_discriminator(nc, args.image_size, args.width)}
+def save_checkpoint(obj, path):
+    """Atomic: written beside, flushed to disk, then renamed, so a crash or a full disk keeps the last one."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush(), os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if e.errno == errno.ENOSPC:
+            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
+                 "the last checkpoint is kept")
+        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
 
-def make_optimizer(net, args):
-    """RMSProp (decay 0.9) as the code; weight decay on conv/linear weights only, divided by the batch
-    because our losses are batch means where the code's were batch sums."""
-    wd = {id(m.weight) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
-    groups = [{"params": [p for p in net.parameters() if (id(p) in wd) == on],
-               "weight_decay": args.weight_decay / args.batch_size if on else 0.0} for on in (True, False)]
-    return torch.optim.RMSprop(groups, args.lr, alpha=0.9, eps=1e-8)
+def load_checkpoint(path, script):
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    other = (ckpt.get("script") if isinstance(ckpt, dict) else None) or "another program"
+    if other != script:
+        fail(f"{path} was written by {other}.py, not {script}.py; use that script")
+    if "image" not in ckpt:  # the image shape entry came with the checkpoint/restore pair
+        fail(f"{path} was written by an older {script}.py; train it again with this one")
+    return ckpt
 
-def annealed_lr(args, epoch):
-    """The code's GammaAnnealer: lr0 - (e / E)^0.75 (lr0 - lr_end), set once per epoch (e from 0)."""
-    return args.lr - ((epoch - 1) / args.epochs) ** args.lr_power * (args.lr - args.lr_end)
+# ----------------------------------------------------------------------------- logs and pictures
+def end_of_epoch_files(run, fixed_z):
+    """Fixed-latent samples, 32 training images (or all) over their reconstructions, ckpt.pt, curves.png."""
+    nets, outf, epoch = run.nets, run.args.outf, run.epoch
+    if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
+        fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
+    nrow = min(8, len(run.images))
+    x = get_batch(run, torch.arange(min(32, len(run.images)) // nrow * nrow, device=run.images.device))
+    nn.ModuleDict(nets).eval()  # BN with its running statistics for pictures
+    with torch.no_grad():
+        save_grid(nets["Dec"](fixed_z), os.path.join(outf, f"samples_e{epoch:03d}.png"))
+        save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0]), nrow),
+                  os.path.join(outf, f"recon_e{epoch:03d}.png"), nrow)
+    nn.ModuleDict(nets).train()
+    save_checkpoint(checkpoint(run), os.path.join(outf, "ckpt.pt"))
+    plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
 
-# ----------------------------------------------------------------------------- the method's parts
-def reparameterise(mu, logvar, eps):
-    """z = mu + sigma * eps (Kingma & Welling 2014): a sample that is differentiable in mu and sigma."""
-    return mu + torch.exp(0.5 * logvar) * eps
+def append_log(path, rows):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 
-def kl_divergence(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), per image."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+def trim_log(path, step):
+    """After a crash mid-epoch, drop the log rows past the checkpoint: the resumed run writes them again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        os.remove(path)
+        if rows:
+            append_log(path, rows)
 
-def recon_error(a, b):
-    """Gaussian negative log-likelihood with sigma 1 up to a constant: 1/2 ||a - b||^2 per image."""
-    return 0.5 * (a - b).pow(2).flatten(1).sum(1)
+def plot_curves(csv_path, png_path, w=480, h=80):
+    """curves.png: every numeric column of log.csv against the row, one panel each, drawn with Pillow."""
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) < 2:
+        return
+    keys = [k for k in rows[0] if k != "step"]
+    img = Image.new("RGB", (w, h * len(keys)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, k in enumerate(keys):
+        vals = [float(r[k]) for r in rows]
+        lo, span = min(vals), (max(vals) - min(vals)) or 1.0
+        draw.line([(5 + j * (w - 10) / (len(vals) - 1), (i + 1) * h - 5 - (v - lo) / span * (h - 25))
+                   for j, v in enumerate(vals)], fill=(31, 119, 180))
+        draw.text((5, i * h + 3), f"{k}: {lo:.3g} .. {lo + span:.3g}", fill="black")
+    img.save(png_path)
 
-def equilibrium_rule(err_real, err_fake, equilibrium=0.68, margin=0.35):
-    """The paper's code: D skips its step when too good (a cost below eq - margin), the decoder when too
-    bad (a D cost above eq + margin); both step if both would skip. -> (update_d, update_dec)."""
-    if margin < 0:
-        return True, True
-    update_d = not (err_real < equilibrium - margin or err_fake < equilibrium - margin)
-    update_dec = not (err_real > equilibrium + margin or err_fake > equilibrium + margin)
-    return (update_d, update_dec) if update_d or update_dec else (True, True)
+def to_uint8(x):
+    """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
-# ----------------------------------------------------------------------------- training
-def autocast(args, device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda")
+def grid_image(images, nrow=8, pad=2):
+    x = to_uint8(images)
+    n, h, w, c = x.shape
+    grid = np.full((-(-n // nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        top, left = pad + i // nrow * (h + pad), pad + i % nrow * (w + pad)
+        grid[top:top + h, left:left + w] = x[i]
+    return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
-def bce(logits, target, reduction="mean"):
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction=reduction)
+def save_grid(images, path, nrow=8):
+    grid_image(images, nrow).save(path)
 
-def forward_losses(f, args, x):
-    """The single forward pass of a step (f: the networks, maybe compiled) -> every loss term, batch means."""
-    B = x.shape[0]
-    with autocast(args, x.device):
-        mu, logvar = posterior(f["E"], x)
-        z = reparameterise(mu, logvar, torch.randn_like(mu))
-        if not args.no_gan:  # Sec. 2.3: fakes decoded from the prior, in the same decoder batch
-            z = torch.cat([z, torch.randn_like(mu)])
-        x_all = f["Dec"](z)  # one batch, so BN's running statistics (used for pictures) match training
-        x_tilde, x_p = x_all[:B], x_all[B:]
-        out = {"kl": kl_divergence(mu, logvar).mean()}
-        if args.recon == "disl":  # Sec. 2.3: both through D's first layers; the real features a fixed target
-            feats = f["Dfeat"](torch.cat([x_tilde, x])).float()
-            out["recon"] = recon_error(feats[:B], feats[B:].detach()).mean()
-        else:
-            out["recon"] = recon_error(x_tilde.float(), x).mean()
-        if args.no_gan:
-            return out
-        fakes = torch.cat([x_tilde, x_p]) if args.fake_recon else x_p
-        logits = f["D"](torch.cat([x, fakes])).float()  # one D batch of reals and fakes, as the code
-    real, fake = logits[:B], logits[B:]
-    out["err_real"], out["err_fake"] = bce(real, 1.0), bce(fake, 0.0)
-    out["gan_d"] = 0.5 * (out["err_real"] + out["err_fake"])  # the code weighs reals and fakes 1/2 each
-    # Alg. 1: the decoder maximises L_GAN, i.e. minimises log(1 - D(Dec(z))) summed over its fakes;
-    # --nonsat: -log D(Dec(z)) instead, whose gradient does not vanish while D wins.
-    out["gan_g"] = (bce(fake, 1.0, "sum") if args.nonsat else -bce(fake, 0.0, "sum")) / B
-    out["d_x"], out["d_gz"] = torch.sigmoid(real).mean(), torch.sigmoid(fake).mean()
-    return out
+def pair_rows(a, b, nrow=8):
+    """Each row of `a` over the same row of `b`: images over their reconstructions in an 8-column grid."""
+    rows = [a.reshape(-1, nrow, *a.shape[1:]), b.reshape(-1, nrow, *b.shape[1:])]  # R x nrow x C x H x W
+    return torch.stack(rows, 1).flatten(0, 2)
 
-def network_losses(out, args):
-    """Each network's own row of the routing table in the module docstring."""
-    if args.no_gan:
-        return {"E": out["kl"] + out["recon"], "Dec": out["recon"]}
-    return {"E": out["kl"] + out["recon"], "Dec": args.gamma * out["recon"] + out["gan_g"], "D": out["gan_d"]}
-
-def routed_grads(run, x):
-    """One forward pass, then each network's gradient of exactly its own loss: autograd.grad with that
-    network's parameters as explicit inputs. A backward() of the sum would leak the GAN gradient into
-    the encoder and the reconstruction gradient into D; the three share one graph, hence retain_graph."""
-    out = forward_losses(run["fwd"], run["args"], x)
-    losses = network_losses(out, run["args"])
-    last = list(losses)[-1]
-    return out, {k: torch.autograd.grad(loss, list(run["nets"][k].parameters()), retain_graph=k != last)
-                 for k, loss in losses.items()}
+# ----------------------------------------------------------------------------- device and data parallel
+def pick_device(args, local_rank=0):
+    if args.cuda and not torch.cuda.is_available():
+        fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
+    if args.amp and not args.cuda:
+        print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    return torch.device("cuda", local_rank) if args.cuda else torch.device("cpu")
 
 def global_mean(*values):
     """Average scalars over data-parallel ranks so every rank's rule takes the same branch."""
@@ -411,342 +764,83 @@ def global_mean(*values):
     return t.tolist()
 
 def average_grads(grads, world):
-    """What DDP's backward hooks do, done by hand because autograd.grad does not fire them: one
-    all-reduce of all gradients together, divided by the number of ranks."""
+    """DDP's backward hooks by hand (autograd.grad does not fire them): one all-reduce, mean over ranks."""
     flat = torch.cat([g.flatten() for gs in grads.values() for g in gs])
     dist.all_reduce(flat)
     parts = iter(flat.div_(world).split([g.numel() for gs in grads.values() for g in gs]))
     return {k: [next(parts).view_as(g) for g in gs] for k, gs in grads.items()}
 
-def train_step(run, x):
-    """All gradients first, then the rule decides, then the optimisers step: nothing steps between
-    gradient computations, so every gradient is of the same weights."""
-    args, nets, opts = run["args"], run["nets"], run["opts"]
-    out, grads = routed_grads(run, x)
-    if run["world"] > 1:
-        grads = average_grads(grads, run["world"])
-    upd = {"E": True, "Dec": True, "D": not args.no_gan}
-    if not args.no_gan:  # one host sync per step: the rule needs D's two costs as numbers
-        upd["D"], upd["Dec"] = equilibrium_rule(*global_mean(out["err_real"], out["err_fake"]),
-                                                args.equilibrium, args.margin)
-    for k, gs in grads.items():
-        if upd[k]:  # the encoder always steps
-            for p, g in zip(nets[k].parameters(), gs):
-                p.grad = g
-            opts[k].step()
-    return {**{k: v.detach() for k, v in out.items()}, "upd_d": float(upd["D"]), "upd_dec": float(upd["Dec"])}
+# ----------------------------------------------------------------------------- command line
+def make_parser():
+    p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)")
+    a = p.add_argument
+    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
+    a("--dataroot", default="./data", help="where the data lives or is downloaded to")
+    a("--image-size", type=int, help="the native size unless given; 64 for folder")
+    a("--channels", type=int, choices=[1, 3], help="force greyscale or RGB")
+    a("--limit", type=int, help="use only the first N training images")
+    a("--nz", type=int, default=128, help="latent size")
+    a("--width", type=int, default=64, help="base width: encoder 64-128-256-1024, D 32-128-256-256-512")
+    a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
+    a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
+    a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
+    a("--gamma", type=float, help="decoder's reconstruction weight; disl 1e-6 (64 px) or 1e-5, pixel 2e-4")
+    a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
+    a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
+    a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
+    a("--epochs", type=int, default=25, help="25 epochs of CelebA ~ the paper's 62,500 steps")
+    a("--batch-size", type=int, default=64)
+    a("--lr", type=float, default=0.025 / 64, help="RMSProp start (the code: 0.025 / batch)")
+    a("--lr-end", type=float, default=1e-5 / 64, help="RMSProp end of the annealing")
+    a("--lr-power", type=float, default=0.75, help="lr = lr0 - (e/E)^power (lr0 - lr_end)")
+    a("--weight-decay", type=float, default=1e-5, help="on conv/linear weights, paper units")
+    a("--seed", type=int, default=1)
+    a("--outf", help="output folder (default out/vaegan-DATASET)")
+    a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
+    a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
+    a("--cuda", action="store_true")
+    a("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    a("--compile", action="store_true", help="torch.compile the networks")
+    a("--workers", type=int, default=4, help="threads decoding a folder of images")
+    a("--sample", action="store_true", help="sample from --ckpt instead of training")
+    a("--ckpt")
+    a("--n", type=int, default=64, help="number of samples")
+    a("--npz", help="also write the samples to this .npz")
+    a("--out", help="grid PNG (default: beside the checkpoint)")
+    a("--recon-grid", action="store_true", help="test images (odd rows) over their reconstructions")
+    a("--interp", choices=["lerp", "slerp"], help="between two encoded test images")
+    a("--steps", type=int, default=10, help="interpolation steps")
+    a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
+    a("--attribute", type=int, help="class K: add mean z of K minus mean z of the rest")
+    return p
 
-def batches(run, epoch):
-    """This rank's share of one shuffled pass, as index tensors on the device (reproducible per epoch)."""
-    args, n = run["args"], len(run["images"])
-    gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    perm = torch.randperm(n, generator=gen)[run["rank"]::run["world"]].to(run["images"].device)
-    return perm[: len(perm) // args.batch_size * args.batch_size].view(-1, args.batch_size)
-
-def get_batch(run, idx):
-    return run["images"][idx].float().div_(127.5).sub_(1)  # uint8 -> [-1, 1] on the device
-
-def log_row(run, epoch, acc, count):
-    """Accumulated step tensors -> one log.csv row (one host sync per logging interval)."""
-    row = {"step": run["state"]["step"], "epoch": epoch, **{k: float(v) / count for k, v in acc.items()},
-           "lr": run["opts"]["E"].param_groups[0]["lr"]}
-    if not all(math.isfinite(v) for v in row.values()):
-        fail(f"the losses became NaN/inf at step {row['step']}; training stopped and the last good "
-             f"checkpoint in {run['args'].outf} is kept (try a lower --lr)")
-    return row
-
-def run_epoch(run, epoch, t0):
-    args, state = run["args"], run["state"]
-    idx, acc, count = batches(run, epoch), {}, 0
-    for i, b in enumerate(idx):
-        out = train_step(run, get_batch(run, b))
-        state["step"] += 1
-        acc, count = {k: acc.get(k, 0) + v for k, v in out.items()}, count + 1
-        if state["step"] % args.log_every == 0 or i == len(idx) - 1:
-            row, acc, count = log_row(run, epoch, acc, count), {}, 0
-            if run["rank"] == 0:
-                append_log(os.path.join(args.outf, "log.csv"), row)
-                rate = (state["step"] - run["start_step"]) * args.batch_size * run["world"] / (time.time() - t0)
-                left = ((args.epochs - epoch) * len(idx) + len(idx) - i - 1) * args.batch_size * run["world"]
-                print(progress_line(epoch, args.epochs, i + 1, len(idx), row, rate, left / rate))
-
-def setup_training(args, device, rank, world, data=None):
-    images, labels, classes = data or load_dataset(args, "train")
-    args.image_size, args.nc = images.shape[-1], images.shape[1]
-    nets = {k: v.to(device) for k, v in build_nets(args, args.nc).items()}
-    torch.manual_seed(args.seed + rank)  # each rank its own noise
-    parts = {**nets, "Dfeat": nets["D"][0]} if "D" in nets else nets  # Dis_l: D's own first layers
-    fwd = {k: torch.compile(m, dynamic=False) if args.compile else m for k, m in parts.items()}
-    if rank == 0:
-        print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()) + " parameters")
-    return {"args": args, "images": images.to(device), "classes": classes, "rank": rank, "world": world,
-            "state": {"epoch": 0, "step": 0}, "nets": nets, "fwd": fwd,
-            "opts": {k: make_optimizer(n, args) for k, n in nets.items()}}
-
-def train(args, device, rank=0, world=1):
-    args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
-    if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
-        keep = {k: getattr(args, k) for k in ("epochs", "outf", "cuda", "amp", "compile", "log_every", "workers")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep, "resume": True})
-    run = setup_training(args, device, rank, world)
-    if args.resume:
-        restore(run, ckpt)
-    if rank == 0:
-        os.makedirs(args.outf, exist_ok=True)
-    fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    run["start_step"], t0 = run["state"]["step"], time.time()
-    for epoch in range(run["state"]["epoch"] + 1, args.epochs + 1):
-        for group in (g for opt in run["opts"].values() for g in opt.param_groups):
-            group["lr"] = annealed_lr(args, epoch)
-        run_epoch(run, epoch, t0)
-        run["state"]["epoch"] = epoch
-        if world > 1:  # BN running statistics are per rank; make every rank hold rank 0's
-            for b in (b for net in run["nets"].values() for b in net.buffers()):
-                dist.broadcast(b, 0)
-        if rank == 0:
-            end_of_epoch_files(run, epoch, fixed_z)
-    return run
-
-def end_of_epoch_files(run, epoch, fixed_z):
-    args, nets, opts = run["args"], run["nets"], run["opts"]
-    if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
-        fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {args.outf} is kept")
-    x = get_batch(run, torch.arange(32, device=run["images"].device))
-    nn.ModuleDict(nets).eval()  # BN with its running statistics for pictures
-    with torch.no_grad():
-        save_grid(nets["Dec"](fixed_z), os.path.join(args.outf, f"samples_e{epoch:03d}.png"))
-        save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0])),
-                  os.path.join(args.outf, f"recon_e{epoch:03d}.png"))
-    nn.ModuleDict(nets).train()
-    save_checkpoint({"script": SCRIPT, "args": vars(args), **{k: n.state_dict() for k, n in nets.items()},
-                     **{"opt" + k: o.state_dict() for k, o in opts.items()}, "classes": run["classes"],
-                     "epoch": epoch, "step": run["state"]["step"], "rng": rng_state(),
-                     "balance": {"equilibrium": args.equilibrium, "margin": args.margin}},
-                    os.path.join(args.outf, "ckpt.pt"))
-    plot_curves(os.path.join(args.outf, "log.csv"), os.path.join(args.outf, "curves.png"),
-                [("KL (nats per image)", ["kl"]), ("reconstruction error", ["recon"]),
-                 ("GAN errors", ["err_real", "err_fake", "gan_g"]), ("D outputs", ["d_x", "d_gz"]),
-                 ("equilibrium rule: fraction of steps that update", ["upd_d", "upd_dec"])])
-
-def restore(run, ckpt):
-    for k, n in run["nets"].items():
-        n.load_state_dict(ckpt[k]), run["opts"][k].load_state_dict(ckpt["opt" + k])
-    run["state"].update(epoch=ckpt["epoch"], step=ckpt["step"])
-    set_rng_state(ckpt["rng"])
-    if run["rank"] == 0:
-        trim_log(os.path.join(run["args"].outf, "log.csv"), ckpt["step"])
-    else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
-        torch.manual_seed(run["args"].seed + run["rank"] + 7919 * ckpt["epoch"])
-    print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
-
-# ----------------------------------------------------------------------------- checkpoints, logs, pictures
-def save_checkpoint(obj, path):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-def load_checkpoint(path, script):
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        other = ckpt.get("script") if isinstance(ckpt, dict) else None
-        fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
-    return ckpt
-
-def rng_state():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-def append_log(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-def trim_log(path, step):
-    """After a crash mid-epoch, drop the log rows past the checkpoint: the resumed run writes them again."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        os.remove(path)
-        for r in (r for r in rows if int(r["step"]) <= step):
-            append_log(path, r)
-
-def progress_line(epoch, epochs, it, iters, row, rate, eta_s):
-    eta = f"{eta_s / 60:.0f}m" if eta_s >= 60 else f"{eta_s:.0f}s"
-    gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} D(x) {row['d_x']:.2f} "
-           f"D(G(z)) {row['d_gz']:.2f}" if "d_x" in row else "")
-    return (f"[e {epoch}/{epochs} it {it}/{iters}] KL {row['kl']:.1f} rec {row['recon']:.4g}{gan} | "
-            f"{rate:.0f} img/s | ETA {eta}")
-
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-
-def plot_curves(csv_path, png_path, panels, w=640, h=200):
-    """Line plots of log.csv columns, one panel per group, drawn with Pillow (no plotting library)."""
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    panels = [(t, [k for k in keys if k in rows[0]]) for t, keys in panels] if rows else []
-    panels = [(t, keys) for t, keys in panels if keys]
-    if len(rows) < 2 or not panels:
-        return
-    img = Image.new("RGB", (w, h * len(panels)), "white")
-    draw = ImageDraw.Draw(img)
-    steps = [float(r["step"]) for r in rows]
-    for p, (title, keys) in enumerate(panels):
-        top, vals = p * h, [[float(r[k]) for r in rows] for k in keys]
-        lo, hi = min(map(min, vals)), max(map(max, vals))
-        hi = hi if hi > lo else lo + 1
-        px = lambda s: 50 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 60)
-        py = lambda v: top + h - 20 - (v - lo) / (hi - lo) * (h - 40)
-        draw.rectangle([50, top + 20, w - 10, top + h - 20], outline="grey")
-        draw.text((52, top + 4), title, fill="black")
-        draw.text((2, top + 18), f"{hi:.3g}", fill="black"), draw.text((2, top + h - 30), f"{lo:.3g}", fill="black")
-        for j, (k, v) in enumerate(zip(keys, vals)):
-            draw.line([(px(s), py(x)) for s, x in zip(steps, v)], fill=COLOURS[j % len(COLOURS)], width=1)
-            draw.text((300 + 90 * j, top + 4), k, fill=COLOURS[j % len(COLOURS)])
-    img.save(png_path)
-
-def to_uint8(x):
-    """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-def grid_image(images, nrow=8, pad=2):
-    x = to_uint8(images) if torch.is_tensor(images) else images
-    n, h, w, c = x.shape
-    grid = np.full((-(-n // nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
-    return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
-
-def save_grid(images, path, nrow=8):
-    grid_image(images, nrow).save(path)
-
-def save_npz(path, images, labels=None):
-    extra = {"labels": np.asarray(labels, np.int64)} if labels is not None else {}
-    np.savez(path, images=to_uint8(images), **extra)
-
-def pair_rows(a, b, nrow=8):
-    """Each row of `a` over the same row of `b`: images over their reconstructions in an 8-column grid."""
-    return torch.stack([a.reshape(-1, nrow, *a.shape[1:]), b.reshape(-1, nrow, *b.shape[1:])], 1).flatten(0, 2)
-
-# ----------------------------------------------------------------------------- sampling and analysis
-def slerp(a, b, t):
-    """Spherical interpolation (White 2016) of direction, linear in norm: Gaussian latents live near a
-    sphere, and a straight line between two of them cuts through the unlikely low-norm interior."""
-    na, nb = a.norm(), b.norm()
-    ua, ub = a / na, b / nb
-    c = ua @ ub  # cos(omega)
-    v = ub - c * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
-    s = v.norm()
-    # atan2, not acos: acos of a float32 cosine that rounds to 0.99999994 is 3e-4, not 0
-    omega = torch.atan2(s, c)
-    if s < 1e-5 and c > 0:  # parallel: the arc is a point, so the path is the line between the norms
-        return a + (b - a) * t[:, None]
-    if s < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
-        e = torch.zeros_like(a)
-        e[ua.abs().argmin()] = 1
-        v, omega = e - (ua @ e) * ua, torch.tensor(math.pi, dtype=a.dtype, device=a.device)
-    v = v / v.norm()
-    path = ua * torch.cos(omega * t)[:, None] + v * torch.sin(omega * t)[:, None]
-    return path * (na + (nb - na) * t)[:, None]
-
-def walk(z, frames, per_key=16):
-    """A slow tour of latent space: 16 latents at a time, each slerping between random key points."""
-    keys = z(16 * (frames // per_key + 2)).view(-1, 16, z(1).shape[1])
-    t = torch.linspace(0, 1, per_key + 1, device=keys.device)[:-1]
-    path = [torch.stack([slerp(a, b, t) for a, b in zip(k0, k1)], 1) for k0, k1 in zip(keys, keys[1:])]
-    return torch.cat(path)[:frames]
-
-def load_model(args):
-    ckpt = load_checkpoint(args.ckpt, SCRIPT)
-    targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
-    nets = build_nets(targs, targs.nc)
-    for k, n in nets.items():
-        n.load_state_dict(ckpt[k])
-    return nn.ModuleDict(nets).to(device).eval(), targs, device
-
-@torch.no_grad()
-def encode(E, x, batch=500):
-    """uint8 images -> posterior means mu (the code's embedding), in batches."""
-    return torch.cat([posterior(E, x[i:i + batch].float() / 127.5 - 1)[0] for i in range(0, len(x), batch)])
-
-@torch.no_grad()
-def decode(Dec, z, batch=500):
-    return torch.cat([Dec(z[i:i + batch]) for i in range(0, len(z), batch)])
-
-def attribute_vector(E, targs, k, device, n=10000):
-    """The paper's attribute vectors: mean latent of the images with it minus mean of those without."""
-    x, y, classes = load_dataset(targs, "train")
-    if not 0 <= k < len(classes):
-        fail(f"--attribute {k} is out of range; this dataset has classes 0..{len(classes) - 1}")
-    on, z = (y[:n] == k).to(device), encode(E, x[:n].to(device))
-    if on.all() or not on.any():
-        fail(f"--attribute {k}: the first {n} training images must hold class {k} and other classes")
-    return z[on].mean(0) - z[~on].mean(0)
-
-def sample(args):
-    nets, targs, device = load_model(args)
-    E, Dec, z = nets["E"], nets["Dec"], lambda n: torch.randn(n, targs.nz, device=device)
-    torch.manual_seed(args.seed)
-    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
-    x = decode(Dec, z(args.n))
-    save_grid(x, stem + ".png")
-    if args.npz:
-        save_npz(args.npz, x)
-    if args.recon_grid or args.interp or args.attribute is not None:
-        real, y, _ = load_dataset(targs, "test")
-        real, y = real.to(device), y.to(device)
-    if args.recon_grid:
-        k = min(32, len(real)) // 8 * 8 or fail("--recon-grid needs 8 or more test images")
-        save_grid(pair_rows(real[:k].float() / 127.5 - 1, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
-    if args.interp:  # rows: the latents of pairs of test images, lerp or slerp between them
-        t, k = torch.linspace(0, 1, args.steps, device=device), min(8, len(real) // 2)
-        ends = encode(E, real[:2 * k]).view(k, 2, -1)
-        zs = torch.cat([slerp(a, b, t) if args.interp == "slerp" else a + (b - a) * t[:, None] for a, b in ends])
-        save_grid(decode(Dec, zs), stem + f"_{args.interp}.png", args.steps)
-    if args.walk:
-        frames = [grid_image(decode(Dec, f), 4) for f in walk(z, args.walk)]
-        frames[0].save(stem + "_walk.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
-    if args.attribute is not None:  # rows: test images of other classes, reconstructions, + the vector
-        v, pick = attribute_vector(E, targs, args.attribute, device), real[y != args.attribute][:8]
-        zp = encode(E, pick)
-        save_grid(torch.cat([pick.float() / 127.5 - 1, decode(Dec, zp), decode(Dec, zp + v)]),
-                  stem + f"_attr{args.attribute}.png")
-    print(f"wrote {stem}*" + (f" and {args.npz}" if args.npz else ""))
-
-# ----------------------------------------------------------------------------- benchmark and main
-def bench(args, device):
-    """Time --bench N training steps on random data of the configured size and batch, after a warm-up."""
-    size = args.image_size or {"mnist": 28, "fashion-mnist": 28, "folder": 64}.get(args.dataset, 32)
-    nc = args.channels or (1 if args.dataset in ("mnist", "fashion-mnist") else 3)
-    data = torch.randint(0, 256, (max(2048, 4 * args.batch_size), nc, size, size), dtype=torch.uint8)
-    run = setup_training(args, device, 0, 1, (data, None, []))
-    idx, sync = batches(run, 1), (torch.cuda.synchronize if device.type == "cuda" else lambda: None)
-    for i in range(args.bench + 3):  # 3 warm-up steps (cuDNN autotuning, compilation)
-        if i == 3:
-            sync()
-            t = time.perf_counter()
-        train_step(run, get_batch(run, idx[i % len(idx)]))
-    sync()
-    dt = (time.perf_counter() - t) / args.bench
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
-    mode = "+".join([m for m in ("amp", "compile") if getattr(args, m)]) or "fp32"
-    print(f"{args.batch_size / dt:.0f} img/s, {dt * 1000:.1f} ms/iter, peak memory {mem}")
-    print(f"| vaegan.py {'plain VAE' if args.no_gan else 'VAE/GAN ' + args.recon} width {args.width} {size}x{size} "
-          f"| batch {args.batch_size} | {mode} | {device.type} | {args.batch_size / dt:.0f} img/s |")
+def get_args(argv=None, typed_only=False):
+    """The flags; with typed_only, the set of those typed (no defaults), to tell what --resume may take."""
+    p = make_parser()
+    if typed_only:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(p.parse_args(argv)))
+    args = p.parse_args(argv)
+    if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
+        p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
+    out_dir = os.path.dirname(os.path.abspath(args.out or "."))
+    for bad, msg in [(args.image_size is not None and not 0 < args.image_size <= 1024,
+                      f"--image-size {args.image_size} must be between 1 and 1024"),
+                     (args.epochs < 1, f"--epochs {args.epochs} must be at least 1"),
+                     (args.batch_size < 2, f"--batch-size {args.batch_size} must be at least 2 (batch norm)"),
+                     (args.log_every < 1, f"--log-every {args.log_every} must be at least 1"),
+                     (args.n < 1, f"--n {args.n} must be at least 1"),
+                     (not os.path.isdir(out_dir), f"--out {args.out}: the folder {out_dir} does not exist"),
+                     (os.path.isfile(args.outf or ""), f"--outf {args.outf} is a file; give a folder")]:
+        if bad:
+            fail(msg)
+    if args.dataset:  # training: the native size unless given, then gamma for that size
+        args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
+        args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
+        if args.gamma is None:
+            args.gamma = default_gamma(args.recon, args.no_gan, args.image_size)
+    return args
 
 def main(argv=None):
     args = get_args(argv)
@@ -754,14 +848,15 @@ def main(argv=None):
         return sample(args)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
-    if args.bench:
-        return bench(args, device)
     if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world)
+        run = train(args, device, rank, world, get_args(argv, typed_only=True))
+        if world > 1:  # every rank done before any tears Gloo/NCCL down, or a peer may abort mid-exit
+            dist.barrier()
+        return run
     finally:
         if world > 1:
             dist.destroy_process_group()
