@@ -2043,3 +2043,28 @@ def test_quality_command_line_and_cache(tmp_path, quality_data, capsys):
     with pytest.raises(SystemExit, match="no CIFAR-10 in"):
         quality.main([str(tmp_path / "s.npz"), "--dataset", "cifar10", "--dataroot", str(tmp_path / "none"),
                       "--cache", cache])
+
+
+# ----------------------------------------------------------------------------- bench/bench.py
+import bench as bench_tool  # noqa: E402  (bench/ is on sys.path above)
+
+
+@pytest.mark.parametrize("argv", [
+    ["gan", "--dataset", "shapes", "--image-size", "32", "--ngf", "8", "--ndf", "8", "--batch-size", "8"],
+    ["lapgan", "--dataset", "shapes", "--conditional", "--width-g", "8", "--width-d", "8", "--batch-size", "8"],
+    ["vaegan", "--dataset", "shapes", "--width", "8", "--batch-size", "8"]], ids=["gan", "lapgan", "vaegan"])
+def test_bench_times_the_scripts_own_training_step(argv, capsys, monkeypatch):
+    mod, calls = __import__(argv[0]), []
+    real_step = mod.train_step
+
+    def counted(run, *a, **kw):
+        calls.append(run)
+        return real_step(run, *a, **kw)
+
+    monkeypatch.setattr(mod, "train_step", counted)
+    rate = bench_tool.main(argv + ["--steps", "3", "--warmup", "2"])
+    assert len(calls) == 5 and rate > 0  # 2 warm-up steps, then the 3 timed ones
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith(f"| {argv[0]}.py | 8 | fp32 | CPU | ") and f"bench/bench.py {argv[0]} " in row
+    with pytest.raises(SystemExit, match="names the script"):
+        bench_tool.main(["nonsense", "--steps", "1"])
