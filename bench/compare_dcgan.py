@@ -6,8 +6,8 @@
 pytorch/examples trains on its `fake` dataset (1,000 random images, so 16 iterations at batch 64) and
 prints one line per iteration; this script timestamps those lines and reports the steady-state rate
 between iterations 3 and 15, which includes that script's own data loading, as a user would run it.
-gan.py is timed with bench/bench.py (its own training step) on the identical network (`--arch dcgan --image-size 64 --ngf 64
---ndf 64 --nz 100`). The two runs alternate, `--repeats` times, so that both see the same machine.
+gan.py is timed with bench/bench.py (its own training step) on the identical network
+(`--arch dcgan --image-size 64 --ngf 64 --ndf 64 --nz 100`). The two runs alternate, `--repeats` times, so that both see the same machine.
 """
 import argparse, os, re, subprocess, sys, time
 
@@ -31,9 +31,9 @@ def time_examples(repo, batch, accel):
 
 
 def time_ours(batch, accel, iters):
-    cmd = [sys.executable, os.path.join(HERE, "bench", "bench.py"), "gan", "--dataset", "cifar10", "--arch",
-           "dcgan", "--image-size", "64", "--ngf", "64", "--ndf", "64", "--nz", "100", "--batch-size", str(batch),
-           "--steps", str(iters)] + (["--cuda"] if accel else [])
+    cmd = [sys.executable, os.path.join(HERE, "bench", "bench.py"), "gan", "--dataset", "cifar10",
+           "--arch", "dcgan", "--image-size", "64", "--ngf", "64", "--ndf", "64", "--nz", "100",
+           "--batch-size", str(batch), "--steps", str(iters)] + (["--cuda"] if accel else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(re.search(r"([\d.]+) img/s,", out).group(1))
 
