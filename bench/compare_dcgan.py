@@ -7,7 +7,8 @@ pytorch/examples trains on its `fake` dataset (1,000 random images, so 16 iterat
 prints one line per iteration; this script timestamps those lines and reports the steady-state rate
 between iterations 3 and 15, which includes that script's own data loading, as a user would run it.
 gan.py is timed with bench/bench.py (its own training step) on the identical network
-(`--arch dcgan --image-size 64 --ngf 64 --ndf 64 --nz 100`). The two runs alternate, `--repeats` times, so that both see the same machine.
+(`--arch dcgan --image-size 64 --ngf 64 --ndf 64 --nz 100`). The two runs alternate, `--repeats` times,
+so that both see the same machine.
 """
 import argparse, os, re, subprocess, sys, time
 
