@@ -310,16 +310,13 @@ def setup_run(args, device, data, rank=0, world=1):
     print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()), "parameters")
     return Run(args, nets, fwd, opts, images.to(device), classes, rank, world)
 
-def train(args, device, rank=0, world=1, typed=()):
+def train(args, device, rank=0, world=1, ckpt=None):
     """--epochs epochs of `train_step` with the code's lr annealing; a log row and a progress line every
     --log-every steps; pictures and a checkpoint after each epoch (rank 0 writes every file)."""
-    if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
-        args = resumed_args(args, ckpt, typed)
-    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+    if not ckpt and any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
         fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
-    if args.resume:
+    if ckpt:
         restore(run, ckpt)
     if rank == 0:
         os.makedirs(args.outf, exist_ok=True)
@@ -632,7 +629,7 @@ SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "i
                  "attribute")
 
 def resumed_args(args, ckpt, typed):
-    """The checkpoint's flags, MAY_CHANGE's from the command line; other typed flags must agree."""
+    """The checkpoint's flags, but those of MAY_CHANGE the user typed; other typed flags must agree."""
     differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
               and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
@@ -640,10 +637,12 @@ def resumed_args(args, ckpt, typed):
         fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
              "--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, "
              "or start a new run with another --outf")
+    changed = {k: getattr(args, k) for k in MAY_CHANGE if k in typed}
+    args = argparse.Namespace(**{**ckpt["args"], **changed, "outf": args.outf, "resume": True})
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
-    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True})
+    return args
 
 def save_checkpoint(obj, path):
     """Atomic: written beside, flushed to disk, then renamed, so a crash or a full disk keeps the last one."""
@@ -822,8 +821,8 @@ def get_args(argv=None, typed_only=False):
             action.default = argparse.SUPPRESS
         return set(vars(p.parse_args(argv)))
     args = p.parse_args(argv)
-    if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
-        p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
+    if not (args.sample or args.dataset or args.resume and args.outf) or (args.sample and not args.ckpt):
+        p.error("give --dataset to train, --resume --outf DIR to continue, or --sample --ckpt DIR/ckpt.pt")
     out_dir = os.path.dirname(os.path.abspath(args.out or "."))
     for bad, msg in [(args.image_size is not None and not 0 < args.image_size <= 1024,
                       f"--image-size {args.image_size} must be between 1 and 1024"),
@@ -846,6 +845,9 @@ def main(argv=None):
     args = get_args(argv)
     if args.sample:
         return sample(args)
+    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT) if args.resume else None
+    if ckpt:  # before the device: an untyped --cuda is the checkpoint's
+        args = resumed_args(args, ckpt, get_args(argv, typed_only=True))
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
@@ -853,7 +855,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        run = train(args, device, rank, world, get_args(argv, typed_only=True))
+        run = train(args, device, rank, world, ckpt)
         if world > 1:  # every rank done before any tears Gloo/NCCL down, or a peer may abort mid-exit
             dist.barrier()
         return run
