@@ -544,14 +544,15 @@ def load_folder(root, size, channels, workers):
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
     with contextlib.suppress(OSError), open(cache + ".tmp", "wb") as f:  # read-only data: decoded each time
         np.savez(f, x=x, y=y)
-        f.flush(), os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
         os.replace(cache + ".tmp", cache)  # atomically: a crash leaves no half-written cache
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
     """One coloured shape per image, one class each; chunks of 1000 seeded alone, so --limit is a prefix."""
-    parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
-    return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
+    xs, ys = zip(*(shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)))
+    return torch.cat(xs)[:n], torch.cat(ys)[:n], CLASSES["shapes"]
 
 def shape_chunk(n, size, rng):
     y = rng.integers(0, 6, n)
@@ -613,7 +614,8 @@ def checkpoint(run):
 
 def restore(run, ckpt):
     for k, n in run.nets.items():
-        n.load_state_dict(ckpt[k]), run.opts[k].load_state_dict(ckpt["opt" + k])
+        n.load_state_dict(ckpt[k])
+        run.opts[k].load_state_dict(ckpt["opt" + k])
     run.epoch, run.step = ckpt["epoch"], ckpt["step"]
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] and torch.cuda.is_available():
@@ -649,7 +651,8 @@ def save_checkpoint(obj, path):
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
-            f.flush(), os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except OSError as e:
         with contextlib.suppress(OSError):
