@@ -613,6 +613,7 @@ def checkpoint(run):
             "balance": {"equilibrium": run.args.equilibrium, "margin": run.args.margin}}
 
 def restore(run, ckpt):
+    """The mirror of `checkpoint`, and log.csv cut back to the checkpoint's step."""
     for k, n in run.nets.items():
         n.load_state_dict(ckpt[k])
         run.opts[k].load_state_dict(ckpt["opt" + k])
@@ -620,10 +621,15 @@ def restore(run, ckpt):
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    if run.rank == 0:
-        trim_log(os.path.join(run.args.outf, "log.csv"), ckpt["step"])
-    else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
+    log = os.path.join(run.args.outf, "log.csv")
+    if run.rank > 0:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
+    elif os.path.exists(log):  # rows logged past the checkpoint (a crash mid-epoch) are written again
+        with open(log) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= run.step]
+        os.remove(log)
+        if rows:
+            append_log(log, rows)
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
@@ -700,15 +706,6 @@ def append_log(path, rows):
         if new:
             w.writeheader()
         w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-
-def trim_log(path, step):
-    """After a crash mid-epoch, drop the log rows past the checkpoint: the resumed run writes them again."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        os.remove(path)
-        if rows:
-            append_log(path, rows)
 
 def plot_curves(csv_path, png_path, w=480, h=80):
     """curves.png: every numeric column of log.csv against the row, one panel each, drawn with Pillow."""
