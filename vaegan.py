@@ -530,7 +530,8 @@ def load_folder(root, size, channels, workers):
                    if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
+    dirs = [os.path.relpath(os.path.dirname(f), root) for f in files]  # a class per sub-folder
+    classes = sorted(set(dirs))
     stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
     with contextlib.suppress(Exception), np.load(cache) as z:  # absent or damaged: decoded again
@@ -541,7 +542,7 @@ def load_folder(root, size, channels, workers):
     if mode is None and any(im.ndim == 3 for im in ims):  # colour kept as found; greys join as RGB
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
-    y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
+    y = np.array([classes.index(d) for d in dirs], np.int64)
     with contextlib.suppress(OSError), open(cache + ".tmp", "wb") as f:  # read-only data: decoded each time
         np.savez(f, x=x, y=y)
         f.flush()
