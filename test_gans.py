@@ -1898,6 +1898,31 @@ def test_vaegan_setup_run_and_train_step_on_random_data():
         assert any(not torch.equal(p, b) for p, b in zip(n.parameters(), before[k])), k
 
 
+def test_vaegan_resume_takes_the_untyped_flags_from_the_checkpoint(tmp_path, monkeypatch):
+    """An interrupted run continues with --resume --outf alone: the checkpoint's --dataroot and --epochs."""
+    data, moved, outf = str(tmp_path / "data"), str(tmp_path / "moved"), str(tmp_path / "run")
+    make_image_folder(data, n=10)  # 18 training images: 2 steps an epoch
+    tiny = ["--dataset", "folder", "--image-size", "16", "--width", "8", "--nz", "6", "--batch-size", "8"]
+    real_step, steps = vaegan.train_step, []
+
+    def interrupted(run, x):  # a crash in epoch 2, after epoch 1's checkpoint
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real_step(run, x)
+    monkeypatch.setattr(vaegan, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vaegan.main(tiny + ["--dataroot", data, "--epochs", "2", "--outf", outf])
+    monkeypatch.setattr(vaegan, "train_step", real_step)
+    run = vaegan.main(["--resume", "--outf", outf])
+    assert run.args.dataroot == data and run.args.epochs == 2 and run.epoch == 2
+    shutil.move(data, moved)  # a typed --dataroot (and --epochs) overrides the checkpoint's
+    run = vaegan.main(["--resume", "--outf", outf, "--dataroot", moved, "--epochs", "3"])
+    assert run.args.dataroot == moved and run.epoch == 3
+    vaegan_error(lambda: vaegan.main(["--resume", "--outf", outf]),
+                 "the checkpoint has already trained 3 epochs; give --epochs larger than 3")
+
+
 # ----------------------------------------------------------------------------- lapgan.py and vaegan.py: data parallel
 def _ddp_run_worker(rank, port, script, argv, result):
     """One torchrun-style rank of lapgan.py or vaegan.py: train, then save its weights and its file writes."""

@@ -310,16 +310,13 @@ def setup_run(args, device, data, rank=0, world=1):
     print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()), "parameters")
     return Run(args, nets, fwd, opts, images.to(device), classes, rank, world)
 
-def train(args, device, rank=0, world=1, typed=()):
+def train(args, device, rank=0, world=1, ckpt=None):
     """--epochs epochs of `train_step` with the code's lr annealing; a log row and a progress line every
     --log-every steps; pictures and a checkpoint after each epoch (rank 0 writes every file)."""
-    if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT)
-        args = resumed_args(args, ckpt, typed)
-    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+    if not ckpt and any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
         fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
-    if args.resume:
+    if ckpt:
         restore(run, ckpt)
     if rank == 0:
         os.makedirs(args.outf, exist_ok=True)
@@ -533,7 +530,8 @@ def load_folder(root, size, channels, workers):
                    if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
+    dirs = [os.path.relpath(os.path.dirname(f), root) for f in files]  # a class per sub-folder
+    classes = sorted(set(dirs))
     stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
     with contextlib.suppress(Exception), np.load(cache) as z:  # absent or damaged: decoded again
@@ -544,17 +542,18 @@ def load_folder(root, size, channels, workers):
     if mode is None and any(im.ndim == 3 for im in ims):  # colour kept as found; greys join as RGB
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
-    y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
+    y = np.array([classes.index(d) for d in dirs], np.int64)
     with contextlib.suppress(OSError), open(cache + ".tmp", "wb") as f:  # read-only data: decoded each time
         np.savez(f, x=x, y=y)
-        f.flush(), os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
         os.replace(cache + ".tmp", cache)  # atomically: a crash leaves no half-written cache
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
     """One coloured shape per image, one class each; chunks of 1000 seeded alone, so --limit is a prefix."""
-    parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
-    return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
+    xs, ys = zip(*(shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)))
+    return torch.cat(xs)[:n], torch.cat(ys)[:n], CLASSES["shapes"]
 
 def shape_chunk(n, size, rng):
     y = rng.integers(0, 6, n)
@@ -615,16 +614,23 @@ def checkpoint(run):
             "balance": {"equilibrium": run.args.equilibrium, "margin": run.args.margin}}
 
 def restore(run, ckpt):
+    """The mirror of `checkpoint`, and log.csv cut back to the checkpoint's step."""
     for k, n in run.nets.items():
-        n.load_state_dict(ckpt[k]), run.opts[k].load_state_dict(ckpt["opt" + k])
+        n.load_state_dict(ckpt[k])
+        run.opts[k].load_state_dict(ckpt["opt" + k])
     run.epoch, run.step = ckpt["epoch"], ckpt["step"]
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    if run.rank == 0:
-        trim_log(os.path.join(run.args.outf, "log.csv"), ckpt["step"])
-    else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
+    log = os.path.join(run.args.outf, "log.csv")
+    if run.rank > 0:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
+    elif os.path.exists(log):  # rows logged past the checkpoint (a crash mid-epoch) are written again
+        with open(log) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= run.step]
+        os.remove(log)
+        if rows:
+            append_log(log, rows)
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
@@ -632,7 +638,7 @@ SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "i
                  "attribute")
 
 def resumed_args(args, ckpt, typed):
-    """The checkpoint's flags, MAY_CHANGE's from the command line; other typed flags must agree."""
+    """The checkpoint's flags, but those of MAY_CHANGE the user typed; other typed flags must agree."""
     differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
               and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
@@ -640,17 +646,20 @@ def resumed_args(args, ckpt, typed):
         fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
              "--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, "
              "or start a new run with another --outf")
+    changed = {k: getattr(args, k) for k in MAY_CHANGE if k in typed}
+    args = argparse.Namespace(**{**ckpt["args"], **changed, "outf": args.outf, "resume": True})
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
-    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in MAY_CHANGE}, "resume": True})
+    return args
 
 def save_checkpoint(obj, path):
     """Atomic: written beside, flushed to disk, then renamed, so a crash or a full disk keeps the last one."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
-            f.flush(), os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -698,15 +707,6 @@ def append_log(path, rows):
         if new:
             w.writeheader()
         w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-
-def trim_log(path, step):
-    """After a crash mid-epoch, drop the log rows past the checkpoint: the resumed run writes them again."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        os.remove(path)
-        if rows:
-            append_log(path, rows)
 
 def plot_curves(csv_path, png_path, w=480, h=80):
     """curves.png: every numeric column of log.csv against the row, one panel each, drawn with Pillow."""
@@ -822,8 +822,8 @@ def get_args(argv=None, typed_only=False):
             action.default = argparse.SUPPRESS
         return set(vars(p.parse_args(argv)))
     args = p.parse_args(argv)
-    if not (args.sample or args.dataset) or (args.sample and not args.ckpt):
-        p.error("give --dataset to train, or --sample --ckpt DIR/ckpt.pt to sample")
+    if not (args.sample or args.dataset or args.resume and args.outf) or (args.sample and not args.ckpt):
+        p.error("give --dataset to train, --resume --outf DIR to continue, or --sample --ckpt DIR/ckpt.pt")
     out_dir = os.path.dirname(os.path.abspath(args.out or "."))
     for bad, msg in [(args.image_size is not None and not 0 < args.image_size <= 1024,
                       f"--image-size {args.image_size} must be between 1 and 1024"),
@@ -846,6 +846,9 @@ def main(argv=None):
     args = get_args(argv)
     if args.sample:
         return sample(args)
+    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT) if args.resume else None
+    if ckpt:  # before the device: an untyped --cuda is the checkpoint's
+        args = resumed_args(args, ckpt, get_args(argv, typed_only=True))
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
@@ -853,7 +856,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        run = train(args, device, rank, world, get_args(argv, typed_only=True))
+        run = train(args, device, rank, world, ckpt)
         if world > 1:  # every rank done before any tears Gloo/NCCL down, or a peer may abort mid-exit
             dist.barrier()
         return run
