@@ -389,14 +389,9 @@ def evaluate(args, Gs, run, ck, nz, stem):
     save_grid(pairs.reshape(-1, *pairs.shape[2:]), stem + "_nn.png", 8)  # each sample beside its nearest
 
 # ------------------------------------------------------------------------ the training loop, sampling
-def train(args, device, rank=0, world=1, typed=()):
+def train(args, device, rank=0, world=1, ckpt=None):
     """Epochs of shuffled steps; a log row and a progress line every --log-every steps; model selection,
-    pictures and the checkpoint after each epoch (rank 0)."""
-    ckpt = None
-    if args.resume:
-        args, ckpt = resume_args(args, typed)
-    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
-        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    pictures and the checkpoint after each epoch (rank 0). ckpt: the checkpoint a --resume continues."""
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
     if ckpt:
         restore(run, ckpt)
@@ -797,19 +792,21 @@ SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upsc
                  "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
 
 def resume_args(args, typed):
-    """--resume: the checkpoint's training flags; those a resume may change come from the command line."""
-    ckpt, flag = load_checkpoint(os.path.join(args.outf, "ckpt.pt")), lambda k: "--" + k.replace("_", "-")
+    """--resume: the checkpoint's flags, but those a resume may change as typed; the run stays in --outf."""
+    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
     differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY
               and getattr(args, k) != ckpt["args"].get(k)]
     if differ:
-        fail(f"--resume keeps the checkpoint's training flags; {', '.join(map(flag, differ))} differ from it "
-             f"(only {', '.join(map(flag, MAY_CHANGE))} may change): drop them, or start a new run with "
-             f"another --outf")
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in differ)
+        fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, --epochs, "
+             f"--outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, or start a new "
+             f"run with another --outf")
+    typed_values = {k: getattr(args, k) for k in MAY_CHANGE if k in typed}
+    args = argparse.Namespace(**{**ckpt["args"], **typed_values, "outf": args.outf, "resume": True})
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
-    kept = {k: getattr(args, k) for k in MAY_CHANGE}
-    return argparse.Namespace(**{**ckpt["args"], **kept, "resume": True}), ckpt
+    return args, ckpt
 
 def load_levels(paths, need=None):
     """[G_k for k in need] (default: every level) from one or more checkpoints of one pyramid, for levels
@@ -1049,8 +1046,8 @@ def typed_flags(argv=None):
 def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    if not args.sample and not args.dataset:
-        p.error("--dataset is required for training (or give --sample --ckpt FILE)")
+    if not (args.dataset or args.sample or (args.resume and args.outf)):
+        p.error("--dataset is required for training (or give --resume --outf DIR, or --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
         p.error("--sample needs --ckpt DIR/ckpt.pt (or --chain A.pt B.pt)")
     if args.eval and args.chain:
@@ -1073,9 +1070,13 @@ def get_args(argv=None):
     return args
 
 def main(argv=None):
-    args = get_args(argv)
+    args, ckpt = get_args(argv), None
     if args.sample:
         return sample(args)
+    if args.resume:  # before the device is picked: --cuda too comes from the checkpoint unless typed
+        args, ckpt = resume_args(args, typed_flags(argv))
+    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
@@ -1083,7 +1084,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world, typed_flags(argv))
+        return train(args, device, rank, world, ckpt)
     finally:
         if world > 1:
             dist.destroy_process_group()
