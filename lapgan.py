@@ -867,8 +867,7 @@ def end_of_epoch_files(run, val):
         chain = sample_chain(gens, run.sizes, n, args.nz, torch.arange(n, device=dev) // 3, dev, gen)
         save_grid(level_sheet(chain, run), sheet, 3 * len(chain))
     else:  # one level alone: samples from real coarse images
-        k = next(iter(run.levels))
-        resample_sheet(gens[0], k, run, 6, args.nz, sheet, gen)
+        resample_sheet(gens[0], next(iter(run.levels)), run, 6, args.nz, sheet, gen)
     for G in gens:
         G.train()
     save_checkpoint(checkpoint(run), f"{args.outf}/ckpt.pt")
