@@ -886,11 +886,10 @@ def trim_log(path, key, last):
     """Keep the rows whose column `key` is at most `last`."""
     if os.path.exists(path):
         with open(path) as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if int(r[key]) <= last]
         os.remove(path)
         for r in rows:
-            if int(r[key]) <= last:
-                append_log(path, r)
+            append_log(path, r)
 
 def plot_curves(csv_path, png_path, width=640, panel=80):
     """Every numeric column of log.csv against the step, one panel each, drawn with Pillow."""
