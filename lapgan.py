@@ -389,14 +389,9 @@ def evaluate(args, Gs, run, ck, nz, stem):
     save_grid(pairs.reshape(-1, *pairs.shape[2:]), stem + "_nn.png", 8)  # each sample beside its nearest
 
 # ------------------------------------------------------------------------ the training loop, sampling
-def train(args, device, rank=0, world=1, typed=()):
+def train(args, device, rank=0, world=1, ckpt=None):
     """Epochs of shuffled steps; a log row and a progress line every --log-every steps; model selection,
-    pictures and the checkpoint after each epoch (rank 0)."""
-    ckpt = None
-    if args.resume:
-        args, ckpt = resume_args(args, typed)
-    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
-        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    pictures and the checkpoint after each epoch (rank 0). ckpt: the checkpoint a --resume continues."""
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
     if ckpt:
         restore(run, ckpt)
@@ -468,8 +463,9 @@ def sample(args):
     y = labels(args.n)
     images = chain(args.n, y)
     save_grid(level_sheet(images, run), stem + ".png", len(images) * 4)
-    if args.npz:
-        save_npz(args.npz, to_display(images[-1], run.mean, run.std), None if y is None else y.cpu())
+    if args.npz:  # uint8 N x H x W x C, and the class asked for each sample
+        asked = {} if y is None else {"labels": y.cpu().numpy()}
+        np.savez(args.npz, images=to_uint8(to_display(images[-1], run.mean, run.std)), **asked)
     if args.upscale:
         y = labels(8)
         big = upscale_chain(chain(8, y), Gb[-1], sizes[-1] / sizes[-2], args.upscale, y)[-1]
@@ -532,8 +528,7 @@ def find_or_download(candidates, url, md5):
     return path
 
 class BatchUnpickler(pickle.Unpickler):
-    """Only what the official CIFAR-10 batches hold (numpy arrays); anything else is refused, so a crafted
-    file cannot run code."""
+    """Only what the official CIFAR-10 batches hold (numpy arrays): a crafted file cannot run code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
@@ -543,14 +538,13 @@ class BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder), checked against the official md5s before
-    anything is unpickled: pickled dicts of 10000 x 3072 uint8."""
+    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
     files = [os.path.join(folder, n) for n in names] if os.path.isdir(folder) else \
         [find_or_download([tar], CIFAR_URL, CIFAR_MD5["cifar-10-python.tar.gz"])]
     try:
-        for path in files:
+        for path in files:  # checked before anything is unpickled
             if md5_of(path) != CIFAR_MD5[os.path.basename(path)]:
                 fail(f"{path} does not match the official CIFAR-10 checksum; delete it to download it again")
         if os.path.isdir(folder):
@@ -632,7 +626,8 @@ def load_folder(root, size, channels, workers):
     try:  # atomic, so a crash or a full disk never leaves a truncated cache; a read-only folder skips it
         with open(cache + ".tmp", "wb") as f:
             np.savez(f, x=x, y=y)
-            f.flush(), os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(cache + ".tmp", cache)
     except OSError:
         if os.path.exists(cache + ".tmp"):
@@ -640,12 +635,12 @@ def load_folder(root, size, channels, workers):
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
-    """The built-in synthetic set: one coloured shape per image on a dark background, one class each. Made
-    in whole chunks of 1000 with their own seeds, then cut, so `--limit` takes a prefix of the same images."""
+    """The built-in synthetic set, in seeded chunks of 1000, so `--limit` takes a prefix of the same set."""
     parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
     return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
 
 def shape_chunk(n, size, rng):
+    """n images, each one coloured shape on a dark background; the shape is the class."""
     y = rng.integers(0, 6, n)
     c = (np.arange(size) + 0.5) / size * 2 - 1
     cx, cy, r = rng.uniform(-0.35, 0.35, n), rng.uniform(-0.35, 0.35, n), rng.uniform(0.35, 0.6, n)
@@ -672,8 +667,8 @@ def load_dataset(args, split):
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
-        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        x = x.round().byte()
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        x = (x.float() * luma).sum(1, keepdim=True).round().byte()
     elif args.channels == 3 and x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     if split == "train" and args.limit:
@@ -739,7 +734,8 @@ def save_checkpoint(obj, path):
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
-            f.flush(), os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except OSError as e:
         if os.path.exists(path + ".tmp"):
@@ -756,8 +752,8 @@ def load_checkpoint(path, script=SCRIPT):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete or replace it")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        other = ckpt.get("script") if isinstance(ckpt, dict) else None
+    other = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if other != script:
         fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
     return ckpt
 
@@ -797,23 +793,24 @@ SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upsc
                  "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
 
 def resume_args(args, typed):
-    """--resume: the checkpoint's training flags; those a resume may change come from the command line."""
-    ckpt, flag = load_checkpoint(os.path.join(args.outf, "ckpt.pt")), lambda k: "--" + k.replace("_", "-")
+    """--resume: the checkpoint's flags, but those a resume may change as typed; the run stays in --outf."""
+    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
     differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY
               and getattr(args, k) != ckpt["args"].get(k)]
     if differ:
-        fail(f"--resume keeps the checkpoint's training flags; {', '.join(map(flag, differ))} differ from it "
-             f"(only {', '.join(map(flag, MAY_CHANGE))} may change): drop them, or start a new run with "
-             f"another --outf")
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in differ)
+        fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
+             f"--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, or "
+             f"start a new run with another --outf")
+    typed_values = {k: getattr(args, k) for k in MAY_CHANGE if k in typed}
+    args = argparse.Namespace(**{**ckpt["args"], **typed_values, "outf": args.outf, "resume": True})
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
-    kept = {k: getattr(args, k) for k in MAY_CHANGE}
-    return argparse.Namespace(**{**ckpt["args"], **kept, "resume": True}), ckpt
+    return args, ckpt
 
 def load_levels(paths, need=None):
-    """[G_k for k in need] (default: every level) from one or more checkpoints of one pyramid, for levels
-    trained apart with --level K; later files replace earlier ones' levels."""
+    """[G_k for k in need] (default: all) from checkpoints of one pyramid; later files replace levels."""
     Gs, first = {}, None
     for path in paths:
         ck = load_checkpoint(path)
@@ -832,8 +829,7 @@ def load_levels(paths, need=None):
     return [Gs[k].eval() for k in need], first[0]
 
 def chain_levels(a, b, switch):
-    """--chain A B: one model's coarse levels (the blog's cats) finished by another's (horses).
-    -> (A's generators below the switch, A's checkpoint, B's from the switch on, B's checkpoint)."""
+    """--chain A B (the blog's cats made horses): -> (A's Gs below the switch, A's ckpt, B's, B's ckpt)."""
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     if not 1 <= switch < len(cb["sizes"]):
         fail(f"--switch {switch} is out of range; {b} has levels 0..{len(cb['sizes']) - 1}")
@@ -871,8 +867,7 @@ def end_of_epoch_files(run, val):
         chain = sample_chain(gens, run.sizes, n, args.nz, torch.arange(n, device=dev) // 3, dev, gen)
         save_grid(level_sheet(chain, run), sheet, 3 * len(chain))
     else:  # one level alone: samples from real coarse images
-        k = next(iter(run.levels))
-        resample_sheet(gens[0], k, run, 6, args.nz, sheet, gen)
+        resample_sheet(gens[0], next(iter(run.levels)), run, 6, args.nz, sheet, gen)
     for G in gens:
         G.train()
     save_checkpoint(checkpoint(run), f"{args.outf}/ckpt.pt")
@@ -891,11 +886,10 @@ def trim_log(path, key, last):
     """Keep the rows whose column `key` is at most `last`."""
     if os.path.exists(path):
         with open(path) as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if int(r[key]) <= last]
         os.remove(path)
         for r in rows:
-            if int(r[key]) <= last:
-                append_log(path, r)
+            append_log(path, r)
 
 def plot_curves(csv_path, png_path, width=640, panel=80):
     """Every numeric column of log.csv against the step, one panel each, drawn with Pillow."""
@@ -932,18 +926,13 @@ def save_grid(images, path, nrow=8, pad=2):
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
-def save_npz(path, images, labels=None):
-    extra = {} if labels is None else {"labels": np.asarray(labels, np.int64)}
-    np.savez(path, images=to_uint8(images), **extra)
-
 def level_sheet(chain, run):
     """Every level of each sample side by side, enlarged (nearest) to the finest size."""
     big = [F.interpolate(x, chain[-1].shape[-2:], mode="nearest") for x in chain]
     return to_display(torch.stack(big, 1).flatten(0, 1), run.mean, run.std)
 
 def resample_sheet(G, k, run, n, nz, path, gen=None):
-    """Sec. 4.2, the paper's check that G does not copy: per row a real image, its coarse image, then n
-    samples of level k drawn from that same coarse image (and class)."""
+    """Sec. 4.2: per row a real image, its coarse image, then n samples of level k drawn from the latter."""
     dev = run.images.device
     x, y = get_batch(run, torch.arange(8, device=dev) % len(run.images), False)
     fine, coarse = level_view(x, run.sizes, k)
@@ -956,8 +945,7 @@ def resample_sheet(G, k, run, n, nz, path, gen=None):
 
 # Setting up a run: the networks on the device, their optimisers, data parallelism
 def setup_run(args, device, data, rank=0, world=1):
-    """-> a Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names): the
-    pyramid, and G_k, D_k and their optimisers for each level trained (all, or --level K)."""
+    """-> a Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names)."""
     images, labels, classes = data
     sizes, ncls = pyramid_sizes(args, images.shape[-1]), len(classes) if args.conditional else 0
     if args.level is not None and not 0 <= args.level < len(sizes):
@@ -971,8 +959,13 @@ def setup_run(args, device, data, rank=0, world=1):
     for k in [args.level] if args.level is not None else range(len(sizes)):
         torch.manual_seed(args.seed + 1000 * k)  # level k starts from the same weights, alone or not
         G, D = (m.to(device) for m in build_level(vars(args), k, sizes, images.shape[1], ncls))
-        levels[k] = Level({"G": G, "D": D}, {"G": optimiser(G, args), "D": optimiser(D, args)},
-                          forward_callables(G, D, args, world, device))
+        fwd = {"G": G, "D": D, "DG": D}  # "DG": D itself, see Level
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            fwd.update(G=nn.parallel.DistributedDataParallel(G, device_ids=ids),
+                       D=nn.parallel.DistributedDataParallel(D, device_ids=ids))
+        fwd = {m: torch.compile(f) for m, f in fwd.items()} if args.compile else fwd
+        levels[k] = Level({"G": G, "D": D}, {"G": optimiser(G, args), "D": optimiser(D, args)}, fwd)
         if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
             ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
             print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
@@ -995,48 +988,48 @@ def optimiser(net, args):
         return torch.optim.Adam(net.parameters(), args.lr, betas=(0.5, 0.999))
     return torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, dampening=args.momentum)
 
-def forward_callables(G, D, args, world, device):
-    """A level's `fwd`: DDP wrappers when data-parallel, torch.compile when asked; "DG" is D itself."""
-    fwd = {"G": G, "D": D, "DG": D}
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        fwd.update(G=nn.parallel.DistributedDataParallel(G, device_ids=ids),
-                   D=nn.parallel.DistributedDataParallel(D, device_ids=ids))
-    return {k: torch.compile(f) for k, f in fwd.items()} if args.compile else fwd
-
 # Command line
 def make_parser():
     p = argparse.ArgumentParser(description="LAPGAN: a Laplacian pyramid of GANs (README.md lists the flags)")
-    a, on, no = p.add_argument, "store_true", None
-    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
-    a("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    a("--image-size", type=int, default=no, help="native size unless given; 64 for folder")
-    a("--channels", type=int, choices=[1, 3], default=no), a("--conditional", action=on)
-    a("--limit", type=int, default=no, help="use only the first N training images")
-    a("--levels", default=no, help="pyramid sizes coarse to fine, e.g. 8,14,28 (default: per dataset)")
-    a("--level", type=int, default=no, help="train level K alone (0 = the base); default: all levels")
-    a("--model", choices=["small", "large"], default="small", help="large: the paper's LSUN nets")
-    a("--width-g", type=int, default=128, help="G_k feature maps: 128 (paper's models) or 64 (code)")
-    a("--width-d", type=int, default=64), a("--nz", type=int, default=100, help="noise size at the base")
-    a("--epochs", type=int, default=25), a("--batch-size", type=int, default=128, help="half real for D")
-    a("--lr", type=float, default=no, help="learning rate (default 0.02; --model large: 0.01)")
-    a("--momentum", type=float, default=no, help="initial momentum (0.5; --model large: 0), +0.0008/epoch")
-    a("--optim", choices=["sgd", "adam"], default="sgd", help="adam (beta1 0.5): quick runs, not the paper")
-    a("--balance", action=on, help="the LSUN code's rule: update D or G (or both)")
-    a("--select", type=int, default=200, help="validation images for model selection (0: off)")
-    a("--seed", type=int, default=1), a("--outf", default=no, help="output folder (out/lapgan-DATASET)")
-    a("--resume", action=on), a("--log-every", type=int, default=100), a("--workers", type=int, default=4)
-    a("--cuda", action=on), a("--amp", action=on), a("--compile", action=on)
-    a("--sample", action=on), a("--ckpt", nargs="+", default=no, help="several join levels trained apart")
-    a("--n", type=int, default=64), a("--label", type=int, default=no), a("--npz", default=no)
-    a("--out", default=no, help="grid PNG (default: beside the checkpoint)")
-    a("--resample", type=int, default=0, help="N samples from each of 8 real coarse images")
-    a("--upscale", type=int, default=0, help="run the finest G N more times past its size")
-    a("--chain", nargs=2, default=no, metavar=("A", "B"), help="levels below --switch from A, the rest B")
-    a("--switch", type=int, default=1), a("--eval", action=on, help="Parzen log-likelihood, neighbours")
-    a("--eval-images", type=int, default=1000, help="held-out test images to score")
-    a("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
-    a("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
+    add = p.add_argument
+    add("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
+    add("--dataroot", default="./data", help="where the data lives or is downloaded to")
+    add("--image-size", type=int, help="native size unless given; 64 for folder")
+    add("--channels", type=int, choices=[1, 3])
+    add("--conditional", action="store_true")
+    add("--limit", type=int, help="use only the first N training images")
+    add("--levels", help="pyramid sizes coarse to fine, e.g. 8,14,28 (default: per dataset)")
+    add("--level", type=int, help="train level K alone (0 = the base); default: all levels")
+    add("--model", choices=["small", "large"], default="small", help="large: the paper's LSUN nets")
+    add("--width-g", type=int, default=128, help="G_k feature maps: 128 (paper's models) or 64 (code)")
+    add("--width-d", type=int, default=64)
+    add("--nz", type=int, default=100, help="noise size at the base")
+    add("--epochs", type=int, default=25)
+    add("--batch-size", type=int, default=128, help="half real for D")
+    add("--lr", type=float, help="learning rate (default 0.02; --model large: 0.01)")
+    add("--momentum", type=float, help="initial momentum (0.5; --model large: 0), +0.0008/epoch")
+    add("--optim", choices=["sgd", "adam"], default="sgd", help="adam (beta1 0.5): quick runs, not the paper")
+    add("--balance", action="store_true", help="the LSUN code's rule: update D or G (or both)")
+    add("--select", type=int, default=200, help="validation images for model selection (0: off)")
+    add("--seed", type=int, default=1)
+    add("--outf", help="output folder (out/lapgan-DATASET)")
+    add("--log-every", type=int, default=100)
+    add("--workers", type=int, default=4)
+    for switch in ("--resume", "--cuda", "--amp", "--compile", "--sample"):
+        add(switch, action="store_true")
+    add("--ckpt", nargs="+", help="several join levels trained apart")
+    add("--n", type=int, default=64)
+    add("--label", type=int)
+    add("--npz")
+    add("--out", help="grid PNG (default: beside the checkpoint)")
+    add("--resample", type=int, default=0, help="N samples from each of 8 real coarse images")
+    add("--upscale", type=int, default=0, help="run the finest G N more times past its size")
+    add("--chain", nargs=2, metavar=("A", "B"), help="levels below --switch from A, the rest B")
+    add("--switch", type=int, default=1)
+    add("--eval", action="store_true", help="Parzen log-likelihood, neighbours")
+    add("--eval-images", type=int, default=1000, help="held-out test images to score")
+    add("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
+    add("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
     return p
 
 def typed_flags(argv=None):
@@ -1049,8 +1042,8 @@ def typed_flags(argv=None):
 def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    if not args.sample and not args.dataset:
-        p.error("--dataset is required for training (or give --sample --ckpt FILE)")
+    if not (args.dataset or args.sample or (args.resume and args.outf)):
+        p.error("--dataset is required for training (or give --resume --outf DIR, or --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
         p.error("--sample needs --ckpt DIR/ckpt.pt (or --chain A.pt B.pt)")
     if args.eval and args.chain:
@@ -1073,9 +1066,13 @@ def get_args(argv=None):
     return args
 
 def main(argv=None):
-    args = get_args(argv)
+    args, ckpt = get_args(argv), None
     if args.sample:
         return sample(args)
+    if args.resume:  # before the device is picked: --cuda too comes from the checkpoint unless typed
+        args, ckpt = resume_args(args, typed_flags(argv))
+    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
@@ -1083,7 +1080,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world, typed_flags(argv))
+        return train(args, device, rank, world, ckpt)
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -1295,6 +1295,38 @@ def test_lapgan_resume_trims_select_csv_and_guards_best(lapgan_runs, tmp_path):
     lap_one_line_error(e, "best.pt is not a readable checkpoint")
 
 
+def lap_mnist_run(tmp_path):
+    """A 1-epoch MNIST run from --dataroot DATA, its checkpoint marked as started with --epochs 2 (as if
+    interrupted after epoch 1). -> (data folder, output folder)."""
+    data, outf = str(tmp_path / "data"), str(tmp_path / "run")
+    os.makedirs(data)
+    write_mnist(data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--dataset", "mnist", "--dataroot", data, "--limit", "16", "--batch-size", "8", "--width-g",
+                     "4", "--width-d", "4", "--nz", "4", "--select", "0", "--epochs", "1", "--outf", outf])
+    ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    torch.save({**ck, "args": {**ck["args"], "epochs": 2}}, os.path.join(outf, "ckpt.pt"))
+    return data, outf
+
+
+def test_lapgan_resume_alone_takes_the_checkpoints_dataroot_and_epochs(tmp_path, monkeypatch):
+    data, outf = lap_mnist_run(tmp_path)
+    monkeypatch.chdir(tmp_path)  # no ./data here: only the checkpoint's --dataroot holds the files
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = lapgan.main(["--resume", "--outf", outf])
+    assert (run.args.dataroot, run.args.epochs, run.epoch) == (data, 2, 2)
+    assert [r["epoch"] for r in read_log(os.path.join(outf, "log.csv"))][-1] == "2"
+
+
+def test_lapgan_resume_typed_dataroot_overrides_the_checkpoints(tmp_path):
+    data, outf = lap_mnist_run(tmp_path)
+    moved = str(tmp_path / "moved")
+    shutil.move(data, moved)  # the checkpoint's folder is gone: the typed one must be read
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = lapgan.main(["--resume", "--outf", outf, "--dataroot", moved, "--epochs", "3"])
+    assert (run.args.dataroot, run.args.epochs, run.epoch) == (moved, 3, 3)
+
+
 
 # ----------------------------------------------------------------------------- vaegan.py
 def vaegan_cli(*args, timeout=120):
