@@ -10,7 +10,9 @@ Deep Convolutional GANs" (`--arch dcgan`, the default); the "Generating Faces wi
 
 Deviations from the papers: D outputs a logit and the loss is BCE-with-logits (the same function as
 sigmoid + BCE, numerically safer); the upsample architecture's G has no output non-linearity, as in
-the Torch code, and images are clamped to [-1, 1] only for display.
+the Torch code, and images are clamped to [-1, 1] only for display; its G step reuses the D step's
+B generated images where the Torch code drew 2B fresh latents. `--arch upsample` takes the faces code's
+nz, lr, optimizer, margin rule and learning-rate schedule unless the flags are given.
 """
 import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 SCRIPT = "gan"
+# DCGAN Sec. 4 for dcgan; the faces code (train_lfw.lua, noiseDim 512, learningRate 1e-3, its own
+# rmsprop, and the margin rule always on) for upsample
+ARCH_DEFAULTS = {"dcgan": {"nz": 100, "lr": 2e-4, "optimizer": "adam", "balance": "none"},
+                 "upsample": {"nz": 512, "lr": 1e-3, "optimizer": "rmsprop", "balance": "margin"}}
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics")
@@ -33,20 +39,22 @@ def get_args(argv=None):
     a("--conditional", action="store_true", help="class-conditional G and D (one-hot label)")
     a("--limit", type=int, default=None, help="use only the first N training images")
     a("--arch", choices=["dcgan", "upsample"], default="dcgan")
-    a("--nz", type=int, default=100, help="latent size")
+    a("--nz", type=int, default=None, help="latent size (dcgan 100, upsample 512)")
     a("--ngf", type=int, default=64, help="G width")
     a("--ndf", type=int, default=64, help="D width")
     a("--epochs", type=int, default=25)
     a("--batch-size", type=int, default=64)
-    a("--lr", type=float, default=2e-4)
+    a("--lr", type=float, default=None, help="dcgan 2e-4, upsample 1e-3")
     a("--beta1", type=float, default=0.5, help="Adam beta1 (DCGAN Sec. 4)")
-    a("--optimizer", choices=["adam", "rmsprop"], default="adam")
-    a("--balance", choices=["none", "margin", "l2"], default="none")
+    a("--optimizer", choices=["adam", "rmsprop"], default=None, help="dcgan adam, upsample rmsprop")
+    a("--balance", choices=["none", "margin", "l2"], default=None, help="dcgan none, upsample margin")
     a("--margin", type=float, default=0.3)
     a("--d-pretrain", type=int, default=0, help="discriminator-only steps before the game")
     a("--swap-real", type=float, default=0.0, help="fraction of real batch replaced by fakes")
     a("--swap-epochs", type=int, default=0, help="epochs during which --swap-real applies")
     a("--dropout-d", type=float, default=None, help="dropout in D (upsample arch: 0.2 spatial)")
+    a("--bn-d", action="store_true", help="upsample arch: batch norm in D (the faces post's panel A)")
+    a("--dropout-g", type=float, default=0.0, help="upsample arch: dropout after G's ReLUs")
     a("--seed", type=int, default=1)
     a("--outf", default=None, help="output folder (default out/gan-DATASET)")
     a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
@@ -77,6 +85,11 @@ def get_args(argv=None):
         p.error("--dataset is required for training (or give --sample --ckpt FILE)")
     if args.sample and not args.ckpt:
         p.error("--sample needs --ckpt DIR/ckpt.pt")
+    if args.arch != "upsample" and (args.bn_d or args.dropout_g):
+        p.error("--bn-d and --dropout-g belong to --arch upsample")
+    for k, v in ARCH_DEFAULTS[args.arch].items():  # the flags the user left out take the arch's defaults
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     return args
 
 def fail(msg):
@@ -305,20 +318,24 @@ def dcgan_nets(nz, ngf, ndf, nc, size, ncls, dropout):
     d += [nn.Conv2d(dw[-1], 1, s0, 1, 0, bias=False), nn.Flatten(0)]
     return nn.Sequential(*g), nn.Sequential(*d)
 
-def upsample_nets(nz, ngf, ndf, nc, size, ncls, dropout):
+def upsample_nets(nz, ngf, ndf, nc, size, ncls, dropout, bn_d=False, dropout_g=0.0):
     """The Torch faces model: G = linear -> (nearest x2, conv5, BN, ReLU) blocks -> conv3;
-    D = (conv5, max-pool, ReLU, spatial dropout) blocks, no BN -> linear 1024 -> dropout -> logit."""
+    D = (conv5, max-pool, ReLU, spatial dropout) blocks, no BN -> linear 1024 -> dropout -> logit.
+    bn_d puts BN after D's convolutions but the first (the faces post's panel A: D then wins);
+    dropout_g adds dropout after G's block ReLUs, which the post also tried."""
     s0, n = upsample_depth(size)
     gw = [ngf * 2] + [ngf * 4] * (n - 1) + [ngf * 2]  # 64x64: 128 -> 256 -> 256 -> 128
     g = [nn.Linear(nz + ncls, gw[0] * s0 * s0), nn.Unflatten(1, (gw[0], s0, s0)), nn.ReLU(True)]
     for a, b in zip(gw, gw[1:]):
         g += [nn.Upsample(scale_factor=2), nn.Conv2d(a, b, 5, 1, 2), nn.BatchNorm2d(b), nn.ReLU(True)]
+        g += [nn.Dropout(dropout_g)] if dropout_g else []
     g += [nn.Conv2d(gw[-1], nc, 3, 1, 1)]
     dw = [nc + ncls] + [ndf // 2 * (i + 1) for i in range(n)]  # 64x64: 32, 64, 96
     p = 0.2 if dropout is None else dropout
     d = []
-    for a, b in zip(dw, dw[1:]):
-        d += [nn.Conv2d(a, b, 5, 1, 2), nn.MaxPool2d(2), nn.ReLU(True), nn.Dropout2d(p)]
+    for i, (a, b) in enumerate(zip(dw, dw[1:])):
+        d += [nn.Conv2d(a, b, 5, 1, 2)] + ([nn.BatchNorm2d(b)] if bn_d and i else [])
+        d += [nn.MaxPool2d(2), nn.ReLU(True), nn.Dropout2d(p)]
     d += [nn.Flatten(), nn.Linear(dw[-1] * s0 * s0, 1024), nn.ReLU(True), nn.Dropout(0.5),
           nn.Linear(1024, 1), nn.Flatten(0)]
     return nn.Sequential(*g), nn.Sequential(*d)
@@ -332,8 +349,11 @@ def dcgan_init(m):
         nn.init.zeros_(m.bias)
 
 def build_nets(args, nc, ncls):
-    make = dcgan_nets if args.arch == "dcgan" else upsample_nets
-    g, d = make(args.nz, args.ngf, args.ndf, nc, args.image_size, ncls, args.dropout_d)
+    if args.arch == "dcgan":
+        g, d = dcgan_nets(args.nz, args.ngf, args.ndf, nc, args.image_size, ncls, args.dropout_d)
+    else:  # checkpoints from before --bn-d / --dropout-g lack them
+        g, d = upsample_nets(args.nz, args.ngf, args.ndf, nc, args.image_size, ncls, args.dropout_d,
+                             getattr(args, "bn_d", False), getattr(args, "dropout_g", 0.0))
     G, D = Conditioned(g, ncls), Conditioned(d, ncls)
     if args.arch == "dcgan":
         G.apply(dcgan_init), D.apply(dcgan_init)
@@ -377,6 +397,11 @@ def swap_real(real, y_real, fake, y_fake, frac):
     x = torch.cat([fake[:k].detach(), real[k:]])
     return x, (torch.cat([y_fake[:k], y_real[k:]]) if y_real is not None else None)
 
+def faces_lr(lr, step, epoch):
+    """The faces code's schedule (lfw_adverserial.lua, train_lfw.lua): lr/50 for the first 10 updates,
+    lr/5 until 30, then lr; decayed by 0.99 per finished epoch, never below 1e-6."""
+    return max(lr * 0.99 ** (epoch - 1), 1e-6) / (50 if step < 10 else 5 if step < 30 else 1)
+
 def l2_penalty(net, coef):
     return 0.5 * coef * sum(p.pow(2).sum() for p in net.parameters()) if coef > 0 else 0.0
 
@@ -409,12 +434,19 @@ def train_step(run, real, y, swap_frac):
         # detach: D's loss must not push gradients into G; G gets its own step below
         out_fake = nets["Dt"](fake.detach(), yf).float()
     err_real, err_fake = bce(out_real, 1.0), bce(out_fake, 0.0)
+    if args.arch == "upsample":
+        for opt in opts.values():
+            for group in opt.param_groups:
+                group["lr"] = faces_lr(args.lr, state["step"], state["epoch"] + 1)
     upd_d, upd_g = True, True
     if args.balance == "margin":
         upd_d, upd_g = margin_rule(*global_mean(err_real, err_fake), args.margin)
     if upd_d:
         opts["D"].zero_grad(set_to_none=True)
-        (err_real + err_fake + l2_penalty(nets["D"], state["l2"])).backward()
+        # the faces code took BCE over the mixed half-real, half-fake batch, i.e. the mean of the two
+        # errors; its L2 rule's coefficient is tuned against that, so the rule halves our sum of the two
+        half = 0.5 if args.balance == "l2" else 1.0
+        (half * (err_real + err_fake) + l2_penalty(nets["D"], state["l2"])).backward()
         opts["D"].step()
     with autocast(args, dev):
         out_g = nets["Dg"](fake, yf).float()
@@ -550,15 +582,20 @@ def end_of_epoch_files(run, epoch, fixed_z, fixed_y):
         save_grid(G(fixed_z, fixed_y), os.path.join(args.outf, f"samples_e{epoch:03d}.png"),
                   10 if run["ncls"] else 8)
     G.train()
-    s, nets, opts = run["state"], run["nets"], run["opts"]
-    save_checkpoint({"script": SCRIPT, "args": vars(args), "G": nets["G"].state_dict(),
-                     "D": nets["D"].state_dict(), "optG": opts["G"].state_dict(), "optD": opts["D"].state_dict(),
-                     "classes": run["classes"], "epoch": epoch, "step": s["step"], "balance": {"l2": s["l2"]},
-                     "dhist": torch.stack(s["dhist"]), "rng": rng_state()}, os.path.join(args.outf, "ckpt.pt"))
+    save_checkpoint(checkpoint(run), os.path.join(args.outf, "ckpt.pt"))
+    s = run["state"]
     plot_curves(os.path.join(args.outf, "log.csv"), os.path.join(args.outf, "curves.png"),
                 [("errors", ["err_g", "err_d_fake", "err_d_real"]), ("D outputs", ["d_x", "d_gz"]),
                  ("balancing", ["upd_d", "upd_g", "l2"])])
     draw_dhist(torch.stack(s["dhist"]), os.path.join(args.outf, "dhist.png"))
+
+def checkpoint(run):
+    """Everything a resume needs; `restore` reads it back in the same order."""
+    nets, opts, s = run["nets"], run["opts"], run["state"]
+    return {"script": SCRIPT, "args": vars(run["args"]), "G": nets["G"].state_dict(),
+            "D": nets["D"].state_dict(), "optG": opts["G"].state_dict(), "optD": opts["D"].state_dict(),
+            "classes": run["classes"], "epoch": s["epoch"], "step": s["step"], "balance": {"l2": s["l2"]},
+            "dhist": torch.stack(s["dhist"]), "rng": rng_state()}
 
 def restore(run, ckpt, device):
     nets, opts, s = run["nets"], run["opts"], run["state"]
@@ -842,9 +879,12 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world)
+        nets = train(args, device, rank, world)
+        if world > 1:  # no rank tears Gloo/NCCL down while another still talks to it
+            dist.barrier()
+        return nets
     finally:
-        if world > 1:
+        if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 if __name__ == "__main__":

@@ -394,7 +394,8 @@ def _ddp_worker(rank, port, outf, result):
         real = getattr(gan, name)
         setattr(gan, name, lambda *a, _real=real, _name=name, **k: (writes.append(_name), _real(*a, **k))[1])
     G, D = gan.main(TINY + ["--epochs", "1", "--balance", "margin", "--outf", outf])
-    torch.save({"G": G.state_dict(), "D": D.state_dict(), "writes": writes}, f"{result}{rank}.pt")
+    torch.save({"G": G.state_dict(), "D": D.state_dict(), "writes": writes,
+                "torn_down": not torch.distributed.is_initialized()}, f"{result}{rank}.pt")
 
 
 def test_torchrun_style_data_parallel_two_ranks(tmp_path):
@@ -402,9 +403,127 @@ def test_torchrun_style_data_parallel_two_ranks(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), outf, result), nprocs=2)
     r0, r1 = (torch.load(f"{result}{r}.pt", weights_only=True) for r in (0, 1))
     assert r1["writes"] == [] and "save_checkpoint" in r0["writes"]
+    assert r0["torn_down"] and r1["torn_down"]  # main leaves no process group behind for exit to tear down
     for net in ("G", "D"):
         assert all(torch.equal(r0[net][k], r1[net][k]) for k in r0[net]), net
     assert read_log(os.path.join(outf, "log.csv"))[-1]["step"] == "4"  # 128 images / (2 ranks x 16)
+
+
+# ----------------------------------------------------------------------------- gan.py: the method against the papers
+def gan_tiny_run(*extra, n=32):
+    """A run on n built-in shapes at 32x32, single process on the CPU, as training sets it up."""
+    args = gan.get_args(TINY + list(extra))
+    torch.manual_seed(args.seed)  # the same weights for the same flags
+    run = gan.setup_training(args, torch.device("cpu"), 0, 1, gan.make_shapes(n, 32, 0))
+    gan.wrap_nets(run, torch.device("cpu"))
+    return run
+
+
+def gan_step_grads(run, coef, seed=3):
+    """One train_step with SGD at lr 0 (so nothing moves): D's and G's gradients, and the batch used."""
+    run["opts"] = {k: torch.optim.SGD(run["nets"][k].parameters(), lr=0.0) for k in ("G", "D")}
+    run["state"]["l2"] = coef
+    x, y = gan.get_batch(run, torch.arange(16))
+    torch.manual_seed(seed)
+    gan.train_step(run, x, y, 0.0)
+    grads = {k: [p.grad.clone() for p in run["nets"][k].parameters()] for k in ("G", "D")}
+    return grads, x
+
+
+@pytest.mark.parametrize("balance,half", [("none", 1.0), ("l2", 0.5)])
+def test_gan_step_gradients_match_the_losses_of_the_paper(balance, half):
+    run = gan_tiny_run("--balance", balance)
+    G0, D0 = copy.deepcopy(run["nets"]["G"]), copy.deepcopy(run["nets"]["D"])
+    coef = 0.03
+    grads, x = gan_step_grads(run, coef)
+    torch.manual_seed(3)
+    z = torch.randn(16, run["args"].nz)
+    # D: BCE on reals (target 1) and detached fakes (target 0); under the L2 rule the mean of the two (the
+    # faces code's BCE over the mixed batch) plus coef/2 |theta_D|^2 on D's weights only
+    fake = G0(z)
+    logit_real, logit_fake = D0(x), D0(fake.detach())
+    loss_d = -(F.logsigmoid(logit_real).mean() + F.logsigmoid(-logit_fake).mean()) * half
+    loss_d = loss_d + coef / 2 * sum(p.pow(2).sum() for p in D0.parameters())
+    want_d = torch.autograd.grad(loss_d, list(D0.parameters()))
+    for g, w in zip(grads["D"], want_d):
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+    # G: the non-saturating loss -log D(G(z)) (Goodfellow et al. Sec. 3), not log(1 - D(G(z)))
+    loss_g = -F.logsigmoid(D0(G0(z))).mean()
+    want_g = torch.autograd.grad(loss_g, list(G0.parameters()))
+    for g, w in zip(grads["G"], want_g):
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_gan_l2_rule_halves_the_d_step_and_penalises_d_only():
+    plain, _ = gan_step_grads(gan_tiny_run("--balance", "none"), 0.0)
+    l2, _ = gan_step_grads(gan_tiny_run("--balance", "l2"), 0.0)
+    for a, b in zip(plain["D"], l2["D"]):  # the same nets and batch: the ratio is exactly 1/2
+        assert torch.allclose(b, a / 2, atol=1e-7, rtol=1e-5)
+    run = gan_tiny_run("--balance", "l2")
+    with_coef, _ = gan_step_grads(run, 0.5)
+    for p, a, b in zip(run["nets"]["D"].parameters(), l2["D"], with_coef["D"]):
+        assert torch.allclose(b - a, 0.5 * p.detach(), atol=1e-5)  # d/dW of coef/2 |W|^2 is coef W
+
+
+def test_gan_resume_keeps_the_l2_coefficient_and_counters(tmp_path):
+    run = gan_tiny_run("--balance", "l2", "--outf", str(tmp_path))
+    run["state"].update(l2=3e-5, step=7, epoch=1, dhist=[torch.ones(2, 20)])
+    ckpt = gan.checkpoint(run)
+    other = gan_tiny_run("--balance", "l2", "--outf", str(tmp_path))
+    gan.restore(other, ckpt, torch.device("cpu"))
+    assert other["state"]["l2"] == 3e-5 and other["state"]["step"] == 7 and other["state"]["epoch"] == 1
+    assert torch.equal(torch.stack(other["state"]["dhist"]), torch.ones(1, 2, 20))
+
+
+def test_gan_parzen_weights_each_sample_by_one_over_n():
+    x, samples, sigma = torch.tensor([[0.3, 0.1]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]]), 0.4
+    dens = [math.exp(-((x[0] - m) ** 2).sum().item() / (2 * sigma ** 2)) / (2 * math.pi * sigma ** 2)
+            for m in samples]
+    expected = math.log(sum(dens) / len(dens))  # the mixture's density: the mean of the kernels
+    assert gan.parzen_log_likelihood(samples, x, sigma).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "upsample"])
+def test_gan_batch_norm_scales_start_near_one(arch):
+    G, D = build(arch, 32, ngf=32, ndf=32, nz=10)
+    scales = torch.cat([m.weight.detach() for m in list(G.modules()) + list(D.modules())
+                        if isinstance(m, nn.BatchNorm2d)])
+    assert abs(scales.mean().item() - 1) < 0.01 and scales.std().item() < 0.03  # DCGAN Sec. 4: N(1, 0.02)
+    if arch == "dcgan":
+        convs = torch.cat([m.weight.detach().flatten() for m in G.modules() if isinstance(m, nn.ConvTranspose2d)])
+        assert abs(convs.std().item() - 0.02) < 0.002 and abs(convs.mean().item()) < 0.001
+
+
+def test_gan_upsample_takes_the_faces_code_defaults_and_schedule():
+    a = gan.get_args(["--dataset", "shapes", "--arch", "upsample"])
+    assert (a.nz, a.lr, a.optimizer, a.balance) == (512, 1e-3, "rmsprop", "margin")
+    a = gan.get_args(["--dataset", "shapes", "--arch", "upsample", "--nz", "64", "--lr", "5e-4", "--balance", "l2"])
+    assert (a.nz, a.lr, a.optimizer, a.balance) == (64, 5e-4, "rmsprop", "l2")
+    a = gan.get_args(["--dataset", "shapes"])
+    assert (a.nz, a.lr, a.optimizer, a.balance) == (100, 2e-4, "adam", "none")
+    lr = 1e-3  # lfw_adverserial.lua: lr/50 for 10 updates, lr/5 until 30; train_lfw.lua: 0.99 per epoch
+    assert [gan.faces_lr(lr, s, 1) for s in (0, 9, 10, 29, 30, 500)] == [lr / 50] * 2 + [lr / 5] * 2 + [lr] * 2
+    assert gan.faces_lr(lr, 100, 4) == pytest.approx(lr * 0.99 ** 3) and gan.faces_lr(lr, 100, 2000) == 1e-6
+    run = gan_tiny_run("--arch", "upsample", "--lr", "1e-3")
+    for step, want in ((0, lr / 50), (12, lr / 5), (40, lr)):
+        run["state"]["step"] = step
+        gan.train_step(run, *gan.get_batch(run, torch.arange(16)), 0.0)
+        assert all(g["lr"] == pytest.approx(want) for o in run["opts"].values() for g in o.param_groups)
+
+
+def test_gan_bn_d_and_dropout_g_for_the_upsample_arch():
+    G, D = build("upsample", 64, ngf=8, ndf=16, nz=10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())  # the faces code's D has none
+    G, D = gan.build_nets(gan.get_args(["--dataset", "shapes", "--arch", "upsample", "--image-size", "64",
+                                        "--ngf", "8", "--ndf", "16", "--nz", "10", "--bn-d", "--dropout-g", "0.3"]), 3, 0)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in D.modules()) == 2  # 3 conv blocks, none on the input
+    drops = [m for m in G.modules() if type(m) is nn.Dropout]
+    assert len(drops) == 3 and all(m.p == 0.3 for m in drops)
+    G.train()
+    z = torch.randn(4, 10)
+    assert not torch.equal(G(z), G(z))  # dropout is live in training
+    with pytest.raises(SystemExit):
+        gan.get_args(["--dataset", "shapes", "--bn-d"])
 
 
 # ----------------------------------------------------------------------------- lapgan.py: the pyramid
