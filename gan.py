@@ -14,7 +14,7 @@ the Torch code, and images are clamped to [-1, 1] only for display; its G step r
 B generated images where the Torch code drew 2B fresh latents. `--arch upsample` takes the faces code's
 nz, lr, optimizer, margin rule and learning-rate schedule unless the flags are given.
 """
-import argparse, csv, gzip, hashlib, math, os, pickle, tarfile, time, urllib.request
+import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, urllib.request, zlib
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
@@ -81,8 +81,20 @@ def get_args(argv=None):
     a("--eval", action="store_true", help="Parzen-window log-likelihood of held-out images")
     a("--eval-samples", type=int, default=10000)
     args = p.parse_args(argv)
-    if not args.sample and not args.dataset:
-        p.error("--dataset is required for training (or give --sample --ckpt FILE)")
+    for action in p._actions:  # parse again with no defaults: what is left is what the user typed
+        action.default = argparse.SUPPRESS
+    args.typed = list(vars(p.parse_args(argv)))  # the flags typed, in order, for --resume's check
+    for flag, ok, need in NUMBER_CHECKS:
+        if not ok(getattr(args, flag)):
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range; it must be {need}")
+    for flag in ("out", "npz"):
+        folder = os.path.dirname(os.path.abspath(getattr(args, flag) or "."))
+        if not os.path.isdir(folder):
+            fail(f"--{flag} {getattr(args, flag)}: the folder {folder} does not exist; create it first")
+    if args.outf and os.path.isfile(args.outf):
+        fail(f"--outf {args.outf} is a file; give a folder for the run's files")
+    if not args.sample and not args.dataset and not (args.resume and args.outf):
+        p.error("--dataset is required for training (or give --sample --ckpt FILE, or --resume --outf DIR)")
     if args.sample and not args.ckpt:
         p.error("--sample needs --ckpt DIR/ckpt.pt")
     if args.arch != "upsample" and (args.bn_d or args.dropout_g):
@@ -91,6 +103,11 @@ def get_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
+
+NUMBER_CHECKS = [("image_size", lambda v: v is None or 1 <= v <= 1024, "between 1 and 1024"),
+                 ("epochs", lambda v: v >= 1, "at least 1"),
+                 ("batch_size", lambda v: v >= 2, "at least 2 (batch norm needs two images)"),
+                 ("log_every", lambda v: v >= 1, "at least 1"), ("n", lambda v: v >= 1, "at least 1")]
 
 def fail(msg):
     raise SystemExit(f"error: {msg}")
@@ -108,7 +125,11 @@ def pick_device(args, local_rank=0):
 # ----------------------------------------------------------------------------- data
 # Every loader returns the whole split as one uint8 tensor N x C x H x W: decoded once, then batches
 # are gathered by index on the device, with no per-image Python in the training loop.
-CIFAR = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+             "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
@@ -137,31 +158,74 @@ def download(url, path, md5):
             fail(f"checksum mismatch for {url}; delete {path}.part and try again")
     os.replace(path + ".part", path)
 
+def damaged(path, what):
+    fail(f"{path} is damaged ({what}); delete it to download it again, or replace it")
+
+def md5_of(data):
+    return hashlib.md5(data).hexdigest()
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR-10 batches hold (numpy arrays): a crafted file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not in an official batch")
+        return {"ndarray": np.ndarray, "dtype": np.dtype}.get(name) or np.zeros(1).__reduce__()[0]
+
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8."""
+    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8.
+    Checksums are verified before anything is unpickled."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
     if os.path.isdir(folder):
-        read = lambda n: open(os.path.join(folder, n), "rb").read()
+        where = {n: os.path.join(folder, n) for n in names + ["batches.meta"]}
+        files = {n: open(where[n], "rb").read() for n in where if os.path.isfile(where[n])}
     else:
         if not os.path.exists(tar):
-            download(CIFAR[0], tar, CIFAR[1])
-        members = {os.path.basename(m.name): m for m in tarfile.open(tar).getmembers()}
-        read = lambda n: tarfile.open(tar).extractfile(members[n]).read()
-    batches = [pickle.loads(read(n), encoding="bytes") for n in names]
+            download(CIFAR_URL, tar, CIFAR_MD5[os.path.basename(tar)])
+        files = {os.path.basename(tar): open(tar, "rb").read()}
+        where = {n: tar for n in names + ["batches.meta", os.path.basename(tar)]}
+    for n, data in files.items():
+        if n in CIFAR_MD5 and md5_of(data) != CIFAR_MD5[n]:
+            fail(f"{where[n]} does not match the official CIFAR-10 checksum; delete it to download it again")
+    if not os.path.isdir(folder):
+        try:
+            with tarfile.open(fileobj=io.BytesIO(files.pop(os.path.basename(tar)))) as t:
+                files = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            damaged(tar, type(e).__name__)
+    batches = []
+    for n in names + ["batches.meta"]:
+        if n not in files:
+            damaged(folder if os.path.isdir(folder) else tar, f"no {n}")
+        try:
+            batches.append(BatchUnpickler(io.BytesIO(files[n]), encoding="bytes").load())
+        except pickle.UnpicklingError as e:
+            fail(f"{where[n]} is not an official CIFAR-10 batch ({e}); delete it to download it again")
+        except Exception as e:
+            damaged(where[n], type(e).__name__)
+    meta = batches.pop()
     x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
     y = np.concatenate([b[b"labels"] for b in batches])
-    meta = pickle.loads(read("batches.meta"), encoding="bytes")
     return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in meta[b"label_names"]]
 
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\0\0" or data[2] != 8:
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, OSError) as e:
+        damaged(path, f"{type(e).__name__}: {e}")
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         fail(f"{path} is not a uint8 IDX file")
+    if len(data) < 4 + 4 * data[3]:
+        damaged(path, "its header is cut short")
     dims = np.frombuffer(data, ">i4", data[3], 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+    if len(data) - 4 - 4 * data[3] < np.prod(dims):
+        damaged(path, f"it holds fewer items than its header's {dims[0]}")
+    return np.frombuffer(data, np.uint8, np.prod(dims), 4 + 4 * data[3]).reshape(dims)
 
 def load_mnist(root, name, split):
     """MNIST and Fashion-MNIST: files in DATAROOT, DATAROOT/NAME or an installed Debian dataset package,
@@ -182,7 +246,9 @@ def decode_image(path, size, mode):
     """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
     try:
         im = Image.open(path)
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "I;16", "1") else "RGB"))
+        if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: keep the top 8 bits (convert clips)
+            im = Image.fromarray((np.asarray(im, np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     s = size / min(im.size)
@@ -194,15 +260,20 @@ def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXT))
+    def unreadable(e):
+        fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable)
+                   for f in fs if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
     classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
     stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    if os.path.exists(cache):
-        z = np.load(cache)
-        return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
+    try:  # a cache cut short by a crash or a full disk is decoded again
+        with np.load(cache) as z:
+            return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
+    except Exception:
+        pass
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         ims = list(pool.map(lambda f: decode_image(f, size, mode), files))
@@ -210,10 +281,14 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:
-        np.savez(cache, x=x, y=y)
-    except OSError:
-        pass  # a read-only dataset still works, it is just decoded again next time
+    try:  # atomic: write, fsync, rename
+        with open(cache + ".tmp", "wb") as f:
+            np.savez(f, x=x, y=y)
+            f.flush(), os.fsync(f.fileno())
+        os.replace(cache + ".tmp", cache)
+    except OSError:  # a read-only dataset still works, it is just decoded again next time
+        if os.path.exists(cache + ".tmp"):
+            os.remove(cache + ".tmp")
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
@@ -510,6 +585,9 @@ def run_epoch(run, epoch, t0):
 
 def setup_training(args, device, rank, world, data=None):
     images, labels, classes = data or load_dataset(args, "train")
+    if len(images) // world < args.batch_size:
+        fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
+             f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
     args.image_size, args.nc = images.shape[-1], images.shape[1]
     if args.conditional and labels is None:
         fail("--conditional needs class labels; this dataset has none")
@@ -545,8 +623,9 @@ def train(args, device, rank=0, world=1):
     ckpt_path = os.path.join(args.outf, "ckpt.pt")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, SCRIPT)
-        keep = {k: getattr(args, k) for k in ("epochs", "outf", "cuda", "amp", "compile", "log_every", "workers")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep, "resume": True})
+        args = resume_args(args, ckpt)
+    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
     run = setup_training(args, device, rank, world)
     if args.resume:
         restore(run, ckpt, device)
@@ -589,6 +668,27 @@ def end_of_epoch_files(run, epoch, fixed_z, fixed_y):
                  ("balancing", ["upd_d", "upd_g", "l2"])])
     draw_dhist(torch.stack(s["dhist"]), os.path.join(args.outf, "dhist.png"))
 
+RESUME_MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
+# flags that only shape sampling and analysis output; a training run never reads them
+OUTPUT_ONLY = {"sample", "ckpt", "n", "label", "npz", "out", "interp", "steps", "sweep_dim", "range", "walk",
+               "class_grid", "nn", "eval", "eval_samples", "bench", "resume", "typed"}
+
+def resume_args(args, ckpt):
+    """The checkpoint's training flags, with the few a resume may change taken from the command line
+    (--dataroot only when typed: otherwise the data stays where it was)."""
+    saved = ckpt["args"]
+    differ = [k for k in args.typed if k not in RESUME_MAY_CHANGE + sorted(OUTPUT_ONLY)
+              and saved.get(k) != getattr(args, k)]
+    if differ:
+        fail(f"--resume keeps the checkpoint's training flags; {', '.join('--' + k.replace('_', '-') for k in differ)}"
+             f" differ from it (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may "
+             "change): drop them, or start a new run with another --outf")
+    if ckpt["epoch"] >= args.epochs:
+        fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
+             f"{ckpt['epoch']} to train more")
+    keep = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k != "dataroot" or k in args.typed}
+    return argparse.Namespace(**{**saved, **keep, "resume": True, "typed": args.typed})
+
 def checkpoint(run):
     """Everything a resume needs; `restore` reads it back in the same order."""
     nets, opts, s = run["nets"], run["opts"], run["state"]
@@ -611,9 +711,19 @@ def restore(run, ckpt, device):
 
 # ----------------------------------------------------------------------------- checkpoints, logs, pictures
 def save_checkpoint(obj, path):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: write PATH.tmp, fsync, rename; a crash or a full disk leaves the previous checkpoint intact."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush(), os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if e.errno == errno.ENOSPC:
+            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
+                 "the last checkpoint is kept")
+        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
 
 def load_checkpoint(path, script):
     if not os.path.exists(path):
@@ -780,6 +890,8 @@ def sample(args):
     G, targs, ncls, device = load_generator(args)
     torch.manual_seed(args.seed)
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
+    if args.label is not None and not ncls:
+        fail(f"{args.ckpt} was trained without --conditional; drop --label")
     if ncls and args.label is not None and not 0 <= args.label < ncls:
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
     labels = lambda n: (torch.full((n,), args.label) if args.label is not None else torch.randint(ncls, (n,))

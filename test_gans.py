@@ -30,13 +30,14 @@ def seeded():
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def write_cifar_tarball(root, n_per_batch=6, seed=0):
-    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys."""
+def write_cifar_tarball(root, n_per_batch=6, seed=0, protocol=2):
+    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys. The official
+    files are Python 2 pickles; protocol 3 or later is the Python 3 way to hold bytes without calls."""
     rng = np.random.default_rng(seed)
     batches = {}
     with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
         def add(name, obj):
-            data = pickle.dumps(obj, protocol=2)
+            data = pickle.dumps(obj, protocol=protocol)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -240,8 +241,24 @@ def test_nearest_neighbours_finds_the_copy():
 
 
 # ----------------------------------------------------------------------------- gan.py: data
-def test_cifar10_reader_official_tarball(tmp_path):
-    batches = write_cifar_tarball(tmp_path)
+def gan_trust_cifar(monkeypatch, root):
+    """Make gan.py accept the fake CIFAR-10 under root: its md5s in place of the official ones."""
+    md5 = {}
+    tar = os.path.join(root, "cifar-10-python.tar.gz")
+    if os.path.exists(tar):
+        md5["cifar-10-python.tar.gz"] = gan.md5_of(open(tar, "rb").read())
+        with tarfile.open(tar) as t:
+            md5.update({os.path.basename(m.name): gan.md5_of(t.extractfile(m).read()) for m in t.getmembers()
+                        if m.isfile()})
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if os.path.isdir(folder):
+        md5.update({n: gan.md5_of(open(os.path.join(folder, n), "rb").read()) for n in os.listdir(folder)})
+    monkeypatch.setattr(gan, "CIFAR_MD5", {k: v for k, v in md5.items() if k in gan.CIFAR_MD5})
+
+
+def test_cifar10_reader_official_tarball(tmp_path, monkeypatch):
+    batches = write_cifar_tarball(tmp_path, protocol=4)
+    gan_trust_cifar(monkeypatch, tmp_path)
     x, y, classes = gan.read_cifar10(str(tmp_path), "train")
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[9] == "truck"
     first = batches["data_batch_1"][0][0]
@@ -524,6 +541,161 @@ def test_gan_bn_d_and_dropout_g_for_the_upsample_arch():
     assert not torch.equal(G(z), G(z))  # dropout is live in training
     with pytest.raises(SystemExit):
         gan.get_args(["--dataset", "shapes", "--bn-d"])
+
+
+# ----------------------------------------------------------------------------- gan.py: bad input and faults
+def gan_one_line_error(*fragments, call):
+    """call() stops with one line, 'error: ...', holding every fragment."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_gan_cifar_checksums_and_restricted_unpickler(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_cifar_tarball(tmp_path, protocol=4)
+    gan_one_line_error("cifar-10-python.tar.gz does not match the official CIFAR-10 checksum", "delete it",
+                       call=lambda: gan.read_cifar10(str(tmp_path), "train"))
+    # a crafted batch whose md5 matches (patched): the unpickler still refuses to call os.system
+    evil = tmp_path / "evil"
+    os.makedirs(evil / "cifar-10-batches-py")
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"]:
+        (evil / "cifar-10-batches-py" / name).write_bytes(pickle.dumps({b"data": RunsCode()}, protocol=4))
+    with tarfile.open(evil / "cifar-10-python.tar.gz", "w:gz") as t:
+        t.add(evil / "cifar-10-batches-py", "cifar-10-batches-py")
+    for layout in ("folder", "tarball"):
+        if layout == "tarball":
+            shutil.rmtree(evil / "cifar-10-batches-py")
+        gan_trust_cifar(monkeypatch, evil)
+        gan_one_line_error("is not an official CIFAR-10 batch", "system is not in an official batch",
+                           call=lambda: gan.read_cifar10(str(evil), "train"))
+        assert not (tmp_path / "PWNED").exists()
+    # the extracted folder: each batch file is checked
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as t:
+        t.extractall(tmp_path / "x", filter="data")
+    gan_trust_cifar(monkeypatch, tmp_path / "x")
+    x, y, classes = gan.read_cifar10(str(tmp_path / "x"), "train")
+    assert x.shape == (30, 3, 32, 32) and classes[0] == "airplane"
+    with open(tmp_path / "x" / "cifar-10-batches-py" / "data_batch_3", "ab") as f:
+        f.write(b"!")
+    gan_one_line_error("data_batch_3 does not match the official CIFAR-10 checksum",
+                       call=lambda: gan.read_cifar10(str(tmp_path / "x"), "train"))
+    # a truncated tarball (its md5 patched to match): damaged, not a traceback
+    tar = tmp_path / "cifar-10-python.tar.gz"
+    tar.write_bytes(tar.read_bytes()[:300])
+    monkeypatch.setattr(gan, "CIFAR_MD5", {**gan.CIFAR_MD5, "cifar-10-python.tar.gz": gan.md5_of(tar.read_bytes())})
+    gan_one_line_error("cifar-10-python.tar.gz is damaged", "delete it to download it again, or replace it",
+                       call=lambda: gan.read_cifar10(str(tmp_path), "train"))
+
+
+def test_gan_idx_reader_raw_and_damaged_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 28, 28))
+    write_idx(tmp_path / "a.gz", x)
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    (tmp_path / "a").write_bytes(raw)
+    assert np.array_equal(gan.read_idx(str(tmp_path / "a")), x)  # uncompressed, as some packages ship it
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "a.gz").read_bytes()[:-30])
+    gan_one_line_error("cut.gz is damaged", "delete it to download it again, or replace it",
+                       call=lambda: gan.read_idx(str(tmp_path / "cut.gz")))
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(raw[:-28 * 28])  # four images where the header says five
+    gan_one_line_error("short.gz is damaged", "fewer items", call=lambda: gan.read_idx(str(tmp_path / "short.gz")))
+
+
+def test_gan_16_bit_png_and_unreadable_subfolder(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "a")
+    grey16 = np.array([[0, 257 * 100], [40000, 65535]] * 2, np.uint16).reshape(4, 2).repeat(2, 1)
+    Image.fromarray(grey16).save(tmp_path / "a" / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode in ("I;16", "I")
+    out = gan.decode_image(str(tmp_path / "a" / "deep.png"), 4, None)
+    assert out.dtype == np.uint8 and np.array_equal(out, (grey16.astype(np.int64) >> 8).astype(np.uint8))
+    os.makedirs(tmp_path / "b")
+    real_scandir = os.scandir
+
+    def locked(path):
+        if os.path.basename(os.fspath(path)) == "b":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", locked)
+    gan_one_line_error(f"cannot read {tmp_path / 'b'} (Permission denied)", "fix its permissions",
+                       call=lambda: gan.load_folder(str(tmp_path), 8, None, 1))
+
+
+def test_gan_folder_cache_is_atomic_and_a_damaged_one_is_rebuilt(tmp_path):
+    make_image_folder(tmp_path, 2)
+    x, y, _ = gan.load_folder(str(tmp_path), 16, None, 1)
+    (cache,) = tmp_path.glob(".cache-*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])  # a crash or a full disk cut it short
+    x2, y2, _ = gan.load_folder(str(tmp_path), 16, None, 1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not list(tmp_path.glob("*.tmp")) and np.load(cache)["x"].shape == (4, 3, 16, 16)
+
+
+def test_gan_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+    path = str(tmp_path / "ckpt.pt")
+    gan.save_checkpoint({"script": "gan", "step": 1}, path)
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"PK\x03")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    gan_one_line_error(f"no space left on {tmp_path} writing {path}; the last checkpoint is kept",
+                       call=lambda: gan.save_checkpoint({"script": "gan", "step": 2}, path))
+    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+    def read_only(obj, f, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    gan_one_line_error("could not write", "(Read-only file system); the last checkpoint is kept",
+                       call=lambda: gan.save_checkpoint({"script": "gan", "step": 2}, path))
+    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--image-size", "0"], "--image-size 0 is out of range"), (["--image-size", "-8"], "--image-size -8"),
+    (["--image-size", "5000"], "between 1 and 1024"), (["--epochs", "0"], "--epochs 0 is out of range"),
+    (["--batch-size", "1"], "batch norm needs two"), (["--log-every", "0"], "--log-every 0"),
+    (["--n", "0"], "--n 0 is out of range"), (["--out", "/nonexistent/dir/s.png"], "/nonexistent/dir does not exist"),
+    (["--outf", "__FILE__"], "is a file"),
+])
+def test_gan_numbers_and_paths_checked_after_parsing(tmp_path, flags, fragment):
+    (tmp_path / "f").write_text("x")
+    flags = [str(tmp_path / "f") if v == "__FILE__" else v for v in flags]
+    gan_one_line_error(fragment, call=lambda: gan.get_args(["--dataset", "shapes"] + flags))
+
+
+def test_gan_run_folder_resume_flags_label_and_too_little_data(tmp_path):
+    outf = str(tmp_path / "run")
+    gan.main(TINY + ["--epochs", "1", "--outf", outf])
+    gan_one_line_error(f"{outf} already holds a run; add --resume to continue it, or choose another --outf",
+                       call=lambda: gan.main(TINY + ["--epochs", "1", "--outf", outf]))
+    gan_one_line_error("--lr, --batch-size differ from it", "(only --dataroot, --epochs, --outf, --cuda, --amp, "
+                       "--compile, --workers, --log-every may change): drop them",
+                       call=lambda: gan.main(["--resume", "--outf", outf, "--epochs", "2", "--lr", "1e-3",
+                                              "--batch-size", "8"]))
+    gan_one_line_error("the checkpoint has already trained 1 epochs; give --epochs larger than 1",
+                       call=lambda: gan.main(TINY + ["--epochs", "1", "--outf", outf, "--resume"]))
+    before = read_log(os.path.join(outf, "log.csv"))
+    gan.main(["--resume", "--outf", outf, "--epochs", "2", "--dataroot", str(tmp_path / "moved"), "--workers", "1"])
+    ckpt = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["dataroot"] == str(tmp_path / "moved")
+    assert ckpt["args"]["batch_size"] == 16 and read_log(os.path.join(outf, "log.csv"))[:len(before)] == before
+    gan_one_line_error("was trained without --conditional; drop --label",
+                       call=lambda: gan.main(["--sample", "--ckpt", os.path.join(outf, "ckpt.pt"), "--label", "1"]))
+    gan_one_line_error("only 10 training images, fewer than one batch of --batch-size 16; lower --batch-size",
+                       call=lambda: gan.main(TINY + ["--limit", "10", "--outf", str(tmp_path / "few")]))
 
 
 # ----------------------------------------------------------------------------- lapgan.py: the pyramid
