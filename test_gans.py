@@ -396,12 +396,6 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         gan.main(["--dataset", "folder", "--dataroot", str(tmp_path), "--outf", str(tmp_path / "o")])
 
 
-def test_bench_prints_a_table_line(capsys):
-    gan.main(["--dataset", "shapes", "--bench", "2", "--batch-size", "8", "--ngf", "8", "--ndf", "8"])
-    out = capsys.readouterr().out
-    assert "img/s" in out and "| gan.py dcgan 32x32 | batch 8 | fp32 | cpu |" in out
-
-
 def _ddp_worker(rank, port, outf, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -431,30 +425,28 @@ def gan_tiny_run(*extra, n=32):
     """A run on n built-in shapes at 32x32, single process on the CPU, as training sets it up."""
     args = gan.get_args(TINY + list(extra))
     torch.manual_seed(args.seed)  # the same weights for the same flags
-    run = gan.setup_training(args, torch.device("cpu"), 0, 1, gan.make_shapes(n, 32, 0))
-    gan.wrap_nets(run, torch.device("cpu"))
-    return run
+    return gan.setup_run(args, torch.device("cpu"), gan.make_shapes(n, 32, 0))
 
 
 def gan_step_grads(run, coef, seed=3):
     """One train_step with SGD at lr 0 (so nothing moves): D's and G's gradients, and the batch used."""
-    run["opts"] = {k: torch.optim.SGD(run["nets"][k].parameters(), lr=0.0) for k in ("G", "D")}
-    run["state"]["l2"] = coef
+    run.opts = {k: torch.optim.SGD(run.nets[k].parameters(), lr=0.0) for k in ("G", "D")}
+    run.l2 = coef
     x, y = gan.get_batch(run, torch.arange(16))
     torch.manual_seed(seed)
     gan.train_step(run, x, y, 0.0)
-    grads = {k: [p.grad.clone() for p in run["nets"][k].parameters()] for k in ("G", "D")}
+    grads = {k: [p.grad.clone() for p in run.nets[k].parameters()] for k in ("G", "D")}
     return grads, x
 
 
 @pytest.mark.parametrize("balance,half", [("none", 1.0), ("l2", 0.5)])
 def test_gan_step_gradients_match_the_losses_of_the_paper(balance, half):
     run = gan_tiny_run("--balance", balance)
-    G0, D0 = copy.deepcopy(run["nets"]["G"]), copy.deepcopy(run["nets"]["D"])
+    G0, D0 = copy.deepcopy(run.nets["G"]), copy.deepcopy(run.nets["D"])
     coef = 0.03
     grads, x = gan_step_grads(run, coef)
     torch.manual_seed(3)
-    z = torch.randn(16, run["args"].nz)
+    z = torch.randn(16, run.args.nz)
     # D: BCE on reals (target 1) and detached fakes (target 0); under the L2 rule the mean of the two (the
     # faces code's BCE over the mixed batch) plus coef/2 |theta_D|^2 on D's weights only
     fake = G0(z)
@@ -478,18 +470,18 @@ def test_gan_l2_rule_halves_the_d_step_and_penalises_d_only():
         assert torch.allclose(b, a / 2, atol=1e-7, rtol=1e-5)
     run = gan_tiny_run("--balance", "l2")
     with_coef, _ = gan_step_grads(run, 0.5)
-    for p, a, b in zip(run["nets"]["D"].parameters(), l2["D"], with_coef["D"]):
+    for p, a, b in zip(run.nets["D"].parameters(), l2["D"], with_coef["D"]):
         assert torch.allclose(b - a, 0.5 * p.detach(), atol=1e-5)  # d/dW of coef/2 |W|^2 is coef W
 
 
 def test_gan_resume_keeps_the_l2_coefficient_and_counters(tmp_path):
     run = gan_tiny_run("--balance", "l2", "--outf", str(tmp_path))
-    run["state"].update(l2=3e-5, step=7, epoch=1, dhist=[torch.ones(2, 20)])
+    run.l2, run.step, run.epoch, run.dhist = 3e-5, 7, 1, [torch.ones(2, 20)]
     ckpt = gan.checkpoint(run)
     other = gan_tiny_run("--balance", "l2", "--outf", str(tmp_path))
-    gan.restore(other, ckpt, torch.device("cpu"))
-    assert other["state"]["l2"] == 3e-5 and other["state"]["step"] == 7 and other["state"]["epoch"] == 1
-    assert torch.equal(torch.stack(other["state"]["dhist"]), torch.ones(1, 2, 20))
+    gan.restore(other, ckpt)
+    assert other.l2 == 3e-5 and other.step == 7 and other.epoch == 1
+    assert torch.equal(torch.stack(other.dhist), torch.ones(1, 2, 20))
 
 
 def test_gan_parzen_weights_each_sample_by_one_over_n():
@@ -523,9 +515,9 @@ def test_gan_upsample_takes_the_faces_code_defaults_and_schedule():
     assert gan.faces_lr(lr, 100, 4) == pytest.approx(lr * 0.99 ** 3) and gan.faces_lr(lr, 100, 2000) == 1e-6
     run = gan_tiny_run("--arch", "upsample", "--lr", "1e-3")
     for step, want in ((0, lr / 50), (12, lr / 5), (40, lr)):
-        run["state"]["step"] = step
+        run.step = step
         gan.train_step(run, *gan.get_batch(run, torch.arange(16)), 0.0)
-        assert all(g["lr"] == pytest.approx(want) for o in run["opts"].values() for g in o.param_groups)
+        assert all(g["lr"] == pytest.approx(want) for o in run.opts.values() for g in o.param_groups)
 
 
 def test_gan_bn_d_and_dropout_g_for_the_upsample_arch():
@@ -697,6 +689,16 @@ def test_gan_run_folder_resume_flags_label_and_too_little_data(tmp_path):
     gan_one_line_error("only 10 training images, fewer than one batch of --batch-size 16; lower --batch-size",
                        call=lambda: gan.main(TINY + ["--limit", "10", "--outf", str(tmp_path / "few")]))
 
+
+def test_gan_setup_run_and_train_step_on_random_data_change_the_weights():
+    args = gan.get_args(["--dataset", "shapes", "--batch-size", "8", "--ngf", "8", "--ndf", "8", "--nz", "8"])
+    data = (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), None, [])
+    run = gan.setup_run(args, torch.device("cpu"), data)
+    before = {k: [p.detach().clone() for p in run.nets[k].parameters()] for k in ("G", "D")}
+    out = gan.train_step(run, *gan.get_batch(run, torch.arange(8)))
+    assert math.isfinite(out["err_d"].item()) and math.isfinite(out["err_g"].item())
+    for k in ("G", "D"):
+        assert all(not torch.equal(a, b) for a, b in zip(before[k], run.nets[k].parameters())), k
 
 # ----------------------------------------------------------------------------- lapgan.py: the pyramid
 def lap_np_area(x, n_out):
