@@ -1,34 +1,31 @@
 """gan.py: the plain GAN / DCGAN baseline, with the balancing heuristics that make it train.
 
-Papers: Goodfellow et al. 2014 "Generative Adversarial Nets" (the game, the non-saturating loss, the
-Parzen-window evaluation); Radford, Metz & Chintala 2015 "Unsupervised Representation Learning with
-Deep Convolutional GANs" (`--arch dcgan`, the default); the "Generating Faces with Torch" post and its
-code, skaae/torch-gan (`--arch upsample`, the margin and L2 balancing rules); Mirza & Osindero 2014
-(`--conditional`); White 2016 "Sampling Generative Networks" (slerp).
+Papers: Goodfellow et al. 2014 "Generative Adversarial Nets"; Radford, Metz & Chintala 2015 "Unsupervised
+Representation Learning with Deep Convolutional GANs" (DCGAN, `--arch dcgan`, the default); the post
+"Generating Faces with Torch" and its code, skaae/torch-gan (`--arch upsample`, the margin and L2 rules);
+Mirza & Osindero 2014 (`--conditional`); White 2016 "Sampling Generative Networks" (slerp).
 
-The method. G maps noise z ~ N(0, I) to an image; D maps an image to the probability that it is real.
-They play min_G max_D E_x[log D(x)] + E_z[log(1 - D(G(z)))]: each step D takes one gradient step on
-a batch of reals and a batch of G's samples, then G takes one step against the updated D, minimising
--log D(G(z)) (the same fixed point, with gradients that do not vanish while D wins). GANs are fragile,
-so the faces post added rules that pause whichever network is ahead, and an L2 penalty on D that grows
-while G loses. DCGAN made the networks convolutional: strided convolutions, batch norm, ReLU/LeakyReLU.
+The method: G maps noise z ~ N(0, I) to an image, D an image to the probability that it is real; they play
+min_G max_D E_x[log D(x)] + E_z[log(1 - D(G(z)))]. Each step D takes one gradient step on reals and on G's
+samples, then G one step against the new D, minimising -log D(G(z)): the same fixed point, with gradients
+that do not vanish while D wins. Training is fragile, so the faces post pauses whichever network is ahead
+(margin rule) or penalises D's weights while G loses (L2 rule); DCGAN made both networks convolutional.
 
 Paper to code:
-    Goodfellow Sec. 3, Eq. 1 (D's loss; G's non-saturating loss)  d_loss, g_loss, train_step
-    faces post: margin rule, adaptive L2 on D, D pre-training,     margin_rule, l2_rule, l2_penalty,
-      reals swapped for fakes, RMSProp warm-up and decay           swap_real, faces_lr, train()
-    Eyescream's D/G parameter ratio (about 0.125 to 0.5)           report_ratio
-    DCGAN Sec. 3 (architecture), Sec. 4 (N(0, 0.02) init, Adam)    dcgan_nets, dcgan_init, ARCH_DEFAULTS
+    Goodfellow Sec. 3, Eq. 1: D's loss, G's non-saturating loss    d_loss, g_loss, train_step
+    faces post: margin rule, adaptive L2 on D, reals swapped for   margin_rule, l2_rule, l2_penalty,
+      fakes, D pre-training, RMSProp warm-up and decay               swap_real, train, faces_lr
+    Eyescream: D with about 0.125 to 0.5 of G's parameters         report_ratio
+    DCGAN Sec. 3 (networks), Sec. 4 (N(0, 0.02) init, Adam)        dcgan_nets, dcgan_init, ARCH_DEFAULTS
     faces code (train_lfw.lua): upsampling G, max-pooling D        upsample_nets
-    Mirza & Osindero Sec. 3: y fed to G and D                      Conditioned
+    Mirza & Osindero Sec. 3: the label fed to G and D              Conditioned
     Goodfellow Sec. 5: Gaussian Parzen window                      parzen_log_likelihood, parzen_eval
-    White 2016: slerp; the faces post: latent sweeps, nearest      slerp, lerp, sweep, walk,
-      neighbours                                                   nearest_neighbours
+    White 2016; the faces post's latent sweeps, nearest images     slerp, lerp, sweep, walk, nearest_neighbours
 
-Deviations: D outputs a logit and the loss is BCE-with-logits (sigmoid + BCE, without its overflow).
+Deviations: D outputs a logit and the loss is BCE-with-logits (sigmoid + BCE without its overflow).
 `--arch upsample` keeps the Torch code's linear output layer (no tanh; images are clamped to [-1, 1] for
-display only) and takes its nz, lr, RMSProp, margin rule and learning-rate schedule unless the flags
-are given; its G step reuses the D step's B generated images where the Torch code drew 2B fresh ones.
+display only) and takes its nz, lr, RMSProp, margin rule and learning-rate schedule unless the flags are
+given; its G step reuses the D step's B generated images where the Torch code drew 2B fresh ones.
 `--balance l2` halves our D loss (a sum of two means) to the Torch code's BCE over the mixed batch. The
 Parzen estimate uses 10,000 samples and 1,000 test images, sigma chosen on 1,000 other test images.
 
@@ -48,22 +45,19 @@ from PIL import Image, ImageDraw
 
 SCRIPT = "gan"
 
-
 # ----------------------------------------------------------------------------- the game and its losses
 def bce(logits, target):
     """Binary cross-entropy of D's logits against a constant target, averaged over the batch."""
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 def d_loss(logit_real, logit_fake):
-    """D ascends log D(x) + log(1 - D(G(z))) (Eq. 1): BCE with target 1 on reals, 0 on fakes.
-    -> (err_real, err_fake), each a batch mean."""
-    return bce(logit_real, 1.0), bce(logit_fake, 0.0)
+    """D ascends log D(x) + log(1 - D(G(z))) (Eq. 1): BCE with target 1 on reals, 0 on fakes."""
+    return bce(logit_real, 1.0), bce(logit_fake, 0.0)  # (err_real, err_fake), each a batch mean
 
 def g_loss(logit_fake):
     """Sec. 3: minimise -log D(G(z)), not log(1 - D(G(z))). Early on D rejects G's samples confidently;
     log(1 - D) is then flat while -log D is steep, so G still learns."""
     return bce(logit_fake, 1.0)
-
 
 # ----------------------------------------------------------------------------- balancing heuristics
 def margin_rule(err_real, err_fake, margin=0.3):
@@ -71,9 +65,7 @@ def margin_rule(err_real, err_fake, margin=0.3):
     G skips when D is badly fooled (error > 1 - margin); never both skip. -> (update_d, update_g)."""
     update_d = not (err_real < margin or err_fake < margin)
     update_g = not (err_real > 1 - margin or err_fake > 1 - margin)
-    if not update_d and not update_g:
-        return True, True
-    return update_d, update_g
+    return (update_d, update_g) if update_d or update_g else (True, True)
 
 def l2_rule(coef, err_g, step=1e-5, high=1.3, low=0.9):
     """Faces post: an adaptive L2 penalty on D. G failing (error > high) means D is too strong, so
@@ -89,12 +81,11 @@ def l2_penalty(net, coef):
     return 0.5 * coef * sum(p.pow(2).sum() for p in net.parameters()) if coef > 0 else 0.0
 
 def swap_real(real, y_real, fake, y_fake, frac):
-    """Replace a fraction of the real batch with generated images still labelled real, to slow D down
-    while G finds its feet."""
+    """Replace a fraction of the reals with fakes still labelled real, to slow D while G finds its feet."""
     k = int(round(frac * real.shape[0]))
     if k == 0:
         return real, y_real
-    x = torch.cat([fake[:k].detach(), real[k:]])
+    x = torch.cat([fake[:k].detach(), real[k:]])  # still B x C x H x W
     return x, (torch.cat([y_fake[:k], y_real[k:]]) if y_real is not None else None)
 
 def faces_lr(lr, step, epoch):
@@ -103,20 +94,18 @@ def faces_lr(lr, step, epoch):
     return max(lr * 0.99 ** (epoch - 1), 1e-6) / (50 if step < 10 else 5 if step < 30 else 1)
 
 def report_ratio(G, D):
-    """Eyescream's rule of thumb: D with about 0.5 (or 0.125) of G's parameters trains well; far
-    outside that one network overpowers the other."""
+    """Eyescream's rule of thumb: D with about 0.5 (or 0.125) of G's parameters trains well."""
     ng, nd = count_params(G), count_params(D)
     print(f"G {ng:,} parameters, D {nd:,} parameters, D/G = {nd / ng:.3f}")
-    if not 0.0625 <= nd / ng <= 1.5:
+    if not 0.0625 <= nd / ng <= 1.5:  # far outside, one network overpowers the other
         print("warning: D/G is far from the 0.125-0.5 rule of thumb; adjust --ngf/--ndf")
 
 def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
-
 # ----------------------------------------------------------------------------- the networks
-# Defaults per architecture: DCGAN Sec. 4 for dcgan; the faces code for upsample (train_lfw.lua:
-# noiseDim 512, learningRate 1e-3, its own rmsprop; lfw_adverserial.lua: the margin rule always on).
+# DCGAN Sec. 4 for dcgan; for upsample the faces code (train_lfw.lua: noiseDim 512, learningRate 1e-3,
+# its own rmsprop; lfw_adverserial.lua: the margin rule always on)
 ARCH_DEFAULTS = {"dcgan": {"nz": 100, "lr": 2e-4, "optimizer": "adam", "balance": "none"},
                  "upsample": {"nz": 512, "lr": 1e-3, "optimizer": "rmsprop", "balance": "margin"}}
 
@@ -133,28 +122,28 @@ class Conditioned(nn.Module):
             onehot = F.one_hot(y, self.ncls).to(x.dtype)  # B x ncls
             if x.dim() == 4:  # an image: B x ncls x H x W planes
                 onehot = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
-            x = torch.cat([x, onehot], 1)
+            x = torch.cat([x, onehot], 1)  # B x (nz + ncls), or B x (C + ncls) x H x W
         return self.body(x)
 
-def dcgan_depth(size):
-    """DCGAN doubles the resolution per layer from a small s0 x s0 start: 28 = 7*4, 32 = 4*8, 64 = 4*16."""
-    for s0 in (4, 5, 6, 7):
-        n = round(math.log2(size / s0))
-        if n >= 2 and s0 * 2 ** n == size:
-            return s0, n
-    fail(f"--image-size {size} does not fit a DCGAN; use s*2^n with s in 4..7, e.g. 28, 32, 64 or 128")
+def depth(size, largest, fewest, arch):
+    """size = s0 * 2^n: both networks double the resolution n times from s0 x s0 (s0 in 4..largest)."""
+    s0, n = size, 0
+    while s0 % 2 == 0 and s0 > largest:
+        s0, n = s0 // 2, n + 1
+    if not (4 <= s0 <= largest and n >= fewest):
+        fail(f"--image-size {size} does not fit --arch {arch}; use s*2^n with s in 4..{largest}, e.g. 32")
+    return s0, n
 
 def dcgan_nets(nz, ngf, ndf, nc, size, ncls, dropout):
     """DCGAN Sec. 3: strided (transposed) convs, BN, ReLU in G / LeakyReLU 0.2 in D, no BN on D's input."""
-    s0, n = dcgan_depth(size)
+    s0, n = depth(size, 7, 2, "dcgan")  # 28 = 7 * 2^2, 32 = 4 * 2^3, 64 = 4 * 2^4
     gw = [ngf * 2 ** i for i in reversed(range(n))]  # 64x64: 512, 256, 128, 64 channels
-    # z as a 1 x 1 image -> s0 x s0, then doubled n - 1 times, then to nc channels at full size
     g = [nn.Unflatten(1, (nz + ncls, 1, 1)), nn.ConvTranspose2d(nz + ncls, gw[0], s0, 1, 0, bias=False),
-         nn.BatchNorm2d(gw[0]), nn.ReLU(True)]
-    for a, b in zip(gw, gw[1:]):
+         nn.BatchNorm2d(gw[0]), nn.ReLU(True)]  # z as a 1 x 1 image -> s0 x s0
+    for a, b in zip(gw, gw[1:]):  # each doubles H and W
         g += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(True)]
-    g += [nn.ConvTranspose2d(gw[-1], nc, 4, 2, 1, bias=False), nn.Tanh()]
-    dw = [ndf * 2 ** i for i in range(n)]  # 64x64: 64, 128, 256, 512 channels, halving the size each
+    g += [nn.ConvTranspose2d(gw[-1], nc, 4, 2, 1, bias=False), nn.Tanh()]  # -> nc x size x size in [-1, 1]
+    dw = [ndf * 2 ** i for i in range(n)]  # 64x64: 64, 128, 256, 512 channels, halving H and W each
     extra = [nn.Dropout(dropout)] if dropout else []
     d = [nn.Conv2d(nc + ncls, dw[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)] + extra
     for a, b in zip(dw, dw[1:]):
@@ -162,34 +151,25 @@ def dcgan_nets(nz, ngf, ndf, nc, size, ncls, dropout):
     d += [nn.Conv2d(dw[-1], 1, s0, 1, 0, bias=False), nn.Flatten(0)]  # s0 x s0 -> one logit per image
     return nn.Sequential(*g), nn.Sequential(*d)
 
-def upsample_depth(size):
-    """The Torch faces model starts from 8 x 8 (64 = 8 * 2^3); fewer upsamplings for smaller images."""
-    n = 0
-    while size % 2 == 0 and size > 8:
-        size, n = size // 2, n + 1
-    if n < 1 or size < 4:
-        fail("--arch upsample needs an image size s*2^n with s in 4..8, e.g. 28, 32 or 64")
-    return size, n
-
 def upsample_nets(nz, ngf, ndf, nc, size, ncls, dropout, bn_d=False, dropout_g=0.0):
     """The Torch faces model: G = linear -> (nearest x2, conv5, BN, ReLU) blocks -> conv3;
     D = (conv5, max-pool, ReLU, spatial dropout) blocks, no BN -> linear 1024 -> dropout -> logit.
     bn_d puts BN after D's convolutions but the first (the faces post's panel A: D then wins);
     dropout_g adds dropout after G's block ReLUs, which the post also tried."""
-    s0, n = upsample_depth(size)
+    s0, n = depth(size, 8, 1, "upsample")  # the faces code: 64 = 8 * 2^3
     gw = [ngf * 2] + [ngf * 4] * (n - 1) + [ngf * 2]  # 64x64: 128 -> 256 -> 256 -> 128 channels
     g = [nn.Linear(nz + ncls, gw[0] * s0 * s0), nn.Unflatten(1, (gw[0], s0, s0)), nn.ReLU(True)]
     for a, b in zip(gw, gw[1:]):  # each block doubles H and W
         g += [nn.Upsample(scale_factor=2), nn.Conv2d(a, b, 5, 1, 2), nn.BatchNorm2d(b), nn.ReLU(True)]
         g += [nn.Dropout(dropout_g)] if dropout_g else []
-    g += [nn.Conv2d(gw[-1], nc, 3, 1, 1)]
+    g += [nn.Conv2d(gw[-1], nc, 3, 1, 1)]  # linear output, as in the Torch code
     dw = [nc + ncls] + [ndf // 2 * (i + 1) for i in range(n)]  # 64x64: 32, 64, 96 channels
     d = []
     for i, (a, b) in enumerate(zip(dw, dw[1:])):  # each block halves H and W
         d += [nn.Conv2d(a, b, 5, 1, 2)] + ([nn.BatchNorm2d(b)] if bn_d and i else [])
         d += [nn.MaxPool2d(2), nn.ReLU(True), nn.Dropout2d(0.2 if dropout is None else dropout)]
     d += [nn.Flatten(), nn.Linear(dw[-1] * s0 * s0, 1024), nn.ReLU(True), nn.Dropout(0.5),
-          nn.Linear(1024, 1), nn.Flatten(0)]
+          nn.Linear(1024, 1), nn.Flatten(0)]  # -> one logit per image
     return nn.Sequential(*g), nn.Sequential(*d)
 
 def dcgan_init(m):
@@ -213,15 +193,13 @@ def build_nets(args, nc, ncls, size=None):
         G.apply(dcgan_init), D.apply(dcgan_init)
     return G, D
 
-
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- evaluation and latent tools
 def parzen_log_likelihood(samples, x, sigma):
-    """Goodfellow et al. 2014 Sec. 5: log of a Gaussian mixture with one component of width sigma at
-    each of the N samples, weight 1/N, evaluated at each row of x (pixels in [0, 1]). -> (len(x),) nats."""
+    """Goodfellow et al. Sec. 5: the log density at each row of x (pixels in [0, 1]) of a Gaussian mixture
+    with weight 1/N and width sigma at each of the N samples. -> (len(x),) in nats."""
     d2 = torch.cdist(x.double(), samples.double()).pow(2)  # len(x) x N squared distances
-    k = x.shape[1]
-    return (torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(len(samples))
-            - 0.5 * k * math.log(2 * math.pi * sigma ** 2))
+    return (torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(len(samples))  # log of the mean kernel
+            - 0.5 * x.shape[1] * math.log(2 * math.pi * sigma ** 2))  # the Gaussian's normaliser in k dims
 
 def parzen_eval(samples, val, test, sigmas=None):
     """Choose sigma on a validation split, then report the test mean and its standard error."""
@@ -232,14 +210,11 @@ def parzen_eval(samples, val, test, sigmas=None):
 
 def nearest_neighbours(samples, train, chunk=4096):
     """Index of each sample's L2-nearest training image (the faces post's check that G is not copying)."""
-    flat = samples.flatten(1).float()
+    flat = samples.flatten(1).float()  # N x (C H W)
     return torch.cat([torch.cdist(flat, c.flatten(1).float()) for c in train.split(chunk)], 1).argmin(1)
 
-
-# ----------------------------------------------------------------------------- latent tools
 def lerp(a, b, t):
-    """The straight line from a to b at times t: len(t) x nz."""
-    return a + (b - a) * t[:, None]
+    return a + (b - a) * t[:, None]  # the straight line from a to b at times t: len(t) x nz
 
 def slerp(a, b, t):
     """Spherical interpolation (White 2016) of direction, linear in norm: Gaussian latents live near a
@@ -249,9 +224,8 @@ def slerp(a, b, t):
     cos_om = ua @ ub
     v = ub - cos_om * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
     sin_om = v.norm()
-    # atan2, not acos: acos of a float32 cosine that rounds to 0.99999994 is 3e-4, not 0
-    omega = torch.atan2(sin_om, cos_om)
-    if sin_om < 1e-5 and cos_om > 0:  # parallel: the arc is a point, so the path is the line between the norms
+    omega = torch.atan2(sin_om, cos_om)  # not acos: acos of a float32 cosine rounded to 0.99999994 is 3e-4
+    if sin_om < 1e-5 and cos_om > 0:  # parallel: the arc is a point; the path is the line between the norms
         return lerp(a, b, t)
     if sin_om < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
         e = torch.zeros_like(a)
@@ -267,14 +241,13 @@ def sweep(z, dim, r, k):
         fail(f"--sweep-dim {dim} is out of range; the latent has {z.shape[1]} dimensions")
     z = z[:, None].repeat(1, k, 1)  # B x k x nz
     z[:, :, dim] = torch.linspace(-r, r, k, device=z.device)
-    return z.flatten(0, 1)
+    return z.flatten(0, 1)  # (B k) x nz
 
 def walk(keys, frames, per_key=16):
     """A slow tour of latent space: slerp between successive key points. keys: K x 16 x nz."""
     t = torch.linspace(0, 1, per_key + 1, device=keys.device)[:-1]
     path = [torch.stack([slerp(a, b, t) for a, b in zip(k0, k1)], 1) for k0, k1 in zip(keys, keys[1:])]
     return torch.cat(path)[:frames]  # frames x 16 x nz
-
 
 # ----------------------------------------------------------------------------- one training step
 @dataclass
@@ -303,9 +276,9 @@ class Run:
 def setup_run(args, device, data, rank=0, world=1):
     """A Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names)."""
     images, labels, classes = data
-    if len(images) // world < args.batch_size:
-        fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
-             f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
+    if len(images) // world < args.batch_size:  # with several ranks: each rank's share
+        fail(f"only {len(images) // world} training images, fewer than one batch of --batch-size "
+             f"{args.batch_size}; lower --batch-size or add images")
     if args.conditional and labels is None:
         fail("--conditional needs class labels; this dataset has none")
     ncls = len(classes) if args.conditional else 0
@@ -314,8 +287,7 @@ def setup_run(args, device, data, rank=0, world=1):
         opts = {k: torch.optim.Adam(m.parameters(), args.lr, betas=(args.beta1, 0.999),
                                     fused=device.type == "cuda") for k, m in (("G", G), ("D", D))}
     else:  # the faces code's rmsprop: decay 0.9, epsilon 1e-8 added to the root
-        opts = {k: torch.optim.RMSprop(m.parameters(), args.lr, alpha=0.9, eps=1e-8) for k, m in
-                (("G", G), ("D", D))}
+        opts = {k: torch.optim.RMSprop(m.parameters(), args.lr, alpha=0.9, eps=1e-8) for k, m in (("G", G), ("D", D))}
     fwd = {"G": G, "D": D}
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -325,9 +297,8 @@ def setup_run(args, device, data, rank=0, world=1):
         fwd = {k: torch.compile(m, dynamic=False) for k, m in fwd.items()}
     if rank == 0:
         report_ratio(G, D)
-    return Run(args, {"G": G, "D": D}, fwd, opts, images.to(device),
-               None if labels is None else labels.to(device), classes, ncls, rank, world,
-               hist=torch.zeros(2, 20, device=device))
+    return Run(args, {"G": G, "D": D}, fwd, opts, images.to(device), None if labels is None else labels.to(device),
+               classes, ncls, rank, world, hist=torch.zeros(2, 20, device=device))
 
 def train_step(run, real, y, swap_frac=0.0):
     """One round of the game: a D step on reals and detached fakes, then a G step.
@@ -340,11 +311,11 @@ def train_step(run, real, y, swap_frac=0.0):
     with autocast(args, dev):
         fake = run.fwd["G"](z, y_fake)  # B x C x H x W
         x_real, y_real = swap_real(real, y, fake, y_fake, swap_frac)
-        logit_real = run.fwd["D"](x_real, y_real).float()
+        logit_real = run.fwd["D"](x_real, y_real).float()  # B logits
         # detach: D's loss must not push gradients into G; G gets its own step below
         logit_fake = run.fwd["D"](fake.detach(), y_fake).float()
     err_real, err_fake = d_loss(logit_real, logit_fake)
-    if args.arch == "upsample":
+    if args.arch == "upsample":  # the faces code's warm-up and decay
         for group in [g for opt in run.opts.values() for g in opt.param_groups]:
             group["lr"] = faces_lr(args.lr, run.step, run.epoch + 1)
     upd_d, upd_g = True, True
@@ -365,18 +336,16 @@ def train_step(run, real, y, swap_frac=0.0):
         run.opts["G"].step()
     if args.balance == "l2":
         run.l2 = l2_rule(run.l2, global_mean(err_g)[0])
-    p_real, p_fake = torch.sigmoid(logit_real.detach()), torch.sigmoid(logit_fake.detach())
+    p_real, p_fake = torch.sigmoid(logit_real.detach()), torch.sigmoid(logit_fake.detach())  # D(x), D(G(z))
     run.hist += torch.stack([torch.histc(p_real, 20, 0, 1), torch.histc(p_fake, 20, 0, 1)])
     return {"err_d": err_real + err_fake, "err_g": err_g, "err_d_real": err_real, "err_d_fake": err_fake,
             "d_x": p_real.mean(), "d_gz": p_fake.mean(), "upd_d": float(upd_d), "upd_g": float(upd_g)}
 
-
 # ----------------------------------------------------------------------------- training and sampling
 def train(args, device, rank=0, world=1):
     """Train for --epochs (continuing a checkpoint with --resume); rank 0 writes the run's files."""
-    ckpt_path = os.path.join(args.outf, "ckpt.pt")
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, SCRIPT)
+        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
         args = resume_args(args, ckpt)
     elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
         fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
@@ -388,7 +357,7 @@ def train(args, device, rank=0, world=1):
     fixed_z = torch.randn(n, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
     fixed_y = torch.arange(n, device=device) % run.ncls if run.ncls else None
     start_step, t0 = run.step, time.time()
-    if run.step == 0 and args.d_pretrain:  # D-only steps: give G a useful signal from the start
+    if run.step == 0 and args.d_pretrain:  # D-only steps first: G then gets a useful signal
         run.d_only = True
         for b in batches(run, 0)[: args.d_pretrain]:
             train_step(run, *get_batch(run, b))
@@ -399,12 +368,11 @@ def train(args, device, rank=0, world=1):
         acc, count = {}, 0
         for i, b in enumerate(idx):
             out = train_step(run, *get_batch(run, b), swap)
-            run.step += 1
+            run.step, count = run.step + 1, count + 1
             acc = {k: acc.get(k, 0) + (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
-            count += 1
             if run.step % args.log_every and i < len(idx) - 1:
                 continue
-            # one host sync per logging interval: the step's tensors become one log.csv row
+            # one host sync per logging interval: the steps' tensors become one log.csv row
             row = {"step": run.step, "epoch": epoch, **{k: float(v) / count for k, v in acc.items()}, "l2": run.l2}
             acc, count = {}, 0
             if not all(math.isfinite(v) for v in row.values()):
@@ -414,15 +382,15 @@ def train(args, device, rank=0, world=1):
                 append_log(os.path.join(args.outf, "log.csv"), row)
                 rate = (run.step - start_step) * args.batch_size * world / (time.time() - t0)
                 eta = ((args.epochs - epoch) * len(idx) + len(idx) - i - 1) * args.batch_size * world / rate
-                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
-                      f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | "
-                      f"ETA {f'{eta / 60:.0f}m' if eta >= 60 else f'{eta:.0f}s'}")
+                eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
+                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} G {row['err_g']:.2f}"
+                      f" D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | ETA {eta}")
         end_epoch(run, epoch, fixed_z, fixed_y)
     return run.nets["G"], run.nets["D"]
 
 def sample(args):
     """--sample: a grid (and --npz) from a checkpoint, plus the latent pictures and analyses asked for."""
-    ckpt = load_checkpoint(args.ckpt, SCRIPT)
+    ckpt = load_checkpoint(args.ckpt)
     targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
     nc, size = ckpt.get("shape") or (targs.nc, targs.image_size)  # older checkpoints kept them in args
     ncls = len(ckpt["classes"]) if targs.conditional else 0
@@ -430,13 +398,12 @@ def sample(args):
         fail(f"{args.ckpt} was trained without --conditional; drop --label")
     if ncls and args.label is not None and not 0 <= args.label < ncls:
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
-    G = build_nets(targs, nc, ncls, size)[0]
+    G = build_nets(targs, nc, ncls, size)[0].to(device).eval()
     G.load_state_dict(ckpt["G"])
-    G = G.to(device).eval()
     torch.manual_seed(args.seed)
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
 
-    def z(n):
+    def z(n):  # n latents from the prior
         return torch.randn(n, targs.nz, device=device)
 
     def labels(n, repeat=1):  # the asked class, or uniform classes; each repeated for a row of images
@@ -450,8 +417,7 @@ def sample(args):
     if args.npz:
         np.savez(args.npz, images=to_uint8(x), **({} if y is None else {"labels": y.cpu().numpy()}))
     if args.interp:
-        path = slerp if args.interp == "slerp" else lerp
-        t = torch.linspace(0, 1, args.steps, device=device)
+        t, path = torch.linspace(0, 1, args.steps, device=device), slerp if args.interp == "slerp" else lerp
         zs = torch.cat([path(a, b, t) for a, b in z(16).view(8, 2, -1)])  # 8 pairs -> 8 rows of steps
         save_grid(generate(G, zs, labels(8, args.steps)), stem + f"_{args.interp}.png", args.steps)
     if args.sweep_dim is not None:
@@ -464,27 +430,22 @@ def sample(args):
     if args.class_grid and ncls:
         y = torch.arange(ncls, device=device).repeat_interleave(10)
         save_grid(generate(G, z(len(y)), y), stem + "_classes.png", 10)
-    if args.nn or args.eval:
-        n = args.eval_samples if args.eval else 32
-        analyse(args, targs, generate(G, z(n), labels(n)).cpu(), stem)
-    print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
-
-def analyse(args, targs, fake, stem):
-    """--nn: samples beside their nearest training images; --eval: Parzen-window log-likelihood."""
-    if args.nn:
+    n = args.eval_samples if args.eval else 32
+    fake = generate(G, z(n), labels(n)).cpu() if args.nn or args.eval else None
+    if args.nn:  # samples beside their nearest training images
         train_x = load_dataset(targs, "train")[0]
         near = train_x[nearest_neighbours((fake[:32] + 1) * 127.5, train_x)].permute(0, 2, 3, 1).numpy()
         save_grid(np.stack([to_uint8(fake[:32]), near], 1).reshape(-1, *near.shape[1:]), stem + "_nn.png", 8)
-    if args.eval:
+    if args.eval:  # sigma is chosen on 1,000 held-out images the evaluation does not use
         test = load_dataset(targs, "test")[0].flatten(1).double() / 255
-        k = min(1000, len(test) // 2)  # sigma is chosen on held-out images the evaluation does not use
+        k = min(1000, len(test) // 2)
         sigma, mean, se = parzen_eval((fake.flatten(1).double() + 1) / 2, test[:k], test[k:k + 1000])
-        print(f"Parzen log-likelihood: {mean:.1f} +- {se:.1f} nats (sigma {sigma:.3f}, {len(fake)} samples)")
+        print(f"Parzen log-likelihood: {mean:.1f} +- {se:.1f} nats (sigma {sigma:.3f}, {n} samples)")
+    print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
 
-
-# ----------------------------------------------------------------------------- Appendix: plumbing, not the paper
-# Data. Every loader returns the whole split as one uint8 tensor N x C x H x W: decoded once, then
-# batches are gathered by index on the device, with no per-image Python in the training loop.
+# ------------------------------------------------------------------------ Appendix: plumbing, not the paper
+# Data: each loader returns a whole split as one uint8 tensor N x C x H x W, decoded once; batches are then
+# gathered by index on the device, with no per-image Python in the training loop.
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
              "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
@@ -496,20 +457,20 @@ IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09f
                      "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
            "fashion-mnist": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
                              "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
-IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-CLASSES = {"mnist": [str(i) for i in range(10)],
-           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                             "Shirt", "Sneaker", "Bag", "Ankle boot"],
-           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"]}
+IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
+CLASSES = {"mnist": [str(i) for i in range(10)], "shapes": ["circle", "square", "triangle", "diamond", "cross",
+           "ring"], "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                      "Sneaker", "Bag", "Ankle boot"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 def find_or_download(names, dirs, url, md5):
     """The first of `names` found in `dirs`, else names[0] downloaded into dirs[0] and checked."""
-    for path in (os.path.join(d, n) for d in dirs for n in names):
-        if os.path.exists(path):
-            return path
+    found = [os.path.join(d, n) for d in dirs for n in names if os.path.exists(os.path.join(d, n))]
+    if found:
+        return found[0]
+    path = os.path.join(dirs[0], names[0])
     print(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
@@ -519,10 +480,10 @@ def find_or_download(names, dirs, url, md5):
     if md5_of(data) != md5:
         fail(f"the download of {url} does not match its checksum; try again")
     os.makedirs(dirs[0], exist_ok=True)
-    with open(os.path.join(dirs[0], names[0]) + ".part", "wb") as f:
+    with open(path + ".part", "wb") as f:
         f.write(data)
-    os.replace(f.name, os.path.join(dirs[0], names[0]))
-    return os.path.join(dirs[0], names[0])
+    os.replace(path + ".part", path)
+    return path
 
 def md5_of(data):
     return hashlib.md5(data).hexdigest()
@@ -531,7 +492,7 @@ def damaged(path, what):
     fail(f"{path} is damaged ({what}); delete it to download it again, or replace it")
 
 class BatchUnpickler(pickle.Unpickler):
-    """Unpickles only what the official CIFAR-10 batches hold (numpy arrays): a crafted file cannot run code."""
+    """Unpickles only what official CIFAR-10 batches hold (numpy arrays): a crafted file cannot run code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
@@ -541,28 +502,27 @@ class BatchUnpickler(pickle.Unpickler):
         return {"ndarray": np.ndarray, "dtype": np.dtype}.get(name) or np.zeros(1).__reduce__()[0]
 
 def read_cifar10(root, split):
-    """The official python tarball (or its extracted folder): pickled dicts of 10000 x 3072 uint8.
-    Checksums are verified before anything is unpickled."""
+    """The official tarball (or its extracted folder) of pickled 10000 x 3072 uint8 batches; checksums first."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    src = os.path.join(root, "cifar-10-batches-py")
+    src, tar = os.path.join(root, "cifar-10-batches-py"), "cifar-10-python.tar.gz"
     if os.path.isdir(src):
         files = {n: open(os.path.join(src, n), "rb").read() for n in names + ["batches.meta"]
                  if os.path.isfile(os.path.join(src, n))}
     else:
-        src = find_or_download(["cifar-10-python.tar.gz"], [root], CIFAR_URL, CIFAR_MD5["cifar-10-python.tar.gz"])
-        files = {os.path.basename(src): open(src, "rb").read()}
+        src = find_or_download([tar], [root], CIFAR_URL, CIFAR_MD5[tar])
+        files = {tar: open(src, "rb").read()}
     for n, data in files.items():
         if n in CIFAR_MD5 and md5_of(data) != CIFAR_MD5[n]:
-            where = src if src.endswith(".gz") else os.path.join(src, n)
+            where = src if n == tar else os.path.join(src, n)
             fail(f"{where} does not match the official CIFAR-10 checksum; delete it to download it again")
     try:
-        if src.endswith(".gz"):
-            with tarfile.open(fileobj=io.BytesIO(files[os.path.basename(src)])) as t:
+        if tar in files:
+            with tarfile.open(fileobj=io.BytesIO(files[tar])) as t:
                 files = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
-        *parts, meta = [BatchUnpickler(io.BytesIO(files[n]), encoding="bytes").load() for n in names + ["batches.meta"]]
+        *parts, meta = [BatchUnpickler(io.BytesIO(files[n]), encoding="bytes").load()
+                        for n in names + ["batches.meta"]]
         x = np.concatenate([b[b"data"] for b in parts]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([b[b"labels"] for b in parts])
-        classes = [c.decode() for c in meta[b"label_names"]]
+        y, classes = np.concatenate([b[b"labels"] for b in parts]), [c.decode() for c in meta[b"label_names"]]
     except pickle.UnpicklingError as e:
         fail(f"{src} holds data that is not an official CIFAR-10 batch ({e}); delete it to download it again")
     except Exception as e:  # a truncated tarball or pickle, a missing batch, another layout
@@ -570,7 +530,7 @@ def read_cifar10(root, split):
     return torch.from_numpy(x), torch.from_numpy(y).long(), classes
 
 def read_idx(path):
-    """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
+    """IDX (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes, data."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
@@ -584,8 +544,7 @@ def read_idx(path):
     return np.frombuffer(data, np.uint8, np.prod(dims), start).reshape(dims)
 
 def load_mnist(root, name, split):
-    """MNIST and Fashion-MNIST: files in DATAROOT/NAME, DATAROOT or an installed Debian dataset package,
-    gzipped or not, else downloaded to DATAROOT/NAME."""
+    """MNIST or Fashion-MNIST, gzipped or not, from DATAROOT/NAME, DATAROOT or a Debian dataset package."""
     dirs = [os.path.join(root, name), root, os.path.join(SYSTEM_DATA, name)]
     x, y = (read_idx(find_or_download([IDX_FILES[i], IDX_FILES[i][:-3]], dirs, IDX_URLS[name] + IDX_FILES[i],
                                       IDX_MD5[name][i])) for i in ([0, 1] if split == "train" else [2, 3]))
@@ -633,7 +592,8 @@ def load_folder(root, size, channels, workers):
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
     try:  # atomically; a read-only dataset still works, it is just decoded again next time
         with open(cache + ".tmp", "wb") as f:
-            np.savez(f, x=x, y=y), f.flush(), os.fsync(f.fileno())
+            np.savez(f, x=x, y=y)
+            f.flush(), os.fsync(f.fileno())
         os.replace(cache + ".tmp", cache)
     except OSError:
         if os.path.exists(cache + ".tmp"):
@@ -641,24 +601,21 @@ def load_folder(root, size, channels, workers):
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
-    """The built-in synthetic set: one coloured shape per image on a dark background, one class each.
-    Made in chunks of 1000 with their own seeds, so `--limit` takes a prefix of the same images."""
-    parts = [shape_chunk(1000, size, np.random.default_rng([seed, i])) for i in range(0, n, 1000)]
-    return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], CLASSES["shapes"]
-
-def shape_chunk(n, size, rng):
-    y = rng.integers(0, 6, n)
-    c = (np.arange(size) + 0.5) / size * 2 - 1
-    cx, cy, r = rng.uniform(-0.35, 0.35, n), rng.uniform(-0.35, 0.35, n), rng.uniform(0.35, 0.6, n)
-    dx = (c[None, None, :] - cx[:, None, None]) / r[:, None, None]
-    dy = (c[None, :, None] - cy[:, None, None]) / r[:, None, None]
-    ax, ay, rr = np.abs(dx), np.abs(dy), dx ** 2 + dy ** 2
-    masks = [rr <= 1, np.maximum(ax, ay) <= 0.8, (dy <= 0.7) & (ax <= 0.56 * (dy + 0.9)), ax + ay <= 1,
-             ((ax <= 0.3) & (ay <= 0.9)) | ((ay <= 0.3) & (ax <= 0.9)), (rr <= 1) & (rr >= 0.45)]
-    mask = np.choose(y[:, None, None], masks)[:, None]
-    fg, bg = rng.uniform(0.45, 1, (n, 3, 1, 1)), rng.uniform(0, 0.2, (n, 3, 1, 1))
-    x = (np.where(mask, fg, bg) * 255).round().astype(np.uint8)
-    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    """The built-in set: a coloured shape (one class each) on a dark background, made in chunks of 1000
+    with their own seeds so that `--limit` takes a prefix of the same images."""
+    xs, ys, c = [], [], (np.arange(size) + 0.5) / size * 2 - 1
+    for rng in (np.random.default_rng([seed, i]) for i in range(0, n, 1000)):
+        y = rng.integers(0, 6, 1000)
+        cx, cy, r = rng.uniform(-0.35, 0.35, 1000), rng.uniform(-0.35, 0.35, 1000), rng.uniform(0.35, 0.6, 1000)
+        dx = (c[None, None, :] - cx[:, None, None]) / r[:, None, None]  # 1000 x size x size
+        dy = (c[None, :, None] - cy[:, None, None]) / r[:, None, None]
+        ax, ay, rr = np.abs(dx), np.abs(dy), dx ** 2 + dy ** 2
+        masks = [rr <= 1, np.maximum(ax, ay) <= 0.8, (dy <= 0.7) & (ax <= 0.56 * (dy + 0.9)), ax + ay <= 1,
+                 ((ax <= 0.3) & (ay <= 0.9)) | ((ay <= 0.3) & (ax <= 0.9)), (rr <= 1) & (rr >= 0.45)]
+        fg, bg = rng.uniform(0.45, 1, (1000, 3, 1, 1)), rng.uniform(0, 0.2, (1000, 3, 1, 1))
+        x = np.where(np.choose(y[:, None, None], masks)[:, None], fg, bg)  # 1000 x 3 x size x size
+        xs.append(torch.from_numpy((x * 255).round().astype(np.uint8))), ys.append(torch.from_numpy(y))
+    return torch.cat(xs)[:n], torch.cat(ys)[:n], CLASSES["shapes"]
 
 def load_dataset(args, split):
     """-> (uint8 images N x C x H x W, int64 labels, class names). folder/shapes hold out every 10th image."""
@@ -683,8 +640,8 @@ def load_dataset(args, split):
         fail(f"the {split} split of {args.dataset} under {args.dataroot} holds no images")
     size = args.image_size or x.shape[-1]
     if x.shape[-2:] != (size, size):  # antialiased bilinear, in chunks to bound the float copy
-        x = torch.cat([F.interpolate(c.float(), (size, size), mode="bilinear", antialias=True) for c in x.split(4096)])
-        x = x.round().clamp(0, 255).to(torch.uint8)
+        x = [F.interpolate(c.float(), (size, size), mode="bilinear", antialias=True) for c in x.split(4096)]
+        x = torch.cat(x).round().clamp(0, 255).to(torch.uint8)
     return x, y, classes
 
 def batches(run, epoch):
@@ -727,8 +684,7 @@ def restore(run, ckpt):
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 def resume_args(args, ckpt):
-    """The checkpoint's training flags, with the few a resume may change taken from the command line
-    (--dataroot only when typed: otherwise the data stays where it was)."""
+    """The checkpoint's flags, but those a resume may change from the command line (--dataroot if typed)."""
     saved, names = ckpt["args"], lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)
     differ = [k for k in args.typed if k not in RESUME_MAY_CHANGE + OUTPUT_ONLY and saved.get(k) != getattr(args, k)]
     if differ:
@@ -744,7 +700,8 @@ def save_checkpoint(obj, path):
     """Atomic: write PATH.tmp, fsync, rename; a crash or a full disk leaves the previous checkpoint intact."""
     try:
         with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f), f.flush(), os.fsync(f.fileno())
+            torch.save(obj, f)
+            f.flush(), os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except OSError as e:
         if os.path.exists(path + ".tmp"):
@@ -754,39 +711,35 @@ def save_checkpoint(obj, path):
                  "the last checkpoint is kept")
         fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
 
-def load_checkpoint(path, script):
+def load_checkpoint(path):
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
-        fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
+        fail(f"{path} was written by {other or 'another program'}.py, not {SCRIPT}.py; use that script")
     return ckpt
 
 # Logs and pictures
 def end_epoch(run, epoch, fixed_z, fixed_y):
-    """After each epoch: gather BN statistics on every rank, then rank 0 writes samples, checkpoint, curves."""
-    run.dhist.append(run.hist.cpu().clone())
+    """After each epoch every rank takes rank 0's BN statistics; rank 0 writes samples, checkpoint, curves."""
+    run.epoch, run.dhist = epoch, run.dhist + [run.hist.cpu().clone()]
     run.hist.zero_()
-    run.epoch = epoch
-    if run.world > 1:  # BN running statistics are per rank; make every rank hold rank 0's
+    if run.world > 1:  # BN running statistics are per rank
         for b in list(run.nets["G"].buffers()) + list(run.nets["D"].buffers()):
             dist.broadcast(b, 0)
-    if run.rank:
-        return
-    outf, G = run.args.outf, run.nets["G"]
-    if not all(torch.isfinite(p).all() for p in G.parameters()):
-        fail(f"G's weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
-    G.eval()
-    with torch.no_grad():
-        save_grid(G(fixed_z, fixed_y), os.path.join(outf, f"samples_e{epoch:03d}.png"), 10 if run.ncls else 8)
-    G.train()
-    save_checkpoint(checkpoint(run), os.path.join(outf, "ckpt.pt"))
-    plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
-    draw_dhist(torch.stack(run.dhist), os.path.join(outf, "dhist.png"))
+    if run.rank == 0:
+        G, outf = run.nets["G"], run.args.outf
+        if not all(torch.isfinite(p).all() for p in G.parameters()):
+            fail(f"G's weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
+        grid = generate(G.eval(), fixed_z, fixed_y)
+        save_grid(grid, os.path.join(outf, f"samples_e{epoch:03d}.png"), 10 if run.ncls else 8), G.train()
+        save_checkpoint(checkpoint(run), os.path.join(outf, "ckpt.pt"))
+        plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
+        draw_dhist(torch.stack(run.dhist), os.path.join(outf, "dhist.png"))
 
 def append_log(path, row):
     new = not os.path.exists(path)
@@ -814,13 +767,14 @@ def plot_curves(csv_path, png_path, w=480, h=80):
     img.save(png_path)
 
 def draw_dhist(hist, path, cell=12):
-    """dhist.png: per epoch (rows, first at the top), the histogram of D's outputs from 0 to 1 (columns)
-    on real (left) and generated (right) images; watch D separate the two, then G pull its side back."""
+    """dhist.png: per epoch (rows, first at the top) the histogram of D's outputs from 0 to 1 on real (left)
+    and generated (right) images; watch D separate the two, then G pull its side back."""
     frac = hist / hist.sum(-1, keepdim=True).clamp(min=1)
-    shade = 255 - (frac / frac.amax().clamp(min=1e-8) * 255).byte()  # E x 2 x 20, dark = many outputs there
+    shade = 255 - (frac / frac.amax().clamp(min=1e-8) * 255).byte()  # E x 2 x 20, dark = many outputs
     rows = torch.cat([shade[:, 0], torch.full((len(shade), 1), 255, dtype=torch.uint8), shade[:, 1]], 1)
     img = Image.new("L", (rows.shape[1] * cell, len(rows) * cell + 14), 255)
-    img.paste(Image.fromarray(rows.numpy()).resize((rows.shape[1] * cell, len(rows) * cell), Image.NEAREST), (0, 14))
+    img.paste(Image.fromarray(rows.numpy()).resize((rows.shape[1] * cell, len(rows) * cell), Image.NEAREST),
+              (0, 14))
     ImageDraw.Draw(img).text((2, 1), "D(x) on real: 0 .. 1", fill=0)
     ImageDraw.Draw(img).text((21 * cell + 2, 1), "D(G(z)) on generated: 0 .. 1", fill=0)
     img.save(path)
@@ -835,6 +789,9 @@ def to_uint8(x):
     """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
+def save_grid(images, path, nrow=8):
+    grid_image(images, nrow).save(path)
+
 def grid_image(images, nrow=8, pad=2):
     x = to_uint8(images) if torch.is_tensor(images) else images
     n, h, w, c = x.shape
@@ -844,19 +801,14 @@ def grid_image(images, nrow=8, pad=2):
         grid[top:top + h, left:left + w] = x[i]
     return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
-def save_grid(images, path, nrow=8):
-    grid_image(images, nrow).save(path)
-
 # Device and data-parallel helpers
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
-    if not args.cuda:
-        if args.amp:
-            print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
-        return torch.device("cpu")
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    return torch.device("cuda", local_rank)
+    if args.amp and not args.cuda:
+        print("note: --amp (bf16 autocast) applies on CUDA only; the CPU trains in fp32")
+    torch.backends.cudnn.benchmark = args.cuda  # fixed shapes: let cuDNN pick the fastest kernels
+    return torch.device("cuda", local_rank) if args.cuda else torch.device("cpu")
 
 def autocast(args, device):
     return torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda")
@@ -873,82 +825,41 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 # Command line
-def make_parser():
-    p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics")
-    a = p.add_argument
-    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
-    a("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    a("--image-size", type=int, default=None, help="native size unless given; 64 for folder")
-    a("--channels", type=int, choices=[1, 3], default=None, help="force greyscale or RGB")
-    a("--conditional", action="store_true", help="class-conditional G and D (one-hot label)")
-    a("--limit", type=int, default=None, help="use only the first N training images")
-    a("--arch", choices=["dcgan", "upsample"], default="dcgan")
-    a("--nz", type=int, default=None, help="latent size (dcgan 100, upsample 512)")
-    a("--ngf", type=int, default=64, help="G width")
-    a("--ndf", type=int, default=64, help="D width")
-    a("--epochs", type=int, default=25)
-    a("--batch-size", type=int, default=64)
-    a("--lr", type=float, default=None, help="dcgan 2e-4, upsample 1e-3")
-    a("--beta1", type=float, default=0.5, help="Adam beta1 (DCGAN Sec. 4)")
-    a("--optimizer", choices=["adam", "rmsprop"], default=None, help="dcgan adam, upsample rmsprop")
-    a("--balance", choices=["none", "margin", "l2"], default=None, help="dcgan none, upsample margin")
-    a("--margin", type=float, default=0.3)
-    a("--d-pretrain", type=int, default=0, help="discriminator-only steps before the game")
-    a("--swap-real", type=float, default=0.0, help="fraction of real batch replaced by fakes")
-    a("--swap-epochs", type=int, default=0, help="epochs during which --swap-real applies")
-    a("--dropout-d", type=float, default=None, help="dropout in D (upsample arch: 0.2 spatial)")
-    a("--bn-d", action="store_true", help="upsample arch: batch norm in D (the faces post's panel A)")
-    a("--dropout-g", type=float, default=0.0, help="upsample arch: dropout after G's ReLUs")
-    a("--seed", type=int, default=1)
-    a("--outf", default=None, help="output folder (default out/gan-DATASET)")
-    a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
-    a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
-    a("--cuda", action="store_true")
-    a("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    a("--compile", action="store_true", help="torch.compile the networks")
-    a("--workers", type=int, default=4, help="threads decoding a folder of images")
-    # sampling and analysis
-    a("--sample", action="store_true", help="sample from --ckpt instead of training")
-    a("--ckpt", default=None)
-    a("--n", type=int, default=64, help="number of samples")
-    a("--label", type=int, default=None, help="class to sample (conditional models)")
-    a("--npz", default=None, help="also write the samples to this .npz")
-    a("--out", default=None, help="grid PNG (default: beside the checkpoint)")
-    a("--interp", choices=["lerp", "slerp"], default=None)
-    a("--steps", type=int, default=10, help="interpolation steps")
-    a("--sweep-dim", type=int, default=None, help="latent dimension to sweep")
-    a("--range", type=float, default=3.0, help="sweep from -R to R")
-    a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
-    a("--class-grid", action="store_true", help="one row per class")
-    a("--nn", action="store_true", help="samples beside their L2-nearest training images")
-    a("--eval", action="store_true", help="Parzen-window log-likelihood of held-out images")
-    a("--eval-samples", type=int, default=10000)
-    return p
-
-NUMBER_CHECKS = [("image_size", lambda v: v is None or 1 <= v <= 1024, "between 1 and 1024"),
-                 ("epochs", lambda v: v >= 1, "at least 1"),
-                 ("batch_size", lambda v: v >= 2, "at least 2 (batch norm needs two images)"),
-                 ("log_every", lambda v: v >= 1, "at least 1"), ("n", lambda v: v >= 1, "at least 1")]
-
 def get_args(argv=None):
-    p = make_parser()
+    p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
+    a, num, flag = p.add_argument, {"type": int, "default": None}, {"action": "store_true"}
+    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"]), a("--dataroot", default="./data")
+    a("--image-size", **num), a("--channels", type=int, choices=[1, 3]), a("--conditional", **flag)
+    a("--limit", **num), a("--arch", choices=["dcgan", "upsample"], default="dcgan")
+    a("--nz", **num, help="dcgan 100, upsample 512"), a("--ngf", type=int, default=64), a("--ndf", type=int, default=64)
+    a("--epochs", type=int, default=25), a("--batch-size", type=int, default=64)
+    a("--lr", type=float, help="dcgan 2e-4, upsample 1e-3"), a("--beta1", type=float, default=0.5)
+    a("--optimizer", choices=["adam", "rmsprop"], help="dcgan adam, upsample rmsprop")
+    a("--balance", choices=["none", "margin", "l2"], help="dcgan none, upsample margin")
+    a("--margin", type=float, default=0.3), a("--d-pretrain", type=int, default=0, help="D-only steps first")
+    a("--swap-real", type=float, default=0.0), a("--swap-epochs", type=int, default=0), a("--dropout-d", type=float)
+    a("--bn-d", **flag), a("--dropout-g", type=float, default=0.0), a("--seed", type=int, default=1), a("--outf")
+    a("--resume", **flag), a("--log-every", type=int, default=100), a("--cuda", **flag), a("--amp", **flag)
+    a("--compile", **flag), a("--workers", type=int, default=4)
+    a("--sample", **flag), a("--ckpt"), a("--n", type=int, default=64), a("--label", **num), a("--npz"), a("--out")
+    a("--interp", choices=["lerp", "slerp"]), a("--steps", type=int, default=10), a("--sweep-dim", **num)
+    a("--range", type=float, default=3.0), a("--walk", type=int, default=0), a("--class-grid", **flag)
+    a("--nn", **flag), a("--eval", **flag), a("--eval-samples", type=int, default=10000)
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: what is left is what the user typed
         action.default = argparse.SUPPRESS
     args.typed = list(vars(p.parse_args(argv)))  # in the order typed, for --resume's check
-    for flag, ok, need in NUMBER_CHECKS:
-        if not ok(getattr(args, flag)):
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range; it must be {need}")
-    for flag in ("out", "npz"):
-        folder = os.path.dirname(os.path.abspath(getattr(args, flag) or "."))
+    for name, ok, need in NUMBER_CHECKS:
+        if not ok(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range; it must be {need}")
+    for name, folder in (("out", os.path.dirname(os.path.abspath(args.out or "."))),
+                         ("npz", os.path.dirname(os.path.abspath(args.npz or ".")))):
         if not os.path.isdir(folder):
-            fail(f"--{flag} {getattr(args, flag)}: the folder {folder} does not exist; create it first")
+            fail(f"--{name} {getattr(args, name)}: the folder {folder} does not exist; create it first")
     if args.outf and os.path.isfile(args.outf):
         fail(f"--outf {args.outf} is a file; give a folder for the run's files")
-    if not args.sample and not args.dataset and not (args.resume and args.outf):
-        p.error("--dataset is required for training (or give --sample --ckpt FILE, or --resume --outf DIR)")
-    if args.sample and not args.ckpt:
-        p.error("--sample needs --ckpt DIR/ckpt.pt")
+    if not (args.sample and args.ckpt or args.dataset or args.resume and args.outf):
+        p.error("give --dataset NAME to train, --resume --outf DIR to continue, or --sample --ckpt FILE")
     if args.arch != "upsample" and (args.bn_d or args.dropout_g):
         p.error("--bn-d and --dropout-g belong to --arch upsample")
     for k, v in ARCH_DEFAULTS[args.arch].items():  # the flags the user left out take the arch's defaults
@@ -956,6 +867,11 @@ def get_args(argv=None):
             setattr(args, k, v)
     args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
     return args
+
+NUMBER_CHECKS = [("image_size", lambda v: v is None or 1 <= v <= 1024, "between 1 and 1024"),
+                 ("epochs", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 1, "at least 1"),
+                 ("batch_size", lambda v: v >= 2, "at least 2 (batch norm needs two)"),
+                 ("n", lambda v: v >= 1, "at least 1")]
 
 def main(argv=None):
     args = get_args(argv)
