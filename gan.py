@@ -1,9 +1,9 @@
 """gan.py: the plain GAN / DCGAN baseline, with the balancing heuristics that make it train.
 
-Papers: Goodfellow et al. 2014 "Generative Adversarial Nets"; Radford, Metz & Chintala 2015 "Unsupervised
-Representation Learning with Deep Convolutional GANs" (DCGAN, `--arch dcgan`, the default); the post
-"Generating Faces with Torch" and its code, skaae/torch-gan (`--arch upsample`, the margin and L2 rules);
-Mirza & Osindero 2014 (`--conditional`); White 2016 "Sampling Generative Networks" (slerp).
+Papers: Goodfellow et al. 2014 "Generative Adversarial Nets"; Radford et al. 2015 "Unsupervised Representation
+Learning with Deep Convolutional GANs" (DCGAN, the default `--arch dcgan`); the post "Generating Faces with
+Torch" and its code, skaae/torch-gan (`--arch upsample`, the margin and L2 rules); Mirza & Osindero 2014
+(`--conditional`); White 2016 "Sampling Generative Networks" (slerp).
 
 The method: G maps noise z ~ N(0, I) to an image, D an image to the probability that it is real; they play
 min_G max_D E_x[log D(x)] + E_z[log(1 - D(G(z)))]. Each step D takes one gradient step on reals and on G's
@@ -20,7 +20,8 @@ Paper to code:
     faces code (train_lfw.lua): upsampling G, max-pooling D        upsample_nets
     Mirza & Osindero Sec. 3: the label fed to G and D              Conditioned
     Goodfellow Sec. 5: Gaussian Parzen window                      parzen_log_likelihood, parzen_eval
-    White 2016; the faces post's latent sweeps, nearest images     slerp, lerp, sweep, walk, nearest_neighbours
+    White 2016; the faces post's latent sweeps, nearest images     slerp, lerp, sweep, walk,
+                                                                   nearest_neighbours
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (sigmoid + BCE without its overflow).
 `--arch upsample` keeps the Torch code's linear output layer (no tanh; images are clamped to [-1, 1] for
@@ -38,16 +39,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn as nn
+from torch import distributed as dist, nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 SCRIPT = "gan"
 
 # ----------------------------------------------------------------------------- the game and its losses
-def bce(logits, target):
-    """Binary cross-entropy of D's logits against a constant target, averaged over the batch."""
+def bce(logits, target):  # binary cross-entropy of D's logits against a constant target, a batch mean
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 def d_loss(logit_real, logit_fake):
@@ -55,21 +54,19 @@ def d_loss(logit_real, logit_fake):
     return bce(logit_real, 1.0), bce(logit_fake, 0.0)  # (err_real, err_fake), each a batch mean
 
 def g_loss(logit_fake):
-    """Sec. 3: minimise -log D(G(z)), not log(1 - D(G(z))). Early on D rejects G's samples confidently;
-    log(1 - D) is then flat while -log D is steep, so G still learns."""
+    """Sec. 3: minimise -log D(G(z)), not log(1 - D(G(z))), which is flat while D rejects G's samples."""
     return bce(logit_fake, 1.0)
 
 # ----------------------------------------------------------------------------- balancing heuristics
 def margin_rule(err_real, err_fake, margin=0.3):
-    """Faces post: D skips its update when it is already good on reals or fakes (error < margin),
-    G skips when D is badly fooled (error > 1 - margin); never both skip. -> (update_d, update_g)."""
+    """Faces post: D rests when already right on reals or fakes (error < margin), G when D is badly fooled
+    (error > 1 - margin); never both. -> (update_d, update_g)"""
     update_d = not (err_real < margin or err_fake < margin)
     update_g = not (err_real > 1 - margin or err_fake > 1 - margin)
     return (update_d, update_g) if update_d or update_g else (True, True)
 
 def l2_rule(coef, err_g, step=1e-5, high=1.3, low=0.9):
-    """Faces post: an adaptive L2 penalty on D. G failing (error > high) means D is too strong, so
-    penalise it more; G winning (error < low) relaxes it, never below 0."""
+    """Faces post: G failing (error > high) means D is too strong: raise D's L2 penalty; lower it below low"""
     if err_g > high:
         return coef + step
     if err_g < low:
@@ -89,8 +86,8 @@ def swap_real(real, y_real, fake, y_fake, frac):
     return x, (torch.cat([y_fake[:k], y_real[k:]]) if y_real is not None else None)
 
 def faces_lr(lr, step, epoch):
-    """The faces code's schedule (lfw_adverserial.lua, train_lfw.lua): lr/50 for the first 10 updates,
-    lr/5 until 30, then lr; decayed by 0.99 per finished epoch, never below 1e-6."""
+    """The faces code's schedule: lr/50 for the first 10 updates, lr/5 until 30 (lfw_adverserial.lua),
+    decayed by 0.99 per finished epoch, never below 1e-6 (train_lfw.lua)."""
     return max(lr * 0.99 ** (epoch - 1), 1e-6) / (50 if step < 10 else 5 if step < 30 else 1)
 
 def report_ratio(G, D):
@@ -104,14 +101,12 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 # ----------------------------------------------------------------------------- the networks
-# DCGAN Sec. 4 for dcgan; for upsample the faces code (train_lfw.lua: noiseDim 512, learningRate 1e-3,
-# its own rmsprop; lfw_adverserial.lua: the margin rule always on)
+# DCGAN Sec. 4; the faces code (train_lfw.lua: noiseDim 512, lr 1e-3, rmsprop; margin rule always on)
 ARCH_DEFAULTS = {"dcgan": {"nz": 100, "lr": 2e-4, "optimizer": "adam", "balance": "none"},
                  "upsample": {"nz": 512, "lr": 1e-3, "optimizer": "rmsprop", "balance": "margin"}}
 
 class Conditioned(nn.Module):
-    """Runs `body` on its input with the class appended (Mirza & Osindero 2014): as extra noise inputs
-    for G, as constant one-hot planes for D. With no classes it is just `body`."""
+    """`body` on its input with the class appended (Mirza & Osindero 2014): as inputs of G, planes of D"""
 
     def __init__(self, body, ncls):
         super().__init__()
@@ -125,8 +120,7 @@ class Conditioned(nn.Module):
             x = torch.cat([x, onehot], 1)  # B x (nz + ncls), or B x (C + ncls) x H x W
         return self.body(x)
 
-def depth(size, largest, fewest, arch):
-    """size = s0 * 2^n: both networks double the resolution n times from s0 x s0 (s0 in 4..largest)."""
+def depth(size, largest, fewest, arch):  # size = s0 * 2^n: n doublings from s0 x s0, s0 in 4..largest
     s0, n = size, 0
     while s0 % 2 == 0 and s0 > largest:
         s0, n = s0 // 2, n + 1
@@ -152,10 +146,9 @@ def dcgan_nets(nz, ngf, ndf, nc, size, ncls, dropout):
     return nn.Sequential(*g), nn.Sequential(*d)
 
 def upsample_nets(nz, ngf, ndf, nc, size, ncls, dropout, bn_d=False, dropout_g=0.0):
-    """The Torch faces model: G = linear -> (nearest x2, conv5, BN, ReLU) blocks -> conv3;
-    D = (conv5, max-pool, ReLU, spatial dropout) blocks, no BN -> linear 1024 -> dropout -> logit.
-    bn_d puts BN after D's convolutions but the first (the faces post's panel A: D then wins);
-    dropout_g adds dropout after G's block ReLUs, which the post also tried."""
+    """The Torch faces model: G = linear -> (nearest x2, conv5, BN, ReLU) blocks -> conv3; D = (conv5,
+    max-pool, ReLU, spatial dropout) blocks, no BN -> linear 1024 -> dropout -> logit. bn_d puts BN after D's
+    convs but the first (the post's panel A: D then wins); dropout_g: dropout after G's ReLUs, tried too."""
     s0, n = depth(size, 8, 1, "upsample")  # the faces code: 64 = 8 * 2^3
     gw = [ngf * 2] + [ngf * 4] * (n - 1) + [ngf * 2]  # 64x64: 128 -> 256 -> 256 -> 128 channels
     g = [nn.Linear(nz + ncls, gw[0] * s0 * s0), nn.Unflatten(1, (gw[0], s0, s0)), nn.ReLU(True)]
@@ -195,8 +188,8 @@ def build_nets(args, nc, ncls, size=None):
 
 # ----------------------------------------------------------------------------- evaluation and latent tools
 def parzen_log_likelihood(samples, x, sigma):
-    """Goodfellow et al. Sec. 5: the log density at each row of x (pixels in [0, 1]) of a Gaussian mixture
-    with weight 1/N and width sigma at each of the N samples. -> (len(x),) in nats."""
+    """Goodfellow Sec. 5: log density at each row of x (pixels in [0, 1]) of N Gaussians of width sigma at the
+    samples, weight 1/N each. -> (len(x),) in nats"""
     d2 = torch.cdist(x.double(), samples.double()).pow(2)  # len(x) x N squared distances
     return (torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(len(samples))  # log of the mean kernel
             - 0.5 * x.shape[1] * math.log(2 * math.pi * sigma ** 2))  # the Gaussian's normaliser in k dims
@@ -221,7 +214,7 @@ def slerp(a, b, t):
     sphere, and a straight line between two of them cuts through the unlikely low-norm interior."""
     na, nb = a.norm(), b.norm()
     ua, ub = a / na, b / nb
-    cos_om = ua @ ub
+    cos_om = ua @ ub  # cos(omega), omega the angle between them
     v = ub - cos_om * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
     sin_om = v.norm()
     omega = torch.atan2(sin_om, cos_om)  # not acos: acos of a float32 cosine rounded to 0.99999994 is 3e-4
@@ -255,9 +248,8 @@ class Run:
     """A training run: the networks, their optimisers, the data on the device and the counters."""
     args: argparse.Namespace  # the user's flags (the checkpoint's on --resume); never written to
     nets: dict  # "G", "D": the nn.Modules that are saved
-    # "G", "D": what the forward passes call (DDP and/or compiled wrappers, or the modules themselves);
-    # "D_for_G": D for the G step, never the DDP wrapper: that step needs only G's gradients, and a
-    # backward through DDP-wrapped D would all-reduce D's gradients for nothing
+    # "G", "D": what forward passes call (DDP or compiled wrappers, or the modules); "D_for_G": D itself for
+    # the G step, which needs only G's gradients: a backward through DDP's D would all-reduce D's for nothing
     fwd: dict
     opts: dict  # "G", "D": their optimisers
     images: torch.Tensor  # the training set, uint8 N x C x H x W, on the device
@@ -287,7 +279,8 @@ def setup_run(args, device, data, rank=0, world=1):
         opts = {k: torch.optim.Adam(m.parameters(), args.lr, betas=(args.beta1, 0.999),
                                     fused=device.type == "cuda") for k, m in (("G", G), ("D", D))}
     else:  # the faces code's rmsprop: decay 0.9, epsilon 1e-8 added to the root
-        opts = {k: torch.optim.RMSprop(m.parameters(), args.lr, alpha=0.9, eps=1e-8) for k, m in (("G", G), ("D", D))}
+        opts = {k: torch.optim.RMSprop(m.parameters(), args.lr, alpha=0.9, eps=1e-8)
+                for k, m in (("G", G), ("D", D))}
     fwd = {"G": G, "D": D}
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -297,14 +290,14 @@ def setup_run(args, device, data, rank=0, world=1):
         fwd = {k: torch.compile(m, dynamic=False) for k, m in fwd.items()}
     if rank == 0:
         report_ratio(G, D)
-    return Run(args, {"G": G, "D": D}, fwd, opts, images.to(device), None if labels is None else labels.to(device),
-               classes, ncls, rank, world, hist=torch.zeros(2, 20, device=device))
+    labels = None if labels is None else labels.to(device)
+    return Run(args, {"G": G, "D": D}, fwd, opts, images.to(device), labels, classes, ncls, rank, world,
+               hist=torch.zeros(2, 20, device=device))
 
 def train_step(run, real, y, swap_frac=0.0):
-    """One round of the game: a D step on reals and detached fakes, then a G step.
-    Takes the Run, a real batch (float B x C x H x W in [-1, 1] on the device), its labels y (int64 B,
-    or None) and the fraction of reals to swap for fakes. Returns a dict of scalar tensors, without a
-    host sync unless a balancing rule has to decide."""
+    """One round of the game: a D step on reals and detached fakes, then a G step. Takes the Run, a real
+    batch (float B x C x H x W in [-1, 1] on the device), its labels y (int64 B, or None) and the fraction of
+    reals to swap for fakes; returns scalar tensors, with no host sync unless a balancing rule decides."""
     args, B, dev = run.args, real.shape[0], real.device
     z = torch.randn(B, args.nz, device=dev)
     y_fake = torch.randint(run.ncls, (B,), device=dev) if run.ncls else None
@@ -365,7 +358,7 @@ def train(args, device, rank=0, world=1):
     for epoch in range(run.epoch + 1, args.epochs + 1):
         idx = batches(run, epoch)
         swap = args.swap_real if epoch <= args.swap_epochs else 0.0
-        acc, count = {}, 0
+        acc, count = {}, 0  # sums of the step outputs since the last log row
         for i, b in enumerate(idx):
             out = train_step(run, *get_batch(run, b), swap)
             run.step, count = run.step + 1, count + 1
@@ -373,8 +366,8 @@ def train(args, device, rank=0, world=1):
             if run.step % args.log_every and i < len(idx) - 1:
                 continue
             # one host sync per logging interval: the steps' tensors become one log.csv row
-            row = {"step": run.step, "epoch": epoch, **{k: float(v) / count for k, v in acc.items()}, "l2": run.l2}
-            acc, count = {}, 0
+            row = {"step": run.step, "epoch": epoch, **{k: float(v) / count for k, v in acc.items()}}
+            row["l2"], acc, count = run.l2, {}, 0
             if not all(math.isfinite(v) for v in row.values()):
                 fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
                      f"checkpoint in {args.outf} is kept (try a lower --lr or a --balance rule)")
@@ -383,8 +376,9 @@ def train(args, device, rank=0, world=1):
                 rate = (run.step - start_step) * args.batch_size * world / (time.time() - t0)
                 eta = ((args.epochs - epoch) * len(idx) + len(idx) - i - 1) * args.batch_size * world / rate
                 eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
-                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} G {row['err_g']:.2f}"
-                      f" D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | ETA {eta}")
+                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} "
+                      f"G {row['err_g']:.2f} D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | "
+                      f"{rate:.0f} img/s | ETA {eta}")
         end_epoch(run, epoch, fixed_z, fixed_y)
     return run.nets["G"], run.nets["D"]
 
@@ -402,7 +396,6 @@ def sample(args):
     G.load_state_dict(ckpt["G"])
     torch.manual_seed(args.seed)
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
-
     def z(n):  # n latents from the prior
         return torch.randn(n, targs.nz, device=device)
 
@@ -448,20 +441,20 @@ def sample(args):
 # gathered by index on the device, with no per-image Python in the training loop.
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-             "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+  "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+  "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+  "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
                      "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
            "fashion-mnist": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
                              "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
-IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz"]
-CLASSES = {"mnist": [str(i) for i in range(10)], "shapes": ["circle", "square", "triangle", "diamond", "cross",
-           "ring"], "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                                      "Sneaker", "Bag", "Ankle boot"]}
+CLASSES = {"mnist": list("0123456789"), "shapes": "circle square triangle diamond cross ring".split(),
+           "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                             "Sneaker", "Bag", "Ankle boot"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -470,7 +463,6 @@ def find_or_download(names, dirs, url, md5):
     found = [os.path.join(d, n) for d in dirs for n in names if os.path.exists(os.path.join(d, n))]
     if found:
         return found[0]
-    path = os.path.join(dirs[0], names[0])
     print(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
@@ -480,14 +472,23 @@ def find_or_download(names, dirs, url, md5):
     if md5_of(data) != md5:
         fail(f"the download of {url} does not match its checksum; try again")
     os.makedirs(dirs[0], exist_ok=True)
-    with open(path + ".part", "wb") as f:
-        f.write(data)
-    os.replace(path + ".part", path)
-    return path
+    atomic_write(os.path.join(dirs[0], names[0]), lambda f: f.write(data))
+    return os.path.join(dirs[0], names[0])
+
+def atomic_write(path, write):
+    """write(f) into PATH.tmp, fsync, rename: a crash or a full disk leaves the old PATH as it was."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush(), os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 def md5_of(data):
     return hashlib.md5(data).hexdigest()
-
 def damaged(path, what):
     fail(f"{path} is damaged ({what}); delete it to download it again, or replace it")
 
@@ -502,7 +503,7 @@ class BatchUnpickler(pickle.Unpickler):
         return {"ndarray": np.ndarray, "dtype": np.dtype}.get(name) or np.zeros(1).__reduce__()[0]
 
 def read_cifar10(root, split):
-    """The official tarball (or its extracted folder) of pickled 10000 x 3072 uint8 batches; checksums first."""
+    """The official tarball (or its extracted folder): pickled 10000 x 3072 uint8 batches, checksums first"""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     src, tar = os.path.join(root, "cifar-10-batches-py"), "cifar-10-python.tar.gz"
     if os.path.isdir(src):
@@ -518,7 +519,7 @@ def read_cifar10(root, split):
     try:
         if tar in files:
             with tarfile.open(fileobj=io.BytesIO(files[tar])) as t:
-                files = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+                files = {os.path.basename(m.name): t.extractfile(m).read() for m in t if m.isfile()}
         *parts, meta = [BatchUnpickler(io.BytesIO(files[n]), encoding="bytes").load()
                         for n in names + ["batches.meta"]]
         x = np.concatenate([b[b"data"] for b in parts]).reshape(-1, 3, 32, 32)
@@ -560,7 +561,7 @@ def decode_image(path, size, mode):
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
-    im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.BICUBIC)
+    im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
@@ -590,23 +591,18 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:  # atomically; a read-only dataset still works, it is just decoded again next time
-        with open(cache + ".tmp", "wb") as f:
-            np.savez(f, x=x, y=y)
-            f.flush(), os.fsync(f.fileno())
-        os.replace(cache + ".tmp", cache)
-    except OSError:
-        if os.path.exists(cache + ".tmp"):
-            os.remove(cache + ".tmp")
+    try:
+        atomic_write(cache, lambda f: np.savez(f, x=x, y=y))
+    except OSError:  # a read-only dataset still works, it is just decoded again next time
+        pass
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
-    """The built-in set: a coloured shape (one class each) on a dark background, made in chunks of 1000
-    with their own seeds so that `--limit` takes a prefix of the same images."""
+    """Coloured shapes (a class each) on dark ground, in seeded chunks of 1000: `--limit` takes a prefix."""
     xs, ys, c = [], [], (np.arange(size) + 0.5) / size * 2 - 1
     for rng in (np.random.default_rng([seed, i]) for i in range(0, n, 1000)):
         y = rng.integers(0, 6, 1000)
-        cx, cy, r = rng.uniform(-0.35, 0.35, 1000), rng.uniform(-0.35, 0.35, 1000), rng.uniform(0.35, 0.6, 1000)
+        cx, cy, r = rng.uniform(-0.35, 0.35, 1000), rng.uniform(-0.35, 0.35, 1000), rng.uniform(.35, .6, 1000)
         dx = (c[None, None, :] - cx[:, None, None]) / r[:, None, None]  # 1000 x size x size
         dy = (c[None, :, None] - cy[:, None, None]) / r[:, None, None]
         ax, ay, rr = np.abs(dx), np.abs(dy), dx ** 2 + dy ** 2
@@ -631,7 +627,7 @@ def load_dataset(args, split):
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
-        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().byte()
+        x = (x.float() * torch.tensor([.299, .587, .114])[:, None, None]).sum(1, keepdim=True).round().byte()
     elif args.channels == 3 and x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     if split == "train" and args.limit:
@@ -669,7 +665,8 @@ def checkpoint(run):
 def restore(run, ckpt):
     run.nets["G"].load_state_dict(ckpt["G"]), run.nets["D"].load_state_dict(ckpt["D"])
     run.opts["G"].load_state_dict(ckpt["optG"]), run.opts["D"].load_state_dict(ckpt["optD"])
-    run.epoch, run.step, run.l2, run.dhist = ckpt["epoch"], ckpt["step"], ckpt["balance"]["l2"], list(ckpt["dhist"])
+    run.epoch, run.step, run.l2 = ckpt["epoch"], ckpt["step"], ckpt["balance"]["l2"]
+    run.dhist = list(ckpt["dhist"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -686,7 +683,8 @@ def restore(run, ckpt):
 def resume_args(args, ckpt):
     """The checkpoint's flags, but those a resume may change from the command line (--dataroot if typed)."""
     saved, names = ckpt["args"], lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)
-    differ = [k for k in args.typed if k not in RESUME_MAY_CHANGE + OUTPUT_ONLY and saved.get(k) != getattr(args, k)]
+    free = RESUME_MAY_CHANGE + OUTPUT_ONLY
+    differ = [k for k in args.typed if k not in free and saved.get(k) != vars(args)[k]]
     if differ:
         fail(f"--resume keeps the checkpoint's training flags; {names(differ)} differ from it (only "
              f"{names(RESUME_MAY_CHANGE)} may change): drop them, or start a new run with another --outf")
@@ -697,15 +695,9 @@ def resume_args(args, ckpt):
     return argparse.Namespace(**{**saved, **keep, "resume": True, "typed": args.typed})
 
 def save_checkpoint(obj, path):
-    """Atomic: write PATH.tmp, fsync, rename; a crash or a full disk leaves the previous checkpoint intact."""
     try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f)
-            f.flush(), os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda f: torch.save(obj, f))
     except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
         if e.errno == errno.ENOSPC:
             fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
                  "the last checkpoint is kept")
@@ -767,8 +759,7 @@ def plot_curves(csv_path, png_path, w=480, h=80):
     img.save(png_path)
 
 def draw_dhist(hist, path, cell=12):
-    """dhist.png: per epoch (rows, first at the top) the histogram of D's outputs from 0 to 1 on real (left)
-    and generated (right) images; watch D separate the two, then G pull its side back."""
+    """dhist.png: per epoch (rows) the histograms of D's outputs (0 to 1) on real (left) and fake images"""
     frac = hist / hist.sum(-1, keepdim=True).clamp(min=1)
     shade = 255 - (frac / frac.amax().clamp(min=1e-8) * 255).byte()  # E x 2 x 20, dark = many outputs
     rows = torch.cat([shade[:, 0], torch.full((len(shade), 1), 255, dtype=torch.uint8), shade[:, 1]], 1)
@@ -785,10 +776,8 @@ def generate(G, z, y=None, batch=500):
         parts = [G(z[i:i + batch], None if y is None else y[i:i + batch]) for i in range(0, len(z), batch)]
     return torch.cat(parts).float().clamp(-1, 1)
 
-def to_uint8(x):
-    """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
+def to_uint8(x):  # [-1, 1] float N x C x H x W -> uint8 N x H x W x C
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
 def save_grid(images, path, nrow=8):
     grid_image(images, nrow).save(path)
 
@@ -812,6 +801,8 @@ def pick_device(args, local_rank=0):
 
 def autocast(args, device):
     return torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda")
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
 
 def global_mean(*values):
     """Average scalars over data-parallel ranks so every rank's balancing rule takes the same branch."""
@@ -821,27 +812,28 @@ def global_mean(*values):
         t /= dist.get_world_size()
     return t.tolist()
 
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
-
 # Command line
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
     a, num, flag = p.add_argument, {"type": int, "default": None}, {"action": "store_true"}
-    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"]), a("--dataroot", default="./data")
+    a("--dataset", choices="cifar10 mnist fashion-mnist folder shapes".split())
+    a("--dataroot", default="./data")
     a("--image-size", **num), a("--channels", type=int, choices=[1, 3]), a("--conditional", **flag)
     a("--limit", **num), a("--arch", choices=["dcgan", "upsample"], default="dcgan")
-    a("--nz", **num, help="dcgan 100, upsample 512"), a("--ngf", type=int, default=64), a("--ndf", type=int, default=64)
+    a("--nz", **num, help="dcgan 100, upsample 512"), a("--ngf", type=int, default=64)
+    a("--ndf", type=int, default=64)
     a("--epochs", type=int, default=25), a("--batch-size", type=int, default=64)
     a("--lr", type=float, help="dcgan 2e-4, upsample 1e-3"), a("--beta1", type=float, default=0.5)
     a("--optimizer", choices=["adam", "rmsprop"], help="dcgan adam, upsample rmsprop")
     a("--balance", choices=["none", "margin", "l2"], help="dcgan none, upsample margin")
     a("--margin", type=float, default=0.3), a("--d-pretrain", type=int, default=0, help="D-only steps first")
-    a("--swap-real", type=float, default=0.0), a("--swap-epochs", type=int, default=0), a("--dropout-d", type=float)
-    a("--bn-d", **flag), a("--dropout-g", type=float, default=0.0), a("--seed", type=int, default=1), a("--outf")
+    a("--swap-real", type=float, default=0.0), a("--swap-epochs", type=int, default=0)
+    a("--dropout-d", type=float), a("--bn-d", **flag), a("--dropout-g", type=float, default=0.0)
+    a("--seed", type=int, default=1), a("--outf")
     a("--resume", **flag), a("--log-every", type=int, default=100), a("--cuda", **flag), a("--amp", **flag)
     a("--compile", **flag), a("--workers", type=int, default=4)
-    a("--sample", **flag), a("--ckpt"), a("--n", type=int, default=64), a("--label", **num), a("--npz"), a("--out")
+    a("--sample", **flag), a("--ckpt"), a("--n", type=int, default=64), a("--label", **num)
+    a("--npz"), a("--out")
     a("--interp", choices=["lerp", "slerp"]), a("--steps", type=int, default=10), a("--sweep-dim", **num)
     a("--range", type=float, default=3.0), a("--walk", type=int, default=0), a("--class-grid", **flag)
     a("--nn", **flag), a("--eval", **flag), a("--eval-samples", type=int, default=10000)
@@ -880,18 +872,17 @@ def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(args.seed + rank)
-    if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world == 1:
+        return train(args, device)
+    if device.type == "cuda":  # launched by torchrun: one process per GPU (or CPU worker)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         nets = train(args, device, rank, world)
-        if world > 1:  # no rank tears Gloo/NCCL down while another still talks to it
-            dist.barrier()
+        dist.barrier()  # no rank tears Gloo/NCCL down while another still talks to it
         return nets
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()
