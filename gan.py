@@ -79,10 +79,10 @@ def l2_penalty(net, coef):
 
 def swap_real(real, y_real, fake, y_fake, frac):
     """Replace a fraction of the reals with fakes still labelled real, to slow D while G finds its feet."""
-    k = int(round(frac * real.shape[0]))
+    k = int(round(frac * real.shape[0]))  # the first k reals give way; the batch stays B x C x H x W
     if k == 0:
         return real, y_real
-    x = torch.cat([fake[:k].detach(), real[k:]])  # still B x C x H x W
+    x = torch.cat([fake[:k].detach(), real[k:]])
     return x, (torch.cat([y_fake[:k], y_real[k:]]) if y_real is not None else None)
 
 def faces_lr(lr, step, epoch):
@@ -263,7 +263,6 @@ class Run:
     l2: float = 0.0  # the L2 rule's coefficient on D's weights
     hist: torch.Tensor = None  # this epoch's histogram of D's outputs, 2 x 20 (real, generated)
     dhist: list = field(default_factory=list)  # one such histogram per finished epoch
-    d_only: bool = False  # --d-pretrain steps: D trains alone
 
 def setup_run(args, device, data, rank=0, world=1):
     """A Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names)."""
@@ -294,10 +293,10 @@ def setup_run(args, device, data, rank=0, world=1):
     return Run(args, {"G": G, "D": D}, fwd, opts, images.to(device), labels, classes, ncls, rank, world,
                hist=torch.zeros(2, 20, device=device))
 
-def train_step(run, real, y, swap_frac=0.0):
+def train_step(run, real, y, swap_frac=0.0, d_only=False):
     """One round of the game: a D step on reals and detached fakes, then a G step. Takes the Run, a real
     batch (float B x C x H x W in [-1, 1] on the device), its labels y (int64 B, or None) and the fraction of
-    reals to swap for fakes; returns scalar tensors, with no host sync unless a balancing rule decides."""
+    reals to swap for fakes (d_only: D steps alone). Returns scalar tensors, no host sync unless rules act"""
     args, B, dev = run.args, real.shape[0], real.device
     z = torch.randn(B, args.nz, device=dev)
     y_fake = torch.randint(run.ncls, (B,), device=dev) if run.ncls else None
@@ -323,7 +322,7 @@ def train_step(run, real, y, swap_frac=0.0):
         run.opts["D"].step()
     with autocast(args, dev):
         err_g = g_loss(run.fwd["D_for_G"](fake, y_fake).float())
-    if upd_g and not run.d_only:
+    if upd_g and not d_only:
         run.opts["G"].zero_grad(set_to_none=True)
         err_g.backward(inputs=list(run.nets["G"].parameters()))  # D's weights are not G's to change
         run.opts["G"].step()
@@ -350,11 +349,8 @@ def train(args, device, rank=0, world=1):
     fixed_z = torch.randn(n, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
     fixed_y = torch.arange(n, device=device) % run.ncls if run.ncls else None
     start_step, t0 = run.step, time.time()
-    if run.step == 0 and args.d_pretrain:  # D-only steps first: G then gets a useful signal
-        run.d_only = True
-        for b in batches(run, 0)[: args.d_pretrain]:
-            train_step(run, *get_batch(run, b))
-        run.d_only = False
+    for b in batches(run, 0)[: args.d_pretrain * (run.step == 0)]:  # D alone first: G then gets a signal
+        train_step(run, *get_batch(run, b), d_only=True)
     for epoch in range(run.epoch + 1, args.epochs + 1):
         idx = batches(run, epoch)
         swap = args.swap_real if epoch <= args.swap_epochs else 0.0
