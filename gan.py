@@ -661,7 +661,7 @@ def checkpoint(run):
 def restore(run, ckpt):
     run.nets["G"].load_state_dict(ckpt["G"]), run.nets["D"].load_state_dict(ckpt["D"])
     run.opts["G"].load_state_dict(ckpt["optG"]), run.opts["D"].load_state_dict(ckpt["optD"])
-    run.epoch, run.step, run.l2 = ckpt["epoch"], ckpt["step"], ckpt["balance"]["l2"]
+    run.epoch, run.step, run.l2 = ckpt["epoch"], ckpt["step"], 0.0
     run.dhist = list(ckpt["dhist"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -748,10 +748,11 @@ def plot_curves(csv_path, png_path, w=480, h=80):
     draw = ImageDraw.Draw(img)
     for i, k in enumerate(keys):
         vals = [float(r[k]) for r in rows]
-        lo, span = min(vals), (max(vals) - min(vals)) or 1.0
-        draw.line([(5 + j * (w - 10) / (len(vals) - 1), (i + 1) * h - 5 - (v - lo) / span * (h - 25))
+        lo, hi = min(vals), max(vals)
+        top = (i + 1) * h - 5  # each panel's baseline
+        draw.line([(5 + j * (w - 10) / (len(rows) - 1), top - (v - lo) / (hi - lo or 1) * (h - 25))
                    for j, v in enumerate(vals)], fill=(31, 119, 180))
-        draw.text((5, i * h + 3), f"{k}: {lo:.3g} .. {lo + span:.3g}", fill="black")
+        draw.text((5, i * h + 3), f"{k}: {lo:.3g} .. {hi:.3g}", fill="black")
     img.save(png_path)
 
 def draw_dhist(hist, path, cell=12):
