@@ -661,7 +661,7 @@ def checkpoint(run):
 def restore(run, ckpt):
     run.nets["G"].load_state_dict(ckpt["G"]), run.nets["D"].load_state_dict(ckpt["D"])
     run.opts["G"].load_state_dict(ckpt["optG"]), run.opts["D"].load_state_dict(ckpt["optD"])
-    run.epoch, run.step, run.l2 = ckpt["epoch"], ckpt["step"], 0.0
+    run.epoch, run.step, run.l2 = ckpt["epoch"], ckpt["step"], ckpt["balance"]["l2"]
     run.dhist = list(ckpt["dhist"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
