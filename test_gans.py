@@ -661,7 +661,7 @@ def test_gan_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     (["--batch-size", "1"], "batch norm needs two"), (["--log-every", "0"], "--log-every 0"),
     (["--n", "0"], "--n 0 is out of range"), (["--out", "/nonexistent/dir/s.png"], "/nonexistent/dir does not exist"),
     (["--outf", "__FILE__"], "is a file"),
-])
+], ids=["size0", "size-neg", "size-huge", "epochs0", "batch1", "log0", "n0", "out-dir", "outf-file"])
 def test_gan_numbers_and_paths_checked_after_parsing(tmp_path, flags, fragment):
     (tmp_path / "f").write_text("x")
     flags = [str(tmp_path / "f") if v == "__FILE__" else v for v in flags]
