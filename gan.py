@@ -1,9 +1,8 @@
 """gan.py: the plain GAN / DCGAN baseline, with the balancing heuristics that make it train.
 
-Papers: Goodfellow et al. 2014 "Generative Adversarial Nets"; Radford et al. 2015 "Unsupervised Representation
-Learning with Deep Convolutional GANs" (DCGAN, the default `--arch dcgan`); the post "Generating Faces with
-Torch" and its code, skaae/torch-gan (`--arch upsample`, the margin and L2 rules); Mirza & Osindero 2014
-(`--conditional`); White 2016 "Sampling Generative Networks" (slerp).
+Papers: Goodfellow et al. 2014 "Generative Adversarial Nets"; Radford et al. 2015, DCGAN (`--arch dcgan`);
+the post "Generating Faces with Torch" and its code, skaae/torch-gan (`--arch upsample`, the margin and L2
+rules); Mirza & Osindero 2014 (`--conditional`); White 2016 "Sampling Generative Networks" (slerp).
 
 The method: G maps noise z ~ N(0, I) to an image, D an image to the probability that it is real; they play
 min_G max_D E_x[log D(x)] + E_z[log(1 - D(G(z)))]. Each step D takes one gradient step on reals and on G's
@@ -20,7 +19,7 @@ Paper to code:
     faces code (train_lfw.lua): upsampling G, max-pooling D        upsample_nets
     Mirza & Osindero Sec. 3: the label fed to G and D              Conditioned
     Goodfellow Sec. 5: Gaussian Parzen window                      parzen_log_likelihood, parzen_eval
-    White 2016; the faces post's latent sweeps, nearest images     slerp, lerp, sweep, walk,
+    White 2016; DCGAN Sec. 6.1 (walks); the post's nearest images  slerp, lerp, sweep, walk,
                                                                    nearest_neighbours
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (sigmoid + BCE without its overflow).
@@ -58,12 +57,11 @@ def g_loss(logit_fake):
     return bce(logit_fake, 1.0)
 
 # ----------------------------------------------------------------------------- balancing heuristics
-def margin_rule(err_real, err_fake, margin=0.3):
-    """Faces post: D rests when already right on reals or fakes (error < margin), G when D is badly fooled
-    (error > 1 - margin); never both. -> (update_d, update_g)"""
+def margin_rule(err_real, err_fake, margin=0.3):  # -> (update_d, update_g)
+    """Faces post: D rests when right on reals or fakes (error < margin), G when D is fooled (> 1 - margin)"""
     update_d = not (err_real < margin or err_fake < margin)
     update_g = not (err_real > 1 - margin or err_fake > 1 - margin)
-    return (update_d, update_g) if update_d or update_g else (True, True)
+    return (update_d, update_g) if update_d or update_g else (True, True)  # never both rest
 
 def l2_rule(coef, err_g, step=1e-5, high=1.3, low=0.9):
     """Faces post: G failing (error > high) means D is too strong: raise D's L2 penalty; lower it below low"""
@@ -85,9 +83,8 @@ def swap_real(real, y_real, fake, y_fake, frac):
     x = torch.cat([fake[:k].detach(), real[k:]])
     return x, (torch.cat([y_fake[:k], y_real[k:]]) if y_real is not None else None)
 
-def faces_lr(lr, step, epoch):
-    """The faces code's schedule: lr/50 for the first 10 updates, lr/5 until 30 (lfw_adverserial.lua),
-    decayed by 0.99 per finished epoch, never below 1e-6 (train_lfw.lua)."""
+def faces_lr(lr, step, epoch):  # lfw_adverserial.lua's warm-up, train_lfw.lua's decay
+    """The faces code's schedule: lr/50 for 10 updates, lr/5 until 30, then lr; times 0.99 per past epoch"""
     return max(lr * 0.99 ** (epoch - 1), 1e-6) / (50 if step < 10 else 5 if step < 30 else 1)
 
 def report_ratio(G, D):
@@ -187,9 +184,8 @@ def build_nets(args, nc, ncls, size=None):
     return G, D
 
 # ----------------------------------------------------------------------------- evaluation and latent tools
-def parzen_log_likelihood(samples, x, sigma):
-    """Goodfellow Sec. 5: log density at each row of x (pixels in [0, 1]) of N Gaussians of width sigma at the
-    samples, weight 1/N each. -> (len(x),) in nats"""
+def parzen_log_likelihood(samples, x, sigma):  # -> (len(x),) in nats
+    """Goodfellow Sec. 5: log density at each row of x (pixels in [0, 1]) of N Gaussians of width sigma"""
     d2 = torch.cdist(x.double(), samples.double()).pow(2)  # len(x) x N squared distances
     return (torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(len(samples))  # log of the mean kernel
             - 0.5 * x.shape[1] * math.log(2 * math.pi * sigma ** 2))  # the Gaussian's normaliser in k dims
@@ -209,9 +205,8 @@ def nearest_neighbours(samples, train, chunk=4096):
 def lerp(a, b, t):
     return a + (b - a) * t[:, None]  # the straight line from a to b at times t: len(t) x nz
 
-def slerp(a, b, t):
-    """Spherical interpolation (White 2016) of direction, linear in norm: Gaussian latents live near a
-    sphere, and a straight line between two of them cuts through the unlikely low-norm interior."""
+def slerp(a, b, t):  # Gaussian latents live near a sphere; a line between two cuts its unlikely interior
+    """Spherical interpolation (White 2016) of the direction, linear in the norm: len(t) x nz"""
     na, nb = a.norm(), b.norm()
     ua, ub = a / na, b / nb
     cos_om = ua @ ub  # cos(omega), omega the angle between them
@@ -304,8 +299,7 @@ def train_step(run, real, y, swap_frac=0.0, d_only=False):
         fake = run.fwd["G"](z, y_fake)  # B x C x H x W
         x_real, y_real = swap_real(real, y, fake, y_fake, swap_frac)
         logit_real = run.fwd["D"](x_real, y_real).float()  # B logits
-        # detach: D's loss must not push gradients into G; G gets its own step below
-        logit_fake = run.fwd["D"](fake.detach(), y_fake).float()
+        logit_fake = run.fwd["D"](fake.detach(), y_fake).float()  # detached: D's loss is not G's to follow
     err_real, err_fake = d_loss(logit_real, logit_fake)
     if args.arch == "upsample":  # the faces code's warm-up and decay
         for group in [g for opt in run.opts.values() for g in opt.param_groups]:
@@ -315,8 +309,7 @@ def train_step(run, real, y, swap_frac=0.0, d_only=False):
         upd_d, upd_g = margin_rule(*global_mean(err_real, err_fake), args.margin)
     if upd_d:
         run.opts["D"].zero_grad(set_to_none=True)
-        # the faces code took BCE over the mixed half-real, half-fake batch, i.e. the mean of the two
-        # errors; its L2 rule's coefficient is tuned against that, so the rule halves our sum of the two
+        # the L2 rule's steps are tuned to the faces code's BCE over a mixed half-real batch: half our sum
         half = 0.5 if args.balance == "l2" else 1.0
         (half * (err_real + err_fake) + l2_penalty(run.nets["D"], run.l2)).backward()
         run.opts["D"].step()
@@ -433,8 +426,7 @@ def sample(args):
     print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
 
 # ------------------------------------------------------------------------ Appendix: plumbing, not the paper
-# Data: each loader returns a whole split as one uint8 tensor N x C x H x W, decoded once; batches are then
-# gathered by index on the device, with no per-image Python in the training loop.
+# Data: a split is one uint8 tensor N x C x H x W on the device, batches gathered by index (no loader).
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
   "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
@@ -565,11 +557,9 @@ def load_folder(root, size, channels, workers):
     """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-
-    def unreadable(e):
-        fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable)
-                   for f in fs if f.lower().endswith(IMAGE_EXT))
+    walk = os.walk(root, onerror=lambda e: fail(f"cannot read {e.filename} ({e.strerror}); fix its "
+                                                   "permissions or move it out of --dataroot"))
+    files = sorted(os.path.join(d, f) for d, _, fs in walk for f in fs if f.lower().endswith(IMAGE_EXT))
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
     classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
