@@ -428,10 +428,11 @@ def sample(args):
 # ------------------------------------------------------------------------ Appendix: plumbing, not the paper
 # Data: a split is one uint8 tensor N x C x H x W on the device, batches gathered by index (no loader).
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-  "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-  "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-  "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",  # the official files' checksums
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -477,6 +478,7 @@ def atomic_write(path, write):
 
 def md5_of(data):
     return hashlib.md5(data).hexdigest()
+
 def damaged(path, what):
     fail(f"{path} is damaged ({what}); delete it to download it again, or replace it")
 
@@ -765,6 +767,7 @@ def generate(G, z, y=None, batch=500):
 
 def to_uint8(x):  # [-1, 1] float N x C x H x W -> uint8 N x H x W x C
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
 def save_grid(images, path, nrow=8):
     grid_image(images, nrow).save(path)
 
@@ -788,6 +791,7 @@ def pick_device(args, local_rank=0):
 
 def autocast(args, device):
     return torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda")
+
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
@@ -803,13 +807,13 @@ def global_mean(*values):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
     a, num, flag = p.add_argument, {"type": int, "default": None}, {"action": "store_true"}
-    a("--dataset", choices="cifar10 mnist fashion-mnist folder shapes".split())
-    a("--dataroot", default="./data")
-    a("--image-size", **num), a("--channels", type=int, choices=[1, 3]), a("--conditional", **flag)
-    a("--limit", **num), a("--arch", choices=["dcgan", "upsample"], default="dcgan")
+    a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
+    a("--dataroot", default="./data"), a("--image-size", **num), a("--channels", type=int, choices=[1, 3])
+    a("--conditional", **flag), a("--limit", **num)
+    a("--arch", choices=["dcgan", "upsample"], default="dcgan")
     a("--nz", **num, help="dcgan 100, upsample 512"), a("--ngf", type=int, default=64)
-    a("--ndf", type=int, default=64)
-    a("--epochs", type=int, default=25), a("--batch-size", type=int, default=64)
+    a("--ndf", type=int, default=64), a("--epochs", type=int, default=25)
+    a("--batch-size", type=int, default=64)
     a("--lr", type=float, help="dcgan 2e-4, upsample 1e-3"), a("--beta1", type=float, default=0.5)
     a("--optimizer", choices=["adam", "rmsprop"], help="dcgan adam, upsample rmsprop")
     a("--balance", choices=["none", "margin", "l2"], help="dcgan none, upsample margin")
@@ -819,9 +823,9 @@ def get_args(argv=None):
     a("--seed", type=int, default=1), a("--outf")
     a("--resume", **flag), a("--log-every", type=int, default=100), a("--cuda", **flag), a("--amp", **flag)
     a("--compile", **flag), a("--workers", type=int, default=4)
-    a("--sample", **flag), a("--ckpt"), a("--n", type=int, default=64), a("--label", **num)
-    a("--npz"), a("--out")
-    a("--interp", choices=["lerp", "slerp"]), a("--steps", type=int, default=10), a("--sweep-dim", **num)
+    a("--sample", **flag), a("--ckpt"), a("--n", type=int, default=64), a("--label", **num), a("--npz")
+    a("--out"), a("--interp", choices=["lerp", "slerp"]), a("--steps", type=int, default=10)
+    a("--sweep-dim", **num)
     a("--range", type=float, default=3.0), a("--walk", type=int, default=0), a("--class-grid", **flag)
     a("--nn", **flag), a("--eval", **flag), a("--eval-samples", type=int, default=10000)
     args = p.parse_args(argv)
