@@ -842,9 +842,9 @@ def get_args(argv=None):
     if args.outf and os.path.isfile(args.outf):
         fail(f"--outf {args.outf} is a file; give a folder for the run's files")
     if not (args.sample and args.ckpt or args.dataset or args.resume and args.outf):
-        p.error("give --dataset NAME to train, --resume --outf DIR to continue, or --sample --ckpt FILE")
+        fail("give --dataset NAME to train, --resume --outf DIR to continue, or --sample --ckpt FILE")
     if args.arch != "upsample" and (args.bn_d or args.dropout_g):
-        p.error("--bn-d and --dropout-g belong to --arch upsample")
+        fail("--bn-d and --dropout-g belong to --arch upsample; add --arch upsample or drop them")
     for k, v in ARCH_DEFAULTS[args.arch].items():  # the flags the user left out take the arch's defaults
         if getattr(args, k) is None:
             setattr(args, k, v)
