@@ -342,7 +342,8 @@ def train(args, device, rank=0, world=1):
     fixed_z = torch.randn(n, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
     fixed_y = torch.arange(n, device=device) % run.ncls if run.ncls else None
     start_step, t0 = run.step, time.time()
-    for b in batches(run, 0)[: args.d_pretrain * (run.step == 0)]:  # D alone first: G then gets a signal
+    pretrain = args.d_pretrain if run.step == 0 else 0  # D alone first, so G then gets a signal; once only
+    for b in batches(run, 0)[:pretrain]:
         train_step(run, *get_batch(run, b), d_only=True)
     for epoch in range(run.epoch + 1, args.epochs + 1):
         idx = batches(run, epoch)
@@ -385,6 +386,7 @@ def sample(args):
     G.load_state_dict(ckpt["G"])
     torch.manual_seed(args.seed)
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
+
     def z(n):  # n latents from the prior
         return torch.randn(n, targs.nz, device=device)
 
