@@ -31,8 +31,9 @@ def seeded():
 
 # ----------------------------------------------------------------------------- shared helpers
 def write_cifar_tarball(root, n_per_batch=6, seed=0, protocol=2):
-    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys. protocol 4 pickles
-    hold only what Python 2's official batches hold (protocol 2 under Python 3 adds _codecs.encode)."""
+    """A CIFAR-10 python tarball in the official layout: pickled dicts with bytes keys. The official
+    files are Python 2 pickles; protocol 3 or later holds bytes without calls (protocol 2 under Python 3
+    adds _codecs.encode, which a restricted unpickler refuses)."""
     rng = np.random.default_rng(seed)
     batches = {}
     with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
@@ -243,8 +244,24 @@ def test_nearest_neighbours_finds_the_copy():
 
 
 # ----------------------------------------------------------------------------- gan.py: data
-def test_cifar10_reader_official_tarball(tmp_path):
-    batches = write_cifar_tarball(tmp_path)
+def gan_trust_cifar(monkeypatch, root):
+    """Make gan.py accept the fake CIFAR-10 under root: its md5s in place of the official ones."""
+    md5 = {}
+    tar = os.path.join(root, "cifar-10-python.tar.gz")
+    if os.path.exists(tar):
+        md5["cifar-10-python.tar.gz"] = gan.md5_of(open(tar, "rb").read())
+        with tarfile.open(tar) as t:
+            md5.update({os.path.basename(m.name): gan.md5_of(t.extractfile(m).read()) for m in t.getmembers()
+                        if m.isfile()})
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if os.path.isdir(folder):
+        md5.update({n: gan.md5_of(open(os.path.join(folder, n), "rb").read()) for n in os.listdir(folder)})
+    monkeypatch.setattr(gan, "CIFAR_MD5", {k: v for k, v in md5.items() if k in gan.CIFAR_MD5})
+
+
+def test_cifar10_reader_official_tarball(tmp_path, monkeypatch):
+    batches = write_cifar_tarball(tmp_path, protocol=4)
+    gan_trust_cifar(monkeypatch, tmp_path)
     x, y, classes = gan.read_cifar10(str(tmp_path), "train")
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and classes[9] == "truck"
     first = batches["data_batch_1"][0][0]
@@ -382,12 +399,6 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         gan.main(["--dataset", "folder", "--dataroot", str(tmp_path), "--outf", str(tmp_path / "o")])
 
 
-def test_bench_prints_a_table_line(capsys):
-    gan.main(["--dataset", "shapes", "--bench", "2", "--batch-size", "8", "--ngf", "8", "--ndf", "8"])
-    out = capsys.readouterr().out
-    assert "img/s" in out and "| gan.py dcgan 32x32 | batch 8 | fp32 | cpu |" in out
-
-
 def _ddp_worker(rank, port, outf, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -397,7 +408,8 @@ def _ddp_worker(rank, port, outf, result):
         real = getattr(gan, name)
         setattr(gan, name, lambda *a, _real=real, _name=name, **k: (writes.append(_name), _real(*a, **k))[1])
     G, D = gan.main(TINY + ["--epochs", "1", "--balance", "margin", "--outf", outf])
-    torch.save({"G": G.state_dict(), "D": D.state_dict(), "writes": writes}, f"{result}{rank}.pt")
+    torch.save({"G": G.state_dict(), "D": D.state_dict(), "writes": writes,
+                "torn_down": not torch.distributed.is_initialized()}, f"{result}{rank}.pt")
 
 
 def test_torchrun_style_data_parallel_two_ranks(tmp_path):
@@ -405,10 +417,291 @@ def test_torchrun_style_data_parallel_two_ranks(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), outf, result), nprocs=2)
     r0, r1 = (torch.load(f"{result}{r}.pt", weights_only=True) for r in (0, 1))
     assert r1["writes"] == [] and "save_checkpoint" in r0["writes"]
+    assert r0["torn_down"] and r1["torn_down"]  # main leaves no process group behind for exit to tear down
     for net in ("G", "D"):
         assert all(torch.equal(r0[net][k], r1[net][k]) for k in r0[net]), net
     assert read_log(os.path.join(outf, "log.csv"))[-1]["step"] == "4"  # 128 images / (2 ranks x 16)
 
+
+# ----------------------------------------------------------------------------- gan.py: the method against the papers
+def gan_tiny_run(*extra, n=32):
+    """A run on n built-in shapes at 32x32, single process on the CPU, as training sets it up."""
+    args = gan.get_args(TINY + list(extra))
+    torch.manual_seed(args.seed)  # the same weights for the same flags
+    return gan.setup_run(args, torch.device("cpu"), gan.make_shapes(n, 32, 0))
+
+
+def gan_step_grads(run, coef, seed=3):
+    """One train_step with SGD at lr 0 (so nothing moves): D's and G's gradients, and the batch used."""
+    run.opts = {k: torch.optim.SGD(run.nets[k].parameters(), lr=0.0) for k in ("G", "D")}
+    run.l2 = coef
+    x, y = gan.get_batch(run, torch.arange(16))
+    torch.manual_seed(seed)
+    gan.train_step(run, x, y, 0.0)
+    grads = {k: [p.grad.clone() for p in run.nets[k].parameters()] for k in ("G", "D")}
+    return grads, x
+
+
+@pytest.mark.parametrize("balance,half", [("none", 1.0), ("l2", 0.5)])
+def test_gan_step_gradients_match_the_losses_of_the_paper(balance, half):
+    run = gan_tiny_run("--balance", balance)
+    G0, D0 = copy.deepcopy(run.nets["G"]), copy.deepcopy(run.nets["D"])
+    coef = 0.03
+    grads, x = gan_step_grads(run, coef)
+    torch.manual_seed(3)
+    z = torch.randn(16, run.args.nz)
+    # D: BCE on reals (target 1) and detached fakes (target 0); under the L2 rule the mean of the two (the
+    # faces code's BCE over the mixed batch) plus coef/2 |theta_D|^2 on D's weights only
+    fake = G0(z)
+    logit_real, logit_fake = D0(x), D0(fake.detach())
+    loss_d = -(F.logsigmoid(logit_real).mean() + F.logsigmoid(-logit_fake).mean()) * half
+    loss_d = loss_d + coef / 2 * sum(p.pow(2).sum() for p in D0.parameters())
+    want_d = torch.autograd.grad(loss_d, list(D0.parameters()))
+    for g, w in zip(grads["D"], want_d):
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+    # G: the non-saturating loss -log D(G(z)) (Goodfellow et al. Sec. 3), not log(1 - D(G(z)))
+    loss_g = -F.logsigmoid(D0(G0(z))).mean()
+    want_g = torch.autograd.grad(loss_g, list(G0.parameters()))
+    for g, w in zip(grads["G"], want_g):
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_gan_l2_rule_halves_the_d_step_and_penalises_d_only():
+    plain, _ = gan_step_grads(gan_tiny_run("--balance", "none"), 0.0)
+    l2, _ = gan_step_grads(gan_tiny_run("--balance", "l2"), 0.0)
+    for a, b in zip(plain["D"], l2["D"]):  # the same nets and batch: the ratio is exactly 1/2
+        assert torch.allclose(b, a / 2, atol=1e-7, rtol=1e-5)
+    run = gan_tiny_run("--balance", "l2")
+    with_coef, _ = gan_step_grads(run, 0.5)
+    for p, a, b in zip(run.nets["D"].parameters(), l2["D"], with_coef["D"]):
+        assert torch.allclose(b - a, 0.5 * p.detach(), atol=1e-5)  # d/dW of coef/2 |W|^2 is coef W
+
+
+def test_gan_resume_keeps_the_l2_coefficient_and_counters(tmp_path):
+    run = gan_tiny_run("--balance", "l2", "--outf", str(tmp_path))
+    run.l2, run.step, run.epoch, run.dhist = 3e-5, 7, 1, [torch.ones(2, 20)]
+    ckpt = gan.checkpoint(run)
+    other = gan_tiny_run("--balance", "l2", "--outf", str(tmp_path))
+    gan.restore(other, ckpt)
+    assert other.l2 == 3e-5 and other.step == 7 and other.epoch == 1
+    assert torch.equal(torch.stack(other.dhist), torch.ones(1, 2, 20))
+
+
+def test_gan_parzen_weights_each_sample_by_one_over_n():
+    x, samples, sigma = torch.tensor([[0.3, 0.1]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]]), 0.4
+    dens = [math.exp(-((x[0] - m) ** 2).sum().item() / (2 * sigma ** 2)) / (2 * math.pi * sigma ** 2)
+            for m in samples]
+    expected = math.log(sum(dens) / len(dens))  # the mixture's density: the mean of the kernels
+    assert gan.parzen_log_likelihood(samples, x, sigma).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "upsample"])
+def test_gan_batch_norm_scales_start_near_one(arch):
+    G, D = build(arch, 32, ngf=32, ndf=32, nz=10)
+    scales = torch.cat([m.weight.detach() for m in list(G.modules()) + list(D.modules())
+                        if isinstance(m, nn.BatchNorm2d)])
+    assert abs(scales.mean().item() - 1) < 0.01 and scales.std().item() < 0.03  # DCGAN Sec. 4: N(1, 0.02)
+    if arch == "dcgan":
+        convs = torch.cat([m.weight.detach().flatten() for m in G.modules() if isinstance(m, nn.ConvTranspose2d)])
+        assert abs(convs.std().item() - 0.02) < 0.002 and abs(convs.mean().item()) < 0.001
+
+
+def test_gan_upsample_takes_the_faces_code_defaults_and_schedule():
+    a = gan.get_args(["--dataset", "shapes", "--arch", "upsample"])
+    assert (a.nz, a.lr, a.optimizer, a.balance) == (512, 1e-3, "rmsprop", "margin")
+    a = gan.get_args(["--dataset", "shapes", "--arch", "upsample", "--nz", "64", "--lr", "5e-4", "--balance", "l2"])
+    assert (a.nz, a.lr, a.optimizer, a.balance) == (64, 5e-4, "rmsprop", "l2")
+    a = gan.get_args(["--dataset", "shapes"])
+    assert (a.nz, a.lr, a.optimizer, a.balance) == (100, 2e-4, "adam", "none")
+    lr = 1e-3  # lfw_adverserial.lua: lr/50 for 10 updates, lr/5 until 30; train_lfw.lua: 0.99 per epoch
+    assert [gan.faces_lr(lr, s, 1) for s in (0, 9, 10, 29, 30, 500)] == [lr / 50] * 2 + [lr / 5] * 2 + [lr] * 2
+    assert gan.faces_lr(lr, 100, 4) == pytest.approx(lr * 0.99 ** 3) and gan.faces_lr(lr, 100, 2000) == 1e-6
+    run = gan_tiny_run("--arch", "upsample", "--lr", "1e-3")
+    for step, want in ((0, lr / 50), (12, lr / 5), (40, lr)):
+        run.step = step
+        gan.train_step(run, *gan.get_batch(run, torch.arange(16)), 0.0)
+        assert all(g["lr"] == pytest.approx(want) for o in run.opts.values() for g in o.param_groups)
+
+
+def test_gan_bn_d_and_dropout_g_for_the_upsample_arch():
+    G, D = build("upsample", 64, ngf=8, ndf=16, nz=10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())  # the faces code's D has none
+    G, D = gan.build_nets(gan.get_args(["--dataset", "shapes", "--arch", "upsample", "--image-size", "64",
+                                        "--ngf", "8", "--ndf", "16", "--nz", "10", "--bn-d", "--dropout-g", "0.3"]), 3, 0)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in D.modules()) == 2  # 3 conv blocks, none on the input
+    drops = [m for m in G.modules() if type(m) is nn.Dropout]
+    assert len(drops) == 3 and all(m.p == 0.3 for m in drops)
+    G.train()
+    z = torch.randn(4, 10)
+    assert not torch.equal(G(z), G(z))  # dropout is live in training
+    with pytest.raises(SystemExit):
+        gan.get_args(["--dataset", "shapes", "--bn-d"])
+
+
+# ----------------------------------------------------------------------------- gan.py: bad input and faults
+def gan_one_line_error(*fragments, call):
+    """call() stops with one line, 'error: ...', holding every fragment."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_gan_cifar_checksums_and_restricted_unpickler(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_cifar_tarball(tmp_path, protocol=4)
+    gan_one_line_error("cifar-10-python.tar.gz does not match the official CIFAR-10 checksum", "delete it",
+                       call=lambda: gan.read_cifar10(str(tmp_path), "train"))
+    # a crafted batch whose md5 matches (patched): the unpickler still refuses to call os.system
+    evil = tmp_path / "evil"
+    os.makedirs(evil / "cifar-10-batches-py")
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"]:
+        (evil / "cifar-10-batches-py" / name).write_bytes(pickle.dumps({b"data": RunsCode()}, protocol=4))
+    with tarfile.open(evil / "cifar-10-python.tar.gz", "w:gz") as t:
+        t.add(evil / "cifar-10-batches-py", "cifar-10-batches-py")
+    for layout in ("folder", "tarball"):
+        if layout == "tarball":
+            shutil.rmtree(evil / "cifar-10-batches-py")
+        gan_trust_cifar(monkeypatch, evil)
+        gan_one_line_error("is not an official CIFAR-10 batch", "system is not in an official batch",
+                           call=lambda: gan.read_cifar10(str(evil), "train"))
+        assert not (tmp_path / "PWNED").exists()
+    # the extracted folder: each batch file is checked
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as t:
+        t.extractall(tmp_path / "x", filter="data")
+    gan_trust_cifar(monkeypatch, tmp_path / "x")
+    x, y, classes = gan.read_cifar10(str(tmp_path / "x"), "train")
+    assert x.shape == (30, 3, 32, 32) and classes[0] == "airplane"
+    with open(tmp_path / "x" / "cifar-10-batches-py" / "data_batch_3", "ab") as f:
+        f.write(b"!")
+    gan_one_line_error("data_batch_3 does not match the official CIFAR-10 checksum",
+                       call=lambda: gan.read_cifar10(str(tmp_path / "x"), "train"))
+    # a truncated tarball (its md5 patched to match): damaged, not a traceback
+    tar = tmp_path / "cifar-10-python.tar.gz"
+    tar.write_bytes(tar.read_bytes()[:300])
+    monkeypatch.setattr(gan, "CIFAR_MD5", {**gan.CIFAR_MD5, "cifar-10-python.tar.gz": gan.md5_of(tar.read_bytes())})
+    gan_one_line_error("cifar-10-python.tar.gz is damaged", "delete it to download it again, or replace it",
+                       call=lambda: gan.read_cifar10(str(tmp_path), "train"))
+
+
+def test_gan_idx_reader_raw_and_damaged_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 28, 28))
+    write_idx(tmp_path / "a.gz", x)
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    (tmp_path / "a").write_bytes(raw)
+    assert np.array_equal(gan.read_idx(str(tmp_path / "a")), x)  # uncompressed, as some packages ship it
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "a.gz").read_bytes()[:-30])
+    gan_one_line_error("cut.gz is damaged", "delete it to download it again, or replace it",
+                       call=lambda: gan.read_idx(str(tmp_path / "cut.gz")))
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(raw[:-28 * 28])  # four images where the header says five
+    gan_one_line_error("short.gz is damaged", "fewer items", call=lambda: gan.read_idx(str(tmp_path / "short.gz")))
+
+
+def test_gan_16_bit_png_and_unreadable_subfolder(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "a")
+    grey16 = np.array([[0, 257 * 100], [40000, 65535]] * 2, np.uint16).reshape(4, 2).repeat(2, 1)
+    Image.fromarray(grey16).save(tmp_path / "a" / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode in ("I;16", "I")
+    out = gan.decode_image(str(tmp_path / "a" / "deep.png"), 4, None)
+    assert out.dtype == np.uint8 and np.array_equal(out, (grey16.astype(np.int64) >> 8).astype(np.uint8))
+    os.makedirs(tmp_path / "b")
+    real_scandir = os.scandir
+
+    def locked(path):
+        if os.path.basename(os.fspath(path)) == "b":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", locked)
+    gan_one_line_error(f"cannot read {tmp_path / 'b'} (Permission denied)", "fix its permissions",
+                       call=lambda: gan.load_folder(str(tmp_path), 8, None, 1))
+
+
+def test_gan_folder_cache_is_atomic_and_a_damaged_one_is_rebuilt(tmp_path):
+    make_image_folder(tmp_path, 2)
+    x, y, _ = gan.load_folder(str(tmp_path), 16, None, 1)
+    (cache,) = tmp_path.glob(".cache-*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])  # a crash or a full disk cut it short
+    x2, y2, _ = gan.load_folder(str(tmp_path), 16, None, 1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not list(tmp_path.glob("*.tmp")) and np.load(cache)["x"].shape == (4, 3, 16, 16)
+
+
+def test_gan_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+    path = str(tmp_path / "ckpt.pt")
+    gan.save_checkpoint({"script": "gan", "step": 1}, path)
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"PK\x03")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    gan_one_line_error(f"no space left on {tmp_path} writing {path}; the last checkpoint is kept",
+                       call=lambda: gan.save_checkpoint({"script": "gan", "step": 2}, path))
+    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+    def read_only(obj, f, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    gan_one_line_error("could not write", "(Read-only file system); the last checkpoint is kept",
+                       call=lambda: gan.save_checkpoint({"script": "gan", "step": 2}, path))
+    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--image-size", "0"], "--image-size 0 is out of range"), (["--image-size", "-8"], "--image-size -8"),
+    (["--image-size", "5000"], "between 1 and 1024"), (["--epochs", "0"], "--epochs 0 is out of range"),
+    (["--batch-size", "1"], "batch norm needs two"), (["--log-every", "0"], "--log-every 0"),
+    (["--n", "0"], "--n 0 is out of range"), (["--out", "/nonexistent/dir/s.png"], "/nonexistent/dir does not exist"),
+    (["--outf", "__FILE__"], "is a file"),
+], ids=["size0", "size-neg", "size-huge", "epochs0", "batch1", "log0", "n0", "out-dir", "outf-file"])
+def test_gan_numbers_and_paths_checked_after_parsing(tmp_path, flags, fragment):
+    (tmp_path / "f").write_text("x")
+    flags = [str(tmp_path / "f") if v == "__FILE__" else v for v in flags]
+    gan_one_line_error(fragment, call=lambda: gan.get_args(["--dataset", "shapes"] + flags))
+
+
+def test_gan_run_folder_resume_flags_label_and_too_little_data(tmp_path):
+    outf = str(tmp_path / "run")
+    gan.main(TINY + ["--epochs", "1", "--outf", outf])
+    gan_one_line_error(f"{outf} already holds a run; add --resume to continue it, or choose another --outf",
+                       call=lambda: gan.main(TINY + ["--epochs", "1", "--outf", outf]))
+    gan_one_line_error("--lr, --batch-size differ from it", "(only --dataroot, --epochs, --outf, --cuda, --amp, "
+                       "--compile, --workers, --log-every may change): drop them",
+                       call=lambda: gan.main(["--resume", "--outf", outf, "--epochs", "2", "--lr", "1e-3",
+                                              "--batch-size", "8"]))
+    gan_one_line_error("the checkpoint has already trained 1 epochs; give --epochs larger than 1",
+                       call=lambda: gan.main(TINY + ["--epochs", "1", "--outf", outf, "--resume"]))
+    before = read_log(os.path.join(outf, "log.csv"))
+    gan.main(["--resume", "--outf", outf, "--epochs", "2", "--dataroot", str(tmp_path / "moved"), "--workers", "1"])
+    ckpt = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["dataroot"] == str(tmp_path / "moved")
+    assert ckpt["args"]["batch_size"] == 16 and read_log(os.path.join(outf, "log.csv"))[:len(before)] == before
+    gan_one_line_error("was trained without --conditional; drop --label",
+                       call=lambda: gan.main(["--sample", "--ckpt", os.path.join(outf, "ckpt.pt"), "--label", "1"]))
+    gan_one_line_error("only 10 training images, fewer than one batch of --batch-size 16; lower --batch-size",
+                       call=lambda: gan.main(TINY + ["--limit", "10", "--outf", str(tmp_path / "few")]))
+
+
+def test_gan_setup_run_and_train_step_on_random_data_change_the_weights():
+    args = gan.get_args(["--dataset", "shapes", "--batch-size", "8", "--ngf", "8", "--ndf", "8", "--nz", "8"])
+    data = (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), None, [])
+    run = gan.setup_run(args, torch.device("cpu"), data)
+    before = {k: [p.detach().clone() for p in run.nets[k].parameters()] for k in ("G", "D")}
+    out = gan.train_step(run, *gan.get_batch(run, torch.arange(8)))
+    assert math.isfinite(out["err_d"].item()) and math.isfinite(out["err_g"].item())
+    for k in ("G", "D"):
+        assert all(not torch.equal(a, b) for a, b in zip(before[k], run.nets[k].parameters())), k
 
 # ----------------------------------------------------------------------------- lapgan.py: the pyramid
 def lap_np_area(x, n_out):
