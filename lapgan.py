@@ -789,11 +789,13 @@ def restore(run, ckpt):
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
+MACHINE = ["cuda", "amp", "compile", "workers", "log_every"]  # this session's, as typed or by default
 SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch",
                  "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
 
 def resume_args(args, typed):
-    """--resume: the checkpoint's flags, but those a resume may change as typed; the run stays in --outf."""
+    """--resume: the checkpoint's flags, but --dataroot and --epochs as typed, the machine's flags (MACHINE)
+    from this command line, typed or not (a GPU run resumes on a CPU), and the run stays in --outf."""
     ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
     differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY
               and getattr(args, k) != ckpt["args"].get(k)]
@@ -802,7 +804,7 @@ def resume_args(args, typed):
         fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
              f"--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, or "
              f"start a new run with another --outf")
-    typed_values = {k: getattr(args, k) for k in MAY_CHANGE if k in typed}
+    typed_values = {k: getattr(args, k) for k in MAY_CHANGE if k in typed or k in MACHINE}
     args = argparse.Namespace(**{**ckpt["args"], **typed_values, "outf": args.outf, "resume": True})
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
@@ -1069,7 +1071,7 @@ def main(argv=None):
     args, ckpt = get_args(argv), None
     if args.sample:
         return sample(args)
-    if args.resume:  # before the device is picked: --cuda too comes from the checkpoint unless typed
+    if args.resume:  # before the device is picked: the checkpoint's flags, less this machine's
         args, ckpt = resume_args(args, typed_flags(argv))
     elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
         fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")

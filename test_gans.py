@@ -1611,6 +1611,17 @@ def test_lapgan_resume_alone_takes_the_checkpoints_dataroot_and_epochs(tmp_path,
     assert [r["epoch"] for r in read_log(os.path.join(outf, "log.csv"))][-1] == "2"
 
 
+def test_lapgan_resume_of_a_gpu_run_on_a_cpu(tmp_path):
+    """The machine's flags (--cuda, --amp, --compile, ...) are this command line's, never the checkpoint's."""
+    data, outf = lap_mnist_run(tmp_path)
+    ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    torch.save({**ck, "args": {**ck["args"], "cuda": True, "amp": True, "log_every": 7}},
+               os.path.join(outf, "ckpt.pt"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = lapgan.main(["--resume", "--outf", outf])
+    assert (run.args.cuda, run.args.amp, run.args.log_every, run.epoch) == (False, False, 100, 2)
+
+
 def test_lapgan_resume_typed_dataroot_overrides_the_checkpoints(tmp_path):
     data, outf = lap_mnist_run(tmp_path)
     moved = str(tmp_path / "moved")
@@ -2246,6 +2257,17 @@ def test_vaegan_resume_takes_the_untyped_flags_from_the_checkpoint(tmp_path, mon
     assert run.args.dataroot == moved and run.epoch == 3
     vaegan_error(lambda: vaegan.main(["--resume", "--outf", outf]),
                  "the checkpoint has already trained 3 epochs; give --epochs larger than 3")
+
+
+def test_vaegan_resume_of_a_gpu_run_on_a_cpu(tmp_path):
+    """The machine's flags (--cuda, --amp, --compile, ...) are this command line's, never the checkpoint's."""
+    outf = str(tmp_path / "run")
+    vaegan.main(VAEGAN_TINY + ["--limit", "16", "--epochs", "1", "--outf", outf])
+    ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    torch.save({**ck, "args": {**ck["args"], "cuda": True, "amp": True, "epochs": 2, "log_every": 7}},
+               os.path.join(outf, "ckpt.pt"))
+    run = vaegan.main(["--resume", "--outf", outf])
+    assert (run.args.cuda, run.args.amp, run.args.log_every, run.epoch) == (False, False, 100, 2)
 
 
 # ----------------------------------------------------------------------------- lapgan.py and vaegan.py: data parallel

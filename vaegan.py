@@ -634,11 +634,13 @@ def restore(run, ckpt):
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
+MACHINE = ("cuda", "amp", "compile", "workers", "log_every")  # this session's, as typed or by default
 SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "interp", "steps", "walk",
                  "attribute")
 
 def resumed_args(args, ckpt, typed):
-    """The checkpoint's flags, but those of MAY_CHANGE the user typed; other typed flags must agree."""
+    """The checkpoint's flags, but --dataroot and --epochs as typed and the machine's flags (MACHINE) from
+    this command line, typed or not (a GPU run resumes on a CPU); other typed flags must agree."""
     differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
               and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
@@ -646,7 +648,7 @@ def resumed_args(args, ckpt, typed):
         fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
              "--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, "
              "or start a new run with another --outf")
-    changed = {k: getattr(args, k) for k in MAY_CHANGE if k in typed}
+    changed = {k: getattr(args, k) for k in MAY_CHANGE if k in typed or k in MACHINE}
     args = argparse.Namespace(**{**ckpt["args"], **changed, "outf": args.outf, "resume": True})
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
@@ -847,7 +849,7 @@ def main(argv=None):
     if args.sample:
         return sample(args)
     ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT) if args.resume else None
-    if ckpt:  # before the device: an untyped --cuda is the checkpoint's
+    if ckpt:  # before the device: the checkpoint's flags, less this machine's
         args = resumed_args(args, ckpt, get_args(argv, typed_only=True))
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
