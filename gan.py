@@ -653,8 +653,9 @@ def checkpoint(run):
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
 
 def restore(run, ckpt):
-    run.nets["G"].load_state_dict(ckpt["G"]), run.nets["D"].load_state_dict(ckpt["D"])
-    run.opts["G"].load_state_dict(ckpt["optG"]), run.opts["D"].load_state_dict(ckpt["optD"])
+    for k in ("G", "D"):
+        run.nets[k].load_state_dict(ckpt[k])
+        run.opts[k].load_state_dict(ckpt["opt" + k])
     run.epoch, run.step, run.l2 = ckpt["epoch"], ckpt["step"], ckpt["balance"]["l2"]
     run.dhist = list(ckpt["dhist"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -671,18 +672,21 @@ def restore(run, ckpt):
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 def resume_args(args, ckpt):
-    """The checkpoint's flags, but those a resume may change from the command line (--dataroot if typed)."""
+    """The checkpoint's flags, but --dataroot and --epochs where typed, and this machine's flags (--cuda,
+    --amp, --compile, --workers, --log-every) from the command line, typed or not."""
     saved, names = ckpt["args"], lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)
     free = RESUME_MAY_CHANGE + OUTPUT_ONLY
     differ = [k for k in args.typed if k not in free and saved.get(k) != vars(args)[k]]
     if differ:
         fail(f"--resume keeps the checkpoint's training flags; {names(differ)} differ from it (only "
              f"{names(RESUME_MAY_CHANGE)} may change): drop them, or start a new run with another --outf")
+    typed_only = ("dataroot", "epochs")  # else the checkpoint's: data where it was, the run's own length
+    keep = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k not in typed_only or k in args.typed}
+    args = argparse.Namespace(**{**saved, **keep, "resume": True, "typed": args.typed})
     if ckpt["epoch"] >= args.epochs:
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
-    keep = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k != "dataroot" or k in args.typed}
-    return argparse.Namespace(**{**saved, **keep, "resume": True, "typed": args.typed})
+    return args
 
 def save_checkpoint(obj, path):
     try:
@@ -810,26 +814,51 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
     a, num, flag = p.add_argument, {"type": int, "default": None}, {"action": "store_true"}
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
-    a("--dataroot", default="./data"), a("--image-size", **num), a("--channels", type=int, choices=[1, 3])
-    a("--conditional", **flag), a("--limit", **num)
+    a("--dataroot", default="./data", help="where the data lives or is downloaded to")
+    a("--image-size", **num, help="native size unless given; 64 for folder")
+    a("--channels", type=int, choices=[1, 3], help="force greyscale or RGB")
+    a("--conditional", **flag, help="class-conditional G and D")
+    a("--limit", **num, help="use only the first N training images")
     a("--arch", choices=["dcgan", "upsample"], default="dcgan")
-    a("--nz", **num, help="dcgan 100, upsample 512"), a("--ngf", type=int, default=64)
-    a("--ndf", type=int, default=64), a("--epochs", type=int, default=25)
+    a("--nz", **num, help="dcgan 100, upsample 512")
+    a("--ngf", type=int, default=64)
+    a("--ndf", type=int, default=64)
+    a("--epochs", type=int, default=25)
     a("--batch-size", type=int, default=64)
-    a("--lr", type=float, help="dcgan 2e-4, upsample 1e-3"), a("--beta1", type=float, default=0.5)
+    a("--lr", type=float, help="dcgan 2e-4, upsample 1e-3")
+    a("--beta1", type=float, default=0.5)
     a("--optimizer", choices=["adam", "rmsprop"], help="dcgan adam, upsample rmsprop")
     a("--balance", choices=["none", "margin", "l2"], help="dcgan none, upsample margin")
-    a("--margin", type=float, default=0.3), a("--d-pretrain", type=int, default=0, help="D-only steps first")
-    a("--swap-real", type=float, default=0.0), a("--swap-epochs", type=int, default=0)
-    a("--dropout-d", type=float), a("--bn-d", **flag), a("--dropout-g", type=float, default=0.0)
-    a("--seed", type=int, default=1), a("--outf")
-    a("--resume", **flag), a("--log-every", type=int, default=100), a("--cuda", **flag), a("--amp", **flag)
-    a("--compile", **flag), a("--workers", type=int, default=4)
-    a("--sample", **flag), a("--ckpt"), a("--n", type=int, default=64), a("--label", **num), a("--npz")
-    a("--out"), a("--interp", choices=["lerp", "slerp"]), a("--steps", type=int, default=10)
+    a("--margin", type=float, default=0.3)
+    a("--d-pretrain", type=int, default=0, help="D-only steps first")
+    a("--swap-real", type=float, default=0.0)
+    a("--swap-epochs", type=int, default=0)
+    a("--dropout-d", type=float)
+    a("--bn-d", **flag)
+    a("--dropout-g", type=float, default=0.0)
+    a("--seed", type=int, default=1)
+    a("--outf")
+    a("--resume", **flag)
+    a("--log-every", type=int, default=100)
+    a("--cuda", **flag)
+    a("--amp", **flag)
+    a("--compile", **flag)
+    a("--workers", type=int, default=4)
+    a("--sample", **flag)
+    a("--ckpt")
+    a("--n", type=int, default=64)
+    a("--label", **num)
+    a("--npz")
+    a("--out")
+    a("--interp", choices=["lerp", "slerp"])
+    a("--steps", type=int, default=10)
     a("--sweep-dim", **num)
-    a("--range", type=float, default=3.0), a("--walk", type=int, default=0), a("--class-grid", **flag)
-    a("--nn", **flag), a("--eval", **flag), a("--eval-samples", type=int, default=10000)
+    a("--range", type=float, default=3.0)
+    a("--walk", type=int, default=0)
+    a("--class-grid", **flag)
+    a("--nn", **flag)
+    a("--eval", **flag)
+    a("--eval-samples", type=int, default=10000)
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: what is left is what the user typed
         action.default = argparse.SUPPRESS

@@ -693,6 +693,22 @@ def test_gan_run_folder_resume_flags_label_and_too_little_data(tmp_path):
                        call=lambda: gan.main(TINY + ["--limit", "10", "--outf", str(tmp_path / "few")]))
 
 
+def test_gan_resume_alone_takes_the_checkpoints_data_and_length_and_this_machines_flags(tmp_path):
+    data, outf = str(tmp_path / "data"), str(tmp_path / "run")
+    make_image_folder(data, n=20)
+    tiny = ["--dataset", "folder", "--image-size", "32", "--batch-size", "8", "--ngf", "8", "--ndf", "8",
+            "--nz", "8", "--dataroot", data, "--outf", outf]
+    gan.main(tiny + ["--epochs", "1"])
+    ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    # as if interrupted after epoch 1 of 2, on a machine with a GPU
+    ck["args"].update(epochs=2, cuda=True, amp=True)
+    torch.save(ck, os.path.join(outf, "ckpt.pt"))
+    gan.main(["--resume", "--outf", outf])  # here: no ./data, no GPU, nothing typed but the folder
+    ckpt = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["dataroot"] == data and ckpt["args"]["epochs"] == 2
+    assert ckpt["args"]["cuda"] is False and ckpt["args"]["amp"] is False
+
+
 def test_gan_setup_run_and_train_step_on_random_data_change_the_weights():
     args = gan.get_args(["--dataset", "shapes", "--batch-size", "8", "--ngf", "8", "--ndf", "8", "--nz", "8"])
     data = (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), None, [])
