@@ -810,7 +810,7 @@ def global_mean(*values):
     return t.tolist()
 
 # Command line
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
     a, num, flag = p.add_argument, {"type": int, "default": None}, {"action": "store_true"}
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
@@ -859,6 +859,11 @@ def get_args(argv=None):
     a("--nn", **flag)
     a("--eval", **flag)
     a("--eval-samples", type=int, default=10000)
+    return p
+
+def get_args(argv=None):
+    """The user's flags, checked; `typed` lists those typed, for --resume's check."""
+    p = make_parser()
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: what is left is what the user typed
         action.default = argparse.SUPPRESS
