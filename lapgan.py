@@ -127,9 +127,6 @@ class Level:
     opts: dict  # {"G": ..., "D": ...}: their optimisers (SGD as the paper, or Adam)
     fwd: dict   # {"G", "D", "DG"}: the callables of the forward passes (DDP/compiled wrappers, or the nets)
 
-    def __getitem__(self, m):  # level["G"]: read access by name, as for a dict
-        return self.nets[m]
-
 @dataclass
 class Run:
     """One training run (or, for the sampling commands, a model's data view with no levels)."""
@@ -149,9 +146,6 @@ class Run:
     lr: float = 0.0                    # this epoch's learning rate and momentum (Sec. 3)
     momentum: float = 0.0
     best: dict = field(default_factory=dict)  # k -> the lowest model-selection distance so far
-
-    def __getitem__(self, name):  # run["levels"]: read access by name, as for a dict
-        return getattr(self, name)
 
     @property
     def nets(self):

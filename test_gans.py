@@ -2306,8 +2306,7 @@ def _ddp_run_worker(rank, port, script, argv, result):
     torch.distributed.destroy_process_group = barrier_then_destroy
     try:
         run = mod.main(argv)
-        nets = ({f"{m}{k}": lv[m] for k, lv in run["levels"].items() for m in ("G", "D")} if script == "lapgan"
-                else run.nets)
+        nets = run.nets  # lapgan: "G0", "D0", "G1", ...; vaegan: "E", "Dec", "D"
         torch.save({"nets": {k: n.state_dict() for k, n in nets.items()}, "writes": writes}, f"{result}{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
