@@ -3,8 +3,8 @@
     python3 bench/quality.py SAMPLES.npz --dataset fashion-mnist [--dataroot DIR]
 
 A small CNN is trained once on the dataset's train split (3 epochs, 92.6% test accuracy on Fashion-MNIST,
-about 8 minutes on two CPU cores; its weights are then cached under ~/.cache/gans-quality, keyed by the data
-files) and then reports, in about a minute for 10,000 samples:
+14 CPU-minutes; its weights are then cached under ~/.cache/gans-quality, keyed by the data files) and then
+reports, in under a minute for 10,000 samples:
 
 - fid: the Frechet distance between Gaussians fitted to the classifier's penultimate features (256 numbers
   per image) of the samples and of the test split. Heusel et al.'s FID with a dataset-specific network in
