@@ -213,13 +213,13 @@ class Conditioned(nn.Module):
             xs = [xs[0], up(plane, xs[0].shape[-1]), *xs[1:]]  # resized only by --upscale
         return self.body(torch.cat(xs, 1))
 
-def mlp_nets(nz, nc, size, ncls):
+def mlp_nets(nz, nc, size, ncls, drop=0.5):
     """Sec. 3.1, base level: G_0 two ReLU layers of 1200 units, linear output; D_0 two of 600 with
     dropout 0.5."""
     g = nn.Sequential(nn.Linear(nz + ncls, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(),
                       nn.Linear(1200, nc * size * size), nn.Unflatten(1, (nc, size, size)))
-    d = nn.Sequential(nn.Linear(nc * size * size + ncls, 600), nn.ReLU(), nn.Dropout(0.5),
-                      nn.Linear(600, 600), nn.ReLU(), nn.Dropout(0.5), nn.Linear(600, 1), nn.Flatten(0))
+    d = nn.Sequential(nn.Linear(nc * size * size + ncls, 600), nn.ReLU(), nn.Dropout(drop),
+                      nn.Linear(600, 600), nn.ReLU(), nn.Dropout(drop), nn.Linear(600, 1), nn.Flatten(0))
     return g, d
 
 def pads(size, kernels, strides):
@@ -229,14 +229,14 @@ def pads(size, kernels, strides):
         valid, same = (valid - kern) // stride + 1, (same - 1) // stride + 1
     return ([0] * len(kernels), valid) if valid >= 3 else ([kern // 2 for kern in kernels], same)
 
-def conv_nets(cin, nc, size, wg, wd, ncls):
+def conv_nets(cin, nc, size, wg, wd, ncls, drop=0.5):
     """Sec. 3.1, level k: G_k = conv7 wg, ReLU, conv7 wg, ReLU, conv5 C, linear output = the residual;
     D_k = conv5 wd, ReLU, conv5 stride 2 wd, ReLU, dropout 0.5, linear -> logit. No batch norm."""
     g = nn.Sequential(nn.Conv2d(cin, wg, 7, padding=3), nn.ReLU(), nn.Conv2d(wg, wg, 7, padding=3), nn.ReLU(),
                       nn.Conv2d(wg, nc, 5, padding=2))
     (p1, p2), n = pads(size, [5, 5], [1, 2])
     d = nn.Sequential(nn.Conv2d(nc + (ncls > 0), wd, 5, padding=p1), nn.ReLU(), nn.Conv2d(wd, wd, 5, 2, p2),
-                      nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(wd * n * n, 1), nn.Flatten(0))
+                      nn.ReLU(), nn.Dropout(drop), nn.Flatten(), nn.Linear(wd * n * n, 1), nn.Flatten(0))
     return g, d
 
 class PairL2Pool(nn.Module):
@@ -265,13 +265,13 @@ def large_nets(cin, nc, size, ncls):
 def build_level(targs, k, sizes, nc, ncls):
     """-> (G_k, D_k) for level k of the pyramid `sizes` (targs: the training flags as a dict). G_k's input
     planes: noise, the class plane if any, the C channels of u(I_{k-1})."""
-    cin = 1 + (ncls > 0) + nc
+    cin, drop = 1 + (ncls > 0) + nc, targs.get("dropout_d", 0.5)  # 0.5: checkpoints from before the flag
     if k == 0:
-        g, d = mlp_nets(targs["nz"], nc, sizes[0], ncls)
+        g, d = mlp_nets(targs["nz"], nc, sizes[0], ncls, drop)
     elif targs["model"] == "large":
         g, d = large_nets(cin, nc, sizes[k], ncls)
     else:
-        g, d = conv_nets(cin, nc, sizes[k], targs["width_g"], targs["width_d"], ncls)
+        g, d = conv_nets(cin, nc, sizes[k], targs["width_g"], targs["width_d"], ncls, drop)
     return Conditioned(g, ncls, sizes[k], k == 0), Conditioned(d, ncls, sizes[k], k == 0)
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
@@ -394,8 +394,9 @@ def train(args, device, rank=0, world=1, ckpt=None):
     start, t0, n, B = run.step, time.time(), len(run.images), args.batch_size
     for epoch in range(run.epoch + 1, args.epochs + 1):
         run.lr, run.momentum = sgd_schedule(epoch, args.lr, args.momentum)
-        for opt in [o for lv in run.levels.values() for o in lv.opts.values()] if args.optim == "sgd" else []:
-            set_sgd(opt, run.lr, run.momentum)
+        for lv in run.levels.values() if args.optim == "sgd" else []:
+            set_sgd(lv.opts["G"], run.lr, run.momentum)
+            set_sgd(lv.opts["D"], run.lr * d_lr(args) / args.lr, run.momentum)  # --lr-d, the same schedule
         idx, acc, count = batches(run, epoch), {}, 0
         for i, b in enumerate(idx):
             # the fakes' and the G step's conditions: other real images drawn at random, as the code does
@@ -961,7 +962,8 @@ def setup_run(args, device, data, rank=0, world=1):
             fwd.update(G=nn.parallel.DistributedDataParallel(G, device_ids=ids),
                        D=nn.parallel.DistributedDataParallel(D, device_ids=ids))
         fwd = {m: torch.compile(f) for m, f in fwd.items()} if args.compile else fwd
-        levels[k] = Level({"G": G, "D": D}, {"G": optimiser(G, args), "D": optimiser(D, args)}, fwd)
+        opts = {"G": optimiser(G, args, args.lr), "D": optimiser(D, args, d_lr(args))}
+        levels[k] = Level({"G": G, "D": D}, opts, fwd)
         if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
             ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
             print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
@@ -979,10 +981,14 @@ def pick_device(args, local_rank=0):
     torch.backends.cudnn.benchmark = args.cuda  # fixed shapes: let cuDNN pick the fastest kernels
     return torch.device("cuda", local_rank) if args.cuda else torch.device("cpu")
 
-def optimiser(net, args):
+def optimiser(net, args, lr):
     if args.optim == "adam":
-        return torch.optim.Adam(net.parameters(), args.lr, betas=(0.5, 0.999))
-    return torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, dampening=args.momentum)
+        return torch.optim.Adam(net.parameters(), lr, betas=(0.5, 0.999))
+    return torch.optim.SGD(net.parameters(), lr, momentum=args.momentum, dampening=args.momentum)
+
+def d_lr(args):
+    """D's learning rate: --lr-d, else --lr (checkpoints from before --lr-d have neither key)."""
+    return getattr(args, "lr_d", None) or args.lr
 
 # Command line
 def make_parser():
@@ -999,10 +1005,12 @@ def make_parser():
     add("--model", choices=["small", "large"], default="small", help="large: the paper's LSUN nets")
     add("--width-g", type=int, default=128, help="G_k feature maps: 128 (paper's models) or 64 (code)")
     add("--width-d", type=int, default=64)
+    add("--dropout-d", type=float, default=0.5, help="D's dropout (the paper's 0.5)")
     add("--nz", type=int, default=100, help="noise size at the base")
     add("--epochs", type=int, default=25)
     add("--batch-size", type=int, default=128, help="half real for D")
     add("--lr", type=float, help="learning rate (default 0.02; --model large: 0.01)")
+    add("--lr-d", type=float, help="D's learning rate (default: --lr), e.g. faster than G's at small widths")
     add("--momentum", type=float, help="initial momentum (0.5; --model large: 0), +0.0008/epoch")
     add("--optim", choices=["sgd", "adam"], default="sgd", help="adam (beta1 0.5): quick runs, not the paper")
     add("--balance", action="store_true", help="the LSUN code's rule: update D or G (or both)")
@@ -1055,6 +1063,10 @@ def get_args(argv=None):
     for flag, least in (("epochs", 1), ("batch_size", 2), ("log_every", 1), ("n", 1)):
         if getattr(args, flag) < least:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least {least}")
+    if args.lr <= 0 or (args.lr_d is not None and args.lr_d <= 0):
+        fail(f"--lr {args.lr} and --lr-d {args.lr_d} must be positive (--lr-d: default --lr)")
+    if not 0 <= args.dropout_d < 1:
+        fail(f"--dropout-d {args.dropout_d} must be at least 0 and below 1")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         fail(f"the folder of --out {args.out} does not exist; create it or choose another path")
     if os.path.isfile(args.outf):

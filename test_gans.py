@@ -807,6 +807,21 @@ def test_lapgan_every_level_net_shapes(dataset, size, nc, sizes, ncls):
         assert D([out], y).shape == (n,), (k, f)
 
 
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_lapgan_dropout_d_sets_every_d_dropout(k):
+    sizes, x = [7, 14, 28], torch.randn(4, 1, [7, 14, 28][k], [7, 14, 28][k])
+    rates = {}
+    for flags in ([], ["--dropout-d", "0"], ["--dropout-d", "0.2"]):
+        targs = vars(lapgan.get_args(["--dataset", "mnist", "--width-g", "8", "--width-d", "8"] + flags))
+        D = lapgan.build_level(targs, k, sizes, 1, 0)[1].train()
+        rates[tuple(flags)] = sorted({m.p for m in D.modules() if isinstance(m, nn.Dropout)})
+        if flags == ["--dropout-d", "0"]:  # no dropout: D's training-mode output is deterministic
+            assert torch.equal(D([x]), D([x]))
+    assert rates == {(): [0.5], ("--dropout-d", "0"): [0.0], ("--dropout-d", "0.2"): [0.2]}
+    old = {k: v for k, v in targs.items() if k != "dropout_d"}  # a checkpoint from before the flag: 0.5
+    assert {m.p for m in lapgan.build_level(old, k, sizes, 1, 0)[1].modules() if isinstance(m, nn.Dropout)} == {0.5}
+
+
 def test_lapgan_large_lsun_nets_shapes():
     args = vars(lapgan.get_args(["--dataset", "folder", "--model", "large"]))
     sizes = [4, 8, 16, 32, 64]
@@ -1059,6 +1074,22 @@ def test_lapgan_schedule_reaches_the_optimisers(lapgan_runs):
             g = ck["levels"][k][opt]["param_groups"][0]
             assert g["lr"] == pytest.approx(0.02 / (1 + 4e-5), rel=1e-12)
             assert g["momentum"] == g["dampening"] == pytest.approx(0.5008, rel=1e-12)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_lapgan_lr_d_is_ds_rate_under_the_same_schedule(tmp_path, optim):
+    outf = str(tmp_path / "r")
+    lapgan.main(LAPGAN_TINY + ["--optim", optim, "--lr", "0.01", "--lr-d", "0.04", "--epochs", "2", "--outf", outf])
+    ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    decay = 1 / (1 + 4e-5) if optim == "sgd" else 1.0  # epoch 2 of the paper's schedule; Adam keeps its rate
+    for k in range(3):
+        g, d = (ck["levels"][k][opt]["param_groups"][0]["lr"] for opt in ("optG", "optD"))
+        assert g == pytest.approx(0.01 * decay, rel=1e-12) and d == pytest.approx(0.04 * decay, rel=1e-12)
+    for flags, fragment in ((["--lr-d", "0"], "must be positive"), (["--lr", "-1"], "must be positive"),
+                            (["--dropout-d", "1"], "--dropout-d 1.0 must be at least 0 and below 1")):
+        with pytest.raises(SystemExit) as e:
+            lapgan.main(LAPGAN_TINY + flags + ["--outf", str(tmp_path / "bad")])
+        lap_one_line_error(e, fragment)
 
 
 def test_lapgan_model_selection_writes_best(lapgan_runs):
@@ -1790,8 +1821,11 @@ def test_vaegan_routing_table_numerically(extra):
     assert grad_distance(gan_only, stepped["Dec"]) > 1e-2  # gamma * reconstruction matters too
 
 
-def test_vaegan_plain_vae_routing():
-    run = vaegan_run("--recon", "pixel", "--no-gan")
+@pytest.mark.parametrize("gamma", [None, 30.0])
+def test_vaegan_plain_vae_routing(gamma):
+    # gamma = 1 / sigma^2 weighs the pixel error against the KL term in both nets (default 1: sigma 1)
+    run = vaegan_run("--recon", "pixel", "--no-gan", *([] if gamma is None else ["--gamma", str(gamma)]))
+    assert run.args.gamma == (gamma or 1.0)
     stepped = {}
     run.opts = {k: RecordingOptimizer(k, n.parameters(), stepped) for k, n in run.nets.items()}
     x = vaegan.get_batch(run, torch.arange(8))
@@ -1802,7 +1836,7 @@ def test_vaegan_plain_vae_routing():
     torch.manual_seed(5)
     mu, logvar = E(x).chunk(2, 1)
     z = mu + torch.exp(logvar / 2) * torch.randn_like(mu)  # no prior batch without a GAN
-    recon = 0.5 * ((Dec(z) - x) ** 2).sum((1, 2, 3)).mean()
+    recon = (gamma or 1.0) * 0.5 * ((Dec(z) - x) ** 2).sum((1, 2, 3)).mean()
     kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1).mean()
     ge = torch.autograd.grad(kl + recon, list(E.parameters()), retain_graph=True)
     gd = torch.autograd.grad(recon, list(Dec.parameters()))
@@ -1936,6 +1970,11 @@ def test_vaegan_train_resume_exact_and_sampling_outputs(tmp_path):
     assert grid.shape == (2 + 2 * c, 2 + 8 * c, 3)  # 12 samples, 8 a row
     assert np.array_equal(grid[2:18, 2:18], z["images"][0]) and np.array_equal(grid[20:36, 2:18], z["images"][8])
     assert Image.open(stem + "_recon.png").size == (2 + 8 * c, 2 + 8 * c)  # 32 test images over 32 recons
+    rec, test = np.load(str(tmp_path / "s_recon.npz")), vaegan.load_dataset(argparse.Namespace(
+        **torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)["args"]), "test")
+    assert rec["images"].shape == (len(test[0]), 16, 16, 3) and np.array_equal(rec["labels"], test[1].numpy())
+    row2 = np.asarray(Image.open(stem + "_recon.png"))[2 + c:18 + c]  # the reconstructions of test[:8]
+    assert np.array_equal(row2[:, 2:18], rec["images"][0]) and np.array_equal(row2[:, 2 + c:18 + c], rec["images"][1])
     assert Image.open(stem + "_slerp.png").size == (2 + 5 * c, 2 + 8 * c)  # 8 pairs, 5 steps each
     assert Image.open(stem + "_attr2.png").size == (2 + 8 * c, 2 + 3 * c)  # images, recons, + vector
     gif = Image.open(stem + "_walk.gif")

@@ -82,7 +82,8 @@ def default_gamma(recon, no_gan, size):
     decoder's terms are batch means, 1/B of them, so w carries over unchanged.
     Pixels with the GAN: the faces code scaled the decoder's gradient of the batch-summed squared error
     sum_i ||x~_i - x_i||^2 by 1e-4. Ours, times B, is gamma sum_i 1/2 ||x~_i - x_i||^2: equal when
-    gamma / 2 = 1e-4, so 2e-4. A plain VAE has no GAN term to weigh it against."""
+    gamma / 2 = 1e-4, so 2e-4. A plain VAE has no GAN term; its gamma is 1 / sigma^2 of a Gaussian on
+    pixels in [-1, 1], and the code's sigma 1 by default."""
     if recon == "pixel":
         return 1.0 if no_gan else 2e-4
     return 1e-6 if size >= 64 else 1e-5
@@ -124,8 +125,8 @@ def forward_losses(fwd, args, x):
 # --------------------------------------------------------------------- Alg. 1: which loss trains which net
 def network_losses(out, args):
     """Each network's own row of the table in the module docstring."""
-    if args.no_gan:
-        return {"E": out["kl"] + out["recon"], "Dec": out["recon"]}
+    if args.no_gan:  # gamma = 1 / sigma^2 of the pixel likelihood: the error's weight against the KL term
+        return {"E": out["kl"] + args.gamma * out["recon"], "Dec": args.gamma * out["recon"]}
     return {"E": out["kl"] + out["recon"], "Dec": args.gamma * out["recon"] + out["gan_g"], "D": out["gan_d"]}
 
 def routed_grads(run, x):
@@ -376,6 +377,9 @@ def sample(args):
         k = min(32, len(real)) // 8 * 8 or fail("--recon-grid needs 8 or more test images")
         x = real[:k].float() / 127.5 - 1
         save_grid(pair_rows(x, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
+        if args.npz:  # every test image's reconstruction, labelled with its class (bench/quality.py)
+            rec = os.path.splitext(args.npz)[0] + "_recon.npz"
+            np.savez(rec, images=to_uint8(decode(Dec, encode(E, real))), labels=y.cpu().numpy())
     if args.interp:  # rows: the latents of pairs of test images, lerp or slerp between them
         t, k = torch.linspace(0, 1, args.steps, device=device), min(8, len(real) // 2)
         ends = encode(E, real[:2 * k]).view(k, 2, -1)
@@ -786,7 +790,8 @@ def make_parser():
     a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
     a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
     a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
-    a("--gamma", type=float, help="decoder's reconstruction weight; disl 1e-6 (64 px) or 1e-5, pixel 2e-4")
+    a("--gamma", type=float, help="decoder's reconstruction weight: disl 1e-6 (64 px) or 1e-5, pixel 2e-4; "
+      "plain VAE: 1/sigma^2, 1")
     a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
     a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
     a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
