@@ -30,7 +30,9 @@ on the same real images (the code: separate jobs); model selection uses the last
 --eval the first ones. --model large takes the LSUN code's lr 0.01 and momentum from 0 but not its 1.5x-scaled
 crops, horizontal flips or one model per class. --eval on a class-conditional model scores log p(I | y): every
 level, the base included, conditioned on the test image's true label. `--optim adam` is an addition for short
-runs; the defaults are the paper's SGD setting.
+runs; the defaults are the paper's SGD setting. `--lr-d` (D's own learning rate, the two time-scale rule of
+Heusel et al. 2017) and `--dropout-d` are additions too: at the narrow widths of a CPU run D_k's learning
+rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality).
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
     python lapgan.py --dataset cifar10 --cuda --level 2 --outf out/l2  # one level alone, on any GPU

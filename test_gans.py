@@ -2494,3 +2494,22 @@ def test_bench_times_the_scripts_own_training_step(argv, capsys, monkeypatch):
     assert row.startswith(f"| {argv[0]}.py | 8 | fp32 | CPU | ") and f"bench/bench.py {argv[0]} " in row
     with pytest.raises(SystemExit, match="names the script"):
         bench_tool.main(["nonsense", "--steps", "1"])
+
+
+# ----------------------------------------------------------------------------- README.md's commands
+def test_every_readme_command_parses_with_its_scripts_flags():
+    import shlex
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    modules, seen = {"gan.py": gan, "lapgan.py": lapgan, "vaegan.py": vaegan}, []
+    for line in text.splitlines():
+        for cmd in re.findall(r"python3 (?:-m pip install[^&]*&& python3 )?((?:gan|lapgan|vaegan)\.py [^|`#]*)", line):
+            words = shlex.split(cmd)
+            parser = modules[words[0]].make_parser()
+            parser.exit = parser.error = lambda *a, **k: pytest.fail(f"README: {cmd!r} does not parse: {a}")
+            parser.parse_args(words[1:])
+            seen.append(words[0])
+    assert {"gan.py", "lapgan.py", "vaegan.py"} <= set(seen) and len(seen) >= 10
+    with pytest.raises(BaseException):  # the check itself fails on a flag the script lacks
+        bad = lapgan.make_parser()
+        bad.exit = bad.error = lambda *a, **k: pytest.fail("does not parse")
+        bad.parse_args(["--dataset", "mnist", "--no-such-flag"])
