@@ -2496,6 +2496,37 @@ def test_bench_times_the_scripts_own_training_step(argv, capsys, monkeypatch):
         bench_tool.main(["nonsense", "--steps", "1"])
 
 
+# ----------------------------------------------------------------------------- bench/levels.py
+def test_levels_starts_the_chain_from_real_test_images(lapgan_runs, tmp_path, monkeypatch):
+    import levels as levels_tool
+    ckpt = os.path.join(lapgan_runs["full"], "ckpt.pt")
+    real_load = lapgan.load_levels
+
+    def zero_residuals(paths):  # every G_k (k >= 1) draws h_k = 0, so a chain from real I_k is u(I_k) exactly
+        Gs, ck = real_load(paths)
+        return [Gs[0]] + [lambda xs, y: torch.zeros_like(xs[1]) for _ in Gs[1:]], ck
+
+    monkeypatch.setattr(lapgan, "load_levels", zero_residuals)
+    out = levels_tool.chains_from_real(ckpt, 20)
+    ck = torch.load(ckpt, weights_only=True)
+    test = lapgan.load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "test")
+    x = (test[0][:20].float() / 255 - ck["mean"]) / ck["std"]
+    assert sorted(out) == ["from_0", "from_1", "full"]
+    for k, s in enumerate(ck["sizes"][:2]):
+        images, labels = out[f"from_{k}"]
+        want = lapgan.down(x, s)
+        for finer in ck["sizes"][k + 1:]:  # u(.) one level at a time, as the chain does
+            want = lapgan.up(want, finer)
+        want = lapgan.to_uint8(lapgan.to_display(want, ck["mean"], ck["std"]))
+        assert np.abs(images.astype(int) - want.astype(int)).max() <= 1, k  # rounding only
+        assert images.shape == (20, 32, 32, 3) and np.array_equal(labels, test[1][:20].numpy())
+    assert not np.array_equal(out["full"][0], out["from_0"][0])  # the full chain draws its own base
+    monkeypatch.setattr(lapgan, "load_levels", real_load)
+    levels_tool.main([ckpt, "--out", str(tmp_path / "lv"), "--n", "8"])
+    assert sorted(os.listdir(tmp_path / "lv")) == ["from_0.npz", "from_1.npz", "full.npz"]
+    assert np.load(tmp_path / "lv" / "full.npz")["images"].shape == (8, 32, 32, 3)
+
+
 # ----------------------------------------------------------------------------- README.md's commands
 def test_every_readme_command_parses_with_its_scripts_flags():
     import shlex
