@@ -14,7 +14,7 @@ away. Each network learns from its own row of this table (Alg. 1), the heart of 
 Paper (and its code, andersbll/autoencoding_beyond_pixels) to code:
     Sec. 2.1  the VAE: q(z | x), z = mu + sigma eps, KL     posterior, reparameterise, kl_divergence
     Sec. 2.3  Dis_l, the learned similarity, weight gamma    recon_error, disl_depth, default_gamma
-    Sec. 2.2  the GAN's losses on x, Dec(z) (and x~)         forward_losses (--nonsat, --fake-recon)
+    Sec. 2.2-3 the GAN's losses on x, x~ and Dec(z)         forward_losses (--nonsat, --no-fake-recon)
     Alg. 1    which loss updates which network              network_losses, routed_grads, train_step
     code      the equilibrium rule (0.68 +- 0.35)            equilibrium_rule (--equilibrium, --margin)
     Sec. 4    the 64 px (CelebA) and 32 px (CIFAR) nets     make_encoder, make_decoder, make_discriminator
@@ -99,7 +99,7 @@ def forward_losses(fwd, args, x):
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp and x.device.type == "cuda"):
         mu, logvar = posterior(fwd["E"], x)
         z = reparameterise(mu, logvar, torch.randn_like(mu))
-        if not args.no_gan:  # Sec. 2.3: fakes decoded from the prior, in the same decoder batch
+        if not args.no_gan:  # Sec. 2.3: fakes also decoded from the prior, in the same decoder batch
             z = torch.cat([z, torch.randn_like(mu)])  # 2B x nz
         x_all = fwd["Dec"](z)  # one batch, so BN's running statistics (used for pictures) match training
         x_tilde, x_p = x_all[:B], x_all[B:]
@@ -111,7 +111,7 @@ def forward_losses(fwd, args, x):
             out["recon"] = recon_error(x_tilde.float(), x).mean()
         if args.no_gan:
             return out
-        fakes = torch.cat([x_tilde, x_p]) if args.fake_recon else x_p
+        fakes = torch.cat([x_tilde, x_p]) if args.fake_recon else x_p  # Alg. 1, the code: x~ and Dec(z)
         logits = fwd["D"](torch.cat([x, fakes])).float()  # one D batch of reals and fakes, as the code
     real, fake = logits[:B], logits[B:]
     out["err_real"], out["err_fake"] = bce(real, 1.0), bce(fake, 0.0)
@@ -141,7 +141,9 @@ def routed_grads(run, x):
 
 def equilibrium_rule(err_real, err_fake, equilibrium=0.68, margin=0.35):
     """The paper's code: D skips its step when too good (a cost below eq - margin), the decoder when too
-    bad (a D cost above eq + margin); both step if both would skip. -> (update_d, update_dec)."""
+    bad (a D cost above eq + margin); both step if both would skip. -> (update_d, update_dec). Candidly:
+    D's cost on reals moves only with D's own steps (and BN's batch statistics), so once it is below eq -
+    margin D seldom steps again (README's VAE/GAN run: 32 of 1,560 steps, log.csv's upd_d)."""
     if margin < 0:
         return True, True
     update_d = not (err_real < equilibrium - margin or err_fake < equilibrium - margin)
@@ -789,7 +791,8 @@ def make_parser():
     a("--width", type=int, default=64, help="base width: encoder 64-128-256-1024, D 32-128-256-256-512")
     a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
     a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
-    a("--fake-recon", action="store_true", help="D also sees reconstructions as fakes (arXiv v2)")
+    a("--fake-recon", action=argparse.BooleanOptionalAction, default=True,
+      help="D also sees reconstructions as fakes (Alg. 1); --no-fake-recon: prior samples only")
     a("--gamma", type=float, help="decoder's reconstruction weight: disl 1e-6 (64 px) or 1e-5, pixel 2e-4; "
       "plain VAE: 1/sigma^2, 1")
     a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
