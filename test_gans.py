@@ -2545,3 +2545,138 @@ def test_every_readme_command_parses_with_its_scripts_flags():
         bad = lapgan.make_parser()
         bad.exit = bad.error = lambda *a, **k: pytest.fail("does not parse")
         bad.parse_args(["--dataset", "mnist", "--no-such-flag"])
+
+
+# ---- bench/gpu.py
+import time  # noqa: E402
+import gpu as gpu_tool  # noqa: E402  (bench/ is on sys.path above)
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory):
+    """bench/gpu.py --dry-run as a user runs it, once for the module: (its folder, the finished process)."""
+    out = tmp_path_factory.mktemp("gpu-dry")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "gpu.py"), "--out", str(out), "--dry-run",
+                           "--peak-tflops", "0.5"], capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
+    return out, proc
+
+
+def table_rows(text, first_cell):
+    """The cells of the markdown rows whose first cell starts with first_cell."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_gpu_dry_run_writes_every_part_of_the_report(gpu_dry_run):
+    out, proc = gpu_dry_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = open(out / "report.md").read()
+    assert "Traceback" not in proc.stdout + proc.stderr and "DRY RUN" in report
+    for script, batch in (("gan.py", "8"), ("lapgan.py", "8"), ("vaegan.py", "16")):  # speed: bench.py per run
+        (row,) = table_rows(report, script)
+        assert row[1:4] == [batch, "fp32", "CPU"] and float(row[4]) > 0 and float(row[5]) > 0, row
+        assert row[6] == "n/a" and f"--batch-size {batch}" in row[7]  # no CUDA memory on the CPU
+        assert float(row[4]) == pytest.approx(int(batch) / float(row[5]) * 1000, rel=0.02)
+    assert "Skipped: no --examples DIR" in report  # compare: no checkout of pytorch/examples given
+    for step in ("DCGAN", "LAPGAN"):  # profile: ten operators each, sorted by time
+        table = report.split(f"One {step} step")[1].split("\n\n")[1]
+        times = [float(r[2]) for r in table_rows(table, "`")]
+        assert len(times) == 10 and times == sorted(times, reverse=True)
+    mfu = [r for r in table_rows(report, "") if len(r) == 6 and r[5].endswith("%")]
+    assert {(r[0], r[1]) for r in mfu} == {("8", "fp32"), ("8", "amp"), ("16", "fp32"), ("16", "amp")}
+    for batch, _, gflop, ms, tflops, share in mfu:  # FLOPs over step time over the 0.5 TFLOP/s given
+        assert float(tflops) == pytest.approx(float(gflop) / float(ms), rel=0.05, abs=2e-3)
+        assert float(share[:-1]) == pytest.approx(float(tflops) / 0.5 * 100, rel=0.05, abs=0.2)
+    assert [float(r[2]) for r in mfu if r[0] == "16"][0] == pytest.approx(  # twice the batch, twice the FLOPs
+        2 * [float(r[2]) for r in mfu if r[0] == "8"][0], rel=0.05)
+    summary = report.split("## Summary")[1]
+    assert len(table_rows(summary, "")) == 6 and proc.stdout.rstrip().endswith("report.md")
+
+
+def test_gpu_dry_run_trains_lapgan_on_the_generated_cifar10_it_alone_trusts(gpu_dry_run, tmp_path):
+    out, proc = gpu_dry_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = table_rows(open(out / "report.md").read(), "fp32 | CPU")
+    assert row[2] == "10" and row[6] == "ok", row  # 80 images, 8 real per step: read by lapgan.py's reader
+    first, steady = (float(row[i].split(" s")[0]) for i in (3, 4))
+    assert float(row[5].split()[0]) == pytest.approx((first + 24 * steady) / 60, abs=0.06)
+    assert os.path.exists(out / "lapgan-fp32" / "ckpt.pt")
+    # the same file, given to lapgan.py as a user runs it: refused, with one line
+    r = run_cli("lapgan.py", "--dataset", "cifar10", "--dataroot", str(out / "data"), "--outf", str(tmp_path / "o"))
+    assert r.returncode != 0 and "official CIFAR-10 checksum" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+def test_gpu_generated_cifar10_has_the_official_layout_and_the_trust_stays_in_its_process(tmp_path):
+    official = dict(lapgan.CIFAR_MD5)
+    sums = gpu_tool.write_cifar(str(tmp_path), 50, 20)
+    tar_path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path) as t:
+        blobs = {m.name: t.extractfile(m).read() for m in t}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    assert sorted(blobs) == sorted(f"cifar-10-batches-py/{n}" for n in names)
+    for n in names[:6]:
+        d = lapgan.BatchUnpickler(io.BytesIO(blobs[f"cifar-10-batches-py/{n}"]), encoding="bytes").load()
+        assert d[b"data"].dtype == np.uint8 and d[b"data"].shape == (20 if n == "test_batch" else 10, 3072)
+        assert len(d[b"labels"]) == len(d[b"data"]) and set(d[b"labels"]) <= set(range(10))
+        assert sums[n] == hashlib.md5(blobs[f"cifar-10-batches-py/{n}"]).hexdigest()
+    assert sums["cifar-10-python.tar.gz"] == hashlib.md5(open(tar_path, "rb").read()).hexdigest()
+    assert lapgan.CIFAR_MD5 == official  # writing (and importing gpu.py) trusted nothing here
+    with pytest.raises(SystemExit, match="official CIFAR-10 checksum"):
+        lapgan.read_cifar10(str(tmp_path), "train")
+
+
+def test_gpu_time_limit_ends_a_run_and_everything_it_started(tmp_path):
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(60)']); print(p.pid, flush=True); time.sleep(60)")
+    ran = gpu_tool.run_child([sys.executable, "-c", code], 3, str(tmp_path / "log"))
+    assert ran.rc is None and ran.seconds < 15 and gpu_tool.outcome(ran, 3).startswith("stopped")
+    grandchild = int(ran.lines[0][1])
+    time.sleep(0.5)
+    try:  # the process the run started is gone too (or a zombie that nothing reaps: dead all the same)
+        state = open(f"/proc/{grandchild}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), state
+    assert "exit status None" in open(tmp_path / "log").read()
+
+
+def test_gpu_speed_order_and_experiments():
+    plan = gpu_tool.Plan("o", False, ["--cuda"], (64, 1024), (50, 20), [[], ["--amp"], ["--amp", "--compile"]],
+                         [[]], (1, 1), 1, {}, [], {})
+    rows = gpu_tool.speed_configs(plan, ["cuda-graphs", "merge-steps"])
+    assert len(rows) == 3 * 3 * 2 + 3 + 1
+    modes = [tuple(flags) for _, flags, _ in rows[:18]]
+    assert modes == sorted(modes, key=len)  # fp32 first, compiling last: a slow compile cannot starve the rest
+    assert rows[18:21] == [(n, ["--amp", "--compile", "--cuda-graphs"], 64) for n in ("gan", "lapgan", "vaegan")]
+    assert rows[21] == ("lapgan", ["--amp", "--merge-steps"], 64)
+    cmd = gpu_tool.bench_command(plan, "gan", ["--amp"], 1024)
+    assert cmd[-4:] == ["--batch-size", "1024", "--steps", "20"] and "--cuda" in cmd
+
+
+def test_gpu_flop_count_is_forward_and_backward():
+    B, I, O = 4, 8, 3  # a linear layer: 2BIO forward, 2BIO for each of the input's and the weight's gradients
+    x, lin = torch.randn(B, I, requires_grad=True), nn.Linear(I, O)
+    assert gpu_tool.step_flops(lambda: lin(x).sum().backward()) == 6 * B * I * O
+
+
+def test_bench_merged_lapgan_g_step_equals_the_per_level_steps():
+    args = lapgan.get_args(["--dataset", "shapes", "--width-g", "8", "--width-d", "8", "--batch-size", "8"])
+    weights = []
+    for merge in (False, True):
+        torch.manual_seed(0)
+        run = lapgan.setup_run(args, torch.device("cpu"), bench_tool.random_data(args, 64))
+        before = torch.cat([p.detach().flatten().clone() for p in run.levels[2].nets["G"].parameters()])
+        ours = argparse.Namespace(channels_last=False, fused_opt=False, merge_steps=merge)
+        step, extra = bench_tool.step_function("lapgan", lapgan, run), bench_tool.tune("lapgan", run, "cpu", ours)
+        torch.manual_seed(1)
+        for _ in range(2):  # two steps: momentum carries over in both
+            step()
+            extra()
+        after = torch.cat([p.detach().flatten() for p in run.levels[2].nets["G"].parameters()])
+        assert not torch.equal(before, after)  # G_2 did learn
+        weights.append(torch.cat([p.detach().flatten() for net in run.nets.values() for p in net.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+    with pytest.raises(SystemExit, match="lapgan's levels only"):
+        bench_tool.main(["gan", "--dataset", "shapes", "--merge-steps", "--steps", "1"])
