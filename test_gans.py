@@ -2547,6 +2547,79 @@ def test_every_readme_command_parses_with_its_scripts_flags():
         bad.parse_args(["--dataset", "mnist", "--no-such-flag"])
 
 
+# ---- bench/quality.py: bad samples, labels, cache folders and flags
+def quality_cli(*args, env=None):
+    """bench/quality.py as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "bench", "quality.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=HERE, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("images,labels,words", [
+    (np.zeros((6, 1, 28, 28), np.uint8), None, "np.transpose(images, (0, 2, 3, 1))"),  # N x C x H x W
+    (np.zeros((6, 3, 32, 32), np.uint8), None, "np.transpose(images, (0, 2, 3, 1))"),
+    (np.zeros((6, 28, 28, 2), np.uint8), None, "N x H x W x C (C = 1 or 3)"),
+    (np.zeros((6, 28), np.uint8), None, "has shape (6, 28)"),
+    (np.zeros((1, 28, 28), np.uint8), None, "N >= 2"),
+    (np.zeros((6, 28, 28), np.float32), None, "are float32; they must be uint8"),
+    (np.zeros((6, 28, 28), np.int64), None, "are int64; they must be uint8"),
+    (np.zeros((6, 28, 28), np.uint8), np.arange(8), "holds 6 images but 8 labels"),
+    (np.zeros((6, 28, 28), np.uint8), np.arange(4), "holds 6 images but 4 labels"),
+    (np.zeros((6, 28, 28), np.uint8), np.zeros(6, np.float32), "one class index"),
+    (np.zeros((6, 28, 28), np.uint8), np.zeros((6, 1), np.int64), "one class index"),
+    (np.zeros((6, 28, 28), np.uint8), -np.ones(6, np.int64), "one class index")],
+    ids=["n1hw", "n3hw", "two-channels", "rank2", "one-image", "float", "int64", "more-labels", "fewer-labels",
+         "float-labels", "2d-labels", "negative-labels"])
+def test_quality_refuses_bad_samples_in_one_line_before_any_training(tmp_path, images, labels, words):
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    np.savez(tmp_path / "s.npz", **arrays)
+    argv = [str(tmp_path / "s.npz"), "--dataset", "mnist", "--dataroot", str(tmp_path / "no-data"), "--cache",
+            str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as e:  # before the data is looked for: there is none in no-data
+        quality.main(argv)
+    assert str(e.value).startswith("error: ") and words in str(e.value) and "\n" not in str(e.value)
+    assert os.listdir(tmp_path / "cache") == []  # nothing trained, nothing cached
+
+
+def test_quality_accepts_nhwc_and_nhw_and_refuses_labels_beyond_the_classes(tmp_path, quality_data):
+    x = np.arange(2 * 5 * 4, dtype=np.uint8).reshape(2, 5, 4)
+    for given in (x, x[..., None], np.repeat(x[..., None], 3, -1)):
+        checked, _ = quality.checked_samples(given, None, "s.npz")
+        assert checked.shape[:3] == (2, 5, 4) and checked.shape[3] in (1, 3)
+        assert np.array_equal(checked[..., 0], x)
+    chw = quality.as_nchw(quality.checked_samples(x, None, "s.npz")[0], 1, 5)
+    assert chw.shape == (2, 1, 5, 5)
+    _, _, _, (xt, yt) = quality_data
+    with pytest.raises(SystemExit, match=r"go up to 4, but mnist has classes 0..3"):
+        quality_of(tmp_path, quality_data, xt[:10], np.full(10, 4))
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_quality_numeric_flags_out_of_range_are_one_line(tmp_path, value):
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 28, 28), np.uint8))
+    for name, ok, need in quality.NUMBER_CHECKS:  # every numeric flag in the table
+        assert not ok(int(value)) and not ok(float("nan"))
+        r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", f"--{name}", value, "--cache",
+                        str(tmp_path / "c"))
+        assert r.returncode == 1 and r.stderr.strip() == f"error: --{name} {value} is out of range; it must be {need}"
+    r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", "--epochs", "nan")
+    assert r.returncode == 2 and "invalid int value: 'nan'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quality_home_not_a_folder_caches_in_the_temporary_directory(tmp_path, quality_data):
+    root, _, _, (xt, yt) = quality_data
+    np.savez(tmp_path / "s.npz", images=xt[:20], labels=yt[:20])
+    (tmp_path / "home").write_text("a file, not a folder")
+    (tmp_path / "tmp").mkdir()
+    env = {"HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp"), "OMP_NUM_THREADS": "1"}
+    r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", "--dataroot", root, "--epochs", "1", env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert "note: cannot use" in r.stderr and set(json.loads(r.stdout.splitlines()[-1])) >= {"fid", "class_acc"}
+    assert [f for f in os.listdir(tmp_path / "tmp" / "gans-quality") if f.endswith(".pt")]
+    r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", "--dataroot", root, "--cache",
+                    str(tmp_path / "home" / "cache"))  # a --cache typed under a file: one line, no fallback
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --cache") and "cannot be made" in r.stderr
+
+
 # ---- bench/gpu.py
 import time  # noqa: E402
 import gpu as gpu_tool  # noqa: E402  (bench/ is on sys.path above)

@@ -19,7 +19,7 @@ The last line printed is one JSON object with these keys (and n, the sample coun
 classifier's accuracy on the test split). Standard library, torch and numpy only; nothing of the three
 scripts is imported, so the measure stays independent of what it measures.
 """
-import argparse, gzip, hashlib, io, json, os, pickle, sys, tarfile
+import argparse, gzip, hashlib, io, json, os, pickle, sys, tarfile, tempfile
 import numpy as np
 import torch
 import torch.nn as nn
@@ -29,6 +29,8 @@ IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset packages install, as the scripts look
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
+DEFAULT_CACHE = "~/.cache/gans-quality"
+NUMBER_CHECKS = [("epochs", lambda v: v >= 1, "at least 1")]  # every numeric flag: name, valid (NaN: no), why
 
 
 def fail(msg):
@@ -176,9 +178,14 @@ def get_classifier(name, root, cache, epochs=3, log=print):
     if state is None:
         log(f"training a {name} classifier once (cached in {path})")
         state = train_classifier(*load_split(name, root, "train"), epochs=epochs, log=log)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except (OSError, RuntimeError) as e:  # a full disk makes torch.save raise RuntimeError
+            log(f"note: could not keep the classifier in {path} ({e}); it is used this time only")
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
     net = Classifier(state["nc"], state["ncls"])
     net.load_state_dict(state["net"])
     return net.eval(), state
@@ -227,13 +234,33 @@ def copy_ratio(samples, train, test, n=2000, seed=0):
     return float(nearest_distance(pick(samples), train).median() / new)
 
 
-def as_nchw(images, nc, size):
-    """An npz's uint8 N x H x W x C (or N x H x W) images as N x C x H x W, in the data's channel count."""
+def checked_samples(images, labels, path):
+    """The npz's arrays, checked before any data is read or classifier trained. -> (uint8 N x H x W x C
+    images, int64 labels or None)."""
     x = np.asarray(images)
-    if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) < 2:
-        fail(f"`images` must be uint8 N x H x W x C with N >= 2, got {x.dtype} {x.shape}; write it with "
-             f"a script's --sample --npz")
-    x = torch.from_numpy(x[..., None] if x.ndim == 3 else x).permute(0, 3, 1, 2).contiguous()
+    if x.dtype != np.uint8:
+        fail(f"`images` in {path} are {x.dtype}; they must be uint8 (0..255), as a script's --sample --npz "
+             f"writes them")
+    x = x[..., None] if x.ndim == 3 else x  # N x H x W: greyscale
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or len(x) < 2:
+        nchw = x.ndim == 4 and x.shape[1] in (1, 3)
+        hint = "; N x C x H x W becomes N x H x W x C with np.transpose(images, (0, 2, 3, 1))" if nchw else ""
+        fail(f"`images` in {path} has shape {np.asarray(images).shape}; it must be N x H x W x C "
+             f"(C = 1 or 3) or N x H x W, with N >= 2{hint}")
+    if labels is None:
+        return x, None
+    y = np.asarray(labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        fail(f"`labels` in {path} must be one class index (an integer >= 0) per image, got {y.dtype} "
+             f"{y.shape}")
+    if len(y) != len(x):
+        fail(f"{path} holds {len(x)} images but {len(y)} labels; write one label per image (or no labels)")
+    return x, y.astype(np.int64)
+
+
+def as_nchw(x, nc, size):
+    """Checked uint8 N x H x W x C images as N x C x H x W, in the data's channel count and size."""
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     if x.shape[1] != nc:
         x = x.float().mean(1, keepdim=True).round().to(torch.uint8) if nc == 1 else x.expand(-1, nc, -1, -1)
     if x.shape[-1] != size:  # e.g. 32 px samples of a 28 px dataset: compare at the data's size
@@ -247,9 +274,12 @@ def evaluate(npz_path, name, root, cache, epochs=3, log=print):
     try:
         z = np.load(npz_path)
         images, labels = z["images"], (z["labels"] if "labels" in z.files else None)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError) as e:
         fail(f"cannot read `images` from {npz_path} ({e}); write it with a script's --sample --npz")
+    images, labels = checked_samples(images, labels, npz_path)
     net, state = get_classifier(name, root, cache, epochs, log)
+    if labels is not None and len(labels) and labels.max() >= state["ncls"]:
+        fail(f"`labels` in {npz_path} go up to {labels.max()}, but {name} has classes 0..{state['ncls'] - 1}")
     train_x, _ = load_split(name, root, "train")
     test_x, test_y = load_split(name, root, "test")
     samples = as_nchw(images, state["nc"], state["size"])
@@ -261,8 +291,29 @@ def evaluate(npz_path, name, root, cache, epochs=3, log=print):
            "copy_ratio": copy_ratio(samples, train_x, test_x),
            "classifier_acc": float((logits_t.argmax(1) == torch.as_tensor(test_y)).double().mean())}
     if labels is not None:
-        out["class_acc"] = float((pred == torch.as_tensor(labels).long()).double().mean())
+        out["class_acc"] = float((pred == torch.as_tensor(labels)).double().mean())
     return out
+
+
+def cache_folder(typed, log=print):
+    """--cache, made if need be; without it ~/.cache/gans-quality, or (HOME unusable: not a folder, read-only)
+    a folder in the temporary directory, with a note."""
+    candidates = [typed] if typed else [DEFAULT_CACHE, os.path.join(tempfile.gettempdir(), "gans-quality")]
+    for path in map(os.path.expanduser, candidates):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            if typed:
+                fail(f"--cache {typed} cannot be made ({why}); give a folder you can write")
+            log(f"note: cannot use {path} ({why}); the classifier is cached elsewhere")
+            continue
+        if os.access(path, os.W_OK):
+            return path
+        if typed:
+            fail(f"--cache {typed} is not writable; give a folder you can write")
+        log(f"note: {path} is not writable; the classifier is cached elsewhere")
+    fail("no folder for the classifier's cache can be made (HOME and the temporary directory); give --cache")
 
 
 def main(argv=None):
@@ -270,11 +321,14 @@ def main(argv=None):
     p.add_argument("npz", help="samples written by SCRIPT.py --sample --npz FILE")
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--dataroot", default="./data", help="where the dataset's files are (as for the scripts)")
-    p.add_argument("--cache", default="~/.cache/gans-quality", help="where the classifier's weights are kept")
+    p.add_argument("--cache", help=f"where the classifier's weights are kept (default {DEFAULT_CACHE})")
     p.add_argument("--epochs", type=int, default=3, help="classifier training epochs (when not cached)")
     args = p.parse_args(argv)
-    r = evaluate(args.npz, args.dataset, args.dataroot, args.cache, args.epochs,
-                 log=lambda m: print(m, file=sys.stderr))
+    for name, ok, need in NUMBER_CHECKS:
+        if not ok(getattr(args, name)):
+            fail(f"--{name} {getattr(args, name)} is out of range; it must be {need}")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    r = evaluate(args.npz, args.dataset, args.dataroot, cache_folder(args.cache, log), args.epochs, log=log)
     asked = f"{r['class_acc']:.1%}" if "class_acc" in r else "n/a"
     print("| samples | feature FID | asked class | classes >= 5% | copy ratio | classifier on test |")
     print(f"| {r['n']} | {r['fid']:.1f} | {asked} | {r['coverage']} | {r['copy_ratio']:.2f} | "
