@@ -75,6 +75,7 @@ class Plan:
     lapgan_extra: list    # flags added to the CIFAR-10 runs (the dry run's small batch and selection)
     limits: dict          # a run's or a part's name -> its seconds
     peak: float = None    # the device's dense bf16 peak in FLOP/s, when known
+    rates: dict = field(default_factory=dict)  # (script, mode, batch) -> images/s measured in part a
 
 
 def make_plan(args):
@@ -131,8 +132,8 @@ def run_child(cmd, limit, log_path):
     prints is kept with the time it arrived (its Python unbuffered) and written to log_path."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=env, start_new_session=True)
     lines = []
 
     def read():
@@ -201,6 +202,7 @@ def speed_row(plan, name, flags, batch, ran, cmd, why):
         return f"| {NETWORKS[name][0]} | {batch} | {mode} | {device} | {why or 'no figures printed'} | | | " \
                f"`{' '.join(cmd)}` |"
     rate, ms, mem = found[0].groups()
+    plan.rates[name, mode, batch] = float(rate)
     return f"| {NETWORKS[name][0]} | {batch} | {mode} | {device} | {float(rate):.0f} | {ms} | {mem} | " \
            f"`{' '.join(cmd)}` |"
 
@@ -221,7 +223,7 @@ def speed_configs(plan, variants):
 def speed(plan, part, args):
     part.lines += ["| script, network | batch | mode | device | images/s | ms/step | peak memory | command |",
                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, flags, batch in speed_configs(plan, args.variants):
+    for name, flags, batch in speed_configs(plan, variants(args)):
         batch, ran, cmd, why = time_config(plan, part, name, flags, batch)
         part.lines.append(speed_row(plan, name, flags, batch, ran, cmd, why))
         if why:
@@ -237,7 +239,7 @@ def compare(plan, part, args):
                           f"github.com/pytorch/examples holding dcgan/main.py).")
         return part.notes.append("skipped: no pytorch/examples")
     if importlib.util.find_spec("torchvision") is None:
-        part.lines.append("Skipped: pytorch/examples' dcgan/main.py needs torchvision, which is not installed.")
+        part.lines.append("Skipped: pytorch/examples' dcgan/main.py needs torchvision; it is not installed.")
         return part.notes.append("skipped: no torchvision")
     commit = subprocess.run(["git", "-C", args.examples, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "commit unknown"
@@ -247,9 +249,15 @@ def compare(plan, part, args):
     ran = run_child([sys.executable] + cmd[1:], left, log_path(plan, "compare_dcgan"))
     ratio = [line for _, line in ran.lines if " ratio " in line]
     why = outcome(ran, left) or (None if ratio else "no ratio printed")
-    part.lines.append(f"pytorch/examples at {commit}: {ratio[-1].strip() if ratio else why} (`{' '.join(cmd)}`)")
+    said = ratio[-1].strip() if ratio else why
+    part.lines.append(f"pytorch/examples at {commit}: {said} (`{' '.join(cmd)}`)")
     if why:
-        part.notes.append(why)
+        return part.notes.append(why)
+    theirs = float(re.search(r"dcgan: ([\d.]+) img/s", ratio[-1]).group(1))
+    for (name, mode, batch), rate in plan.rates.items():  # gan.py's other modes, from part a
+        if name == "gan" and batch == 64:
+            part.lines.append(f"- gan.py {mode}, batch 64 (part a): {rate:.0f} img/s, {rate / theirs:.2f}x "
+                              f"theirs")
 
 
 # ------------------------------------------------------------------------------------ c. lapgan on CIFAR-10
@@ -426,13 +434,15 @@ def profile_steps(spec_json):
     """Runs in a process of its own: the kernel tables and the MFU rows, as markdown in OUT/profile.md."""
     spec = json.loads(spec_json)
     lines = []
-    for title, name in (("One DCGAN step (gan.py)", "gan"), ("One LAPGAN step (lapgan.py, all levels)", "lapgan")):
+    steps = (("One DCGAN step (gan.py)", "gan"), ("One LAPGAN step (lapgan.py, all levels)", "lapgan"))
+    for title, name in steps:
         step, args, device = warm_step(name, spec["argv"][name] + ["--batch-size", str(spec["batches"][0])])
         lines += kernel_table(f"{title}, batch {args.batch_size}", step, device)
     peak = spec["peak"]
     lines += [f"DCGAN step's model FLOP utilisation over a dense bf16 peak of "
               f"{f'{peak / 1e12:g} TFLOP/s' if peak else 'n/a'}:", "",
-              "| batch | mode | GFLOP per step | ms/step | TFLOP/s | MFU |", "| --- | --- | --- | --- | --- | --- |"]
+              "| batch | mode | GFLOP per step | ms/step | TFLOP/s | MFU |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for batch in spec["batches"]:
         for flags in spec["modes"]:
             lines.append(mfu_row(spec["argv"]["gan"], flags, batch, spec["steps"], peak))
@@ -443,8 +453,9 @@ def profile_steps(spec_json):
 def profile_part(plan, part, args):
     argv = {n: NETWORKS[n][1] + plan.extra.get(n, []) + plan.device for n in ("gan", "lapgan")}
     modes = [m for m in plan.lapgan_modes + [["--amp"]] if "--compile" not in m]
-    spec = {"argv": argv, "batches": plan.batches, "modes": [list(m) for m in dict.fromkeys(map(tuple, modes))],
-            "steps": plan.steps[0], "peak": plan.peak, "out": plan.out}
+    modes = [list(m) for m in dict.fromkeys(map(tuple, modes))]  # each once
+    spec = {"argv": argv, "batches": plan.batches, "modes": modes, "steps": plan.steps[0], "peak": plan.peak,
+            "out": plan.out}
     path = os.path.join(plan.out, "profile.md")
     if os.path.exists(path):
         os.remove(path)
@@ -469,15 +480,24 @@ def plan_device_name(plan):
     return torch.cuda.get_device_name(0) if plan.device else "CPU"
 
 
+def driver_version():
+    """The NVIDIA driver's version from the kernel module, where nvidia-smi is missing."""
+    try:
+        found = re.search(r"Kernel Module\s+([\d.]+)", open("/proc/driver/nvidia/version").read())
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
+
+
 def header(plan):
     """The machine, the software and the date, as the README's Speed rows need them."""
     if plan.device:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True) if shutil.which("nvidia-smi") else None
-        driver = smi.stdout.strip().splitlines()[0] if smi and smi.returncode == 0 else "unknown"
+        driver = smi.stdout.strip().splitlines()[0] if smi and smi.returncode == 0 else driver_version()
         machine = f"{plan_device_name(plan)}, driver {driver}, CUDA {torch.version.cuda}"
     else:
-        machine = f"CPU ({platform.machine()}, {os.cpu_count()} cores), DRY RUN: tiny networks, steps and data"
+        machine = f"CPU ({platform.machine()}, {os.cpu_count()} cores), DRY RUN: tiny networks, steps, data"
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     return [f"# bench/gpu.py report, {datetime.date.today().isoformat()}", "",
@@ -516,24 +536,32 @@ def get_args(argv=None):
     p.add_argument("--budget", type=float, default=470, help="seconds for all parts together")
     p.add_argument("--lapgan-epochs", type=int, default=2, help="CIFAR-10 epochs run (the rest projected)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, where the table lacks it")
-    p.add_argument("--variants", default="", help=f"comma-separated bench.py experiments: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="", help=f"bench.py's experiments, e.g. {','.join(VARIANTS)}")
     args = p.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
-    for bad, msg in [(set(args.parts) - set(PARTS) or not args.parts, f"--parts {args.parts!r}: use letters of abcd"),
-                     (set(args.variants) - set(VARIANTS), f"--variants: choose from {', '.join(VARIANTS)}"),
-                     (not args.budget > 0, f"--budget {args.budget} must be a positive number of seconds"),
-                     (args.lapgan_epochs < 1, f"--lapgan-epochs {args.lapgan_epochs} must be at least 1"),
-                     (args.peak_tflops is not None and not args.peak_tflops > 0, "--peak-tflops must be positive")]:
+    checks = [(not args.parts or set(args.parts) - set(PARTS), f"--parts {args.parts!r}: letters of abcd"),
+              (set(variants(args)) - set(VARIANTS), f"--variants: choose from {', '.join(VARIANTS)}"),
+              (not args.budget > 0, f"--budget {args.budget}: a positive number of seconds"),  # NaN too
+              (args.lapgan_epochs < 1, f"--lapgan-epochs {args.lapgan_epochs} must be at least 1"),
+              (args.peak_tflops is not None and not args.peak_tflops > 0, "--peak-tflops must be above 0")]
+    for bad, msg in checks:
         if bad:
             fail(msg)
     return args
+
+
+def variants(args):
+    """--variants as a list of bench.py's experiments."""
+    return [v for v in args.variants.split(",") if v]
 
 
 def main(argv=None):
     args, start = get_args(argv), time.perf_counter()
     plan = make_plan(args)
     shutil.rmtree(os.path.join(plan.out, "logs"), ignore_errors=True)  # this command's, from a previous try
-    os.makedirs(os.path.join(plan.out, "logs"))
+    try:
+        os.makedirs(os.path.join(plan.out, "logs"))
+    except OSError as e:
+        fail(f"--out {plan.out} cannot hold the report ({e.strerror}); choose a folder you can write")
     lines = header(plan)
     print("\n".join(lines), flush=True)
     done = run_parts(plan, args, start)
