@@ -2550,8 +2550,9 @@ def test_every_readme_command_parses_with_its_scripts_flags():
 # ---- bench/quality.py: bad samples, labels, cache folders and flags
 def quality_cli(*args, env=None):
     """bench/quality.py as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "bench", "quality.py"), *args], capture_output=True,
-                          text=True, timeout=300, cwd=HERE, env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, os.path.join(HERE, "bench", "quality.py"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=HERE,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("images,labels,words", [
@@ -2567,8 +2568,8 @@ def quality_cli(*args, env=None):
     (np.zeros((6, 28, 28), np.uint8), np.zeros(6, np.float32), "one class index"),
     (np.zeros((6, 28, 28), np.uint8), np.zeros((6, 1), np.int64), "one class index"),
     (np.zeros((6, 28, 28), np.uint8), -np.ones(6, np.int64), "one class index")],
-    ids=["n1hw", "n3hw", "two-channels", "rank2", "one-image", "float", "int64", "more-labels", "fewer-labels",
-         "float-labels", "2d-labels", "negative-labels"])
+    ids=["n1hw", "n3hw", "two-channels", "rank2", "one-image", "float", "int64", "more-labels",
+         "fewer-labels", "float-labels", "2d-labels", "negative-labels"])
 def test_quality_refuses_bad_samples_in_one_line_before_any_training(tmp_path, images, labels, words):
     arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
     np.savez(tmp_path / "s.npz", **arrays)
@@ -2600,7 +2601,8 @@ def test_quality_numeric_flags_out_of_range_are_one_line(tmp_path, value):
         assert not ok(int(value)) and not ok(float("nan"))
         r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", f"--{name}", value, "--cache",
                         str(tmp_path / "c"))
-        assert r.returncode == 1 and r.stderr.strip() == f"error: --{name} {value} is out of range; it must be {need}"
+        said = f"error: --{name} {value} is out of range; it must be {need}"
+        assert r.returncode == 1 and r.stderr.strip() == said
     r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", "--epochs", "nan")
     assert r.returncode == 2 and "invalid int value: 'nan'" in r.stderr and "Traceback" not in r.stderr
 
@@ -2611,13 +2613,16 @@ def test_quality_home_not_a_folder_caches_in_the_temporary_directory(tmp_path, q
     (tmp_path / "home").write_text("a file, not a folder")
     (tmp_path / "tmp").mkdir()
     env = {"HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp"), "OMP_NUM_THREADS": "1"}
-    r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", "--dataroot", root, "--epochs", "1", env=env)
+    r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", "--dataroot", root, "--epochs", "1",
+                    env=env)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
-    assert "note: cannot use" in r.stderr and set(json.loads(r.stdout.splitlines()[-1])) >= {"fid", "class_acc"}
+    assert "note: cannot use" in r.stderr
+    assert set(json.loads(r.stdout.splitlines()[-1])) >= {"fid", "class_acc"}
     assert [f for f in os.listdir(tmp_path / "tmp" / "gans-quality") if f.endswith(".pt")]
     r = quality_cli(str(tmp_path / "s.npz"), "--dataset", "mnist", "--dataroot", root, "--cache",
                     str(tmp_path / "home" / "cache"))  # a --cache typed under a file: one line, no fallback
-    assert r.returncode == 1 and r.stderr.strip().startswith("error: --cache") and "cannot be made" in r.stderr
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --cache")
+    assert "cannot be made" in r.stderr
 
 
 # ---- bench/gpu.py
@@ -2630,8 +2635,9 @@ def gpu_dry_run(tmp_path_factory):
     """bench/gpu.py --dry-run as a user runs it, once for the module: (its folder, the finished process)."""
     out = tmp_path_factory.mktemp("gpu-dry")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "gpu.py"), "--out", str(out), "--dry-run",
-                           "--peak-tflops", "0.5"], capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
+    cmd = [sys.executable, os.path.join(HERE, "bench", "gpu.py"), "--out", str(out), "--dry-run",
+           "--peak-tflops", "0.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
     return out, proc
 
 
@@ -2646,7 +2652,7 @@ def test_gpu_dry_run_writes_every_part_of_the_report(gpu_dry_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = open(out / "report.md").read()
     assert "Traceback" not in proc.stdout + proc.stderr and "DRY RUN" in report
-    for script, batch in (("gan.py", "8"), ("lapgan.py", "8"), ("vaegan.py", "16")):  # speed: bench.py per run
+    for script, batch in (("gan.py", "8"), ("lapgan.py", "8"), ("vaegan.py", "16")):  # speed: bench.py runs
         (row,) = table_rows(report, script)
         assert row[1:4] == [batch, "fp32", "CPU"] and float(row[4]) > 0 and float(row[5]) > 0, row
         assert row[6] == "n/a" and f"--batch-size {batch}" in row[7]  # no CUDA memory on the CPU
@@ -2676,7 +2682,8 @@ def test_gpu_dry_run_trains_lapgan_on_the_generated_cifar10_it_alone_trusts(gpu_
     assert float(row[5].split()[0]) == pytest.approx((first + 24 * steady) / 60, abs=0.06)
     assert os.path.exists(out / "lapgan-fp32" / "ckpt.pt")
     # the same file, given to lapgan.py as a user runs it: refused, with one line
-    r = run_cli("lapgan.py", "--dataset", "cifar10", "--dataroot", str(out / "data"), "--outf", str(tmp_path / "o"))
+    r = run_cli("lapgan.py", "--dataset", "cifar10", "--dataroot", str(out / "data"), "--outf",
+                str(tmp_path / "o"))
     assert r.returncode != 0 and "official CIFAR-10 checksum" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
 
@@ -2713,16 +2720,21 @@ def test_gpu_time_limit_ends_a_run_and_everything_it_started(tmp_path):
         state = "gone"
     assert state in ("gone", "Z"), state
     assert "exit status None" in open(tmp_path / "log").read()
+    late = gpu_tool.run_child([sys.executable, "-c", "open('started', 'w')"], 0.5, str(tmp_path / "late"))
+    assert gpu_tool.outcome(late, 0.5).startswith("not started")
+    assert not os.path.exists(os.path.join(HERE, "started"))
 
 
 def test_gpu_speed_order_and_experiments():
-    plan = gpu_tool.Plan("o", False, ["--cuda"], (64, 1024), (50, 20), [[], ["--amp"], ["--amp", "--compile"]],
-                         [[]], (1, 1), 1, {}, [], {})
+    plan = gpu_tool.Plan("o", dry=False, device=["--cuda"], batches=(64, 1024), steps=(50, 20),
+                         modes=[[], ["--amp"], ["--amp", "--compile"]], lapgan_modes=[[]], cifar=(1, 1),
+                         epochs=1, extra={}, lapgan_extra=[], limits={})
     rows = gpu_tool.speed_configs(plan, ["cuda-graphs", "merge-steps"])
     assert len(rows) == 3 * 3 * 2 + 3 + 1
     modes = [tuple(flags) for _, flags, _ in rows[:18]]
-    assert modes == sorted(modes, key=len)  # fp32 first, compiling last: a slow compile cannot starve the rest
-    assert rows[18:21] == [(n, ["--amp", "--compile", "--cuda-graphs"], 64) for n in ("gan", "lapgan", "vaegan")]
+    assert modes == sorted(modes, key=len)  # fp32 first, compiling last: a slow compile starves nothing
+    graphs = ["--amp", "--compile", "--cuda-graphs"]
+    assert rows[18:21] == [(n, graphs, 64) for n in ("gan", "lapgan", "vaegan")]
     assert rows[21] == ("lapgan", ["--amp", "--merge-steps"], 64)
     cmd = gpu_tool.bench_command(plan, "gan", ["--amp"], 1024)
     assert cmd[-4:] == ["--batch-size", "1024", "--steps", "20"] and "--cuda" in cmd
@@ -2742,14 +2754,16 @@ def test_bench_merged_lapgan_g_step_equals_the_per_level_steps():
         run = lapgan.setup_run(args, torch.device("cpu"), bench_tool.random_data(args, 64))
         before = torch.cat([p.detach().flatten().clone() for p in run.levels[2].nets["G"].parameters()])
         ours = argparse.Namespace(channels_last=False, fused_opt=False, merge_steps=merge)
-        step, extra = bench_tool.step_function("lapgan", lapgan, run), bench_tool.tune("lapgan", run, "cpu", ours)
+        step = bench_tool.step_function("lapgan", lapgan, run)
+        extra = bench_tool.tune("lapgan", run, "cpu", ours)
         torch.manual_seed(1)
         for _ in range(2):  # two steps: momentum carries over in both
             step()
             extra()
         after = torch.cat([p.detach().flatten() for p in run.levels[2].nets["G"].parameters()])
         assert not torch.equal(before, after)  # G_2 did learn
-        weights.append(torch.cat([p.detach().flatten() for net in run.nets.values() for p in net.parameters()]))
+        every = [p for net in run.nets.values() for p in net.parameters()]
+        weights.append(torch.cat([p.detach().flatten() for p in every]))
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
     with pytest.raises(SystemExit, match="lapgan's levels only"):
         bench_tool.main(["gan", "--dataset", "shapes", "--merge-steps", "--steps", "1"])

@@ -80,16 +80,20 @@ class Plan:
 
 def make_plan(args):
     if args.dry_run:
-        return Plan(args.out, True, [], (8, 16), (3, 2), [[]], [[]], (80, 32), 2, TINY,
-                    ["--batch-size", "16", "--select", "16", "--width-g", "8", "--width-d", "8"],
-                    {"speed": 120, "fp32": 60, "compile": 60, "compare": 120, "lapgan": 120, "lapgan_run": 60,
-                     "profile": 90}, args.peak_tflops and args.peak_tflops * 1e12)
+        return Plan(args.out, dry=True, device=[], batches=(8, 16), steps=(3, 2), modes=[[]],
+                    lapgan_modes=[[]], cifar=(80, 32), epochs=2, extra=TINY,
+                    lapgan_extra=["--batch-size", "16", "--select", "16", "--width-g", "8", "--width-d", "8"],
+                    limits={"speed": 120, "fp32": 60, "compile": 60, "compare": 120, "lapgan": 120,
+                            "lapgan_run": 60, "profile": 90},
+                    peak=args.peak_tflops and args.peak_tflops * 1e12)
     if not torch.cuda.is_available():
         fail("PyTorch sees no CUDA GPU; run on a GPU machine, or add --dry-run to try the command on the CPU")
-    return Plan(args.out, False, ["--cuda"], (64, 1024), (50, 20), [[], ["--amp"], ["--amp", "--compile"]],
-                [[], ["--amp", "--compile"]], (50000, 10000), args.lapgan_epochs, {}, [],
-                {"speed": 200, "fp32": 40, "compile": 90, "compare": 50, "lapgan": 160, "lapgan_run": 90,
-                 "profile": 45}, bf16_peak(args.peak_tflops))
+    return Plan(args.out, dry=False, device=["--cuda"], batches=(64, 1024), steps=(50, 20),
+                modes=[[], ["--amp"], ["--amp", "--compile"]], lapgan_modes=[[], ["--amp", "--compile"]],
+                cifar=(50000, 10000), epochs=args.lapgan_epochs, extra={}, lapgan_extra=[],
+                limits={"speed": 200, "fp32": 40, "compile": 90, "compare": 50, "lapgan": 160,
+                        "lapgan_run": 85, "profile": 45},  # 455 s in all, within --budget's 470
+                peak=bf16_peak(args.peak_tflops))
 
 
 def bf16_peak(typed):
@@ -129,8 +133,11 @@ class Ran:
 # ------------------------------------------------------------------------------------ running children
 def run_child(cmd, limit, log_path):
     """cmd in its own process group, ended with everything it started after `limit` seconds. Every line it
-    prints is kept with the time it arrived (its Python unbuffered) and written to log_path."""
+    prints is kept with the time it arrived (its Python unbuffered) and written to log_path. A limit under a
+    second starts nothing."""
     start = time.perf_counter()
+    if limit < 1:
+        return Ran(None, [], 0.0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=env, start_new_session=True)
@@ -144,9 +151,12 @@ def run_child(cmd, limit, log_path):
     try:
         rc = proc.wait(timeout=max(limit, 0.1))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         rc = None
+    try:  # also what it started and left behind (compile workers, say): nothing holds the GPU afterwards
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
     reader.join(10)
     with open(log_path, "w") as f:
         f.write(" ".join(cmd) + "\n" + "".join(f"{t:8.2f}  {line}\n" for t, line in lines))
@@ -162,6 +172,8 @@ def child(func, *params):
 
 def outcome(ran, limit):
     """A failed or stopped run in a few words; None when it succeeded."""
+    if ran.rc is None and not ran.seconds:
+        return "not started: the part's time was spent"
     if ran.rc is None:
         return f"stopped at its time limit ({limit:.0f} s)"
     return None if ran.rc == 0 else f"failed: {ran.tail()[:120]}"
@@ -184,8 +196,6 @@ def time_config(plan, part, name, flags, batch):
     limit = plan.limits["compile" if "--compile" in flags else "fp32"]
     while True:
         cmd, left = bench_command(plan, name, flags, batch), part.left(limit)
-        if left < 1:
-            return batch, None, cmd, "skipped: the part's time was spent"
         ran = run_child([sys.executable] + cmd[1:], left, log_path(plan, " ".join(cmd[2:])))
         memory = any("out of memory" in line.lower() for _, line in ran.lines)
         if ran.rc == 0 or not memory or batch // 2 < plan.batches[0]:
@@ -197,7 +207,7 @@ def speed_row(plan, name, flags, batch, ran, cmd, why):
     """A README row: script, network | batch | mode | device | images/s | ms/step | peak memory | command."""
     mode = "+".join(f.lstrip("-") for f in flags) or "fp32"
     device = plan_device_name(plan)
-    found = [m for m in (RATE.search(line) for _, line in ran.lines) if m] if ran else []
+    found = [m for m in (RATE.search(line) for _, line in ran.lines) if m]
     if why or not found:
         return f"| {NETWORKS[name][0]} | {batch} | {mode} | {device} | {why or 'no figures printed'} | | | " \
                f"`{' '.join(cmd)}` |"
