@@ -1183,16 +1183,17 @@ def main(argv=None):
 
 def interrupted(args, run, argv):
     """Ctrl-C's one line: where it stopped, which checkpoint is kept, the command that goes on."""
-    again = shlex.join(["python3", f"{SCRIPT}.py", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
     if args.sample:
-        return f"interrupted; files already written are whole; to sample again: {again}"
+        return f"interrupted; files already written are whole; to sample again: {shlex.join(['python3', 'gan.py', *argv])}"
     where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
-    path = os.path.join(args.outf, "ckpt.pt")
+    path, resume = os.path.join(args.outf, "ckpt.pt"), ["--resume", "--outf", args.outf]
     if not os.path.exists(path):
-        return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
+        return f"interrupted {where}; no checkpoint was written yet; to start again: python3 gan.py {shlex.join(argv)}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    return (f"interrupted {where}; {path} (epoch {epoch}) is kept; to continue: python3 {SCRIPT}.py --resume "
-            f"--outf {shlex.quote(args.outf)}")
+    machine = [a for k in ("cuda", "amp", "compile", "workers", "log_every") if k in args.typed  # as typed
+               for a in ["--" + k.replace("_", "-"), str(getattr(args, k))][:2 - isinstance(getattr(args, k), bool)]]
+    return f"interrupted {where}; {path} (epoch {epoch}) is kept; to continue: python3 gan.py {shlex.join(resume + machine)}"
 
 if __name__ == "__main__":
     main()

@@ -2551,3 +2551,325 @@ def test_every_readme_command_parses_with_its_scripts_flags():
         bad = lapgan.make_parser()
         bad.exit = bad.error = lambda *a, **k: pytest.fail("does not parse")
         bad.parse_args(["--dataset", "mnist", "--no-such-flag"])
+
+
+# ---- reliability: gan.py (each cause handled once: main, write_atomic, prepare_output, lock_run, decode_image,
+# list_images, check_split, NUMBERS, load_sampler, load_checkpoint)
+import shlex, signal, time  # noqa: E402
+GAN_SMALL = ["--dataset", "shapes", "--image-size", "16", "--limit", "128", "--batch-size", "16", "--ngf", "8",
+             "--ndf", "8", "--nz", "8", "--log-every", "2", "--workers", "1"]
+
+
+def gan_start(*argv):
+    """gan.py in a real subprocess (its own process group is not needed: signals go to its pid)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "gan.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+
+
+def wait_for(path, proc, timeout=120):
+    """Poll until path exists (or the process ends): the moment to send a signal."""
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.002)
+
+
+def gan_final(outf):
+    ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    return ck, read_log(os.path.join(outf, "log.csv"))
+
+
+def test_gan_sigint_keeps_the_checkpoint_and_resume_continues_exactly(tmp_path):
+    """Ctrl-C (a real SIGINT) mid-epoch 2: one line, status 130, ckpt.pt of epoch 1 kept, no .tmp; the
+    printed command continues the run to exactly the weights and log of an uninterrupted run."""
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    proc = gan_start(*GAN_SMALL, "--epochs", "3", "--outf", cut)
+    wait_for(os.path.join(cut, "ckpt.pt"), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("interrupted at step") and f"{cut}/ckpt.pt (epoch" in line, line
+    assert line.endswith(f"to continue: python3 gan.py --resume --outf {cut} --workers 1 --log-every 2"), line
+    assert not [f for f in os.listdir(cut) if f.endswith(".tmp") or f == ".lock"]
+    gan.main(shlex.split(line.split("to continue: python3 gan.py ")[1]))
+    gan.main(GAN_SMALL + ["--epochs", "3", "--outf", full])
+    (a, log_a), (b, log_b) = gan_final(full), gan_final(cut)
+    assert log_a == log_b and a["step"] == b["step"] == 24
+    for net in ("G", "D"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+
+
+def test_gan_sigint_before_any_checkpoint_then_the_same_command_starts_again(tmp_path):
+    """Ctrl-C in epoch 1: nothing to resume, and the same command is not refused (a folder with no ckpt.pt
+    holds no run: the stale log.csv is started anew); --resume there says there is nothing to resume."""
+    outf = str(tmp_path / "run")
+    argv = GAN_SMALL + ["--limit", "640", "--epochs", "1", "--outf", outf]
+    proc = gan_start(*argv)
+    wait_for(os.path.join(outf, "log.csv"), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    assert "no checkpoint was written yet; to start again: python3 gan.py --dataset shapes" in err
+    assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
+    gan_one_line_error(f"nothing to resume: {outf} holds no checkpoint (ckpt.pt); run without --resume",
+                       call=lambda: gan.main(["--resume", "--outf", outf]))
+    gan.main(argv)  # the same command, as printed
+    rows = read_log(os.path.join(outf, "log.csv"))
+    assert [int(r["step"]) for r in rows] == list(range(2, 41, 2))  # one run's rows, none left from before
+
+
+def kill_when(path, proc, min_size=1):
+    """SIGKILL proc the moment path exists with at least min_size bytes: mid-write."""
+    t0 = time.time()
+    while not (os.path.exists(path) and os.path.getsize(path) >= min_size):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 120
+    proc.kill()
+    proc.wait()
+
+
+def test_gan_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A real SIGKILL while a wide model's checkpoint is a quarter written: the previous one is whole and
+    loads, and --resume from it still continues exactly (the stale .tmp is simply written over)."""
+    wide = GAN_SMALL + ["--ngf", "256", "--limit", "32", "--log-every", "1"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    gan.main(wide + ["--epochs", "1", "--outf", cut])
+    ckpt = os.path.join(cut, "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    proc = gan_start(*wide, "--epochs", "3", "--outf", cut, "--resume")
+    kill_when(ckpt + ".tmp", proc, min_size=len(before) // 4)
+    assert open(ckpt, "rb").read() == before and torch.load(ckpt, weights_only=True)["epoch"] == 1
+    gan.main(["--resume", "--outf", cut, "--epochs", "2", "--log-every", "1"])  # the dead run's lock: stale
+    gan.main(wide + ["--epochs", "2", "--outf", full])
+    (a, log_a), (b, log_b) = gan_final(full), gan_final(cut)
+    assert log_a == log_b and all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"])
+
+
+def test_gan_sigkill_during_a_log_trim_keeps_the_log(tmp_path):
+    """--resume rewrites log.csv without the rows past the checkpoint; a real SIGKILL while a long log is
+    rewritten leaves it as it was (never deleted first), and the next --resume trims it and goes on."""
+    outf = str(tmp_path / "run")
+    gan.main(GAN_SMALL + ["--limit", "32", "--epochs", "1", "--outf", outf])
+    log, ckpt = os.path.join(outf, "log.csv"), os.path.join(outf, "ckpt.pt")
+    rows = read_log(log)
+    long_log = open(log).read() + "".join(f"{s},9,1,1,1,1,0.5,0.5,1,1,0\n" for s in range(3, 600_000))
+    with open(log, "w") as f:
+        f.write(long_log)
+    real = torch.load(ckpt, weights_only=True)
+    torch.save({**real, "step": 10 ** 6}, ckpt)  # keeps every row: the trim writes the whole long log
+    proc = gan_start("--resume", "--outf", outf, "--epochs", "2")
+    kill_when(log + ".tmp", proc, min_size=len(long_log) // 4)
+    assert open(log).read() == long_log
+    torch.save(real, ckpt)
+    gan.main(["--resume", "--outf", outf, "--epochs", "2"])
+    again = read_log(log)
+    assert again[:len(rows)] == rows and [int(r["step"]) for r in again] == [2, 4]
+
+
+def test_gan_sigkill_during_a_cache_write_leaves_no_torn_cache(tmp_path):
+    """A real SIGKILL while a big decode cache is written: no torn .npz under the cache's name, the older
+    cache still loads, and the next read decodes the same images again."""
+    data = tmp_path / "data"
+    make_image_folder(data, n=2)
+    x_small, _, _ = gan.load_folder(str(data), 16, None, 1)
+    (old,) = data.glob(".cache-*.npz")
+    old_bytes = old.read_bytes()
+    for i in range(300):
+        Image.fromarray(np.full((48, 48, 3), i % 256, np.uint8)).save(data / "cats" / f"more{i:03d}.png")
+    code = f"import gan; gan.load_folder({str(data)!r}, 192, None, 1)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.DEVNULL)
+    t0 = time.time()
+    while not any(p.name.endswith(".npz.tmp") and p.stat().st_size > 1 << 20 for p in data.iterdir()):
+        assert proc.poll() is None and time.time() - t0 < 120
+    proc.kill()
+    proc.wait()
+    assert sorted(p.name for p in data.glob(".cache-*.npz")) == [old.name] and old.read_bytes() == old_bytes
+    x, _, _ = gan.load_folder(str(data), 192, None, 1)
+    assert x.shape == (304, 3, 192, 192) and x[2].float().std() == 0  # more000.png: one flat grey
+
+
+def test_gan_two_real_processes_race_for_one_outf(tmp_path):
+    """Two runs started at once into one --outf: one trains, the other is refused with the first's pid;
+    a lock left by a dead process is stale and taken over."""
+    outf = str(tmp_path / "run")
+    procs = [gan_start(*GAN_SMALL, "--epochs", "1", "--outf", outf) for _ in range(2)]
+    results = [(p.pid, p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    ok = [r for r in results if r[1] == 0]
+    refused = [r for r in results if r[1] != 0]
+    assert len(ok) == 1 and len(refused) == 1, results
+    assert refused[0][2].strip() == (f"error: {outf} is in use by another run (process {ok[0][0]}); wait for "
+                                     "it to end, or choose another --outf")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / ".lock").write_text(str(dead.pid))
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", str(tmp_path / "run2")])
+    assert not (tmp_path / "run2" / ".lock").exists() and (tmp_path / "run2" / "ckpt.pt").exists()
+
+
+def test_gan_output_folders_are_prepared_or_refused_in_one_line(tmp_path):
+    """--outf whose parent is a file, that is a file, whose name is too long, on a read-only disk; --npz and
+    --out into folders that do not exist yet (created)."""
+    (tmp_path / "file").write_text("x")
+    for outf, why in ((tmp_path / "file" / "run", "a folder on its path is a file"),
+                      (tmp_path / "file", "it is a file"), (tmp_path / ("x" * 300), "File name too long")):
+        gan_one_line_error(f"cannot write into {outf} ({why}); give another folder",
+                           call=lambda: gan.main(GAN_SMALL + ["--outf", str(outf)]))
+    with small_tmpfs(tmp_path / "ro", options=",ro") as ro:
+        gan_one_line_error(f"cannot write into {ro}/run (Read-only file system)",
+                           call=lambda: gan.main(GAN_SMALL + ["--outf", f"{ro}/run"]))
+    outf = str(tmp_path / "r")
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", outf])
+    npz, out = tmp_path / "new" / "deeper" / "s.npz", tmp_path / "other" / "g.png"
+    gan.main(["--sample", "--ckpt", f"{outf}/ckpt.pt", "--n", "5", "--npz", str(npz), "--out", str(out)])
+    assert np.load(npz)["images"].shape == (5, 16, 16, 3) and Image.open(out).size == (2 + 8 * 18, 2 + 18)
+
+
+def test_gan_full_disk_while_training_is_one_line_and_keeps_no_tmp(tmp_path):
+    """A run whose checkpoint does not fit on a real 1 MB filesystem: one line, no .tmp left."""
+    with small_tmpfs(tmp_path / "disk") as disk:
+        msg = gan_one_line_error("no space left on device writing", "ckpt.pt; the previous file is kept",
+                                 call=lambda: gan.main(GAN_SMALL + ["--ngf", "64", "--epochs", "1",
+                                                                    "--outf", f"{disk}/run"]))
+        assert not [f for f in os.listdir(f"{disk}/run") if f.endswith(".tmp") or f == ".lock"], msg
+
+
+def test_gan_every_numeric_flag_is_checked_against_its_interval_before_allocating():
+    """Walk the table: a value just outside each end of each interval, and NaN and inf for float flags."""
+    assert {"lr", "beta1", "margin", "nz", "ngf", "ndf", "limit", "n", "label", "image_size"} <= set(gan.NUMBERS)
+    for name, (kind, _, interval) in gan.NUMBERS.items():
+        flag = "--" + name.replace("_", "-")
+        lo, hi = (float(s) for s in interval[1:-1].split(","))
+        bad = [lo if interval[0] == "(" else lo - (1 if kind is int else 1e-3)]
+        if math.isfinite(hi):
+            bad.append(hi if interval[-1] == ")" else hi + (1 if kind is int else 1e-3))
+        bad += ["nan", "inf", "-inf"] if kind is float else []
+        for v in bad:
+            v = str(int(v)) if kind is int else str(v)
+            gan_one_line_error(f"{flag} {v if kind is int else float(v)} is out of range; it must lie in "
+                               f"{interval}", call=lambda: gan.get_args(["--dataset", "shapes", f"{flag}={v}"]))
+    gan_one_line_error("--limit 0 is out of range", call=lambda: gan.get_args(["--dataset", "shapes",
+                                                                               "--limit", "0"]))
+    gan_one_line_error("--image-size 1000 is too large for shapes; at most 128",
+                       call=lambda: gan.get_args(["--dataset", "shapes", "--image-size", "1000"]))
+
+
+def test_gan_sampling_checks_room_before_drawing_and_draws_in_chunks(tmp_path, monkeypatch):
+    outf = str(tmp_path / "r")
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", outf])
+    gan_one_line_error("--n 100000000 needs about", "GB", "more than is free; lower --n",
+                       call=lambda: gan.main(["--sample", "--ckpt", f"{outf}/ckpt.pt", "--n", "100000000"]))
+    seen = []
+    real = gan.generate
+    monkeypatch.setattr(gan, "generate", lambda G, z, *a, **k: (seen.append(len(z)), real(G, z, *a, **k))[1])
+    gan.main(["--sample", "--ckpt", f"{outf}/ckpt.pt", "--n", "1200", "--npz", str(tmp_path / "s.npz")])
+    assert seen == [500, 500, 200] and np.load(tmp_path / "s.npz")["images"].shape == (1200, 16, 16, 3)
+
+
+def test_gan_checkpoint_checks_other_scripts_files_and_a_changed_number_of_ranks(tmp_path, capsys):
+    outf = str(tmp_path / "r")
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", outf])
+    path = os.path.join(outf, "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in ck.items() if k not in ("optG", "optD")}, path)  # e.g. G and D only
+    gan_one_line_error(f"{path} is not a gan.py training checkpoint (it lacks optG, optD); use DIR/ckpt.pt",
+                       call=lambda: gan.main(["--resume", "--outf", outf, "--epochs", "2"]))
+    torch.save({"script": "lapgan", "args": {}}, path)
+    gan_one_line_error(f"{path} was written by lapgan.py, not gan.py",
+                       call=lambda: gan.main(["--resume", "--outf", outf, "--epochs", "2"]))
+    torch.save({**ck, "world": 2}, path)
+    capsys.readouterr()
+    gan.main(["--resume", "--outf", outf, "--epochs", "2"])
+    assert "note: trained on 2 processes, resumed on 1: each one's share of the data changes" in \
+        capsys.readouterr().out
+
+
+def test_gan_dataset_files_are_checked_after_each_reader(tmp_path, monkeypatch):
+    """Wrong rank, fewer labels than images, labels outside the classes: one line naming the file."""
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 256, (6, 28 * 28)), rng.integers(0, 10, 6), "not N x H x W images"),
+             (rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 10, 5), "holds 6 images but 5 labels"),
+             (rng.integers(0, 256, (6, 28, 28)), np.array([0, 1, 2, 3, 4, 12]), "labels 0..12, outside the 10")]
+    for x, y, words in cases:
+        write_idx(tmp_path / "train-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y)
+        monkeypatch.setattr(gan, "IDX_MD5", {"mnist": [gan.md5_of((tmp_path / f).read_bytes()) for f in
+                                                       ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")] * 2})
+        gan_one_line_error(words, "train-images-idx3-ubyte.gz", call=lambda: gan.load_mnist(str(tmp_path), "mnist",
+                                                                                            "train"))
+    cifar = tmp_path / "c"
+    cifar.mkdir()
+    batches = write_cifar_tarball(cifar, protocol=4)
+    with tarfile.open(cifar / "cifar-10-python.tar.gz") as t:
+        t.extractall(cifar, filter="data")
+    x, y = batches["data_batch_2"]
+    with open(cifar / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": x, b"labels": y[:-1] + [10]}, f, protocol=4)
+    gan_trust_cifar(monkeypatch, cifar)
+    gan_one_line_error("cifar-10-batches-py holds labels", "outside the 10 classes 0..9",
+                       call=lambda: gan.read_cifar10(str(cifar), "train"))
+
+
+def test_gan_image_modes_exif_and_float_tiffs_decode_to_their_pixels(tmp_path):
+    """One decode_image: EXIF orientation applied; every Pillow mode mapped to 8 bits by its range."""
+    arr = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3) * 2  # 8 rows, 12 columns, distinct
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "turned.png", exif=exif)
+    out = gan.decode_image(str(tmp_path / "turned.png"), 8, None)
+    assert np.array_equal(out, np.rot90(arr, -1)[2:10])  # 12 x 8 once turned; the centre 8 rows
+    Image.fromarray(arr).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    assert gan.decode_image(str(tmp_path / "turned.jpg"), 8, None).shape == (8, 8, 3)
+    grey = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    for values, want in ((grey, grey * 255), (grey * 1000 - 200, grey * 255)):  # in [0, 1]; beyond: min..max
+        Image.fromarray(values, "F").save(tmp_path / "f.tif")
+        assert Image.open(tmp_path / "f.tif").mode == "F"
+        assert np.abs(gan.decode_image(str(tmp_path / "f.tif"), 8, None) - want).max() <= 0.5 + 1e-6
+    rgb = Image.fromarray(arr[:, :8])
+    wide = {"I;16": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257),  # 16 bits, full range
+            "I": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.int32) * 257),
+            "F": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.float32) / 255)}
+    for mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "I;16", "I", "F", "HSV", "RGBX", "PA"):
+        im = wide[mode] if mode in wide else rgb.convert(mode)
+        assert im.mode == mode
+        name = tmp_path / f"m_{mode.replace(';', '')}.{'tif' if mode in ('I;16', 'I', 'F', 'CMYK', 'YCbCr') else 'png'}"
+        try:
+            im.save(name)
+        except (OSError, KeyError, ValueError):
+            continue  # Pillow cannot write this mode to a file; nothing to read then
+        out = gan.decode_image(str(name), 8, None)
+        assert out.dtype == np.uint8 and out.max() > 100, (mode, out.max())  # not truncated to black
+    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")
+    gan_one_line_error("lab.tif has the Pillow mode LAB", "save it as 8-bit RGB or grey",
+                       call=lambda: gan.decode_image(str(tmp_path / "lab.tif"), 8, None))
+
+
+def test_gan_folder_walk_hidden_symlinks_nested_cache_key_and_outf(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_image_folder(root, n=2)
+    os.makedirs(root / "cats" / "kittens" / "tiny")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cats" / "kittens" / "tiny" / "k.png")
+    os.makedirs(root / ".thumbs")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / ".thumbs" / "t.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "dogs" / ".hidden.png")
+    os.symlink(root, root / "loop")  # a folder linking to its parent: a loop
+    os.symlink(root / "gone.png", root / "dogs" / "dangling.png")
+    os.makedirs(root / "run" / "pics")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "run" / "pics" / "samples_e001.png")
+    x, y, classes = gan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))
+    out = capsys.readouterr().out
+    assert classes == ["cats", "dogs"] and len(x) == 5 and y.tolist() == [0, 0, 0, 1, 1]
+    assert "classes (its top-level folders): cats, dogs" in out and f"skipping {root / 'loop'}" in out
+    assert f"skipping {root / 'dogs' / 'dangling.png'} (a link to nothing)" in out
+    assert f"skipping {root / 'run'}" in out
+    # a file replaced with its modification time kept, but a different size, is decoded again
+    f = root / "dogs" / "0.jpg"
+    st = f.stat()
+    Image.fromarray(np.full((40, 50, 3), 255, np.uint8)).save(f, format="JPEG", quality=50)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size != st.st_size
+    x2, _, _ = gan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))
+    assert x2[3].min() > 240 and not torch.equal(x, x2)
