@@ -2873,3 +2873,118 @@ def test_gan_folder_walk_hidden_symlinks_nested_cache_key_and_outf(tmp_path, cap
     assert f.stat().st_size != st.st_size
     x2, _, _ = gan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))
     assert x2[3].min() > 240 and not torch.equal(x, x2)
+
+
+# ---- gan.py: the method at its boundaries (conditional labels, schedule switches, pixel layout)
+def test_gan_conditional_d_judges_fakes_under_the_labels_g_drew_them_for():
+    """Mirza & Osindero 2014, Sec. 3 (Eq. 2): D(x|y) and G(z|y) share y, so D judges each fake with the class G
+    drew it for, and reals with their own labels. Here every real label differs from its fake's: judging
+    fakes under the real batch's labels (or reals under G's) gives other gradients."""
+    run = gan_tiny_run("--conditional")
+    G0, D0 = copy.deepcopy(run.G), copy.deepcopy(run.D)
+    run.opt_G, run.opt_D = (torch.optim.SGD(net.parameters(), lr=0.0) for net in (run.G, run.D))
+    x, _ = gan.get_batch(run, torch.arange(16))
+    torch.manual_seed(3)
+    z = torch.randn(16, run.args.nz)
+    y_fake = torch.randint(run.ncls, (16,))  # as train_step draws them, after z
+    y_real = (y_fake + 1) % run.ncls
+    torch.manual_seed(3)
+    gan.train_step(run, x, y_real, 0.0)
+    fake = G0(z, y_fake)
+    loss_d = -(F.logsigmoid(D0(x, y_real)).mean() + F.logsigmoid(-D0(fake.detach(), y_fake)).mean())
+    for p, w in zip(run.D.parameters(), torch.autograd.grad(loss_d, list(D0.parameters()))):
+        assert torch.allclose(p.grad, w, atol=1e-6, rtol=1e-4)
+    loss_g = -F.logsigmoid(D0(fake, y_fake)).mean()
+    for p, w in zip(run.G.parameters(), torch.autograd.grad(loss_g, list(G0.parameters()))):
+        assert torch.allclose(p.grad, w, atol=1e-6, rtol=1e-4)
+
+
+def gan_recorded_steps(tmp_path, monkeypatch, *flags):
+    """(d_only, swap_frac) of every train_step a real run makes: 8 steps per epoch (128 images, 16 a batch)."""
+    calls, real = [], gan.train_step
+
+    def record(run, x, y, swap_frac=0.0, d_only=False):
+        calls.append((d_only, swap_frac))
+        return real(run, x, y, swap_frac, d_only)
+    monkeypatch.setattr(gan, "train_step", record)
+    gan.main(GAN_SMALL + ["--outf", str(tmp_path / "-".join(flags)), *flags])
+    return calls
+
+
+@pytest.mark.parametrize("k,expected", [(0, 0), (1, 1), (7, 7), (8, 8), (9, 8)])
+def test_gan_d_pretrain_steps_d_alone_for_exactly_k_steps_then_the_game(tmp_path, monkeypatch, k, expected):
+    """The faces post (and skaae/torch-gan's pre-training loop): --d-pretrain K steps of D alone before the
+    game, within one pass of the data (8 batches here), then every step plays both; once per run."""
+    calls = gan_recorded_steps(tmp_path, monkeypatch, "--epochs", "1", "--d-pretrain", str(k))
+    assert [d for d, _ in calls] == [True] * expected + [False] * 8
+
+
+def test_gan_a_d_only_step_leaves_g_as_it_was():
+    run = gan_tiny_run()
+    G0, D0 = [p.detach().clone() for p in run.G.parameters()], [p.detach().clone() for p in run.D.parameters()]
+    gan.train_step(run, *gan.get_batch(run, torch.arange(16)), d_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(G0, run.G.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(D0, run.D.parameters()))
+
+
+@pytest.mark.parametrize("e", [0, 1, 2])
+def test_gan_swap_epochs_swaps_reals_in_exactly_the_first_e_epochs(tmp_path, monkeypatch, e):
+    """The faces post's swap of reals for fakes, early on only: --swap-epochs E swaps in epochs 1..E (counted
+    from 1, as train_lfw.lua counts epochs) and never after; checked on either side of the boundary."""
+    calls = gan_recorded_steps(tmp_path, monkeypatch, "--epochs", "3", "--swap-epochs", str(e),
+                               "--swap-real", "0.25")
+    assert [s for _, s in calls] == [0.25] * 8 * e + [0.0] * 8 * (3 - e)
+    args = gan.get_args(["--dataset", "shapes", "--swap-epochs", str(e), "--swap-real", "0.5"])
+    assert [gan.swap_fraction(args, epoch) for epoch in range(1, e + 3)] == [0.5] * e + [0.0] * 2
+
+
+def test_gan_faces_lr_at_its_step_and_epoch_boundaries():
+    """lfw_adverserial.lua: lr/50 while fewer than 10 updates, lr/5 while fewer than 30; train_lfw.lua: times
+    0.99 per finished epoch (none in the first), never below 1e-6. Each switch on either side."""
+    lr = 1e-3
+    assert [gan.faces_lr(lr, s, 1) for s in (9, 10, 11, 29, 30, 31)] == [lr / 50] + [lr / 5] * 3 + [lr] * 2
+    assert gan.faces_lr(lr, 30, 1) == lr and gan.faces_lr(lr, 30, 2) == pytest.approx(lr * 0.99)
+    floor = 1 + math.ceil(math.log(1e-6 / lr) / math.log(0.99))  # the first epoch that would fall below 1e-6
+    assert gan.faces_lr(lr, 30, floor - 1) > 1e-6 and gan.faces_lr(lr, 30, floor) == 1e-6
+    assert gan.faces_lr(lr, 0, floor) == 1e-6 / 50  # the warm-up divides the decayed rate
+    run = gan_tiny_run("--arch", "upsample", "--lr", "1e-3")
+    run.epoch, run.step = 1, 40  # in epoch 2: one decay
+    gan.train_step(run, *gan.get_batch(run, torch.arange(16)), 0.0)
+    assert all(g["lr"] == pytest.approx(lr * 0.99) for o in (run.opt_G, run.opt_D) for g in o.param_groups)
+
+
+@pytest.mark.parametrize("err_real,err_fake,expected", [
+    (0.25, 0.5, (True, True)), (0.25 - 1e-9, 0.5, (False, True)), (0.5, 0.25, (True, True)),
+    (0.5, 0.25 - 1e-9, (False, True)), (0.75, 0.5, (True, True)), (0.75 + 1e-9, 0.5, (True, False)),
+    (0.5, 0.75, (True, True)), (0.5, 0.75 + 1e-9, (True, False)),
+])
+def test_gan_margin_rule_at_its_thresholds(err_real, err_fake, expected):
+    """The faces post's rule (train_lfw.lua): D rests when an error is below the margin, G when one is above
+    1 - margin; exactly at a threshold both still learn (strict inequalities)."""
+    assert gan.margin_rule(err_real, err_fake, 0.25) == expected
+
+
+def test_gan_l2_rule_at_its_thresholds():
+    """The faces post's adaptive L2 (skaae/torch-gan): up by 1e-5 when G's error is above 1.3, down when below
+    0.9, unchanged at and between them, never below 0."""
+    c = 3e-5
+    assert gan.l2_rule(c, 1.3) == c and gan.l2_rule(c, 1.3 + 1e-9) == pytest.approx(c + 1e-5)
+    assert gan.l2_rule(c, 0.9) == c and gan.l2_rule(c, 0.9 - 1e-9) == pytest.approx(c - 1e-5)
+    assert gan.l2_rule(c, 1.0) == c and gan.l2_rule(4e-6, 0.5) == 0.0
+
+
+def test_gan_folder_reader_keeps_rows_columns_and_channels_in_place(tmp_path):
+    """DCGAN's LSUN/CelebA preprocessing: shorter side to the size, then a centre crop, images as C x H x W.
+    Every pixel of these images differs, so a transposed, mirrored or channel-swapped layout cannot pass."""
+    r, c, ch = np.meshgrid(np.arange(8), np.arange(12), np.arange(3), indexing="ij")
+    wide = (r * 30 + c * 2 + ch * 71 % 256).astype(np.uint8)  # 8 rows, 12 columns, 3 channels
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2)[:, ::-1, ::-1])  # 12 rows, 8 columns, BGR
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    Image.fromarray(wide).save(tmp_path / "a" / "wide.png")
+    Image.fromarray(tall).save(tmp_path / "b" / "tall.png")
+    for _ in range(2):  # decoded, then from the cache
+        x, y, classes = gan.load_folder(str(tmp_path), 8, None, 1)
+        assert x.shape == (2, 3, 8, 8) and y.tolist() == [0, 1] and classes == ["a", "b"]
+        assert np.array_equal(x[0].numpy(), wide[:, 2:10].transpose(2, 0, 1))  # the centre 8 of 12 columns
+        assert np.array_equal(x[1].numpy(), tall[2:10].transpose(2, 0, 1))  # the centre 8 of 12 rows
