@@ -35,10 +35,22 @@ Parzen estimate uses 10,000 samples and 1,000 test images, sigma chosen on 1,000
     python3 gan.py --dataset folder --dataroot ~/lfw --arch upsample --image-size 64 --cuda
     python3 gan.py --sample --ckpt out/gan-fashion-mnist/ckpt.pt --class-grid --interp slerp --nn --eval
 """
-import argparse, csv, errno, gzip
-import hashlib, io, math, os
-import pickle, shlex, shutil, sys
-import tarfile, time, urllib.request, zlib
+import argparse
+import csv
+import errno
+import gzip
+import hashlib
+import io
+import math
+import os
+import pickle
+import shlex
+import shutil
+import sys
+import tarfile
+import time
+import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import numpy as np
@@ -352,7 +364,13 @@ def setup_run(args, device, data, rank=0, world=1):
     opt_G = make_optimizer(G, args)
     opt_D = make_optimizer(D, args)
     hist = torch.zeros(2, 20, device=device)
-    return Run(args, G, D, opt_G, opt_D, call, images.to(device), labels, classes, ncls, rank, world,
+    return Run(args, G, D, opt_G, opt_D, call,
+               images=images.to(device),
+               labels=labels,
+               classes=classes,
+               ncls=ncls,
+               rank=rank,
+               world=world,
                hist=hist)
 
 def train_step(run, real, y, swap_frac=0.0, d_only=False):
@@ -499,10 +517,12 @@ def latent_pictures(s, args, stem):
         images = generate(s.G, zs, s.y(8, k))
         save_grid(images, stem + "_sweep.png", k)
     if args.walk:
-        keys = s.z(16 * (args.walk // 16 + 2)).view(-1, 16, s.nz)
+        n_keys = args.walk // 16 + 2  # enough key points for the frames, 16 between each two
+        keys = s.z(16 * n_keys).view(-1, 16, s.nz)
         grids = [generate(s.G, f, s.y(16)) for f in walk(keys, args.walk)]  # 16 latents in each frame
         frames = [grid_image(g, 4) for g in grids]
-        save_image(frames[0], stem + "_walk.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
+        more = {"save_all": True, "append_images": frames[1:], "duration": 80, "loop": 0}  # an endless GIF
+        save_image(frames[0], stem + "_walk.gif", **more)
     if args.class_grid and s.ncls:
         y = torch.arange(s.ncls, device=s.device).repeat_interleave(10)
         save_grid(generate(s.G, s.z(len(y)), y), stem + "_classes.png", 10)
@@ -740,7 +760,8 @@ def load_dataset(args, split):
         n = min(10000, args.limit or 10000) if split == "train" else 2000
         x, y, classes = make_shapes(n, args.image_size or 32, 0 if split == "train" else 1)
     else:
-        x, y, classes = load_folder(args.dataroot, args.image_size or 64, args.channels, args.workers, args.outf)
+        size = args.image_size or 64
+        x, y, classes = load_folder(args.dataroot, size, args.channels, args.workers, args.outf)
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
@@ -812,7 +833,7 @@ def restore(run, ckpt):
     elif os.path.exists(log := os.path.join(run.args.outf, "log.csv")):  # rows past the checkpoint go
         with open(log, newline="") as f:
             lines = f.readlines()
-        done = [r for r in lines[1:] if r.endswith("\n") and r.split(",")[0].isdigit()]  # a torn last row goes
+        done = [r for r in lines[1:] if r.endswith("\n") and r.split(",")[0].isdigit()]  # not a torn last row
         keep = lines[:1] + [r for r in done if int(r.split(",")[0]) <= ckpt["step"]]
         write_atomic(log, lambda f: f.write("".join(keep).encode()))
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
@@ -970,7 +991,8 @@ def end_epoch(run, epoch):
             dist.broadcast(b, 0)
     if run.rank:
         return
-    outf, n, dev = run.args.outf, (100 if run.ncls else 64), run.images.device  # conditional: a class a column
+    outf, dev = run.args.outf, run.images.device
+    n = 100 if run.ncls else 64  # conditional: a class a column
     if not all(torch.isfinite(p).all() for p in run.G.parameters()):
         fail(f"G's weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
     z = torch.randn(n, run.args.nz, generator=torch.Generator().manual_seed(run.args.seed)).to(dev)
@@ -1032,7 +1054,7 @@ def grid_image(images, nrow=8, pad=2):
     return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
 def load_sampler(args):
-    """--sample's G from --ckpt, its checks, and its output folders checked for room: (Sampler, flags, stem)"""
+    """--sample's G from --ckpt, checked, and room for its output: -> (Sampler, training flags, file stem)"""
     ckpt = load_checkpoint(args.ckpt)
     targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
     ncls = len(ckpt["classes"]) if targs.conditional else 0
@@ -1104,8 +1126,9 @@ NUMBERS = {"image_size": (int, None, "[1, 1024]"), "limit": (int, None, "[1, inf
            "swap_epochs": (int, 0, "[0, inf)"), "dropout_d": (float, None, "[0, 1)"),
            "dropout_g": (float, 0.0, "[0, 1)"), "seed": (int, 1, "[0, 4294967295]"),
            "log_every": (int, 100, "[1, inf)"), "workers": (int, 4, "[0, 256]"), "n": (int, 64, "[1, inf)"),
-           "label": (int, None, "[0, inf)"), "steps": (int, 10, "[1, 1000]"), "sweep_dim": (int, None, "[0, inf)"),
-           "range": (float, 3.0, "(0, inf)"), "walk": (int, 0, "[0, 100000]"), "eval_samples": (int, 10000, "[1, inf)")}
+           "label": (int, None, "[0, inf)"), "steps": (int, 10, "[1, 1000]"),
+           "sweep_dim": (int, None, "[0, inf)"), "range": (float, 3.0, "(0, inf)"),
+           "walk": (int, 0, "[0, 100000]"), "eval_samples": (int, 10000, "[1, inf)")}
 
 def make_parser():
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
@@ -1119,7 +1142,7 @@ def make_parser():
     a("--interp", choices=["lerp", "slerp"])
     for name in ("outf", "ckpt", "npz", "out"):
         a("--" + name)
-    for name in ("conditional", "bn-d", "resume", "cuda", "amp", "compile", "sample", "class-grid", "nn", "eval"):
+    for name in "conditional bn-d resume cuda amp compile sample class-grid nn eval".split():
         a("--" + name, action="store_true")
     for name, (kind, default, _) in NUMBERS.items():  # the README lists what each does
         a("--" + name.replace("_", "-"), type=kind, default=default)
@@ -1152,7 +1175,7 @@ def get_args(argv=None):
     return args
 
 def main(argv=None):
-    """Train (data-parallel under torchrun) or sample. Ctrl-C ends with one line: what is kept, how to go on."""
+    """Train (data-parallel under torchrun) or sample. Ctrl-C ends in one line: what is kept, how to go on."""
     args, run, lock = get_args(argv), None, None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
@@ -1183,17 +1206,20 @@ def main(argv=None):
 
 def interrupted(args, run, argv):
     """Ctrl-C's one line: where it stopped, which checkpoint is kept, the command that goes on."""
-    argv = sys.argv[1:] if argv is None else argv
+    again = shlex.join(["python3", "gan.py", *(sys.argv[1:] if argv is None else argv)])
     if args.sample:
-        return f"interrupted; files already written are whole; to sample again: {shlex.join(['python3', 'gan.py', *argv])}"
+        return f"interrupted; files already written are whole; to sample again: {again}"
     where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
-    path, resume = os.path.join(args.outf, "ckpt.pt"), ["--resume", "--outf", args.outf]
+    path = os.path.join(args.outf, "ckpt.pt")
     if not os.path.exists(path):
-        return f"interrupted {where}; no checkpoint was written yet; to start again: python3 gan.py {shlex.join(argv)}"
+        return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    machine = [a for k in ("cuda", "amp", "compile", "workers", "log_every") if k in args.typed  # as typed
-               for a in ["--" + k.replace("_", "-"), str(getattr(args, k))][:2 - isinstance(getattr(args, k), bool)]]
-    return f"interrupted {where}; {path} (epoch {epoch}) is kept; to continue: python3 gan.py {shlex.join(resume + machine)}"
+    flags = ["--resume", "--outf", args.outf]  # and this machine's flags as typed
+    for k in [k for k in ("cuda", "amp", "compile", "workers", "log_every") if k in args.typed]:
+        v = getattr(args, k)
+        flags += ["--" + k.replace("_", "-")] + ([] if isinstance(v, bool) else [str(v)])
+    return (f"interrupted {where}; {path} (epoch {epoch}) is kept; "
+            f"to continue: python3 gan.py {shlex.join(flags)}")
 
 if __name__ == "__main__":
     main()
