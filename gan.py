@@ -11,11 +11,13 @@ that do not vanish while D wins. Training is fragile, so the faces post pauses w
 (margin rule) or penalises D's weights while G loses (L2 rule); DCGAN made both networks convolutional.
 
 Paper to code:
-    Goodfellow Sec. 3, Eq. 1: D's loss, G's non-saturating loss    d_loss, g_loss, train_step
+    Goodfellow Sec. 3, Eq. 1: D's loss, G's non-saturating loss    d_loss, g_loss
+    Goodfellow Alg. 1 (k = 1): a D step, then a G step, D fixed    train_step, d_step, g_step
     faces post: margin rule, adaptive L2 on D, reals swapped for   margin_rule, l2_rule, l2_penalty,
-      fakes, D pre-training, RMSProp warm-up and decay               swap_real, train, faces_lr
+      fakes early on, D pre-training, RMSProp warm-up and decay      swap_real, swap_fraction, pretrain_d,
+                                                                     faces_lr
     Eyescream: D with about 0.125 to 0.5 of G's parameters         report_ratio
-    DCGAN Sec. 3 (networks), Sec. 4 (N(0, 0.02) init, Adam)        dcgan_nets, dcgan_init, ARCH_DEFAULTS
+    DCGAN Sec. 3 (networks), Sec. 4 (N(0, 0.02) init, Adam)        dcgan_nets, dcgan_init, make_optimizer
     faces code (train_lfw.lua): upsampling G, max-pooling D        upsample_nets
     Mirza & Osindero Sec. 3: the label fed to G and D              Conditioned
     Goodfellow Sec. 5: Gaussian Parzen window                      parzen_log_likelihood, parzen_eval
@@ -33,24 +35,42 @@ Parzen estimate uses 10,000 samples and 1,000 test images, sigma chosen on 1,000
     python3 gan.py --dataset folder --dataroot ~/lfw --arch upsample --image-size 64 --cuda
     python3 gan.py --sample --ckpt out/gan-fashion-mnist/ckpt.pt --class-grid --interp slerp --nn --eval
 """
-import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, urllib.request, zlib
+import argparse
+import csv
+import errno
+import gzip
+import hashlib
+import io
+import math
+import os
+import pickle
+import shlex
+import shutil
+import sys
+import tarfile
+import time
+import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import distributed as dist, nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 SCRIPT = "gan"
 
 # ----------------------------------------------------------------------------- the game and its losses
 def bce(logits, target):  # binary cross-entropy of D's logits against a constant target, a batch mean
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+    targets = torch.full_like(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, targets)
 
 def d_loss(logit_real, logit_fake):
     """D ascends log D(x) + log(1 - D(G(z))) (Eq. 1): BCE with target 1 on reals, 0 on fakes."""
-    return bce(logit_real, 1.0), bce(logit_fake, 0.0)  # (err_real, err_fake), each a batch mean
+    err_real = bce(logit_real, 1.0)  # -log D(x), a batch mean
+    err_fake = bce(logit_fake, 0.0)  # -log(1 - D(G(z)))
+    return err_real, err_fake
 
 def g_loss(logit_fake):
     """Sec. 3: minimise -log D(G(z)), not log(1 - D(G(z))), which is flat while D rejects G's samples."""
@@ -59,9 +79,13 @@ def g_loss(logit_fake):
 # ----------------------------------------------------------------------------- balancing heuristics
 def margin_rule(err_real, err_fake, margin=0.3):  # -> (update_d, update_g)
     """Faces post: D rests when right on reals or fakes (error < margin), G when D is fooled (> 1 - margin)"""
-    update_d = not (err_real < margin or err_fake < margin)
-    update_g = not (err_real > 1 - margin or err_fake > 1 - margin)
-    return (update_d, update_g) if update_d or update_g else (True, True)  # never both rest
+    d_is_right = err_real < margin or err_fake < margin
+    d_is_fooled = err_real > 1 - margin or err_fake > 1 - margin
+    update_d = not d_is_right
+    update_g = not d_is_fooled
+    if not update_d and not update_g:  # never both rest
+        return True, True
+    return update_d, update_g
 
 def l2_rule(coef, err_g, step=1e-5, high=1.3, low=0.9):
     """Faces post: G failing (error > high) means D is too strong: raise D's L2 penalty; lower it below low"""
@@ -73,7 +97,10 @@ def l2_rule(coef, err_g, step=1e-5, high=1.3, low=0.9):
 
 def l2_penalty(net, coef):
     """coef/2 |theta|^2, whose gradient coef * theta is what the Torch code adds to D's gradient."""
-    return 0.5 * coef * sum(p.pow(2).sum() for p in net.parameters()) if coef > 0 else 0.0
+    if coef == 0:
+        return 0.0
+    squares = sum(p.pow(2).sum() for p in net.parameters())
+    return 0.5 * coef * squares
 
 def swap_real(real, y_real, fake, y_fake, frac):
     """Replace a fraction of the reals with fakes still labelled real, to slow D while G finds its feet."""
@@ -81,17 +108,33 @@ def swap_real(real, y_real, fake, y_fake, frac):
     if k == 0:
         return real, y_real
     x = torch.cat([fake[:k].detach(), real[k:]])
-    return x, (torch.cat([y_fake[:k], y_real[k:]]) if y_real is not None else None)
+    if y_real is None:
+        return x, None
+    y = torch.cat([y_fake[:k], y_real[k:]])  # a swapped fake keeps the class G drew it for
+    return x, y
+
+def swap_fraction(args, epoch):
+    """The faces post swaps reals for fakes early on only: in epochs 1 to --swap-epochs (counted from 1)."""
+    if epoch <= args.swap_epochs:
+        return args.swap_real
+    return 0.0
 
 def faces_lr(lr, step, epoch):  # lfw_adverserial.lua's warm-up, train_lfw.lua's decay
     """The faces code's schedule: lr/50 for 10 updates, lr/5 until 30, then lr; times 0.99 per past epoch"""
-    return max(lr * 0.99 ** (epoch - 1), 1e-6) / (50 if step < 10 else 5 if step < 30 else 1)
+    decayed = max(lr * 0.99 ** (epoch - 1), 1e-6)
+    if step < 10:
+        return decayed / 50
+    if step < 30:
+        return decayed / 5
+    return decayed
 
 def report_ratio(G, D):
     """Eyescream's rule of thumb: D with about 0.5 (or 0.125) of G's parameters trains well."""
-    ng, nd = count_params(G), count_params(D)
-    print(f"G {ng:,} parameters, D {nd:,} parameters, D/G = {nd / ng:.3f}")
-    if not 0.0625 <= nd / ng <= 1.5:  # far outside, one network overpowers the other
+    ng = count_params(G)
+    nd = count_params(D)
+    ratio = nd / ng
+    print(f"G {ng:,} parameters, D {nd:,} parameters, D/G = {ratio:.3f}")
+    if not 0.0625 <= ratio <= 1.5:  # far outside, one network overpowers the other
         print("warning: D/G is far from the 0.125-0.5 rule of thumb; adjust --ngf/--ndf")
 
 def count_params(net):
@@ -107,20 +150,23 @@ class Conditioned(nn.Module):
 
     def __init__(self, body, ncls):
         super().__init__()
-        self.body, self.ncls = body, ncls
+        self.body = body
+        self.ncls = ncls
 
     def forward(self, x, y=None):
         if self.ncls:
             onehot = F.one_hot(y, self.ncls).to(x.dtype)  # B x ncls
             if x.dim() == 4:  # an image: B x ncls x H x W planes
-                onehot = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+                onehot = onehot[:, :, None, None]
+                onehot = onehot.expand(-1, -1, x.shape[2], x.shape[3])
             x = torch.cat([x, onehot], 1)  # B x (nz + ncls), or B x (C + ncls) x H x W
         return self.body(x)
 
 def depth(size, largest, fewest, arch):  # size = s0 * 2^n: n doublings from s0 x s0, s0 in 4..largest
     s0, n = size, 0
     while s0 % 2 == 0 and s0 > largest:
-        s0, n = s0 // 2, n + 1
+        s0 = s0 // 2
+        n = n + 1
     if not (4 <= s0 <= largest and n >= fewest):
         fail(f"--image-size {size} does not fit --arch {arch}; use s*2^n with s in 4..{largest}, e.g. 32")
     return s0, n
@@ -129,17 +175,23 @@ def dcgan_nets(nz, ngf, ndf, nc, size, ncls, dropout):
     """DCGAN Sec. 3: strided (transposed) convs, BN, ReLU in G / LeakyReLU 0.2 in D, no BN on D's input."""
     s0, n = depth(size, 7, 2, "dcgan")  # 28 = 7 * 2^2, 32 = 4 * 2^3, 64 = 4 * 2^4
     gw = [ngf * 2 ** i for i in reversed(range(n))]  # 64x64: 512, 256, 128, 64 channels
-    g = [nn.Unflatten(1, (nz + ncls, 1, 1)), nn.ConvTranspose2d(nz + ncls, gw[0], s0, 1, 0, bias=False),
-         nn.BatchNorm2d(gw[0]), nn.ReLU(True)]  # z as a 1 x 1 image -> s0 x s0
+    g = [nn.Unflatten(1, (nz + ncls, 1, 1))]  # z as a 1 x 1 image
+    g += [nn.ConvTranspose2d(nz + ncls, gw[0], s0, 1, 0, bias=False)]  # -> s0 x s0
+    g += [nn.BatchNorm2d(gw[0]), nn.ReLU(True)]
     for a, b in zip(gw, gw[1:]):  # each doubles H and W
-        g += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(True)]
-    g += [nn.ConvTranspose2d(gw[-1], nc, 4, 2, 1, bias=False), nn.Tanh()]  # -> nc x size x size in [-1, 1]
+        g += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False)]
+        g += [nn.BatchNorm2d(b), nn.ReLU(True)]
+    g += [nn.ConvTranspose2d(gw[-1], nc, 4, 2, 1, bias=False)]
+    g += [nn.Tanh()]  # -> nc x size x size in [-1, 1]
     dw = [ndf * 2 ** i for i in range(n)]  # 64x64: 64, 128, 256, 512 channels, halving H and W each
     extra = [nn.Dropout(dropout)] if dropout else []
-    d = [nn.Conv2d(nc + ncls, dw[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)] + extra
+    d = [nn.Conv2d(nc + ncls, dw[0], 4, 2, 1, bias=False)]  # no BN on D's input
+    d += [nn.LeakyReLU(0.2, True)] + extra
     for a, b in zip(dw, dw[1:]):
-        d += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)] + extra
-    d += [nn.Conv2d(dw[-1], 1, s0, 1, 0, bias=False), nn.Flatten(0)]  # s0 x s0 -> one logit per image
+        d += [nn.Conv2d(a, b, 4, 2, 1, bias=False)]
+        d += [nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)] + extra
+    d += [nn.Conv2d(dw[-1], 1, s0, 1, 0, bias=False)]  # s0 x s0 -> one logit
+    d += [nn.Flatten(0)]  # B logits
     return nn.Sequential(*g), nn.Sequential(*d)
 
 def upsample_nets(nz, ngf, ndf, nc, size, ncls, dropout, bn_d=False, dropout_g=0.0):
@@ -148,18 +200,23 @@ def upsample_nets(nz, ngf, ndf, nc, size, ncls, dropout, bn_d=False, dropout_g=0
     convs but the first (the post's panel A: D then wins); dropout_g: dropout after G's ReLUs, tried too."""
     s0, n = depth(size, 8, 1, "upsample")  # the faces code: 64 = 8 * 2^3
     gw = [ngf * 2] + [ngf * 4] * (n - 1) + [ngf * 2]  # 64x64: 128 -> 256 -> 256 -> 128 channels
-    g = [nn.Linear(nz + ncls, gw[0] * s0 * s0), nn.Unflatten(1, (gw[0], s0, s0)), nn.ReLU(True)]
+    g = [nn.Linear(nz + ncls, gw[0] * s0 * s0)]
+    g += [nn.Unflatten(1, (gw[0], s0, s0)), nn.ReLU(True)]
     for a, b in zip(gw, gw[1:]):  # each block doubles H and W
-        g += [nn.Upsample(scale_factor=2), nn.Conv2d(a, b, 5, 1, 2), nn.BatchNorm2d(b), nn.ReLU(True)]
+        g += [nn.Upsample(scale_factor=2), nn.Conv2d(a, b, 5, 1, 2)]
+        g += [nn.BatchNorm2d(b), nn.ReLU(True)]
         g += [nn.Dropout(dropout_g)] if dropout_g else []
     g += [nn.Conv2d(gw[-1], nc, 3, 1, 1)]  # linear output, as in the Torch code
     dw = [nc + ncls] + [ndf // 2 * (i + 1) for i in range(n)]  # 64x64: 32, 64, 96 channels
+    p = 0.2 if dropout is None else dropout  # the faces code's spatial dropout
     d = []
     for i, (a, b) in enumerate(zip(dw, dw[1:])):  # each block halves H and W
-        d += [nn.Conv2d(a, b, 5, 1, 2)] + ([nn.BatchNorm2d(b)] if bn_d and i else [])
-        d += [nn.MaxPool2d(2), nn.ReLU(True), nn.Dropout2d(0.2 if dropout is None else dropout)]
-    d += [nn.Flatten(), nn.Linear(dw[-1] * s0 * s0, 1024), nn.ReLU(True), nn.Dropout(0.5),
-          nn.Linear(1024, 1), nn.Flatten(0)]  # -> one logit per image
+        d += [nn.Conv2d(a, b, 5, 1, 2)]
+        d += [nn.BatchNorm2d(b)] if bn_d and i > 0 else []
+        d += [nn.MaxPool2d(2), nn.ReLU(True), nn.Dropout2d(p)]
+    d += [nn.Flatten(), nn.Linear(dw[-1] * s0 * s0, 1024)]
+    d += [nn.ReLU(True), nn.Dropout(0.5)]
+    d += [nn.Linear(1024, 1), nn.Flatten(0)]  # -> one logit per image
     return nn.Sequential(*g), nn.Sequential(*d)
 
 def dcgan_init(m):
@@ -173,42 +230,62 @@ def dcgan_init(m):
 def build_nets(args, nc, ncls, size=None):
     """G and D for args.arch, images of nc channels and size x size, ncls classes (0: unconditional)."""
     size = size or args.image_size
+    widths = (args.nz, args.ngf, args.ndf, nc, size, ncls, args.dropout_d)
     if args.arch == "dcgan":
-        g, d = dcgan_nets(args.nz, args.ngf, args.ndf, nc, size, ncls, args.dropout_d)
-    else:  # checkpoints from before --bn-d / --dropout-g lack them
-        g, d = upsample_nets(args.nz, args.ngf, args.ndf, nc, size, ncls, args.dropout_d,
-                             getattr(args, "bn_d", False), getattr(args, "dropout_g", 0.0))
-    G, D = Conditioned(g, ncls), Conditioned(d, ncls)
+        g, d = dcgan_nets(*widths)
+    else:
+        g, d = upsample_nets(*widths, args.bn_d, args.dropout_g)
+    G = Conditioned(g, ncls)
+    D = Conditioned(d, ncls)
     if args.arch == "dcgan":
-        G.apply(dcgan_init), D.apply(dcgan_init)
+        G.apply(dcgan_init)
+        D.apply(dcgan_init)
     return G, D
+
+def make_optimizer(net, args):
+    if args.optimizer == "adam":  # DCGAN Sec. 4: Adam, beta1 0.5
+        fused = next(net.parameters()).is_cuda  # one kernel for every parameter on the GPU
+        betas = (args.beta1, 0.999)
+        return torch.optim.Adam(net.parameters(), args.lr, betas=betas, fused=fused)
+    # the faces code's rmsprop: decay 0.9, epsilon 1e-8 added to the root
+    return torch.optim.RMSprop(net.parameters(), args.lr, alpha=0.9, eps=1e-8)
 
 # ----------------------------------------------------------------------------- evaluation and latent tools
 def parzen_log_likelihood(samples, x, sigma):  # -> (len(x),) in nats
     """Goodfellow Sec. 5: log density at each row of x (pixels in [0, 1]) of N Gaussians of width sigma"""
     d2 = torch.cdist(x.double(), samples.double()).pow(2)  # len(x) x N squared distances
-    return (torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - math.log(len(samples))  # log of the mean kernel
-            - 0.5 * x.shape[1] * math.log(2 * math.pi * sigma ** 2))  # the Gaussian's normaliser in k dims
+    log_kernels = -d2 / (2 * sigma ** 2)
+    log_mean_kernel = torch.logsumexp(log_kernels, 1) - math.log(len(samples))
+    log_normaliser = 0.5 * x.shape[1] * math.log(2 * math.pi * sigma ** 2)  # the Gaussian's, in k dims
+    return log_mean_kernel - log_normaliser
 
 def parzen_eval(samples, val, test, sigmas=None):
     """Choose sigma on a validation split, then report the test mean and its standard error."""
-    sigmas = torch.logspace(-1, 0, 10).tolist() if sigmas is None else sigmas
-    sigma = max(sigmas, key=lambda sd: parzen_log_likelihood(samples, val, sd).mean().item())
+    if sigmas is None:
+        sigmas = torch.logspace(-1, 0, 10).tolist()
+
+    def val_score(sd):
+        return parzen_log_likelihood(samples, val, sd).mean().item()
+    sigma = max(sigmas, key=val_score)
     ll = torch.cat([parzen_log_likelihood(samples, c, sigma) for c in test.split(500)])
-    return sigma, ll.mean().item(), (ll.std() / math.sqrt(len(ll))).item()
+    se = ll.std() / math.sqrt(len(ll))
+    return sigma, ll.mean().item(), se.item()
 
 def nearest_neighbours(samples, train, chunk=4096):
     """Index of each sample's L2-nearest training image (the faces post's check that G is not copying)."""
     flat = samples.flatten(1).float()  # N x (C H W)
-    return torch.cat([torch.cdist(flat, c.flatten(1).float()) for c in train.split(chunk)], 1).argmin(1)
+    dists = [torch.cdist(flat, c.flatten(1).float()) for c in train.split(chunk)]
+    return torch.cat(dists, 1).argmin(1)
 
 def lerp(a, b, t):
     return a + (b - a) * t[:, None]  # the straight line from a to b at times t: len(t) x nz
 
 def slerp(a, b, t):  # Gaussian latents live near a sphere; a line between two cuts its unlikely interior
     """Spherical interpolation (White 2016) of the direction, linear in the norm: len(t) x nz"""
-    na, nb = a.norm(), b.norm()
-    ua, ub = a / na, b / nb
+    na = a.norm()
+    nb = b.norm()
+    ua = a / na
+    ub = b / nb
     cos_om = ua @ ub  # cos(omega), omega the angle between them
     v = ub - cos_om * ua  # the direction from a towards b on the sphere; |v| = sin(omega)
     sin_om = v.norm()
@@ -218,10 +295,14 @@ def slerp(a, b, t):  # Gaussian latents live near a sphere; a line between two c
     if sin_om < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
         e = torch.zeros_like(a)
         e[ua.abs().argmin()] = 1
-        v, omega = e - (ua @ e) * ua, torch.tensor(math.pi, dtype=a.dtype, device=a.device)
+        v = e - (ua @ e) * ua
+        omega = torch.tensor(math.pi, dtype=a.dtype, device=a.device)
     v = v / v.norm()
-    path = ua * torch.cos(omega * t)[:, None] + v * torch.sin(omega * t)[:, None]  # len(t) x nz, unit
-    return path * (na + (nb - na) * t)[:, None]
+    along = torch.cos(omega * t)[:, None]
+    across = torch.sin(omega * t)[:, None]
+    path = ua * along + v * across  # len(t) x nz, unit vectors
+    norms = na + (nb - na) * t
+    return path * norms[:, None]
 
 def sweep(z, dim, r, k):
     """Each latent with one dimension swept from -r to r, the rest fixed: what that axis controls."""
@@ -234,19 +315,22 @@ def sweep(z, dim, r, k):
 def walk(keys, frames, per_key=16):
     """A slow tour of latent space: slerp between successive key points. keys: K x 16 x nz."""
     t = torch.linspace(0, 1, per_key + 1, device=keys.device)[:-1]
-    path = [torch.stack([slerp(a, b, t) for a, b in zip(k0, k1)], 1) for k0, k1 in zip(keys, keys[1:])]
-    return torch.cat(path)[:frames]  # frames x 16 x nz
+    legs = []
+    for k0, k1 in zip(keys, keys[1:]):
+        leg = [slerp(a, b, t) for a, b in zip(k0, k1)]  # 16 paths of per_key steps
+        legs.append(torch.stack(leg, 1))
+    return torch.cat(legs)[:frames]  # frames x 16 x nz
 
 # ----------------------------------------------------------------------------- one training step
 @dataclass
 class Run:
     """A training run: the networks, their optimisers, the data on the device and the counters."""
     args: argparse.Namespace  # the user's flags (the checkpoint's on --resume); never written to
-    nets: dict  # "G", "D": the nn.Modules that are saved
-    # "G", "D": what forward passes call (DDP or compiled wrappers, or the modules); "D_for_G": D itself for
-    # the G step, which needs only G's gradients: a backward through DDP's D would all-reduce D's for nothing
-    fwd: dict
-    opts: dict  # "G", "D": their optimisers
+    G: nn.Module  # the generator, as saved
+    D: nn.Module  # the discriminator, as saved
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    call: "Forward"  # how the step calls G and D on this machine (see Forward, below the method)
     images: torch.Tensor  # the training set, uint8 N x C x H x W, on the device
     labels: torch.Tensor  # its classes, int64 N (None when it has none)
     classes: list  # class names
@@ -262,170 +346,205 @@ class Run:
 def setup_run(args, device, data, rank=0, world=1):
     """A Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names)."""
     images, labels, classes = data
-    if len(images) // world < args.batch_size:  # with several ranks: each rank's share
-        fail(f"only {len(images) // world} training images, fewer than one batch of --batch-size "
+    share = len(images) // world  # with several ranks: each rank's share
+    if share < args.batch_size:
+        fail(f"only {share} training images, fewer than one batch of --batch-size "
              f"{args.batch_size}; lower --batch-size or add images")
     if args.conditional and labels is None:
         fail("--conditional needs class labels; this dataset has none")
     ncls = len(classes) if args.conditional else 0
-    G, D = (m.to(device) for m in build_nets(args, images.shape[1], ncls, images.shape[-1]))
-    if args.optimizer == "adam":  # DCGAN Sec. 4: Adam, beta1 0.5
-        opts = {k: torch.optim.Adam(m.parameters(), args.lr, betas=(args.beta1, 0.999),
-                                    fused=device.type == "cuda") for k, m in (("G", G), ("D", D))}
-    else:  # the faces code's rmsprop: decay 0.9, epsilon 1e-8 added to the root
-        opts = {k: torch.optim.RMSprop(m.parameters(), args.lr, alpha=0.9, eps=1e-8)
-                for k, m in (("G", G), ("D", D))}
-    fwd = {"G": G, "D": D}
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        fwd = {k: nn.parallel.DistributedDataParallel(m, device_ids=ids) for k, m in fwd.items()}
-    fwd["D_for_G"] = D
-    if args.compile:
-        fwd = {k: torch.compile(m, dynamic=False) for k, m in fwd.items()}
+    G, D = build_nets(args, images.shape[1], ncls, images.shape[-1])
+    G = G.to(device)
+    D = D.to(device)
     if rank == 0:
         report_ratio(G, D)
-    labels = None if labels is None else labels.to(device)
-    return Run(args, {"G": G, "D": D}, fwd, opts, images.to(device), labels, classes, ncls, rank, world,
-               hist=torch.zeros(2, 20, device=device))
+    if labels is not None:
+        labels = labels.to(device)
+    call = forward_calls(G, D, args, device, world)
+    opt_G = make_optimizer(G, args)
+    opt_D = make_optimizer(D, args)
+    hist = torch.zeros(2, 20, device=device)
+    return Run(args, G, D, opt_G, opt_D, call,
+               images=images.to(device),
+               labels=labels,
+               classes=classes,
+               ncls=ncls,
+               rank=rank,
+               world=world,
+               hist=hist)
 
 def train_step(run, real, y, swap_frac=0.0, d_only=False):
-    """One round of the game: a D step on reals and detached fakes, then a G step. Takes the Run, a real
-    batch (float B x C x H x W in [-1, 1] on the device), its labels y (int64 B, or None) and the fraction of
-    reals to swap for fakes (d_only: D steps alone). Returns scalar tensors, no host sync unless rules act"""
-    args, B, dev = run.args, real.shape[0], real.device
-    z = torch.randn(B, args.nz, device=dev)
-    y_fake = torch.randint(run.ncls, (B,), device=dev) if run.ncls else None
-    with autocast(args, dev):
-        fake = run.fwd["G"](z, y_fake)  # B x C x H x W
-        x_real, y_real = swap_real(real, y, fake, y_fake, swap_frac)
-        logit_real = run.fwd["D"](x_real, y_real).float()  # B logits
-        logit_fake = run.fwd["D"](fake.detach(), y_fake).float()  # detached: D's loss is not G's to follow
+    """One round of the game (Alg. 1, k = 1): a D step on reals and detached fakes, then a G step against
+    the new D. real: float B x C x H x W in [-1, 1] on the device; y: its int64 labels or None; swap_frac:
+    reals swapped for fakes; d_only: D steps alone. Returns tensors: no host sync unless a rule acts."""
+    args = run.args
+    B = real.shape[0]
+    z = torch.randn(B, args.nz, device=real.device)
+    y_fake = None
+    if run.ncls:  # Mirza & Osindero: each fake drawn for a class of its own, uniform over the classes
+        y_fake = torch.randint(run.ncls, (B,), device=real.device)
+    fake = run.call.G(z, y_fake)  # B x C x H x W
+    x_real, y_real = swap_real(real, y, fake, y_fake, swap_frac)
+    logit_real = run.call.D(x_real, y_real)  # B logits
+    logit_fake = run.call.D(fake.detach(), y_fake)  # under the classes G drew for; detached: D's step only
     err_real, err_fake = d_loss(logit_real, logit_fake)
     if args.arch == "upsample":  # the faces code's warm-up and decay
-        for group in [g for opt in run.opts.values() for g in opt.param_groups]:
-            group["lr"] = faces_lr(args.lr, run.step, run.epoch + 1)
-    upd_d, upd_g = True, True
-    if args.balance == "margin":
-        upd_d, upd_g = margin_rule(*global_mean(err_real, err_fake), args.margin)
-    if upd_d:
-        run.opts["D"].zero_grad(set_to_none=True)
-        # the L2 rule's steps are tuned to the faces code's BCE over a mixed half-real batch: half our sum
-        half = 0.5 if args.balance == "l2" else 1.0
-        (half * (err_real + err_fake) + l2_penalty(run.nets["D"], run.l2)).backward()
-        run.opts["D"].step()
-    with autocast(args, dev):
-        err_g = g_loss(run.fwd["D_for_G"](fake, y_fake).float())
-    if upd_g and not d_only:
-        run.opts["G"].zero_grad(set_to_none=True)
-        err_g.backward(inputs=list(run.nets["G"].parameters()))  # D's weights are not G's to change
-        run.opts["G"].step()
+        set_lr(run, faces_lr(args.lr, run.step, run.epoch + 1))
+    update_d, update_g = balance(run, err_real, err_fake)
+    if update_d:
+        d_step(run, err_real, err_fake)
+    err_g = g_loss(run.call.D_fixed(fake, y_fake))  # the new D, held fixed while G steps
+    if update_g and not d_only:
+        g_step(run, err_g)
     if args.balance == "l2":
-        run.l2 = l2_rule(run.l2, global_mean(err_g)[0])
-    p_real, p_fake = torch.sigmoid(logit_real.detach()), torch.sigmoid(logit_fake.detach())  # D(x), D(G(z))
-    run.hist += torch.stack([torch.histc(p_real, 20, 0, 1), torch.histc(p_fake, 20, 0, 1)])
+        err_g_now = run.call.floats(err_g)[0]
+        run.l2 = l2_rule(run.l2, err_g_now)
+    p_real = torch.sigmoid(logit_real.detach())  # D(x), one per image
+    p_fake = torch.sigmoid(logit_fake.detach())  # D(G(z))
     return {"err_d": err_real + err_fake, "err_g": err_g, "err_d_real": err_real, "err_d_fake": err_fake,
-            "d_x": p_real.mean(), "d_gz": p_fake.mean(), "upd_d": float(upd_d), "upd_g": float(upd_g)}
+            "d_x": p_real, "d_gz": p_fake, "upd_d": float(update_d), "upd_g": float(update_g)}
+
+def balance(run, err_real, err_fake):  # -> (update_d, update_g)
+    """The margin rule decides who steps (every rank the same, from errors averaged over ranks)."""
+    if run.args.balance != "margin":
+        return True, True
+    e_real, e_fake = run.call.floats(err_real, err_fake)
+    return margin_rule(e_real, e_fake, run.args.margin)
+
+def d_step(run, err_real, err_fake):
+    """D descends its loss, plus the L2 rule's coef/2 |theta_D|^2 on D's weights."""
+    # the L2 rule's steps are tuned to the faces code's BCE over a mixed half-real batch: half our sum
+    half = 0.5 if run.args.balance == "l2" else 1.0
+    loss = half * (err_real + err_fake) + l2_penalty(run.D, run.l2)
+    run.opt_D.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt_D.step()
+
+def g_step(run, err_g):
+    """G descends -log D(G(z)); D's weights are not G's to change, so only G's gradients are formed."""
+    run.opt_G.zero_grad(set_to_none=True)
+    err_g.backward(inputs=list(run.G.parameters()))
+    run.opt_G.step()
+
+def set_lr(run, lr):
+    for opt in (run.opt_G, run.opt_D):
+        for group in opt.param_groups:
+            group["lr"] = lr
 
 # ----------------------------------------------------------------------------- training and sampling
-def train(args, device, rank=0, world=1):
-    """Train for --epochs (continuing a checkpoint with --resume); rank 0 writes the run's files."""
-    if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
-        args = resume_args(args, ckpt)
-    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
-        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
-    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
-    if args.resume:
-        restore(run, ckpt)
-    os.makedirs(args.outf, exist_ok=True)
-    n = 100 if run.ncls else 64  # conditional: 10 columns, one class each
-    fixed_z = torch.randn(n, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    fixed_y = torch.arange(n, device=device) % run.ncls if run.ncls else None
-    start_step, t0 = run.step, time.time()
-    pretrain = args.d_pretrain if run.step == 0 else 0  # D alone first, so G then gets a signal; once only
-    for b in batches(run, 0)[:pretrain]:
-        train_step(run, *get_batch(run, b), d_only=True)
-    for epoch in range(run.epoch + 1, args.epochs + 1):
+def train(run):
+    """Train for --epochs from where the run stands (a fresh run, or a checkpoint's); rank 0 writes files."""
+    if run.step == 0:  # once per run, before the game
+        pretrain_d(run)
+    log = Log(run)
+    for epoch in range(run.epoch + 1, run.args.epochs + 1):
+        swap = swap_fraction(run.args, epoch)
         idx = batches(run, epoch)
-        swap = args.swap_real if epoch <= args.swap_epochs else 0.0
-        acc, count = {}, 0  # sums of the step outputs since the last log row
         for i, b in enumerate(idx):
-            out = train_step(run, *get_batch(run, b), swap)
-            run.step, count = run.step + 1, count + 1
-            acc = {k: acc.get(k, 0) + (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
-            if run.step % args.log_every and i < len(idx) - 1:
-                continue
-            # one host sync per logging interval: the steps' tensors become one log.csv row
-            row = {"step": run.step, "epoch": epoch, **{k: float(v) / count for k, v in acc.items()}}
-            row["l2"], acc, count = run.l2, {}, 0
-            if not all(math.isfinite(v) for v in row.values()):
-                fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
-                     f"checkpoint in {args.outf} is kept (try a lower --lr or a --balance rule)")
-            if rank == 0:
-                append_log(os.path.join(args.outf, "log.csv"), row)
-                rate = (run.step - start_step) * args.batch_size * world / (time.time() - t0)
-                eta = ((args.epochs - epoch) * len(idx) + len(idx) - i - 1) * args.batch_size * world / rate
-                eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
-                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} "
-                      f"G {row['err_g']:.2f} D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | "
-                      f"{rate:.0f} img/s | ETA {eta}")
-        end_epoch(run, epoch, fixed_z, fixed_y)
-    return run.nets["G"], run.nets["D"]
+            real, y = get_batch(run, b)
+            out = train_step(run, real, y, swap)
+            run.step += 1
+            log.add(out, epoch, i, len(idx))
+        end_epoch(run, epoch)
+    return run.G, run.D
+
+def pretrain_d(run):
+    """Faces post: D alone first (--d-pretrain steps, within one pass), so G then meets a D with a signal.
+    These steps are not counted in run.step."""
+    for b in batches(run, 0)[:run.args.d_pretrain]:
+        real, y = get_batch(run, b)
+        train_step(run, real, y, d_only=True)
+
+@dataclass
+class Sampler:
+    """A trained G and what sampling draws for it: latents from the prior, classes when conditional."""
+    G: nn.Module  # in eval mode, on the device
+    nz: int  # latent size
+    ncls: int  # classes; 0 for an unconditional model
+    label: int  # the class asked for with --label; None: classes drawn uniformly
+    device: torch.device
+
+    def z(self, n):  # n latents from the prior N(0, I)
+        return torch.randn(n, self.nz, device=self.device)
+
+    def y(self, n, repeat=1):  # the asked class, or uniform classes; each repeated for a row of images
+        if not self.ncls:
+            return None
+        if self.label is None:
+            y = torch.randint(self.ncls, (n,))
+        else:
+            y = torch.full((n,), self.label)
+        return y.to(self.device).repeat_interleave(repeat)
 
 def sample(args):
     """--sample: a grid (and --npz) from a checkpoint, plus the latent pictures and analyses asked for."""
-    ckpt = load_checkpoint(args.ckpt)
-    targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
-    nc, size = ckpt.get("shape") or (targs.nc, targs.image_size)  # older checkpoints kept them in args
-    ncls = len(ckpt["classes"]) if targs.conditional else 0
-    if args.label is not None and not ncls:
-        fail(f"{args.ckpt} was trained without --conditional; drop --label")
-    if ncls and args.label is not None and not 0 <= args.label < ncls:
-        fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
-    G = build_nets(targs, nc, ncls, size)[0].to(device).eval()
-    G.load_state_dict(ckpt["G"])
+    s, targs, stem = load_sampler(args)
     torch.manual_seed(args.seed)
-    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
-
-    def z(n):  # n latents from the prior
-        return torch.randn(n, targs.nz, device=device)
-
-    def labels(n, repeat=1):  # the asked class, or uniform classes; each repeated for a row of images
-        if not ncls:
-            return None
-        y = torch.full((n,), args.label) if args.label is not None else torch.randint(ncls, (n,))
-        return y.to(device).repeat_interleave(repeat)
-    y = labels(args.n)
-    x = generate(G, z(args.n), y)
-    save_grid(x, stem + ".png")
+    images, labels = draw(s, args.n)
+    save_grid(images, stem + ".png")
     if args.npz:
-        np.savez(args.npz, images=to_uint8(x), **({} if y is None else {"labels": y.cpu().numpy()}))
+        save_npz(args.npz, images, labels)
+    latent_pictures(s, args, stem)
+    if args.nn or args.eval:
+        compare_with_data(s, args, targs, stem)
+    also = f" and {args.npz}" if args.npz else ""
+    print(f"wrote {stem}*.png{also}")
+
+def draw(s, n, chunk=500):
+    """n samples as uint8 N x H x W x C, with their classes: drawn in chunks, so no N-sized float exists."""
+    images, labels = [], []
+    for start in range(0, n, chunk):
+        k = min(chunk, n - start)
+        y = s.y(k)
+        images.append(to_uint8(generate(s.G, s.z(k), y)))
+        labels.append(y)
+    if not s.ncls:
+        return np.concatenate(images), None
+    return np.concatenate(images), torch.cat(labels).cpu().numpy()
+
+def latent_pictures(s, args, stem):
+    """What directions in z do: --interp (White 2016), --sweep-dim, --walk (DCGAN Sec. 6.1), --class-grid"""
+    k = args.steps
     if args.interp:
-        t, path = torch.linspace(0, 1, args.steps, device=device), slerp if args.interp == "slerp" else lerp
-        zs = torch.cat([path(a, b, t) for a, b in z(16).view(8, 2, -1)])  # 8 pairs -> 8 rows of steps
-        save_grid(generate(G, zs, labels(8, args.steps)), stem + f"_{args.interp}.png", args.steps)
+        path = slerp if args.interp == "slerp" else lerp
+        t = torch.linspace(0, 1, k, device=s.device)
+        pairs = s.z(16).view(8, 2, -1)  # 8 pairs -> 8 rows of k steps
+        zs = torch.cat([path(a, b, t) for a, b in pairs])
+        images = generate(s.G, zs, s.y(8, k))
+        save_grid(images, f"{stem}_{args.interp}.png", k)
     if args.sweep_dim is not None:
-        zs = sweep(z(8), args.sweep_dim, args.range, args.steps)
-        save_grid(generate(G, zs, labels(8, args.steps)), stem + "_sweep.png", args.steps)
+        zs = sweep(s.z(8), args.sweep_dim, args.range, k)
+        images = generate(s.G, zs, s.y(8, k))
+        save_grid(images, stem + "_sweep.png", k)
     if args.walk:
-        keys = z(16 * (args.walk // 16 + 2)).view(-1, 16, targs.nz)
-        frames = [grid_image(generate(G, f, labels(16)), 4) for f in walk(keys, args.walk)]
-        frames[0].save(stem + "_walk.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
-    if args.class_grid and ncls:
-        y = torch.arange(ncls, device=device).repeat_interleave(10)
-        save_grid(generate(G, z(len(y)), y), stem + "_classes.png", 10)
+        n_keys = args.walk // 16 + 2  # enough key points for the frames, 16 between each two
+        keys = s.z(16 * n_keys).view(-1, 16, s.nz)
+        grids = [generate(s.G, f, s.y(16)) for f in walk(keys, args.walk)]  # 16 latents in each frame
+        frames = [grid_image(g, 4) for g in grids]
+        more = {"save_all": True, "append_images": frames[1:], "duration": 80, "loop": 0}  # an endless GIF
+        save_image(frames[0], stem + "_walk.gif", **more)
+    if args.class_grid and s.ncls:
+        y = torch.arange(s.ncls, device=s.device).repeat_interleave(10)
+        save_grid(generate(s.G, s.z(len(y)), y), stem + "_classes.png", 10)
+
+def compare_with_data(s, args, targs, stem):
+    """--nn: samples beside their nearest training images; --eval: the Parzen estimate of Sec. 5."""
     n = args.eval_samples if args.eval else 32
-    fake = generate(G, z(n), labels(n)).cpu() if args.nn or args.eval else None
-    if args.nn:  # samples beside their nearest training images
+    fake = generate(s.G, s.z(n), s.y(n)).cpu()
+    if args.nn:
         train_x = load_dataset(targs, "train")[0]
-        near = train_x[nearest_neighbours((fake[:32] + 1) * 127.5, train_x)].permute(0, 2, 3, 1).numpy()
-        save_grid(np.stack([to_uint8(fake[:32]), near], 1).reshape(-1, *near.shape[1:]), stem + "_nn.png", 8)
+        first = fake[:32]
+        near = train_x[nearest_neighbours((first + 1) * 127.5, train_x)]
+        near = near.permute(0, 2, 3, 1).numpy()  # N x H x W x C, as to_uint8 gives
+        pairs = np.stack([to_uint8(first), near], 1)  # each sample, then its nearest image
+        save_grid(pairs.reshape(-1, *near.shape[1:]), stem + "_nn.png", 8)
     if args.eval:  # sigma is chosen on 1,000 held-out images the evaluation does not use
         test = load_dataset(targs, "test")[0].flatten(1).double() / 255
         k = min(1000, len(test) // 2)
-        sigma, mean, se = parzen_eval((fake.flatten(1).double() + 1) / 2, test[:k], test[k:k + 1000])
-        print(f"Parzen log-likelihood: {mean:.1f} +- {se:.1f} nats (sigma {sigma:.3f}, {n} samples)")
-    print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
+        pixels = (fake.flatten(1).double() + 1) / 2  # in [0, 1], as the test images
+        sigma, mean, se = parzen_eval(pixels, test[:k], test[k:k + 1000])
+        print(f"Parzen log-likelihood: {mean:.1f} +- {se:.1f} nats", end=" ")
+        print(f"(sigma {sigma:.3f}, {n} samples)")
 
 # ------------------------------------------------------------------------ Appendix: plumbing, not the paper
 # Data: a split is one uint8 tensor N x C x H x W on the device, batches gathered by index (no loader).
@@ -448,6 +567,7 @@ CLASSES = {"mnist": list("0123456789"), "shapes": "circle square triangle diamon
                              "Sneaker", "Bag", "Ankle boot"]}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
 
 def find_or_download(names, dirs, url, md5):
     """The first of `names` found in `dirs`, else names[0] downloaded into dirs[0] and checked."""
@@ -462,21 +582,9 @@ def find_or_download(names, dirs, url, md5):
         fail(f"could not download {url} ({e}); put {names[0]} in {dirs[0]}")
     if md5_of(data) != md5:
         fail(f"the download of {url} does not match its checksum; try again")
-    os.makedirs(dirs[0], exist_ok=True)
-    atomic_write(os.path.join(dirs[0], names[0]), lambda f: f.write(data))
+    prepare_output(dirs[0])
+    write_atomic(os.path.join(dirs[0], names[0]), lambda f: f.write(data))
     return os.path.join(dirs[0], names[0])
-
-def atomic_write(path, write):
-    """write(f) into PATH.tmp, fsync, rename: a crash or a full disk leaves the old PATH as it was."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush(), os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
 
 def md5_of(data):
     return hashlib.md5(data).hexdigest()
@@ -520,7 +628,7 @@ def read_cifar10(root, split):
         fail(f"{src} holds data that is not an official CIFAR-10 batch ({e}); delete it to download it again")
     except Exception as e:  # a truncated tarball or pickle, a missing batch, another layout
         damaged(src, f"{type(e).__name__}: {e}")
-    return torch.from_numpy(x), torch.from_numpy(y).long(), classes
+    return check_split(torch.from_numpy(x), torch.from_numpy(y).long(), classes, src)
 
 def read_idx(path):
     """IDX (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes, data."""
@@ -539,17 +647,40 @@ def read_idx(path):
 def load_mnist(root, name, split):
     """MNIST or Fashion-MNIST, gzipped or not, from DATAROOT/NAME, DATAROOT or a Debian dataset package."""
     dirs = [os.path.join(root, name), root, os.path.join(SYSTEM_DATA, name)]
-    x, y = (read_idx(find_or_download([IDX_FILES[i], IDX_FILES[i][:-3]], dirs, IDX_URLS[name] + IDX_FILES[i],
-                                      IDX_MD5[name][i])) for i in ([0, 1] if split == "train" else [2, 3]))
-    return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
+    paths = [find_or_download([IDX_FILES[i], IDX_FILES[i][:-3]], dirs, IDX_URLS[name] + IDX_FILES[i],
+                              IDX_MD5[name][i]) for i in ([0, 1] if split == "train" else [2, 3])]
+    x, y = (torch.from_numpy(read_idx(p).copy()) for p in paths)
+    return check_split(x[:, None], y.long(), CLASSES[name], " and ".join(paths))
+
+def check_split(x, y, classes, path):
+    """Every reader's output, checked once: uint8 N x C x H x W images and N labels in 0..len(classes)-1."""
+    if x.dim() != 4 or y.dim() != 1:
+        fail(f"{path} holds images of shape {tuple(x.shape)[1:]} and labels of shape {tuple(y.shape)}, "
+             "not N x H x W images and N labels; replace the file")
+    if len(x) != len(y):
+        fail(f"{path} holds {len(x)} images but {len(y)} labels; replace the damaged file")
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes):
+        fail(f"{path} holds labels {int(y.min())}..{int(y.max())}, outside the {len(classes)} classes "
+             f"0..{len(classes) - 1}; replace the damaged file")
+    return x, y, classes
+
+# Every Pillow mode to 8 bits: greys to L, colour to RGB (alpha dropped); integer and float greys (I;16*,
+# I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) when they lie in it, else their min..max.
+TO_8BIT = {"1": "L", "L": "L", "LA": "L", "La": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB",
+           "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB"}
 
 def decode_image(path, size, mode):
-    """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
+    """EXIF orientation applied, 8 bits, the shorter side resized to `size`, then a centre crop (DCGAN)."""
     try:
-        im = Image.open(path)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: keep the top 8 bits (convert clips)
-            im = Image.fromarray((np.asarray(im, np.int64).clip(0, 65535) >> 8).astype(np.uint8))
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode.startswith("I") or im.mode == "F":
+            v = np.nan_to_num(np.asarray(im, np.float64))
+            top = 1.0 if im.mode == "F" else 65535.0
+            lo, hi = (0.0, top) if 0 <= v.min() and v.max() <= top else (v.min(), v.max())
+            im = Image.fromarray(np.round((v - lo) * (255 / (hi - lo or 1))).astype(np.uint8))
+        if im.mode not in TO_8BIT:
+            fail(f"{path} has the Pillow mode {im.mode}, which is not read; save it as 8-bit RGB or grey")
+        im = im.convert(mode or TO_8BIT[im.mode])
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
@@ -557,17 +688,35 @@ def decode_image(path, size, mode):
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
-def load_folder(root, size, channels, workers):
-    """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
+def list_images(root, outf):
+    """Image files under root: hidden entries, symlinked folders, dangling links and --outf skipped."""
+    files, own = [], os.path.realpath(outf or os.devnull)
+    for d, dirs, names in os.walk(root, onerror=lambda e: fail(f"cannot read {e.filename} ({e.strerror}); "
+                                  "fix its permissions or move it out of --dataroot")):
+        skip = [s for s in dirs if os.path.islink(os.path.join(d, s)) or os.path.realpath(os.path.join(d, s))
+                == own]  # a symlinked folder may loop; the run's own pictures are no data
+        for s in skip:
+            print(f"note: skipping {os.path.join(d, s)} (a symlinked folder, or --outf)")
+        dirs[:] = sorted(s for s in dirs if s not in skip and not s.startswith("."))
+        for f in sorted(n for n in names if n.lower().endswith(IMAGE_EXT) and not n.startswith(".")):
+            if not os.path.exists(os.path.join(d, f)):
+                print(f"note: skipping {os.path.join(d, f)} (a link to nothing)")
+            else:
+                files.append(os.path.join(d, f))
+    return files
+
+def load_folder(root, size, channels, workers, outf=None):
+    """A folder of images, classes from its top-level sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-    walk = os.walk(root, onerror=lambda e: fail(f"cannot read {e.filename} ({e.strerror}); fix its "
-                                                   "permissions or move it out of --dataroot"))
-    files = sorted(os.path.join(d, f) for d, _, fs in walk for f in fs if f.lower().endswith(IMAGE_EXT))
+    files = list_images(root, outf)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
-    stamp = md5_of(repr([(f, os.path.getmtime(f)) for f in files]).encode())[:12]
+    tops = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else "."
+            for f in files]  # an image in a nested folder belongs to its top-level folder's class
+    classes = sorted(set(tops))
+    print(f"{len(files)} images in {root}; classes (its top-level folders): {', '.join(classes)}")
+    stamp = md5_of(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode())[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
     try:  # a cache cut short by a crash or a full disk counts as absent
         with np.load(cache) as z:
@@ -580,12 +729,10 @@ def load_folder(root, size, channels, workers):
     if mode is None and any(im.ndim == 3 for im in ims):  # colour kept as found; greys join as RGB
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
-    y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:
-        atomic_write(cache, lambda f: np.savez(f, x=x, y=y))
-    except OSError:  # a read-only dataset still works, it is just decoded again next time
-        pass
-    return torch.from_numpy(x), torch.from_numpy(y), classes
+    y = np.array([classes.index(t) for t in tops], np.int64)
+    if os.access(root, os.W_OK):  # a read-only dataset still works, it is just decoded again next time
+        write_atomic(cache, lambda f: np.savez(f, x=x, y=y))
+    return check_split(torch.from_numpy(x), torch.from_numpy(y), classes, root)
 
 def make_shapes(n, size, seed):
     """Coloured shapes (a class each) on dark ground, in seeded chunks of 1000: `--limit` takes a prefix."""
@@ -613,7 +760,8 @@ def load_dataset(args, split):
         n = min(10000, args.limit or 10000) if split == "train" else 2000
         x, y, classes = make_shapes(n, args.image_size or 32, 0 if split == "train" else 1)
     else:
-        x, y, classes = load_folder(args.dataroot, args.image_size or 64, args.channels, args.workers)
+        size = args.image_size or 64
+        x, y, classes = load_folder(args.dataroot, size, args.channels, args.workers, args.outf)
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
@@ -644,31 +792,50 @@ def get_batch(run, idx):
 RESUME_MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
 OUTPUT_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "interp", "steps", "sweep_dim", "range", "walk",
                "class_grid", "nn", "eval", "eval_samples", "resume", "typed"]  # never read by training
+TRAINING_KEYS = ["D", "optG", "optD", "epoch", "step", "balance", "dhist", "rng"]  # besides args, G, classes
+
+def start_run(args, device, rank, world):
+    """The Run that `train` continues: a fresh one, or OUTF/ckpt.pt's with --resume."""
+    path = os.path.join(args.outf, "ckpt.pt")
+    if args.resume and not os.path.exists(path):
+        fail(f"nothing to resume: {args.outf} holds no checkpoint (ckpt.pt); run without --resume to start")
+    if not args.resume and os.path.exists(path):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    ckpt = load_checkpoint(path, training=True) if args.resume else None
+    args = resume_args(args, ckpt) if args.resume else args
+    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
+    if args.resume:
+        restore(run, ckpt)
+    elif rank == 0 and os.path.exists(os.path.join(args.outf, "log.csv")):  # a run that never saved
+        os.remove(os.path.join(args.outf, "log.csv"))
+    return run
 
 def checkpoint(run):
     return {"script": SCRIPT, "args": vars(run.args), "shape": [run.images.shape[1], run.images.shape[-1]],
-            "classes": run.classes, "G": run.nets["G"].state_dict(), "D": run.nets["D"].state_dict(),
-            "optG": run.opts["G"].state_dict(), "optD": run.opts["D"].state_dict(), "epoch": run.epoch,
-            "step": run.step, "balance": {"l2": run.l2}, "dhist": torch.stack(run.dhist),
+            "classes": run.classes, "G": run.G.state_dict(), "D": run.D.state_dict(),
+            "optG": run.opt_G.state_dict(), "optD": run.opt_D.state_dict(), "epoch": run.epoch,
+            "step": run.step, "balance": {"l2": run.l2}, "dhist": torch.stack(run.dhist), "world": run.world,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
 
 def restore(run, ckpt):
-    for k in ("G", "D"):
-        run.nets[k].load_state_dict(ckpt[k])
-        run.opts[k].load_state_dict(ckpt["opt" + k])
+    run.G.load_state_dict(ckpt["G"]), run.D.load_state_dict(ckpt["D"])
+    run.opt_G.load_state_dict(ckpt["optG"]), run.opt_D.load_state_dict(ckpt["optD"])
     run.epoch, run.step, run.l2 = ckpt["epoch"], ckpt["step"], ckpt["balance"]["l2"]
     run.dhist = list(ckpt["dhist"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt.get("world", 1) != run.world and run.rank == 0:
+        print(f"note: trained on {ckpt.get('world', 1)} processes, resumed on {run.world}: each one's share "
+              "of the data changes, so the run does not continue bit for bit")
     if run.rank:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
-    elif os.path.exists(log := os.path.join(run.args.outf, "log.csv")):
-        with open(log) as f:  # rows past the checkpoint (a crash mid-epoch) are written again
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= ckpt["step"]]
-        os.remove(log)
-        for r in rows:
-            append_log(log, r)
+    elif os.path.exists(log := os.path.join(run.args.outf, "log.csv")):  # rows past the checkpoint go
+        with open(log, newline="") as f:
+            lines = f.readlines()
+        done = [r for r in lines[1:] if r.endswith("\n") and r.split(",")[0].isdigit()]  # not a torn last row
+        keep = lines[:1] + [r for r in done if int(r.split(",")[0]) <= ckpt["step"]]
+        write_atomic(log, lambda f: f.write("".join(keep).encode()))
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 def resume_args(args, ckpt):
@@ -688,17 +855,9 @@ def resume_args(args, ckpt):
              f"{ckpt['epoch']} to train more")
     return args
 
-def save_checkpoint(obj, path):
-    try:
-        atomic_write(path, lambda f: torch.save(obj, f))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
-                 "the last checkpoint is kept")
-        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
+def load_checkpoint(path, training=False):
+    """A gan.py checkpoint (a training one, with optimisers, for --resume); older ones get today's flags."""
+    if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -707,25 +866,76 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         fail(f"{path} was written by {other or 'another program'}.py, not {SCRIPT}.py; use that script")
+    missing = [k for k in ["args", "G", "classes"] + TRAINING_KEYS * training if k not in ckpt]
+    if missing:
+        fail(f"{path} is not a {SCRIPT}.py training checkpoint (it lacks {', '.join(missing)}); use "
+             "DIR/ckpt.pt of a run folder")
+    ckpt["args"] = {**vars(make_parser().parse_args([])), **ckpt["args"]}  # flags added since it was saved
+    if "shape" not in ckpt:  # older ones kept C and the size in args
+        ckpt["shape"] = [ckpt["args"]["nc"], ckpt["args"]["image_size"]]
     return ckpt
 
-# Logs and pictures
-def end_epoch(run, epoch, fixed_z, fixed_y):
-    """After each epoch every rank takes rank 0's BN statistics; rank 0 writes samples, checkpoint, curves."""
-    run.epoch, run.dhist = epoch, run.dhist + [run.hist.cpu().clone()]
-    run.hist.zero_()
-    if run.world > 1:  # BN running statistics are per rank
-        for b in list(run.nets["G"].buffers()) + list(run.nets["D"].buffers()):
-            dist.broadcast(b, 0)
-    if run.rank == 0:
-        G, outf = run.nets["G"], run.args.outf
-        if not all(torch.isfinite(p).all() for p in G.parameters()):
-            fail(f"G's weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
-        grid = generate(G.eval(), fixed_z, fixed_y)
-        save_grid(grid, os.path.join(outf, f"samples_e{epoch:03d}.png"), 10 if run.ncls else 8), G.train()
-        save_checkpoint(checkpoint(run), os.path.join(outf, "ckpt.pt"))
-        plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
-        draw_dhist(torch.stack(run.dhist), os.path.join(outf, "dhist.png"))
+# Files: each one written whole or not at all, into a folder proven writable, by one run at a time
+def write_atomic(path, write):
+    """write(f) into PATH.tmp in the same folder, fsync, rename: PATH is the old file or the new one, whole.
+    On any exception (Ctrl-C too) the .tmp goes; a disk error becomes one line naming the path and cause."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = isinstance(e, (OSError, RuntimeError)) and disk_full(e, path)  # before the .tmp frees space
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if full:
+            fail(f"no space left on device writing {path}; the previous file is kept: free some space")
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save's RuntimeError from a failed write too
+            fail(f"could not write {path} ({getattr(e, 'strerror', None) or e}); the previous file is kept")
+        raise
+
+def disk_full(e, path):  # torch.save on a full disk raises RuntimeError("... unexpected pos ..."), no errno
+    folder = os.path.dirname(os.path.abspath(path))
+    return getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 1 << 16
+
+def prepare_output(folder):
+    """Create `folder` and prove it writable with a probe file, or fail with one line saying why not."""
+    probe = os.path.join(folder, f".probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY))
+        os.remove(probe)
+    except OSError as e:
+        why = {errno.EEXIST: "it is a file", errno.ENOTDIR: "a folder on its path is a file"}
+        fail(f"cannot write into {folder} ({why.get(e.errno) or e.strerror}); give another folder")
+
+def lock_run(outf):
+    """OUTF/.lock holds this process's id for the run's life: a second run into OUTF is refused."""
+    path = os.path.join(outf, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = open(path).read().strip()
+        if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
+            fail(f"{outf} is in use by another run (process {text or 'starting'}); wait for it to end, "
+                 "or choose another --outf")
+        os.remove(path)  # its process is gone: a stale lock
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return path
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 def append_log(path, row):
     new = not os.path.exists(path)
@@ -734,6 +944,63 @@ def append_log(path, row):
         if new:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+def save_image(img, path, **kw):
+    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    write_atomic(path, lambda f: img.save(f, fmt, **kw))
+
+def save_npz(path, images, labels):
+    extra = {} if labels is None else {"labels": labels}
+    write_atomic(path, lambda f: np.savez(f, images=images, **extra))
+
+# Logs and pictures
+class Log:
+    """log.csv rows and progress lines: step outputs summed over --log-every steps (one host sync per row),
+    D's outputs also into this epoch's histogram. A NaN stops training; the last checkpoint stays."""
+
+    def __init__(self, run):
+        self.run, self.sums, self.count, self.t0, self.step0 = run, {}, 0, time.time(), run.step
+
+    def add(self, out, epoch, i, n):  # after step i of n in this epoch
+        run, args = self.run, self.run.args
+        run.hist += torch.stack([torch.histc(out["d_x"], 20, 0, 1), torch.histc(out["d_gz"], 20, 0, 1)])
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0) + (v.detach().mean() if torch.is_tensor(v) else v)
+        self.count += 1
+        if run.step % args.log_every and i < n - 1:
+            return
+        row = {"step": run.step, "epoch": epoch, **{k: float(v) / self.count for k, v in self.sums.items()}}
+        row["l2"], self.sums, self.count = run.l2, {}, 0
+        if not all(math.isfinite(v) for v in row.values()):
+            fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
+                 f"checkpoint in {args.outf} is kept (try a lower --lr or a --balance rule)")
+        if run.rank == 0:
+            append_log(os.path.join(args.outf, "log.csv"), row)
+            rate = (run.step - self.step0) * args.batch_size * run.world / (time.time() - self.t0)
+            left = ((args.epochs - epoch) * n + n - i - 1) * args.batch_size * run.world / rate
+            eta = f"{left / 60:.0f}m" if left >= 60 else f"{left:.0f}s"
+            print(f"[e {epoch}/{args.epochs} it {i + 1}/{n}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
+                  f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | ETA {eta}")
+
+def end_epoch(run, epoch):
+    """After each epoch every rank takes rank 0's BN statistics; rank 0 writes samples, checkpoint, curves."""
+    run.epoch, run.dhist = epoch, run.dhist + [run.hist.cpu().clone()]
+    run.hist.zero_()
+    if run.world > 1:  # BN running statistics are per rank
+        for b in list(run.G.buffers()) + list(run.D.buffers()):
+            dist.broadcast(b, 0)
+    if run.rank:
+        return
+    outf, dev = run.args.outf, run.images.device
+    n = 100 if run.ncls else 64  # conditional: a class a column
+    if not all(torch.isfinite(p).all() for p in run.G.parameters()):
+        fail(f"G's weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
+    z = torch.randn(n, run.args.nz, generator=torch.Generator().manual_seed(run.args.seed)).to(dev)
+    grid = generate(run.G.eval(), z, torch.arange(n, device=dev) % run.ncls if run.ncls else None)
+    save_grid(grid, os.path.join(outf, f"samples_e{epoch:03d}.png"), 10 if run.ncls else 8), run.G.train()
+    write_atomic(os.path.join(outf, "ckpt.pt"), lambda f: torch.save(checkpoint(run), f))
+    plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
+    draw_dhist(torch.stack(run.dhist), os.path.join(outf, "dhist.png"))
 
 def plot_curves(csv_path, png_path, w=480, h=80):
     """curves.png: every numeric column of log.csv against the row, one panel each, drawn with Pillow."""
@@ -751,7 +1018,7 @@ def plot_curves(csv_path, png_path, w=480, h=80):
         draw.line([(5 + j * (w - 10) / (len(rows) - 1), top - (v - lo) / (hi - lo or 1) * (h - 25))
                    for j, v in enumerate(vals)], fill=(31, 119, 180))
         draw.text((5, i * h + 3), f"{k}: {lo:.3g} .. {hi:.3g}", fill="black")
-    img.save(png_path)
+    save_image(img, png_path)
 
 def draw_dhist(hist, path, cell=12):
     """dhist.png: per epoch (rows) the histograms of D's outputs (0 to 1) on real (left) and fake images"""
@@ -763,7 +1030,7 @@ def draw_dhist(hist, path, cell=12):
               (0, 14))
     ImageDraw.Draw(img).text((2, 1), "D(x) on real: 0 .. 1", fill=0)
     ImageDraw.Draw(img).text((21 * cell + 2, 1), "D(G(z)) on generated: 0 .. 1", fill=0)
-    img.save(path)
+    save_image(img, path)
 
 def generate(G, z, y=None, batch=500):
     """G's images for latents z (and labels y) in batches, as floats in [-1, 1]."""
@@ -775,7 +1042,7 @@ def to_uint8(x):  # [-1, 1] float N x C x H x W -> uint8 N x H x W x C
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 def save_grid(images, path, nrow=8):
-    grid_image(images, nrow).save(path)
+    save_image(grid_image(images, nrow), path)
 
 def grid_image(images, nrow=8, pad=2):
     x = to_uint8(images) if torch.is_tensor(images) else images
@@ -786,7 +1053,58 @@ def grid_image(images, nrow=8, pad=2):
         grid[top:top + h, left:left + w] = x[i]
     return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
+def load_sampler(args):
+    """--sample's G from --ckpt, checked, and room for its output: -> (Sampler, training flags, file stem)"""
+    ckpt = load_checkpoint(args.ckpt)
+    targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
+    ncls = len(ckpt["classes"]) if targs.conditional else 0
+    if args.label is not None and not ncls:
+        fail(f"{args.ckpt} was trained without --conditional; drop --label")
+    if ncls and args.label is not None and args.label >= ncls:
+        fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
+    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
+    nc, size = ckpt["shape"]
+    need = args.n * (nc * size * size + 8 * (ncls > 0))  # bytes of the images (and labels) asked for
+    for path in [stem] + ([args.npz] if args.npz else []):  # the grid's folder, the npz's
+        prepare_output(os.path.dirname(os.path.abspath(path)))
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < need:
+            fail(f"--n {args.n} needs about {need / 1e9:.2f} GB on {os.path.dirname(os.path.abspath(path))}, "
+                 "more than is free; lower --n")
+    if hasattr(os, "sysconf") and 3 * need > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        fail(f"--n {args.n} needs about {3 * need / 1e9:.2f} GB of memory, more than is free; lower --n")
+    G = build_nets(targs, nc, ncls, size)[0].to(device).eval()
+    G.load_state_dict(ckpt["G"])
+    return Sampler(G, targs.nz, ncls, args.label, device), targs, stem
+
 # Device and data-parallel helpers
+@dataclass
+class Forward:
+    """How the training step calls G and D on this machine, prepared in one place by `forward_calls`."""
+    G: object  # (z, y) -> float32 images, through DDP / torch.compile / bf16 autocast when asked
+    D: object  # (x, y) -> float32 logits for D's step: wrapped the same, so D's gradients average over ranks
+    D_fixed: object  # D for G's step: never DDP, since G's step wants G's gradients only (no D all-reduce)
+    floats: object  # (*scalar tensors) -> floats, averaged over ranks so each rank's rule takes one branch
+
+def forward_calls(G, D, args, device, world):
+    ids = [device.index] if device.type == "cuda" else None
+    nets = [nn.parallel.DistributedDataParallel(m, device_ids=ids) if world > 1 else m for m in (G, D)] + [D]
+    nets = [torch.compile(m, dynamic=False) for m in nets] if args.compile else nets
+    amp = args.amp and device.type == "cuda"
+
+    def in_precision(net):
+        def call(*inputs):
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                return net(*inputs).float()
+        return call
+    return Forward(*[in_precision(m) for m in nets], floats=mean_over_ranks)
+
+def mean_over_ranks(*values):
+    t = torch.stack([v.detach().float() for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
@@ -795,70 +1113,39 @@ def pick_device(args, local_rank=0):
     torch.backends.cudnn.benchmark = args.cuda  # fixed shapes: let cuDNN pick the fastest kernels
     return torch.device("cuda", local_rank) if args.cuda else torch.device("cpu")
 
-def autocast(args, device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda")
-
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
-def global_mean(*values):
-    """Average scalars over data-parallel ranks so every rank's balancing rule takes the same branch."""
-    t = torch.stack([v.detach().float() for v in values])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
+# Command line. Every numeric flag: its type, default and valid interval ("[" closed, "(" open, inf: none);
+# get_args checks them all in one loop before anything is allocated (NaN and inf fail too).
+NUMBERS = {"image_size": (int, None, "[1, 1024]"), "limit": (int, None, "[1, inf)"),
+           "nz": (int, None, "[1, 4096]"), "ngf": (int, 64, "[1, 1024]"), "ndf": (int, 64, "[2, 1024]"),
+           "epochs": (int, 25, "[1, 100000]"), "batch_size": (int, 64, "[2, 65536]"),
+           "lr": (float, None, "(0, 10]"), "beta1": (float, 0.5, "[0, 1)"), "margin": (float, 0.3, "[0, 1]"),
+           "d_pretrain": (int, 0, "[0, inf)"), "swap_real": (float, 0.0, "[0, 1]"),
+           "swap_epochs": (int, 0, "[0, inf)"), "dropout_d": (float, None, "[0, 1)"),
+           "dropout_g": (float, 0.0, "[0, 1)"), "seed": (int, 1, "[0, 4294967295]"),
+           "log_every": (int, 100, "[1, inf)"), "workers": (int, 4, "[0, 256]"), "n": (int, 64, "[1, inf)"),
+           "label": (int, None, "[0, inf)"), "steps": (int, 10, "[1, 1000]"),
+           "sweep_dim": (int, None, "[0, inf)"), "range": (float, 3.0, "(0, inf)"),
+           "walk": (int, 0, "[0, 100000]"), "eval_samples": (int, 10000, "[1, inf)")}
 
-# Command line
 def make_parser():
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
-    a, num, flag = p.add_argument, {"type": int, "default": None}, {"action": "store_true"}
+    a = p.add_argument
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
     a("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    a("--image-size", **num, help="native size unless given; 64 for folder")
     a("--channels", type=int, choices=[1, 3], help="force greyscale or RGB")
-    a("--conditional", **flag, help="class-conditional G and D")
-    a("--limit", **num, help="use only the first N training images")
     a("--arch", choices=["dcgan", "upsample"], default="dcgan")
-    a("--nz", **num, help="dcgan 100, upsample 512")
-    a("--ngf", type=int, default=64)
-    a("--ndf", type=int, default=64)
-    a("--epochs", type=int, default=25)
-    a("--batch-size", type=int, default=64)
-    a("--lr", type=float, help="dcgan 2e-4, upsample 1e-3")
-    a("--beta1", type=float, default=0.5)
     a("--optimizer", choices=["adam", "rmsprop"], help="dcgan adam, upsample rmsprop")
     a("--balance", choices=["none", "margin", "l2"], help="dcgan none, upsample margin")
-    a("--margin", type=float, default=0.3)
-    a("--d-pretrain", type=int, default=0, help="D-only steps first")
-    a("--swap-real", type=float, default=0.0)
-    a("--swap-epochs", type=int, default=0)
-    a("--dropout-d", type=float)
-    a("--bn-d", **flag)
-    a("--dropout-g", type=float, default=0.0)
-    a("--seed", type=int, default=1)
-    a("--outf")
-    a("--resume", **flag)
-    a("--log-every", type=int, default=100)
-    a("--cuda", **flag)
-    a("--amp", **flag)
-    a("--compile", **flag)
-    a("--workers", type=int, default=4)
-    a("--sample", **flag)
-    a("--ckpt")
-    a("--n", type=int, default=64)
-    a("--label", **num)
-    a("--npz")
-    a("--out")
     a("--interp", choices=["lerp", "slerp"])
-    a("--steps", type=int, default=10)
-    a("--sweep-dim", **num)
-    a("--range", type=float, default=3.0)
-    a("--walk", type=int, default=0)
-    a("--class-grid", **flag)
-    a("--nn", **flag)
-    a("--eval", **flag)
-    a("--eval-samples", type=int, default=10000)
+    for name in ("outf", "ckpt", "npz", "out"):
+        a("--" + name)
+    for name in "conditional bn-d resume cuda amp compile sample class-grid nn eval".split():
+        a("--" + name, action="store_true")
+    for name, (kind, default, _) in NUMBERS.items():  # the README lists what each does
+        a("--" + name.replace("_", "-"), type=kind, default=default)
     return p
 
 def get_args(argv=None):
@@ -868,15 +1155,15 @@ def get_args(argv=None):
     for action in p._actions:  # parse again with no defaults: what is left is what the user typed
         action.default = argparse.SUPPRESS
     args.typed = list(vars(p.parse_args(argv)))  # in the order typed, for --resume's check
-    for name, ok, need in NUMBER_CHECKS:
-        if not ok(getattr(args, name)):
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range; it must be {need}")
-    for name, folder in (("out", os.path.dirname(os.path.abspath(args.out or "."))),
-                         ("npz", os.path.dirname(os.path.abspath(args.npz or ".")))):
-        if not os.path.isdir(folder):
-            fail(f"--{name} {getattr(args, name)}: the folder {folder} does not exist; create it first")
-    if args.outf and os.path.isfile(args.outf):
-        fail(f"--outf {args.outf} is a file; give a folder for the run's files")
+    for name, (_, _, interval) in NUMBERS.items():
+        v, (lo, hi) = getattr(args, name), (float(s) for s in interval[1:-1].split(","))
+        if v is None:  # optional, not given
+            continue
+        inside = lo < v < hi or (v == lo and interval[0] == "[") or (v == hi and interval[-1] == "]")
+        if not (math.isfinite(v) and inside):  # NaN compares false with everything, so fails here too
+            fail(f"--{name.replace('_', '-')} {v} is out of range; it must lie in {interval}")
+    if args.dataset == "shapes" and (args.image_size or 32) > SHAPES_MAX:
+        fail(f"--image-size {args.image_size} is too large for shapes; at most {SHAPES_MAX}")
     if not (args.sample and args.ckpt or args.dataset or args.resume and args.outf):
         fail("give --dataset NAME to train, --resume --outf DIR to continue, or --sample --ckpt FILE")
     if args.arch != "upsample" and (args.bn_d or args.dropout_g):
@@ -887,29 +1174,52 @@ def get_args(argv=None):
     args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
     return args
 
-NUMBER_CHECKS = [("image_size", lambda v: v is None or 1 <= v <= 1024, "between 1 and 1024"),
-                 ("epochs", lambda v: v >= 1, "at least 1"), ("log_every", lambda v: v >= 1, "at least 1"),
-                 ("batch_size", lambda v: v >= 2, "at least 2 (batch norm needs two)"),
-                 ("n", lambda v: v >= 1, "at least 1")]
-
 def main(argv=None):
-    args = get_args(argv)
-    if args.sample:
-        return sample(args)
+    """Train (data-parallel under torchrun) or sample. Ctrl-C ends in one line: what is kept, how to go on."""
+    args, run, lock = get_args(argv), None, None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
-    torch.manual_seed(args.seed + rank)
-    if world == 1:
-        return train(args, device)
-    if device.type == "cuda":  # launched by torchrun: one process per GPU (or CPU worker)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        nets = train(args, device, rank, world)
-        dist.barrier()  # no rank tears Gloo/NCCL down while another still talks to it
+        if args.sample:
+            return sample(args)
+        device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
+        torch.manual_seed(args.seed + rank)
+        if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank == 0:
+            prepare_output(args.outf)
+            lock = lock_run(args.outf)
+        run = start_run(args, device, rank, world)
+        nets = train(run)
+        if world > 1:
+            dist.barrier()  # no rank tears Gloo/NCCL down while another still talks to it
         return nets
+    except KeyboardInterrupt:
+        print(interrupted(args, run, argv), file=sys.stderr)
+        raise SystemExit(130)
     finally:
-        dist.destroy_process_group()
+        if lock:
+            os.remove(lock)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+def interrupted(args, run, argv):
+    """Ctrl-C's one line: where it stopped, which checkpoint is kept, the command that goes on."""
+    again = shlex.join(["python3", "gan.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.sample:
+        return f"interrupted; files already written are whole; to sample again: {again}"
+    where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
+    path = os.path.join(args.outf, "ckpt.pt")
+    if not os.path.exists(path):
+        return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
+    epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    flags = ["--resume", "--outf", args.outf]  # and this machine's flags as typed
+    for k in [k for k in ("cuda", "amp", "compile", "workers", "log_every") if k in args.typed]:
+        v = getattr(args, k)
+        flags += ["--" + k.replace("_", "-")] + ([] if isinstance(v, bool) else [str(v)])
+    return (f"interrupted {where}; {path} (epoch {epoch}) is kept; "
+            f"to continue: python3 gan.py {shlex.join(flags)}")
 
 if __name__ == "__main__":
     main()

@@ -81,6 +81,22 @@ def run_cli(script, *args, timeout=300):
                           text=True, timeout=timeout, cwd=HERE)
 
 
+@contextlib.contextmanager
+def small_tmpfs(path, size="1m", options=""):
+    """A real, small filesystem mounted at path (root only); the test is skipped where it cannot be made."""
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -404,7 +420,7 @@ def _ddp_worker(rank, port, outf, result):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     writes = []
-    for name in ("save_checkpoint", "append_log", "save_grid", "plot_curves", "draw_dhist"):
+    for name in ("write_atomic", "append_log"):  # every file a run writes goes through one of them
         real = getattr(gan, name)
         setattr(gan, name, lambda *a, _real=real, _name=name, **k: (writes.append(_name), _real(*a, **k))[1])
     G, D = gan.main(TINY + ["--epochs", "1", "--balance", "margin", "--outf", outf])
@@ -416,7 +432,7 @@ def test_torchrun_style_data_parallel_two_ranks(tmp_path):
     outf, result = str(tmp_path / "ddp"), str(tmp_path / "rank")
     torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), outf, result), nprocs=2)
     r0, r1 = (torch.load(f"{result}{r}.pt", weights_only=True) for r in (0, 1))
-    assert r1["writes"] == [] and "save_checkpoint" in r0["writes"]
+    assert r1["writes"] == [] and "write_atomic" in r0["writes"]
     assert r0["torn_down"] and r1["torn_down"]  # main leaves no process group behind for exit to tear down
     for net in ("G", "D"):
         assert all(torch.equal(r0[net][k], r1[net][k]) for k in r0[net]), net
@@ -433,19 +449,19 @@ def gan_tiny_run(*extra, n=32):
 
 def gan_step_grads(run, coef, seed=3):
     """One train_step with SGD at lr 0 (so nothing moves): D's and G's gradients, and the batch used."""
-    run.opts = {k: torch.optim.SGD(run.nets[k].parameters(), lr=0.0) for k in ("G", "D")}
+    run.opt_G, run.opt_D = (torch.optim.SGD(net.parameters(), lr=0.0) for net in (run.G, run.D))
     run.l2 = coef
     x, y = gan.get_batch(run, torch.arange(16))
     torch.manual_seed(seed)
     gan.train_step(run, x, y, 0.0)
-    grads = {k: [p.grad.clone() for p in run.nets[k].parameters()] for k in ("G", "D")}
+    grads = {k: [p.grad.clone() for p in getattr(run, k).parameters()] for k in ("G", "D")}
     return grads, x
 
 
 @pytest.mark.parametrize("balance,half", [("none", 1.0), ("l2", 0.5)])
 def test_gan_step_gradients_match_the_losses_of_the_paper(balance, half):
     run = gan_tiny_run("--balance", balance)
-    G0, D0 = copy.deepcopy(run.nets["G"]), copy.deepcopy(run.nets["D"])
+    G0, D0 = copy.deepcopy(run.G), copy.deepcopy(run.D)
     coef = 0.03
     grads, x = gan_step_grads(run, coef)
     torch.manual_seed(3)
@@ -473,7 +489,7 @@ def test_gan_l2_rule_halves_the_d_step_and_penalises_d_only():
         assert torch.allclose(b, a / 2, atol=1e-7, rtol=1e-5)
     run = gan_tiny_run("--balance", "l2")
     with_coef, _ = gan_step_grads(run, 0.5)
-    for p, a, b in zip(run.nets["D"].parameters(), l2["D"], with_coef["D"]):
+    for p, a, b in zip(run.D.parameters(), l2["D"], with_coef["D"]):
         assert torch.allclose(b - a, 0.5 * p.detach(), atol=1e-5)  # d/dW of coef/2 |W|^2 is coef W
 
 
@@ -520,7 +536,7 @@ def test_gan_upsample_takes_the_faces_code_defaults_and_schedule():
     for step, want in ((0, lr / 50), (12, lr / 5), (40, lr)):
         run.step = step
         gan.train_step(run, *gan.get_batch(run, torch.arange(16)), 0.0)
-        assert all(g["lr"] == pytest.approx(want) for o in run.opts.values() for g in o.param_groups)
+        assert all(g["lr"] == pytest.approx(want) for o in (run.opt_G, run.opt_D) for g in o.param_groups)
 
 
 def test_gan_bn_d_and_dropout_g_for_the_upsample_arch():
@@ -636,35 +652,25 @@ def test_gan_folder_cache_is_atomic_and_a_damaged_one_is_rebuilt(tmp_path):
     assert not list(tmp_path.glob("*.tmp")) and np.load(cache)["x"].shape == (4, 3, 16, 16)
 
 
-def test_gan_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import errno
-    path = str(tmp_path / "ckpt.pt")
-    gan.save_checkpoint({"script": "gan", "step": 1}, path)
-    before = open(path, "rb").read()
-
-    def full_disk(obj, f, *a, **k):
-        f.write(b"PK\x03")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full_disk)
-    gan_one_line_error(f"no space left on {tmp_path} writing {path}; the last checkpoint is kept",
-                       call=lambda: gan.save_checkpoint({"script": "gan", "step": 2}, path))
-    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
-
-    def read_only(obj, f, *a, **k):
-        raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(torch, "save", read_only)
-    gan_one_line_error("could not write", "(Read-only file system); the last checkpoint is kept",
-                       call=lambda: gan.save_checkpoint({"script": "gan", "step": 2}, path))
-    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+def test_gan_full_disk_keeps_the_last_checkpoint(tmp_path):
+    """A real full disk (a 1 MB tmpfs): torch.save raises RuntimeError there, not OSError; one line, the
+    previous file kept, no .tmp left behind."""
+    with small_tmpfs(tmp_path / "disk") as disk:
+        path = os.path.join(disk, "ckpt.pt")
+        gan.write_atomic(path, lambda f: torch.save({"script": "gan", "w": torch.zeros(1000)}, f))
+        before = open(path, "rb").read()
+        big = {"script": "gan", "w": torch.zeros(300_000)}  # 1.2 MB: more than the disk holds
+        gan_one_line_error(f"no space left on device writing {path}; the previous file is kept",
+                           call=lambda: gan.write_atomic(path, lambda f: torch.save(big, f)))
+        assert open(path, "rb").read() == before and os.listdir(disk) == ["ckpt.pt"]
 
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--image-size", "0"], "--image-size 0 is out of range"), (["--image-size", "-8"], "--image-size -8"),
-    (["--image-size", "5000"], "between 1 and 1024"), (["--epochs", "0"], "--epochs 0 is out of range"),
-    (["--batch-size", "1"], "batch norm needs two"), (["--log-every", "0"], "--log-every 0"),
-    (["--n", "0"], "--n 0 is out of range"), (["--out", "/nonexistent/dir/s.png"], "/nonexistent/dir does not exist"),
-    (["--outf", "__FILE__"], "is a file"),
-], ids=["size0", "size-neg", "size-huge", "epochs0", "batch1", "log0", "n0", "out-dir", "outf-file"])
+    (["--image-size", "5000"], "it must lie in [1, 1024]"), (["--epochs", "0"], "--epochs 0 is out of range"),
+    (["--batch-size", "1"], "--batch-size 1 is out of range"), (["--log-every", "0"], "--log-every 0"),
+    (["--n", "0"], "--n 0 is out of range"),
+], ids=["size0", "size-neg", "size-huge", "epochs0", "batch1", "log0", "n0"])
 def test_gan_numbers_and_paths_checked_after_parsing(tmp_path, flags, fragment):
     (tmp_path / "f").write_text("x")
     flags = [str(tmp_path / "f") if v == "__FILE__" else v for v in flags]
@@ -713,11 +719,11 @@ def test_gan_setup_run_and_train_step_on_random_data_change_the_weights():
     args = gan.get_args(["--dataset", "shapes", "--batch-size", "8", "--ngf", "8", "--ndf", "8", "--nz", "8"])
     data = (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), None, [])
     run = gan.setup_run(args, torch.device("cpu"), data)
-    before = {k: [p.detach().clone() for p in run.nets[k].parameters()] for k in ("G", "D")}
+    before = {k: [p.detach().clone() for p in getattr(run, k).parameters()] for k in ("G", "D")}
     out = gan.train_step(run, *gan.get_batch(run, torch.arange(8)))
     assert math.isfinite(out["err_d"].item()) and math.isfinite(out["err_g"].item())
     for k in ("G", "D"):
-        assert all(not torch.equal(a, b) for a, b in zip(before[k], run.nets[k].parameters())), k
+        assert all(not torch.equal(a, b) for a, b in zip(before[k], getattr(run, k).parameters())), k
 
 # ----------------------------------------------------------------------------- lapgan.py: the pyramid
 def lap_np_area(x, n_out):
@@ -2767,3 +2773,440 @@ def test_bench_merged_lapgan_g_step_equals_the_per_level_steps():
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
     with pytest.raises(SystemExit, match="lapgan's levels only"):
         bench_tool.main(["gan", "--dataset", "shapes", "--merge-steps", "--steps", "1"])
+
+
+# ---- reliability: gan.py (each cause handled once: main, write_atomic, prepare_output, lock_run, decode_image,
+# list_images, check_split, NUMBERS, load_sampler, load_checkpoint)
+import shlex, signal, time  # noqa: E402
+GAN_SMALL = ["--dataset", "shapes", "--image-size", "16", "--limit", "128", "--batch-size", "16", "--ngf", "8",
+             "--ndf", "8", "--nz", "8", "--log-every", "2", "--workers", "1"]
+
+
+def gan_start(*argv):
+    """gan.py in a real subprocess (its own process group is not needed: signals go to its pid)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "gan.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+
+
+def wait_for(path, proc, timeout=120):
+    """Poll until path exists (or the process ends): the moment to send a signal."""
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.002)
+
+
+def gan_final(outf):
+    ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
+    return ck, read_log(os.path.join(outf, "log.csv"))
+
+
+def test_gan_sigint_keeps_the_checkpoint_and_resume_continues_exactly(tmp_path):
+    """Ctrl-C (a real SIGINT) mid-epoch 2: one line, status 130, ckpt.pt of epoch 1 kept, no .tmp; the
+    printed command continues the run to exactly the weights and log of an uninterrupted run."""
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    proc = gan_start(*GAN_SMALL, "--epochs", "3", "--outf", cut)
+    wait_for(os.path.join(cut, "ckpt.pt"), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("interrupted at step") and f"{cut}/ckpt.pt (epoch" in line, line
+    assert line.endswith(f"to continue: python3 gan.py --resume --outf {cut} --workers 1 --log-every 2"), line
+    assert not [f for f in os.listdir(cut) if f.endswith(".tmp") or f == ".lock"]
+    gan.main(shlex.split(line.split("to continue: python3 gan.py ")[1]))
+    gan.main(GAN_SMALL + ["--epochs", "3", "--outf", full])
+    (a, log_a), (b, log_b) = gan_final(full), gan_final(cut)
+    assert log_a == log_b and a["step"] == b["step"] == 24
+    for net in ("G", "D"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+
+
+def test_gan_sigint_before_any_checkpoint_then_the_same_command_starts_again(tmp_path):
+    """Ctrl-C in epoch 1: nothing to resume, and the same command is not refused (a folder with no ckpt.pt
+    holds no run: the stale log.csv is started anew); --resume there says there is nothing to resume."""
+    outf = str(tmp_path / "run")
+    argv = GAN_SMALL + ["--limit", "640", "--epochs", "1", "--outf", outf]
+    proc = gan_start(*argv)
+    wait_for(os.path.join(outf, "log.csv"), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    assert "no checkpoint was written yet; to start again: python3 gan.py --dataset shapes" in err
+    assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
+    gan_one_line_error(f"nothing to resume: {outf} holds no checkpoint (ckpt.pt); run without --resume",
+                       call=lambda: gan.main(["--resume", "--outf", outf]))
+    gan.main(argv)  # the same command, as printed
+    rows = read_log(os.path.join(outf, "log.csv"))
+    assert [int(r["step"]) for r in rows] == list(range(2, 41, 2))  # one run's rows, none left from before
+
+
+def kill_when(path, proc, min_size=1):
+    """SIGKILL proc the moment path exists with at least min_size bytes: mid-write."""
+    t0 = time.time()
+    while not (os.path.exists(path) and os.path.getsize(path) >= min_size):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 120
+    proc.kill()
+    proc.wait()
+
+
+def test_gan_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A real SIGKILL while a wide model's checkpoint is a quarter written: the previous one is whole and
+    loads, and --resume from it still continues exactly (the stale .tmp is simply written over)."""
+    wide = GAN_SMALL + ["--ngf", "256", "--limit", "32", "--log-every", "1"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    gan.main(wide + ["--epochs", "1", "--outf", cut])
+    ckpt = os.path.join(cut, "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    proc = gan_start(*wide, "--epochs", "3", "--outf", cut, "--resume")
+    kill_when(ckpt + ".tmp", proc, min_size=len(before) // 4)
+    assert open(ckpt, "rb").read() == before and torch.load(ckpt, weights_only=True)["epoch"] == 1
+    gan.main(["--resume", "--outf", cut, "--epochs", "2", "--log-every", "1"])  # the dead run's lock: stale
+    gan.main(wide + ["--epochs", "2", "--outf", full])
+    (a, log_a), (b, log_b) = gan_final(full), gan_final(cut)
+    assert log_a == log_b and all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"])
+
+
+def test_gan_sigkill_during_a_log_trim_keeps_the_log(tmp_path):
+    """--resume rewrites log.csv without the rows past the checkpoint; a real SIGKILL while a long log is
+    rewritten leaves it as it was (never deleted first), and the next --resume trims it and goes on."""
+    outf = str(tmp_path / "run")
+    gan.main(GAN_SMALL + ["--limit", "32", "--epochs", "1", "--outf", outf])
+    log, ckpt = os.path.join(outf, "log.csv"), os.path.join(outf, "ckpt.pt")
+    rows = read_log(log)
+    long_log = open(log).read() + "".join(f"{s},9,1,1,1,1,0.5,0.5,1,1,0\n" for s in range(3, 600_000))
+    with open(log, "w") as f:
+        f.write(long_log)
+    real = torch.load(ckpt, weights_only=True)
+    torch.save({**real, "step": 10 ** 6}, ckpt)  # keeps every row: the trim writes the whole long log
+    proc = gan_start("--resume", "--outf", outf, "--epochs", "2")
+    kill_when(log + ".tmp", proc, min_size=len(long_log) // 4)
+    assert open(log).read() == long_log
+    torch.save(real, ckpt)
+    gan.main(["--resume", "--outf", outf, "--epochs", "2"])
+    again = read_log(log)
+    assert again[:len(rows)] == rows and [int(r["step"]) for r in again] == [2, 4]
+
+
+def test_gan_sigkill_during_a_cache_write_leaves_no_torn_cache(tmp_path):
+    """A real SIGKILL while a big decode cache is written: no torn .npz under the cache's name, the older
+    cache still loads, and the next read decodes the same images again."""
+    data = tmp_path / "data"
+    make_image_folder(data, n=2)
+    x_small, _, _ = gan.load_folder(str(data), 16, None, 1)
+    (old,) = data.glob(".cache-*.npz")
+    old_bytes = old.read_bytes()
+    for i in range(300):
+        Image.fromarray(np.full((48, 48, 3), i % 256, np.uint8)).save(data / "cats" / f"more{i:03d}.png")
+    code = f"import gan; gan.load_folder({str(data)!r}, 192, None, 1)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.DEVNULL)
+    t0 = time.time()
+    while not any(p.name.endswith(".npz.tmp") and p.stat().st_size > 1 << 20 for p in data.iterdir()):
+        assert proc.poll() is None and time.time() - t0 < 120
+    proc.kill()
+    proc.wait()
+    assert sorted(p.name for p in data.glob(".cache-*.npz")) == [old.name] and old.read_bytes() == old_bytes
+    x, _, _ = gan.load_folder(str(data), 192, None, 1)
+    assert x.shape == (304, 3, 192, 192) and x[2].float().std() == 0  # more000.png: one flat grey
+
+
+def test_gan_two_real_processes_race_for_one_outf(tmp_path):
+    """Two runs started at once into one --outf: one trains, the other is refused with the first's pid;
+    a lock left by a dead process is stale and taken over."""
+    outf = str(tmp_path / "run")
+    procs = [gan_start(*GAN_SMALL, "--epochs", "1", "--outf", outf) for _ in range(2)]
+    results = [(p.pid, p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    ok = [r for r in results if r[1] == 0]
+    refused = [r for r in results if r[1] != 0]
+    assert len(ok) == 1 and len(refused) == 1, results
+    assert refused[0][2].strip() == (f"error: {outf} is in use by another run (process {ok[0][0]}); wait for "
+                                     "it to end, or choose another --outf")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / ".lock").write_text(str(dead.pid))
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", str(tmp_path / "run2")])
+    assert not (tmp_path / "run2" / ".lock").exists() and (tmp_path / "run2" / "ckpt.pt").exists()
+
+
+def test_gan_output_folders_are_prepared_or_refused_in_one_line(tmp_path):
+    """--outf whose parent is a file, that is a file, whose name is too long, on a read-only disk; --npz and
+    --out into folders that do not exist yet (created)."""
+    (tmp_path / "file").write_text("x")
+    for outf, why in ((tmp_path / "file" / "run", "a folder on its path is a file"),
+                      (tmp_path / "file", "it is a file"), (tmp_path / ("x" * 300), "File name too long")):
+        gan_one_line_error(f"cannot write into {outf} ({why}); give another folder",
+                           call=lambda: gan.main(GAN_SMALL + ["--outf", str(outf)]))
+    with small_tmpfs(tmp_path / "ro", options=",ro") as ro:
+        gan_one_line_error(f"cannot write into {ro}/run (Read-only file system)",
+                           call=lambda: gan.main(GAN_SMALL + ["--outf", f"{ro}/run"]))
+    outf = str(tmp_path / "r")
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", outf])
+    npz, out = tmp_path / "new" / "deeper" / "s.npz", tmp_path / "other" / "g.png"
+    gan.main(["--sample", "--ckpt", f"{outf}/ckpt.pt", "--n", "5", "--npz", str(npz), "--out", str(out)])
+    assert np.load(npz)["images"].shape == (5, 16, 16, 3) and Image.open(out).size == (2 + 8 * 18, 2 + 18)
+
+
+def test_gan_full_disk_while_training_is_one_line_and_keeps_no_tmp(tmp_path):
+    """A run whose checkpoint does not fit on a real 1 MB filesystem: one line, no .tmp left."""
+    with small_tmpfs(tmp_path / "disk") as disk:
+        msg = gan_one_line_error("no space left on device writing", "ckpt.pt; the previous file is kept",
+                                 call=lambda: gan.main(GAN_SMALL + ["--ngf", "64", "--epochs", "1",
+                                                                    "--outf", f"{disk}/run"]))
+        assert not [f for f in os.listdir(f"{disk}/run") if f.endswith(".tmp") or f == ".lock"], msg
+
+
+def test_gan_every_numeric_flag_is_checked_against_its_interval_before_allocating():
+    """Walk the table: a value just outside each end of each interval, and NaN and inf for float flags."""
+    assert {"lr", "beta1", "margin", "nz", "ngf", "ndf", "limit", "n", "label", "image_size"} <= set(gan.NUMBERS)
+    for name, (kind, _, interval) in gan.NUMBERS.items():
+        flag = "--" + name.replace("_", "-")
+        lo, hi = (float(s) for s in interval[1:-1].split(","))
+        bad = [lo if interval[0] == "(" else lo - (1 if kind is int else 1e-3)]
+        if math.isfinite(hi):
+            bad.append(hi if interval[-1] == ")" else hi + (1 if kind is int else 1e-3))
+        bad += ["nan", "inf", "-inf"] if kind is float else []
+        for v in bad:
+            v = str(int(v)) if kind is int else str(v)
+            gan_one_line_error(f"{flag} {v if kind is int else float(v)} is out of range; it must lie in "
+                               f"{interval}", call=lambda: gan.get_args(["--dataset", "shapes", f"{flag}={v}"]))
+    gan_one_line_error("--limit 0 is out of range", call=lambda: gan.get_args(["--dataset", "shapes",
+                                                                               "--limit", "0"]))
+    gan_one_line_error("--image-size 1000 is too large for shapes; at most 128",
+                       call=lambda: gan.get_args(["--dataset", "shapes", "--image-size", "1000"]))
+
+
+def test_gan_sampling_checks_room_before_drawing_and_draws_in_chunks(tmp_path, monkeypatch):
+    outf = str(tmp_path / "r")
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", outf])
+    gan_one_line_error("--n 100000000 needs about", "GB", "more than is free; lower --n",
+                       call=lambda: gan.main(["--sample", "--ckpt", f"{outf}/ckpt.pt", "--n", "100000000"]))
+    seen = []
+    real = gan.generate
+    monkeypatch.setattr(gan, "generate", lambda G, z, *a, **k: (seen.append(len(z)), real(G, z, *a, **k))[1])
+    gan.main(["--sample", "--ckpt", f"{outf}/ckpt.pt", "--n", "1200", "--npz", str(tmp_path / "s.npz")])
+    assert seen == [500, 500, 200] and np.load(tmp_path / "s.npz")["images"].shape == (1200, 16, 16, 3)
+
+
+def test_gan_checkpoint_checks_other_scripts_files_and_a_changed_number_of_ranks(tmp_path, capsys):
+    outf = str(tmp_path / "r")
+    gan.main(GAN_SMALL + ["--epochs", "1", "--outf", outf])
+    path = os.path.join(outf, "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in ck.items() if k not in ("optG", "optD")}, path)  # e.g. G and D only
+    gan_one_line_error(f"{path} is not a gan.py training checkpoint (it lacks optG, optD); use DIR/ckpt.pt",
+                       call=lambda: gan.main(["--resume", "--outf", outf, "--epochs", "2"]))
+    torch.save({"script": "lapgan", "args": {}}, path)
+    gan_one_line_error(f"{path} was written by lapgan.py, not gan.py",
+                       call=lambda: gan.main(["--resume", "--outf", outf, "--epochs", "2"]))
+    torch.save({**ck, "world": 2}, path)
+    capsys.readouterr()
+    gan.main(["--resume", "--outf", outf, "--epochs", "2"])
+    assert "note: trained on 2 processes, resumed on 1: each one's share of the data changes" in \
+        capsys.readouterr().out
+
+
+def test_gan_dataset_files_are_checked_after_each_reader(tmp_path, monkeypatch):
+    """Wrong rank, fewer labels than images, labels outside the classes: one line naming the file."""
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 256, (6, 28 * 28)), rng.integers(0, 10, 6), "not N x H x W images"),
+             (rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 10, 5), "holds 6 images but 5 labels"),
+             (rng.integers(0, 256, (6, 28, 28)), np.array([0, 1, 2, 3, 4, 12]), "labels 0..12, outside the 10")]
+    for x, y, words in cases:
+        write_idx(tmp_path / "train-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y)
+        monkeypatch.setattr(gan, "IDX_MD5", {"mnist": [gan.md5_of((tmp_path / f).read_bytes()) for f in
+                                                       ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")] * 2})
+        gan_one_line_error(words, "train-images-idx3-ubyte.gz", call=lambda: gan.load_mnist(str(tmp_path), "mnist",
+                                                                                            "train"))
+    cifar = tmp_path / "c"
+    cifar.mkdir()
+    batches = write_cifar_tarball(cifar, protocol=4)
+    with tarfile.open(cifar / "cifar-10-python.tar.gz") as t:
+        t.extractall(cifar, filter="data")
+    x, y = batches["data_batch_2"]
+    with open(cifar / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": x, b"labels": y[:-1] + [10]}, f, protocol=4)
+    gan_trust_cifar(monkeypatch, cifar)
+    gan_one_line_error("cifar-10-batches-py holds labels", "outside the 10 classes 0..9",
+                       call=lambda: gan.read_cifar10(str(cifar), "train"))
+
+
+def test_gan_image_modes_exif_and_float_tiffs_decode_to_their_pixels(tmp_path):
+    """One decode_image: EXIF orientation applied; every Pillow mode mapped to 8 bits by its range."""
+    arr = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3) * 2  # 8 rows, 12 columns, distinct
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "turned.png", exif=exif)
+    out = gan.decode_image(str(tmp_path / "turned.png"), 8, None)
+    assert np.array_equal(out, np.rot90(arr, -1)[2:10])  # 12 x 8 once turned; the centre 8 rows
+    Image.fromarray(arr).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    assert gan.decode_image(str(tmp_path / "turned.jpg"), 8, None).shape == (8, 8, 3)
+    grey = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    for values, want in ((grey, grey * 255), (grey * 1000 - 200, grey * 255)):  # in [0, 1]; beyond: min..max
+        Image.fromarray(values, "F").save(tmp_path / "f.tif")
+        assert Image.open(tmp_path / "f.tif").mode == "F"
+        assert np.abs(gan.decode_image(str(tmp_path / "f.tif"), 8, None) - want).max() <= 0.5 + 1e-6
+    rgb = Image.fromarray(arr[:, :8])
+    wide = {"I;16": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257),  # 16 bits, full range
+            "I": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.int32) * 257),
+            "F": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.float32) / 255)}
+    for mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "I;16", "I", "F", "HSV", "RGBX", "PA"):
+        im = wide[mode] if mode in wide else rgb.convert(mode)
+        assert im.mode == mode
+        name = tmp_path / f"m_{mode.replace(';', '')}.{'tif' if mode in ('I;16', 'I', 'F', 'CMYK', 'YCbCr') else 'png'}"
+        try:
+            im.save(name)
+        except (OSError, KeyError, ValueError):
+            continue  # Pillow cannot write this mode to a file; nothing to read then
+        out = gan.decode_image(str(name), 8, None)
+        assert out.dtype == np.uint8 and out.max() > 100, (mode, out.max())  # not truncated to black
+    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")
+    gan_one_line_error("lab.tif has the Pillow mode LAB", "save it as 8-bit RGB or grey",
+                       call=lambda: gan.decode_image(str(tmp_path / "lab.tif"), 8, None))
+
+
+def test_gan_folder_walk_hidden_symlinks_nested_cache_key_and_outf(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_image_folder(root, n=2)
+    os.makedirs(root / "cats" / "kittens" / "tiny")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cats" / "kittens" / "tiny" / "k.png")
+    os.makedirs(root / ".thumbs")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / ".thumbs" / "t.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "dogs" / ".hidden.png")
+    os.symlink(root, root / "loop")  # a folder linking to its parent: a loop
+    os.symlink(root / "gone.png", root / "dogs" / "dangling.png")
+    os.makedirs(root / "run" / "pics")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "run" / "pics" / "samples_e001.png")
+    x, y, classes = gan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))
+    out = capsys.readouterr().out
+    assert classes == ["cats", "dogs"] and len(x) == 5 and y.tolist() == [0, 0, 0, 1, 1]
+    assert "classes (its top-level folders): cats, dogs" in out and f"skipping {root / 'loop'}" in out
+    assert f"skipping {root / 'dogs' / 'dangling.png'} (a link to nothing)" in out
+    assert f"skipping {root / 'run'}" in out
+    # a file replaced with its modification time kept, but a different size, is decoded again
+    f = root / "dogs" / "0.jpg"
+    st = f.stat()
+    Image.fromarray(np.full((40, 50, 3), 255, np.uint8)).save(f, format="JPEG", quality=50)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size != st.st_size
+    x2, _, _ = gan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))
+    assert x2[3].min() > 240 and not torch.equal(x, x2)
+
+
+# ---- gan.py: the method at its boundaries (conditional labels, schedule switches, pixel layout)
+def test_gan_conditional_d_judges_fakes_under_the_labels_g_drew_them_for():
+    """Mirza & Osindero 2014, Sec. 3 (Eq. 2): D(x|y) and G(z|y) share y, so D judges each fake with the class G
+    drew it for, and reals with their own labels. Here every real label differs from its fake's: judging
+    fakes under the real batch's labels (or reals under G's) gives other gradients."""
+    run = gan_tiny_run("--conditional")
+    G0, D0 = copy.deepcopy(run.G), copy.deepcopy(run.D)
+    run.opt_G, run.opt_D = (torch.optim.SGD(net.parameters(), lr=0.0) for net in (run.G, run.D))
+    x, _ = gan.get_batch(run, torch.arange(16))
+    torch.manual_seed(3)
+    z = torch.randn(16, run.args.nz)
+    y_fake = torch.randint(run.ncls, (16,))  # as train_step draws them, after z
+    y_real = (y_fake + 1) % run.ncls
+    torch.manual_seed(3)
+    gan.train_step(run, x, y_real, 0.0)
+    fake = G0(z, y_fake)
+    loss_d = -(F.logsigmoid(D0(x, y_real)).mean() + F.logsigmoid(-D0(fake.detach(), y_fake)).mean())
+    for p, w in zip(run.D.parameters(), torch.autograd.grad(loss_d, list(D0.parameters()))):
+        assert torch.allclose(p.grad, w, atol=1e-6, rtol=1e-4)
+    loss_g = -F.logsigmoid(D0(fake, y_fake)).mean()
+    for p, w in zip(run.G.parameters(), torch.autograd.grad(loss_g, list(G0.parameters()))):
+        assert torch.allclose(p.grad, w, atol=1e-6, rtol=1e-4)
+
+
+def gan_recorded_steps(tmp_path, monkeypatch, *flags):
+    """(d_only, swap_frac) of every train_step a real run makes: 8 steps per epoch (128 images, 16 a batch)."""
+    calls, real = [], gan.train_step
+
+    def record(run, x, y, swap_frac=0.0, d_only=False):
+        calls.append((d_only, swap_frac))
+        return real(run, x, y, swap_frac, d_only)
+    monkeypatch.setattr(gan, "train_step", record)
+    gan.main(GAN_SMALL + ["--outf", str(tmp_path / "-".join(flags)), *flags])
+    return calls
+
+
+@pytest.mark.parametrize("k,expected", [(0, 0), (1, 1), (7, 7), (8, 8), (9, 8)])
+def test_gan_d_pretrain_steps_d_alone_for_exactly_k_steps_then_the_game(tmp_path, monkeypatch, k, expected):
+    """The faces post (and skaae/torch-gan's pre-training loop): --d-pretrain K steps of D alone before the
+    game, within one pass of the data (8 batches here), then every step plays both; once per run."""
+    calls = gan_recorded_steps(tmp_path, monkeypatch, "--epochs", "1", "--d-pretrain", str(k))
+    assert [d for d, _ in calls] == [True] * expected + [False] * 8
+
+
+def test_gan_a_d_only_step_leaves_g_as_it_was():
+    run = gan_tiny_run()
+    G0, D0 = [p.detach().clone() for p in run.G.parameters()], [p.detach().clone() for p in run.D.parameters()]
+    gan.train_step(run, *gan.get_batch(run, torch.arange(16)), d_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(G0, run.G.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(D0, run.D.parameters()))
+
+
+@pytest.mark.parametrize("e", [0, 1, 2])
+def test_gan_swap_epochs_swaps_reals_in_exactly_the_first_e_epochs(tmp_path, monkeypatch, e):
+    """The faces post's swap of reals for fakes, early on only: --swap-epochs E swaps in epochs 1..E (counted
+    from 1, as train_lfw.lua counts epochs) and never after; checked on either side of the boundary."""
+    calls = gan_recorded_steps(tmp_path, monkeypatch, "--epochs", "3", "--swap-epochs", str(e),
+                               "--swap-real", "0.25")
+    assert [s for _, s in calls] == [0.25] * 8 * e + [0.0] * 8 * (3 - e)
+    args = gan.get_args(["--dataset", "shapes", "--swap-epochs", str(e), "--swap-real", "0.5"])
+    assert [gan.swap_fraction(args, epoch) for epoch in range(1, e + 3)] == [0.5] * e + [0.0] * 2
+
+
+def test_gan_faces_lr_at_its_step_and_epoch_boundaries():
+    """lfw_adverserial.lua: lr/50 while fewer than 10 updates, lr/5 while fewer than 30; train_lfw.lua: times
+    0.99 per finished epoch (none in the first), never below 1e-6. Each switch on either side."""
+    lr = 1e-3
+    assert [gan.faces_lr(lr, s, 1) for s in (9, 10, 11, 29, 30, 31)] == [lr / 50] + [lr / 5] * 3 + [lr] * 2
+    assert gan.faces_lr(lr, 30, 1) == lr and gan.faces_lr(lr, 30, 2) == pytest.approx(lr * 0.99)
+    floor = 1 + math.ceil(math.log(1e-6 / lr) / math.log(0.99))  # the first epoch that would fall below 1e-6
+    assert gan.faces_lr(lr, 30, floor - 1) > 1e-6 and gan.faces_lr(lr, 30, floor) == 1e-6
+    assert gan.faces_lr(lr, 0, floor) == 1e-6 / 50  # the warm-up divides the decayed rate
+    run = gan_tiny_run("--arch", "upsample", "--lr", "1e-3")
+    run.epoch, run.step = 1, 40  # in epoch 2: one decay
+    gan.train_step(run, *gan.get_batch(run, torch.arange(16)), 0.0)
+    assert all(g["lr"] == pytest.approx(lr * 0.99) for o in (run.opt_G, run.opt_D) for g in o.param_groups)
+
+
+@pytest.mark.parametrize("err_real,err_fake,expected", [
+    (0.25, 0.5, (True, True)), (0.25 - 1e-9, 0.5, (False, True)), (0.5, 0.25, (True, True)),
+    (0.5, 0.25 - 1e-9, (False, True)), (0.75, 0.5, (True, True)), (0.75 + 1e-9, 0.5, (True, False)),
+    (0.5, 0.75, (True, True)), (0.5, 0.75 + 1e-9, (True, False)),
+])
+def test_gan_margin_rule_at_its_thresholds(err_real, err_fake, expected):
+    """The faces post's rule (train_lfw.lua): D rests when an error is below the margin, G when one is above
+    1 - margin; exactly at a threshold both still learn (strict inequalities)."""
+    assert gan.margin_rule(err_real, err_fake, 0.25) == expected
+
+
+def test_gan_l2_rule_at_its_thresholds():
+    """The faces post's adaptive L2 (skaae/torch-gan): up by 1e-5 when G's error is above 1.3, down when below
+    0.9, unchanged at and between them, never below 0."""
+    c = 3e-5
+    assert gan.l2_rule(c, 1.3) == c and gan.l2_rule(c, 1.3 + 1e-9) == pytest.approx(c + 1e-5)
+    assert gan.l2_rule(c, 0.9) == c and gan.l2_rule(c, 0.9 - 1e-9) == pytest.approx(c - 1e-5)
+    assert gan.l2_rule(c, 1.0) == c and gan.l2_rule(4e-6, 0.5) == 0.0
+
+
+def test_gan_folder_reader_keeps_rows_columns_and_channels_in_place(tmp_path):
+    """DCGAN's LSUN/CelebA preprocessing: shorter side to the size, then a centre crop, images as C x H x W.
+    Every pixel of these images differs, so a transposed, mirrored or channel-swapped layout cannot pass."""
+    r, c, ch = np.meshgrid(np.arange(8), np.arange(12), np.arange(3), indexing="ij")
+    wide = (r * 30 + c * 2 + ch * 71 % 256).astype(np.uint8)  # 8 rows, 12 columns, 3 channels
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2)[:, ::-1, ::-1])  # 12 rows, 8 columns, BGR
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    Image.fromarray(wide).save(tmp_path / "a" / "wide.png")
+    Image.fromarray(tall).save(tmp_path / "b" / "tall.png")
+    for _ in range(2):  # decoded, then from the cache
+        x, y, classes = gan.load_folder(str(tmp_path), 8, None, 1)
+        assert x.shape == (2, 3, 8, 8) and y.tolist() == [0, 1] and classes == ["a", "b"]
+        assert np.array_equal(x[0].numpy(), wide[:, 2:10].transpose(2, 0, 1))  # the centre 8 of 12 columns
+        assert np.array_equal(x[1].numpy(), tall[2:10].transpose(2, 0, 1))  # the centre 8 of 12 rows
