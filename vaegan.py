@@ -37,8 +37,8 @@ Deviations (also in README.md):
     python vaegan.py --dataset fashion-mnist --recon pixel --no-gan --outf out/vae-fashion-mnist
     python vaegan.py --sample --ckpt out/vaegan-fashion-mnist/ckpt.pt --recon-grid --attribute 1
 """
-import argparse, contextlib, csv, errno, gzip, hashlib, io, math, os, pickle, shlex, shutil, sys, tarfile
-import time, zlib
+import argparse, contextlib, csv, errno, gzip, hashlib, io, math, os, pickle
+import shlex, shutil, sys, tarfile, time, zlib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -215,7 +215,9 @@ def conv_bn(a, b, transposed=False):
     return [conv, nn.BatchNorm2d(b, eps=1e-6), nn.ReLU(True)]
 
 def fc_bn(a, b):
-    return [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, eps=1e-6), nn.ReLU(True)]
+    return [nn.Linear(a, b, bias=False),
+            nn.BatchNorm1d(b, eps=1e-6),
+            nn.ReLU(True)]
 
 def make_encoder(nc, size, nz, w):
     """conv 64 -> 128 -> 256 (stride 2, BN, ReLU), FC 1024 (BN, ReLU), then mu and log sigma^2."""
@@ -241,7 +243,8 @@ def make_decoder(nc, size, nz, w):
               nn.Unflatten(1, (4 * w, s0, s0))]  # B x nz -> B x 4w x s0 x s0
     for a, b in zip(widths, widths[1:]):
         layers += conv_bn(a, b, transposed=True)
-    return nn.Sequential(*layers, nn.Conv2d(widths[-1], nc, 5, 1, 2), nn.Tanh())
+    to_image = nn.Conv2d(widths[-1], nc, 5, 1, 2)
+    return nn.Sequential(*layers, to_image, nn.Tanh())
 
 def make_discriminator(nc, size, w):
     """conv5 32 + ReLU, conv5/2 128, 256 and 256 (BN, ReLU), FC 512 (BN, ReLU), FC 1 (a logit).
@@ -278,7 +281,8 @@ def make_optimizer(net, args, head=None):
     batch-summed loss; ours are batch means (1/B of it), so 2 wd / B. Only on conv/linear weights, and
     not on `head` (the encoder's mu/log sigma^2 layer), which the code built without a decay."""
     layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-    wd = {id(m.weight) for m in net.modules() if isinstance(m, layers) and m is not head}
+    decays = [m for m in net.modules() if isinstance(m, layers) and m is not head]
+    wd = {id(m.weight) for m in decays}
     decayed = [p for p in net.parameters() if id(p) in wd]
     others = [p for p in net.parameters() if id(p) not in wd]
     decay = 2 * args.weight_decay / args.batch_size
@@ -394,7 +398,8 @@ def train(run):
     """--epochs epochs of `train_step` with the code's lr annealing; after each epoch, pictures from a
     fixed latent batch and a checkpoint (the Appendix's `end_of_epoch_files`)."""
     args = run.args
-    fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator().manual_seed(args.seed)
+    fixed_z = torch.randn(64, args.nz, generator=gen)
     fixed_z = fixed_z.to(run.images.device)
     run.logged_at = time.time()
     for epoch in range(run.epoch + 1, args.epochs + 1):
@@ -447,13 +452,16 @@ def sample(args):
     if args.interp:
         sample_interpolation(E, Dec, real, args, stem)
     if args.walk:
-        frames = [grid_image(decode(Dec, f), 4) for f in walk(targs.nz, args.walk, device)]
+        latents = walk(targs.nz, args.walk, device)
+        frames = [grid_image(decode(Dec, z), 4) for z in latents]
         save_gif(frames, stem + "_walk.gif")
     if args.attribute is not None:  # rows: test images of other classes, reconstructions, + the vector
         v = attribute_vector(E, targs, args.attribute, device)
         pick = real[y != args.attribute][:8]
         zp = encode(E, pick)
-        rows = torch.cat([to_float(pick), decode(Dec, zp), decode(Dec, zp + v)])
+        recon = decode(Dec, zp)
+        shifted = decode(Dec, zp + v)
+        rows = torch.cat([to_float(pick), recon, shifted])
         save_grid(rows, stem + f"_attr{args.attribute}.png")
     print(f"wrote {stem}*" + (f" and {args.npz}" if args.npz else ""))
 
@@ -464,7 +472,8 @@ def sample_recon(E, Dec, real, y, args, stem):
     if k == 0:
         fail("--recon-grid needs 8 or more test images")
     x = to_float(real[:k])
-    save_grid(pair_rows(x, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
+    x_tilde = decode(Dec, encode(E, real[:k]))
+    save_grid(pair_rows(x, x_tilde), stem + "_recon.png")
     if args.npz:
         images = to_uint8(decode(Dec, encode(E, real)))
         labels = y.cpu().numpy()
