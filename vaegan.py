@@ -37,7 +37,8 @@ Deviations (also in README.md):
     python vaegan.py --dataset fashion-mnist --recon pixel --no-gan --outf out/vae-fashion-mnist
     python vaegan.py --sample --ckpt out/vaegan-fashion-mnist/ckpt.pt --recon-grid --attribute 1
 """
-import argparse, contextlib, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, zlib
+import argparse, contextlib, csv, errno, gzip, hashlib, io, math, os, pickle
+import shlex, shutil, sys, tarfile, time, zlib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 SCRIPT = "vaegan"
 
@@ -54,7 +55,7 @@ SCRIPT = "vaegan"
 def posterior(E, x):
     """q(z | x) = N(mu, diag sigma^2). The encoder's last layer gives mu and log sigma^2 side by side
     (the code's two heads as one layer): x B x C x H x W -> mu, logvar, B x nz each."""
-    return E(x).float().chunk(2, 1)
+    return E(x).chunk(2, 1)
 
 def reparameterise(mu, logvar, eps):
     """z = mu + sigma * eps (Kingma & Welling 2014): a sample that is differentiable in mu and sigma."""
@@ -84,50 +85,76 @@ def default_gamma(recon, no_gan, size):
     sum_i ||x~_i - x_i||^2 by 1e-4. Ours, times B, is gamma sum_i 1/2 ||x~_i - x_i||^2: equal when
     gamma / 2 = 1e-4, so 2e-4. A plain VAE has no GAN term; its gamma is 1 / sigma^2 of a Gaussian on
     pixels in [-1, 1], and the code's sigma 1 by default."""
+    if recon == "pixel" and no_gan:
+        return 1.0
     if recon == "pixel":
-        return 1.0 if no_gan else 2e-4
-    return 1e-6 if size >= 64 else 1e-5
+        return 2e-4
+    if size >= 64:
+        return 1e-6
+    return 1e-5
 
 def bce(logits, target, reduction="mean"):
     """-log D(x) (target 1) or -log(1 - D(x)) (target 0), from D's logits."""
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction=reduction)
+    targets = torch.full_like(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction=reduction)
 
-def forward_losses(fwd, args, x):
-    """The single forward pass of a step -> every loss term as a batch mean. fwd: the callables of the
-    forward pass (`Run.fwd`); x: B x C x H x W in [-1, 1]."""
+def forward_losses(net, args, x):
+    """The single forward pass of a step -> every loss term as a batch mean. net: the networks as the
+    Appendix prepares them (`Forward`: E, Dec, D, and Dfeat, D up to Dis_l); x: B x C x H x W in [-1, 1]."""
     B = x.shape[0]
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp and x.device.type == "cuda"):
-        mu, logvar = posterior(fwd["E"], x)
-        z = reparameterise(mu, logvar, torch.randn_like(mu))
-        if not args.no_gan:  # Sec. 2.3: fakes also decoded from the prior, in the same decoder batch
-            z = torch.cat([z, torch.randn_like(mu)])  # 2B x nz
-        x_all = fwd["Dec"](z)  # one batch, so BN's running statistics (used for pictures) match training
-        x_tilde, x_p = x_all[:B], x_all[B:]
-        out = {"kl": kl_divergence(mu, logvar).mean()}
-        if args.recon == "disl":  # Sec. 2.3: both through D's first layers; the real features a fixed target
-            feats = fwd["Dfeat"](torch.cat([x_tilde, x])).float()  # 2B x C' x H' x W'
-            out["recon"] = recon_error(feats[:B], feats[B:].detach()).mean()
-        else:
-            out["recon"] = recon_error(x_tilde.float(), x).mean()
-        if args.no_gan:
-            return out
-        fakes = torch.cat([x_tilde, x_p]) if args.fake_recon else x_p  # Alg. 1, the code: x~ and Dec(z)
-        logits = fwd["D"](torch.cat([x, fakes])).float()  # one D batch of reals and fakes, as the code
-    real, fake = logits[:B], logits[B:]
-    out["err_real"], out["err_fake"] = bce(real, 1.0), bce(fake, 0.0)
-    out["gan_d"] = 0.5 * (out["err_real"] + out["err_fake"])  # the code weighs reals and fakes 1/2 each
+    mu, logvar = posterior(net.E, x)
+    z = reparameterise(mu, logvar, torch.randn_like(mu))
+    if not args.no_gan:  # Sec. 2.3: fakes also decoded from the prior, in the same decoder batch
+        z_p = torch.randn_like(mu)
+        z = torch.cat([z, z_p])  # 2B x nz
+    x_all = net.Dec(z)  # one batch, so BN's running statistics (used for pictures) match training
+    x_tilde = x_all[:B]
+    x_p = x_all[B:]
+    out = {"kl": kl_divergence(mu, logvar).mean()}
+    if args.recon == "disl":  # Sec. 2.3: both through D's first layers; the real features a fixed target
+        feats = net.Dfeat(torch.cat([x_tilde, x]))  # 2B x C' x H' x W'
+        target = feats[B:].detach()
+        out["recon"] = recon_error(feats[:B], target).mean()
+    else:
+        out["recon"] = recon_error(x_tilde, x).mean()
+    if args.no_gan:
+        return out
+    return {**out, **gan_losses(net.D, args, x, x_tilde, x_p)}
+
+def gan_losses(D, args, x, x_tilde, x_p):
+    """Sec. 2.2 and Alg. 1: D's costs on the reals and the fakes, and the decoder's GAN term."""
+    B = x.shape[0]
+    fakes = x_p
+    if args.fake_recon:  # Alg. 1, the code: the reconstructions x~ are fakes too, next to Dec(z)
+        fakes = torch.cat([x_tilde, x_p])
+    logits = D(torch.cat([x, fakes]))  # one D batch of reals and fakes, as the code
+    real = logits[:B]
+    fake = logits[B:]
+    err_real = bce(real, 1.0)
+    err_fake = bce(fake, 0.0)
     # Alg. 1: the decoder maximises L_GAN, i.e. minimises log(1 - D(Dec(z))) summed over its fakes;
     # --nonsat: -log D(Dec(z)) instead, whose gradient does not vanish while D wins.
-    out["gan_g"] = (bce(fake, 1.0, "sum") if args.nonsat else -bce(fake, 0.0, "sum")) / B
-    out["d_x"], out["d_gz"] = torch.sigmoid(real).mean(), torch.sigmoid(fake).mean()
-    return out
+    if args.nonsat:
+        gan_g = bce(fake, 1.0, "sum") / B
+    else:
+        gan_g = -bce(fake, 0.0, "sum") / B
+    return {"err_real": err_real,
+            "err_fake": err_fake,
+            "gan_d": 0.5 * (err_real + err_fake),  # the code weighs reals and fakes 1/2 each
+            "gan_g": gan_g,
+            "d_x": torch.sigmoid(real).mean(),
+            "d_gz": torch.sigmoid(fake).mean()}
 
 # --------------------------------------------------------------------- Alg. 1: which loss trains which net
 def network_losses(out, args):
     """Each network's own row of the table in the module docstring."""
+    kl = out["kl"]
+    recon = out["recon"]
     if args.no_gan:  # gamma = 1 / sigma^2 of the pixel likelihood: the error's weight against the KL term
-        return {"E": out["kl"] + args.gamma * out["recon"], "Dec": args.gamma * out["recon"]}
-    return {"E": out["kl"] + out["recon"], "Dec": args.gamma * out["recon"] + out["gan_g"], "D": out["gan_d"]}
+        return {"E": kl + args.gamma * recon, "Dec": args.gamma * recon}
+    return {"E": kl + recon,
+            "Dec": args.gamma * recon + out["gan_g"],
+            "D": out["gan_d"]}
 
 def routed_grads(run, x):
     """One forward pass, then each network's gradient of exactly its own loss: autograd.grad with that
@@ -136,8 +163,11 @@ def routed_grads(run, x):
     out = forward_losses(run.fwd, run.args, x)
     losses = network_losses(out, run.args)
     last = list(losses)[-1]
-    return out, {k: torch.autograd.grad(loss, list(run.nets[k].parameters()), retain_graph=k != last)
-                 for k, loss in losses.items()}
+    grads = {}
+    for k, loss in losses.items():
+        params = list(run.nets[k].parameters())
+        grads[k] = torch.autograd.grad(loss, params, retain_graph=k != last)
+    return out, grads
 
 def equilibrium_rule(err_real, err_fake, equilibrium=0.68, margin=0.35):
     """The paper's code: D skips its step when too good (a cost below eq - margin), the decoder when too
@@ -146,9 +176,13 @@ def equilibrium_rule(err_real, err_fake, equilibrium=0.68, margin=0.35):
     margin D seldom steps again (README's VAE/GAN run: 32 of 1,560 steps, log.csv's upd_d)."""
     if margin < 0:
         return True, True
-    update_d = not (err_real < equilibrium - margin or err_fake < equilibrium - margin)
-    update_dec = not (err_real > equilibrium + margin or err_fake > equilibrium + margin)
-    return (update_d, update_dec) if update_d or update_dec else (True, True)
+    low = equilibrium - margin
+    high = equilibrium + margin
+    update_d = not (err_real < low or err_fake < low)
+    update_dec = not (err_real > high or err_fake > high)
+    if not (update_d or update_dec):
+        return True, True
+    return update_d, update_dec
 
 def train_step(run, x):
     """One real training step. Takes the Run and a batch x (float B x C x H x W in [-1, 1], on the
@@ -156,34 +190,44 @@ def train_step(run, x):
     first, then the rule decides, then the optimisers step: every gradient is of the same weights."""
     args = run.args
     out, grads = routed_grads(run, x)
-    if run.world > 1:
-        grads = average_grads(grads, run.world)
-    upd = {"E": True, "Dec": True, "D": not args.no_gan}
-    if not args.no_gan:  # one host sync per step: the rule needs D's two costs as numbers
-        upd["D"], upd["Dec"] = equilibrium_rule(*global_mean(out["err_real"], out["err_fake"]),
-                                                args.equilibrium, args.margin)
+    update = {"E": True, "Dec": True, "D": not args.no_gan}
+    if not args.no_gan:  # the rule needs D's two costs over the whole batch, as numbers
+        err_real, err_fake = run.fwd.batch_mean(out["err_real"], out["err_fake"])
+        update["D"], update["Dec"] = equilibrium_rule(err_real, err_fake, args.equilibrium, args.margin)
     for k, gs in grads.items():
-        if upd[k]:  # the encoder always steps
-            for p, g in zip(run.nets[k].parameters(), gs):
-                p.grad = g
-            run.opts[k].step()
-    return {**{k: v.detach() for k, v in out.items()}, "upd_d": float(upd["D"]), "upd_dec": float(upd["Dec"])}
+        if not update[k]:  # the encoder always steps
+            continue
+        for p, g in zip(run.nets[k].parameters(), gs):
+            p.grad = g
+        run.opts[k].step()
+    terms = {k: v.detach() for k, v in out.items()}
+    terms["upd_d"] = float(update["D"])
+    terms["upd_dec"] = float(update["Dec"])
+    return terms
 
 # ----------------------------------------------------------------------------- the networks (the code's nets)
 def conv_bn(a, b, transposed=False):
     """conv5 stride 2, no bias (BN follows); BN momentum 0.1 is deeppy's 0.9 in PyTorch's convention."""
-    conv = (nn.ConvTranspose2d(a, b, 5, 2, 2, output_padding=1, bias=False) if transposed
-            else nn.Conv2d(a, b, 5, 2, 2, bias=False))
+    if transposed:
+        conv = nn.ConvTranspose2d(a, b, 5, 2, 2, output_padding=1, bias=False)
+    else:
+        conv = nn.Conv2d(a, b, 5, 2, 2, bias=False)
     return [conv, nn.BatchNorm2d(b, eps=1e-6), nn.ReLU(True)]
 
 def fc_bn(a, b):
-    return [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, eps=1e-6), nn.ReLU(True)]
+    return [nn.Linear(a, b, bias=False),
+            nn.BatchNorm1d(b, eps=1e-6),
+            nn.ReLU(True)]
 
 def make_encoder(nc, size, nz, w):
     """conv 64 -> 128 -> 256 (stride 2, BN, ReLU), FC 1024 (BN, ReLU), then mu and log sigma^2."""
     s = -(-size // 8)  # side after three stride-2 'same' convs: 64 -> 8, 32 -> 4, 28 -> 4
-    return nn.Sequential(*conv_bn(nc, w), *conv_bn(w, 2 * w), *conv_bn(2 * w, 4 * w), nn.Flatten(),
-                         *fc_bn(4 * w * s * s, 16 * w), nn.Linear(16 * w, 2 * nz))
+    return nn.Sequential(*conv_bn(nc, w),
+                         *conv_bn(w, 2 * w),
+                         *conv_bn(2 * w, 4 * w),
+                         nn.Flatten(),
+                         *fc_bn(4 * w * s * s, 16 * w),
+                         nn.Linear(16 * w, 2 * nz))
 
 def make_decoder(nc, size, nz, w):
     """FC to 256 x s0 x s0 (BN, ReLU), deconv5/2 to 256, 128, 32 (BN, ReLU), conv5 to C, tanh.
@@ -193,21 +237,32 @@ def make_decoder(nc, size, nz, w):
         s0, n = s0 // 2, n + 1
     if n < 2:
         fail(f"--image-size {size} does not fit; use s*2^n with n >= 2 and s >= 4, e.g. 28, 32 or 64")
-    ws = [4 * w] + [4 * w, 2 * w, w // 2][-n:]
-    layers = [*fc_bn(nz, 4 * w * s0 * s0), nn.Unflatten(1, (4 * w, s0, s0))]  # B x nz -> B x 4w x s0 x s0
-    for a, b in zip(ws, ws[1:]):
+    widths = [4 * w, 4 * w, 2 * w, w // 2]  # the code's 256, 256, 128, 32 at width 64
+    widths = widths[:1] + widths[-n:]  # the fc's width, then one per deconv: the last n
+    layers = [*fc_bn(nz, 4 * w * s0 * s0),
+              nn.Unflatten(1, (4 * w, s0, s0))]  # B x nz -> B x 4w x s0 x s0
+    for a, b in zip(widths, widths[1:]):
         layers += conv_bn(a, b, transposed=True)
-    return nn.Sequential(*layers, nn.Conv2d(ws[-1], nc, 5, 1, 2), nn.Tanh())
+    to_image = nn.Conv2d(widths[-1], nc, 5, 1, 2)
+    return nn.Sequential(*layers, to_image, nn.Tanh())
 
 def make_discriminator(nc, size, w):
     """conv5 32 + ReLU, conv5/2 128, 256 and 256 (BN, ReLU), FC 512 (BN, ReLU), FC 1 (a logit).
     D[0] ends at the raw output of the conv that gives Dis_l (`disl_depth`), D[1] is the rest."""
     s = -(-size // 8)
-    layers = [nn.Conv2d(nc, w // 2, 5, 1, 2), nn.ReLU(True), *conv_bn(w // 2, 2 * w), *conv_bn(2 * w, 4 * w),
-              *conv_bn(4 * w, 4 * w), nn.Flatten(), *fc_bn(4 * w * s * s, 8 * w), nn.Linear(8 * w, 1),
-              nn.Flatten(0)]
-    cut = {3: 6, 4: 9}[disl_depth(size)]  # just after that conv, before its BN
-    return nn.Sequential(nn.Sequential(*layers[:cut]), nn.Sequential(*layers[cut:]))
+    convs = [[nn.Conv2d(nc, w // 2, 5, 1, 2), nn.ReLU(True)],
+             conv_bn(w // 2, 2 * w),
+             conv_bn(2 * w, 4 * w),
+             conv_bn(4 * w, 4 * w)]
+    k = disl_depth(size)
+    first = [m for conv in convs[:k - 1] for m in conv]
+    first.append(convs[k - 1][0])  # just after the k-th conv, before its BN: Dis_l
+    rest = convs[k - 1][1:] + [m for conv in convs[k:] for m in conv]
+    head = [nn.Flatten(),
+            *fc_bn(4 * w * s * s, 8 * w),
+            nn.Linear(8 * w, 1),
+            nn.Flatten(0)]  # B logits
+    return nn.Sequential(nn.Sequential(*first), nn.Sequential(*rest, *head))
 
 def build_nets(args, nc, size):
     """{"E", "Dec", "D"} (no D for a plain VAE), seeded so that every data-parallel rank starts alike."""
@@ -216,33 +271,44 @@ def build_nets(args, nc, size):
     torch.manual_seed(args.seed)
     nets = {"E": make_encoder(nc, size, args.nz, args.width),
             "Dec": make_decoder(nc, size, args.nz, args.width)}
-    return nets if args.no_gan else {**nets, "D": make_discriminator(nc, size, args.width)}
+    if not args.no_gan:
+        nets["D"] = make_discriminator(nc, size, args.width)
+    return nets
 
 # ----------------------------------------------------------------------------- the schedule (the code's)
 def make_optimizer(net, args, head=None):
     """RMSProp (decay 0.9) as the code. Weight decay as deeppy's: it adds 2 wd W to the gradient of a
     batch-summed loss; ours are batch means (1/B of it), so 2 wd / B. Only on conv/linear weights, and
     not on `head` (the encoder's mu/log sigma^2 layer), which the code built without a decay."""
-    wd = {id(m.weight) for m in net.modules()
-          if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m is not head}
+    layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+    decays = [m for m in net.modules() if isinstance(m, layers) and m is not head]
+    wd = {id(m.weight) for m in decays}
+    decayed = [p for p in net.parameters() if id(p) in wd]
+    others = [p for p in net.parameters() if id(p) not in wd]
     decay = 2 * args.weight_decay / args.batch_size
-    groups = [{"params": [p for p in net.parameters() if id(p) in wd], "weight_decay": decay},
-              {"params": [p for p in net.parameters() if id(p) not in wd], "weight_decay": 0.0}]
+    groups = [{"params": decayed, "weight_decay": decay},
+              {"params": others, "weight_decay": 0.0}]
     return torch.optim.RMSprop(groups, args.lr, alpha=0.9, eps=1e-8)
 
 def annealed_lr(args, epoch):
     """The code's GammaAnnealer: lr0 - (e / E)^0.75 (lr0 - lr_end), set once per epoch (e from 0)."""
-    return args.lr - ((epoch - 1) / args.epochs) ** args.lr_power * (args.lr - args.lr_end)
+    progress = (epoch - 1) / args.epochs
+    return args.lr - progress ** args.lr_power * (args.lr - args.lr_end)
 
 # ----------------------------------------------------------------------------- attribute vectors (Sec. 5)
 @torch.no_grad()
 def encode(E, x, batch=500):
     """uint8 images -> posterior means mu (the code's embedding), in batches."""
-    return torch.cat([posterior(E, x[i:i + batch].float() / 127.5 - 1)[0] for i in range(0, len(x), batch)])
+    mus = []
+    for i in range(0, len(x), batch):
+        mu, _ = posterior(E, to_float(x[i:i + batch]))
+        mus.append(mu)
+    return torch.cat(mus)
 
 @torch.no_grad()
 def decode(Dec, z, batch=500):
-    return torch.cat([Dec(z[i:i + batch]) for i in range(0, len(z), batch)])
+    chunks = z.split(batch)
+    return torch.cat([Dec(chunk) for chunk in chunks])
 
 def attribute_vector(E, targs, k, device, n=10000):
     """The mean latent of the images with attribute (here: class) k minus the mean of those without;
@@ -250,7 +316,8 @@ def attribute_vector(E, targs, k, device, n=10000):
     x, y, classes = load_dataset(targs, "train")
     if not 0 <= k < len(classes):
         fail(f"--attribute {k} is out of range; this dataset has classes 0..{len(classes) - 1}")
-    on, z = (y[:n] == k).to(device), encode(E, x[:n].to(device))  # z: N x nz
+    on = (y[:n] == k).to(device)
+    z = encode(E, x[:n].to(device))  # N x nz
     if on.all() or not on.any():
         fail(f"--attribute {k}: the first {n} training images must hold class {k} and other classes")
     return z[on].mean(0) - z[~on].mean(0)
@@ -270,27 +337,35 @@ def slerp(a, b, t):
     if s < 1e-5:  # antipodal: every great circle joins them; take one through a basis vector, angle pi
         e = torch.zeros_like(a)
         e[ua.abs().argmin()] = 1
-        v, omega = e - (ua @ e) * ua, torch.tensor(math.pi, dtype=a.dtype, device=a.device)
+        v = e - (ua @ e) * ua
+        omega = torch.tensor(math.pi, dtype=a.dtype, device=a.device)
     v = v / v.norm()
-    path = ua * torch.cos(omega * t)[:, None] + v * torch.sin(omega * t)[:, None]
-    return path * (na + (nb - na) * t)[:, None]
+    angle = (omega * t)[:, None]
+    path = ua * torch.cos(angle) + v * torch.sin(angle)  # unit vectors, a to b on the great circle
+    norm = na + (nb - na) * t
+    return path * norm[:, None]
+
+def lerp(a, b, t):
+    return a + (b - a) * t[:, None]
 
 def walk(nz, frames, device, per_key=16):
     """A slow tour of latent space: 16 latents at a time, each slerping between random key points."""
     keys = torch.randn(frames // per_key + 2, 16, nz, device=device)
     t = torch.linspace(0, 1, per_key + 1, device=device)[:-1]
-    path = [torch.stack([slerp(a, b, t) for a, b in zip(k0, k1)], 1) for k0, k1 in zip(keys, keys[1:])]
+    path = []
+    for k0, k1 in zip(keys, keys[1:]):
+        paths = [slerp(a, b, t) for a, b in zip(k0, k1)]  # 16 of them, each per_key x nz
+        path.append(torch.stack(paths, 1))
     return torch.cat(path)[:frames]  # frames x 16 x nz
 
 # ----------------------------------------------------------------------------- the training loop
 @dataclass
 class Run:
-    """A training run. There is no DDP wrapper: autograd.grad does not fire its hooks, so `train_step`
-    all-reduces the gradients itself, and the decoder's GAN loss goes through D itself (fwd["D"]) in the
-    same forward pass as D's own loss, each network then taking the gradient of its own row only."""
+    """A training run: what `train_step` reads and changes. The networks are called through `fwd`, which
+    the Appendix prepares (compiled, in bf16, gradients shared between data-parallel ranks)."""
     args: argparse.Namespace  # the user's flags (the checkpoint's on --resume); never written to
     nets: dict  # "E", "Dec" and "D" (none for a plain VAE): the nn.Modules that are saved
-    fwd: dict  # the callables of the forward pass (compiled, or the modules); "Dfeat" is D up to Dis_l
+    fwd: object  # the networks as the forward pass calls them (`Forward`, in the Appendix)
     opts: dict  # one RMSProp per network, so that each steps on its own gradient alone
     images: torch.Tensor  # the training set, uint8 N x C x H x W, on the device
     classes: list  # class names
@@ -298,6 +373,7 @@ class Run:
     world: int = 1  # the number of processes
     epoch: int = 0  # epochs done
     step: int = 0  # training steps done
+    logged_at: float = 0.0  # time.time() of the last log row, for the progress line's images/s
 
 def setup_run(args, device, data, rank=0, world=1):
     """A Run for in-memory data (uint8 images N x C x H x W, int64 labels or None, class names)."""
@@ -305,107 +381,203 @@ def setup_run(args, device, data, rank=0, world=1):
     if len(images) < args.batch_size * world:
         fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}; "
              "lower --batch-size or add images")
-    nets = {k: n.to(device) for k, n in build_nets(args, images.shape[1], images.shape[-1]).items()}
+    nets = build_nets(args, images.shape[1], images.shape[-1])
+    nets = {k: n.to(device) for k, n in nets.items()}
     torch.manual_seed(args.seed + rank)  # the same weights on every rank, but each rank its own noise
-    parts = {**nets, "Dfeat": nets["D"][0]} if "D" in nets else nets  # Dis_l: D's own first layers
-    fwd = {k: torch.compile(m, dynamic=False) if args.compile else m for k, m in parts.items()}
-    opts = {k: make_optimizer(n, args, head=n[-1] if k == "E" else None) for k, n in nets.items()}
-    print(", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,}" for k, n in nets.items()), "parameters")
+    opts = {}
+    for k, n in nets.items():
+        head = n[-1] if k == "E" else None  # the encoder's mu/log sigma^2 layer
+        opts[k] = make_optimizer(n, args, head)
+    fwd = prepare_forward(nets, opts, args, world)
+    for k, n in nets.items():
+        count = sum(p.numel() for p in n.parameters())
+        print(f"{k}: {count:,} parameters")
     return Run(args, nets, fwd, opts, images.to(device), classes, rank, world)
 
-def train(args, device, rank=0, world=1, ckpt=None):
-    """--epochs epochs of `train_step` with the code's lr annealing; a log row and a progress line every
-    --log-every steps; pictures and a checkpoint after each epoch (rank 0 writes every file)."""
-    if not ckpt and any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
-        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
-    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
-    if ckpt:
-        restore(run, ckpt)
-    if rank == 0:
-        os.makedirs(args.outf, exist_ok=True)
-    fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    start, t0, per_step = run.step, time.time(), args.batch_size * world
+def train(run):
+    """--epochs epochs of `train_step` with the code's lr annealing; after each epoch, pictures from a
+    fixed latent batch and a checkpoint (the Appendix's `end_of_epoch_files`)."""
+    args = run.args
+    gen = torch.Generator().manual_seed(args.seed)
+    fixed_z = torch.randn(64, args.nz, generator=gen)
+    fixed_z = fixed_z.to(run.images.device)
+    run.logged_at = time.time()
     for epoch in range(run.epoch + 1, args.epochs + 1):
-        for group in (g for opt in run.opts.values() for g in opt.param_groups):
-            group["lr"] = annealed_lr(args, epoch)
-        idx, acc, count = batches(run, epoch), {}, 0  # idx: steps x batch indices
-        for i, b in enumerate(idx):
-            out = train_step(run, get_batch(run, b))
-            run.step, count = run.step + 1, count + 1
-            acc = {k: acc.get(k, 0) + v for k, v in out.items()}  # on the device: no sync per step
-            if run.step % args.log_every and i < len(idx) - 1:
-                continue
-            row = {"step": run.step, "epoch": epoch, **{k: float(v) / count for k, v in acc.items()},
-                   "lr": run.opts["E"].param_groups[0]["lr"]}
-            acc, count = {}, 0
-            if not all(math.isfinite(v) for v in row.values()):
-                fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
-                     f"checkpoint in {args.outf} is kept (try a lower --lr)")
-            if rank == 0:
-                append_log(os.path.join(args.outf, "log.csv"), [row])
-                rate = (run.step - start) * per_step / (time.time() - t0)
-                eta = ((args.epochs - epoch + 1) * len(idx) - i - 1) * per_step / rate / 60
-                gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} "
-                       f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f}") if "d_x" in row else ""
-                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] KL {row['kl']:.1f} "
-                      f"rec {row['recon']:.4g}{gan} | {rate:.0f} img/s | ETA {eta:.0f}m")
+        for opt in run.opts.values():
+            for group in opt.param_groups:
+                group["lr"] = annealed_lr(args, epoch)
+        train_epoch(run, epoch)
         run.epoch = epoch
-        if world > 1:  # BN running statistics are per rank; make every rank hold rank 0's
-            for buf in (buf for net in run.nets.values() for buf in net.buffers()):
-                dist.broadcast(buf, 0)
-        if rank == 0:
-            end_of_epoch_files(run, fixed_z)
+        end_of_epoch_files(run, fixed_z)
     return run
+
+def train_epoch(run, epoch):
+    """One shuffled pass; the loss terms are summed on the device and logged every --log-every steps."""
+    idx = batches(run, epoch)  # steps x batch indices
+    sums, count = {}, 0
+    for i, b in enumerate(idx):
+        out = train_step(run, get_batch(run, b))
+        run.step += 1
+        count += 1
+        sums = {k: sums.get(k, 0) + v for k, v in out.items()}  # no host sync per step
+        if run.step % run.args.log_every == 0 or i == len(idx) - 1:
+            means = {k: v / count for k, v in sums.items()}
+            log_row(run, epoch, i + 1, len(idx), means)  # the Appendix: log.csv and a progress line
+            sums, count = {}, 0
 
 # ----------------------------------------------------------------------------- the sampling command
 def sample(args):
     """Samples from the prior; with flags, reconstructions, interpolations, a walk, attribute vectors."""
-    ckpt = load_checkpoint(args.ckpt, SCRIPT)
-    targs, device = argparse.Namespace(**ckpt["args"]), pick_device(args)
+    ckpt = load_checkpoint(args.ckpt)
+    targs = argparse.Namespace(**ckpt["args"])
+    device = pick_device(args)
     nets = build_nets(targs, *ckpt["image"])
     for k, n in nets.items():
         n.load_state_dict(ckpt[k])
-    E, Dec = (nets[k].to(device).eval() for k in ("E", "Dec"))  # BN with its running statistics
+        n.to(device).eval()  # BN with its running statistics
+    E, Dec = nets["E"], nets["Dec"]
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png")
+    stem = os.path.splitext(out)[0]
     torch.manual_seed(args.seed)
-    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
-    x = decode(Dec, torch.randn(args.n, targs.nz, device=device))
+    x = sample_prior(Dec, targs.nz, ckpt["image"], args.n, stem, device)
     save_grid(x, stem + ".png")
     if args.npz:
-        np.savez(args.npz, images=to_uint8(x))
+        write_atomic(args.npz, lambda f: np.savez(f, images=x))
     if args.recon_grid or args.interp or args.attribute is not None:
         real, y, _ = load_dataset(targs, "test")
-        real, y = real.to(device), y.to(device)
-    if args.recon_grid:  # test images over their reconstructions
-        k = min(32, len(real)) // 8 * 8 or fail("--recon-grid needs 8 or more test images")
-        x = real[:k].float() / 127.5 - 1
-        save_grid(pair_rows(x, decode(Dec, encode(E, real[:k]))), stem + "_recon.png")
-        if args.npz:  # every test image's reconstruction, labelled with its class (bench/quality.py)
-            rec = os.path.splitext(args.npz)[0] + "_recon.npz"
-            np.savez(rec, images=to_uint8(decode(Dec, encode(E, real))), labels=y.cpu().numpy())
-    if args.interp:  # rows: the latents of pairs of test images, lerp or slerp between them
-        t, k = torch.linspace(0, 1, args.steps, device=device), min(8, len(real) // 2)
-        ends = encode(E, real[:2 * k]).view(k, 2, -1)
-        lerp = [a + (b - a) * t[:, None] for a, b in ends]
-        zs = torch.cat([slerp(a, b, t) for a, b in ends] if args.interp == "slerp" else lerp)
-        save_grid(decode(Dec, zs), stem + f"_{args.interp}.png", args.steps)
+        real = real.to(device)
+        y = y.to(device)
+    if args.recon_grid:
+        sample_recon(E, Dec, real, y, args, stem)
+    if args.interp:
+        sample_interpolation(E, Dec, real, args, stem)
     if args.walk:
-        frames = [grid_image(decode(Dec, f), 4) for f in walk(targs.nz, args.walk, device)]
-        frames[0].save(stem + "_walk.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
+        latents = walk(targs.nz, args.walk, device)
+        frames = [grid_image(decode(Dec, z), 4) for z in latents]
+        save_gif(frames, stem + "_walk.gif")
     if args.attribute is not None:  # rows: test images of other classes, reconstructions, + the vector
-        v, pick = attribute_vector(E, targs, args.attribute, device), real[y != args.attribute][:8]
+        v = attribute_vector(E, targs, args.attribute, device)
+        pick = real[y != args.attribute][:8]
         zp = encode(E, pick)
-        save_grid(torch.cat([pick.float() / 127.5 - 1, decode(Dec, zp), decode(Dec, zp + v)]),
-                  stem + f"_attr{args.attribute}.png")
+        recon = decode(Dec, zp)
+        shifted = decode(Dec, zp + v)
+        rows = torch.cat([to_float(pick), recon, shifted])
+        save_grid(rows, stem + f"_attr{args.attribute}.png")
     print(f"wrote {stem}*" + (f" and {args.npz}" if args.npz else ""))
+
+def sample_recon(E, Dec, real, y, args, stem):
+    """Test images over their reconstructions; with --npz every test image's reconstruction, labelled
+    with its class (for bench/quality.py)."""
+    k = min(32, len(real)) // 8 * 8
+    if k == 0:
+        fail("--recon-grid needs 8 or more test images")
+    x = to_float(real[:k])
+    x_tilde = decode(Dec, encode(E, real[:k]))
+    save_grid(pair_rows(x, x_tilde), stem + "_recon.png")
+    if args.npz:
+        images = to_uint8(decode(Dec, encode(E, real)))
+        labels = y.cpu().numpy()
+        rec = os.path.splitext(args.npz)[0] + "_recon.npz"
+        write_atomic(rec, lambda f: np.savez(f, images=images, labels=labels))
+
+def sample_interpolation(E, Dec, real, args, stem):
+    """Rows: the latents of pairs of test images, with lerp or slerp between them."""
+    t = torch.linspace(0, 1, args.steps, device=real.device)
+    k = min(8, len(real) // 2)
+    ends = encode(E, real[:2 * k]).view(k, 2, -1)
+    between = slerp if args.interp == "slerp" else lerp
+    zs = torch.cat([between(a, b, t) for a, b in ends])
+    save_grid(decode(Dec, zs), stem + f"_{args.interp}.png", args.steps)
 
 # ------------------------------------------------------------------------- Appendix: plumbing, not the paper
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
+# ----------------------------------------------------------------------------- output files and folders
+def write_atomic(path, write):
+    """Every file the script writes goes through here: `write(f)` fills PATH.tmp in the same folder, which
+    is flushed, synced and renamed over PATH, so a crash, a kill or a full disk keeps the previous file.
+    On any exception the .tmp is removed; a disk error (torch.save on a full disk raises RuntimeError
+    "unexpected pos", not OSError) becomes one line."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        with contextlib.suppress(OSError):  # the free space tells a full disk from other errors
+            full = shutil.disk_usage(os.path.dirname(tmp) or ".").free < 2 ** 20
+            why = "no space left on device" if full or getattr(e, "errno", 0) == errno.ENOSPC else why
+        fail(f"could not write {path} ({why}); any previous {os.path.basename(path)} is kept")
+
+def prepare_output(folder):
+    """Creates an output folder (--outf, or the folder of --npz or --out) and proves it writable."""
+    probe = os.path.join(folder, f".probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY))
+        os.remove(probe)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        fail(f"cannot write into the folder {folder} ({why}); choose another")
+
+def lock_run(outf):
+    """OUTF/.lock, holding this process's id, for the run's life: a second run into the same folder is
+    refused; a lock whose process is gone is taken over. -> the lock's path, for `main` to release."""
+    path = os.path.join(outf, ".lock")
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(path) as f:
+                pid = f.read().strip()
+            if not pid.isdigit() or process_alive(int(pid)):
+                fail(f"{outf} is in use by another run (process {pid or 'starting'}); wait for it to end, "
+                     f"or choose another --outf (if no run uses it, delete {path})")
+            with contextlib.suppress(OSError):  # a stale lock: that process no longer exists
+                os.rename(path, f"{path}.stale-{pid}")
+                os.remove(f"{path}.stale-{pid}")
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return path
+    fail(f"could not take the lock {path}; try again")
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+def start_folder(args, ckpt):
+    """The run folder, locked: a folder with a ckpt.pt is a run (fresh runs refused); stale logs of a run
+    that never wrote a checkpoint are replaced. -> the lock's path."""
+    prepare_output(args.outf)
+    lock = lock_run(args.outf)
+    if not ckpt and os.path.exists(os.path.join(args.outf, "ckpt.pt")):
+        os.remove(lock)
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    if not ckpt:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.outf, "log.csv"))
+    return lock
+
+
 # ----------------------------------------------------------------------------- data
 # Every loader returns a whole split as one uint8 tensor N x C x H x W, int64 labels and class names:
 # decoded once, then batches are gathered by index on the device, with no per-image Python in the loop.
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28, "folder": 64, "shapes": 32}
+SHAPES_MAX_SIZE = 128  # shapes are drawn in float64 chunks of 1000 images: ~1 GB at 128 px
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = {  # the official tarball's and its batch files'
     "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
@@ -429,26 +601,39 @@ CLASSES = {"mnist": list("0123456789"),
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
+GREY_MODES = ("1", "L", "LA", "La")  # 1- and 8-bit grey, alpha dropped
+COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")  # Pillow converts these to RGB
+FULL_SCALE = (1.0, 255.0, 65535.0)  # the range of an integer or float image: [0, 1], 8 or 16 bits
 
 def damaged(path, what):
     fail(f"{path} is damaged ({str(what).splitlines()[0]}); delete it to download it again, or replace it")
+
+def check_split(x, y, ncls, path, rank=4):
+    """After every reader: images of `rank` (N x C x H x W), one label per image, labels in 0..ncls-1."""
+    if x.ndim != rank or y.ndim != 1:
+        fail(f"{path} holds arrays of shapes {tuple(x.shape)} and {tuple(y.shape)}; images of rank {rank} "
+             "and labels of rank 1 were expected: replace the file")
+    if len(x) != len(y):
+        fail(f"{path} holds {len(x)} images but {len(y)} labels; replace the shorter file")
+    outside = y[(y < 0) | (y >= ncls)]
+    if len(outside):
+        fail(f"{path} holds the label {int(outside[0])}, outside the classes 0..{ncls - 1}; replace the file")
 
 def find_or_download(candidates, target, url, md5):
     """The first of `candidates` that exists; else `url` downloaded to `target`, its md5 checked."""
     found = [c for c in candidates if os.path.exists(c)]
     if found:
         return found[0]
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    prepare_output(os.path.dirname(target) or ".")
     print(f"downloading {url}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(target + ".part", "wb") as f:
-            f.write(r.read())
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
     except OSError as e:
         fail(f"could not download {url} ({e}); put {os.path.basename(target)} in {os.path.dirname(target)}")
-    with open(target + ".part", "rb") as f:
-        if hashlib.md5(f.read()).hexdigest() != md5:
-            fail(f"checksum mismatch for {url}; delete {target}.part and try again")
-    os.replace(target + ".part", target)
+    if hashlib.md5(data).hexdigest() != md5:
+        fail(f"checksum mismatch for {url}; try again")
+    write_atomic(target, lambda f: f.write(data))
     return target
 
 def checked(path):
@@ -475,10 +660,14 @@ def read_cifar10(root, split):
     tar = os.path.join(root, "cifar-10-python.tar.gz")
     path = find_or_download([os.path.join(root, "cifar-10-batches-py"), tar], tar, CIFAR_URL,
                             CIFAR_MD5["cifar-10-python.tar.gz"])
-    blobs = [checked(os.path.join(path, n)) for n in names] if os.path.isdir(path) else checked(path) and []
+    missing = [n for n in names if os.path.isdir(path) and not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}; put the whole extracted folder there, or the tarball")
     try:
-        if not blobs:
-            with tarfile.open(path) as t:
+        if os.path.isdir(path):
+            blobs = [checked(os.path.join(path, n)) for n in names]
+        else:
+            with tarfile.open(fileobj=io.BytesIO(checked(path))) as t:
                 members = {os.path.basename(m.name): m for m in t.getmembers()}
                 blobs = [t.extractfile(members[n]).read() for n in names]
         batches = [BatchUnpickler(io.BytesIO(b), encoding="bytes").load() for b in blobs]
@@ -486,6 +675,7 @@ def read_cifar10(root, split):
         y = np.concatenate([b[b"labels"] for b in batches])
     except DAMAGED as e:
         damaged(path, f"no {e}" if isinstance(e, KeyError) else e)
+    check_split(x, y, 10, path)
     return torch.from_numpy(x), torch.from_numpy(y).long(), CLASSES["cifar10"]
 
 def read_idx(path):
@@ -507,18 +697,20 @@ def load_mnist(root, name, split):
     """MNIST and Fashion-MNIST: in DATAROOT, DATAROOT/NAME or a Debian dataset package, else downloaded."""
     dirs = (root, os.path.join(root, name), os.path.join(SYSTEM_DATA, name))
     found = [[os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])] for i in range(4)]
-    x, y = (read_idx(find_or_download(found[i], os.path.join(root, name, IDX_FILES[i]),
-                                      IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
-            for i in ([0, 1] if split == "train" else [2, 3]))
+    paths = [find_or_download(found[i], os.path.join(root, name, IDX_FILES[i]), IDX_URLS[name] + IDX_FILES[i],
+                              IDX_MD5[name][i]) for i in ([0, 1] if split == "train" else [2, 3])]
+    x, y = (read_idx(p) for p in paths)
+    check_split(x, y, len(CLASSES[name]), " and ".join(paths), rank=3)
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
 
 def decode_image(path, size, mode):
-    """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
+    """One image file -> uint8 H x W (grey) or H x W x 3: its EXIF orientation applied, its mode mapped
+    to 8 bits (`eight_bit`), then the shorter side resized to `size` and the centre cropped, as DCGAN's
+    LSUN/CelebA preprocessing."""
     try:
-        im = Image.open(path)
-        if im.mode.startswith("I"):  # 16-bit grey: keep the top 8 bits (convert("L") would clip to white)
-            im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
+        with Image.open(path) as im:
+            im = eight_bit(ImageOps.exif_transpose(im), path)
+            im = im.convert(mode or ("L" if im.mode in GREY_MODES else "RGB"))
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
@@ -526,19 +718,56 @@ def decode_image(path, size, mode):
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
-def load_folder(root, size, channels, workers):
-    """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
-    if not os.path.isdir(root):
-        fail(f"--dataroot {root} is not a folder; point it at a folder of images")
+def eight_bit(im, path):
+    """8-bit modes as they are; 16-bit, 32-bit integer and float grey scaled by their range to 8 bits
+    (Pillow's convert("L") would clip them to white or truncate them to black); other modes refused."""
+    if im.mode in GREY_MODES + COLOUR_MODES:
+        return im
+    if not (im.mode in ("I", "F") or im.mode.startswith("I;16")):
+        fail(f"{path} has the image mode {im.mode}, which this reader does not map; save it as RGB or grey")
+    a = np.nan_to_num(np.asarray(im, np.float64))
+    full = [65535.0] if im.mode.startswith("I;16") else [s for s in FULL_SCALE if a.max() <= s]
+    if full and a.min() >= 0:
+        a = a / full[0] * 255
+    else:  # negative, or beyond 16 bits: the image's own range
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+    return Image.fromarray(a.round().astype(np.uint8))
+
+def image_files(root, outf=None):
+    """The images under `root`, sorted. Hidden entries are skipped, and so is the run's own --outf inside
+    it (with a note); folder links are not followed (a link loop cannot hang the walk); a link to nothing
+    is skipped with a note."""
     def unreadable(e):  # os.walk would skip the folder without a word
         fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unreadable) for f in fs
-                   if f.lower().endswith(IMAGE_EXT))
+    files = []
+    for folder, dirs, names in os.walk(root, onerror=unreadable):
+        if outf and os.path.realpath(folder) == os.path.realpath(outf):
+            print(f"note: skipping {folder}: it is this run's --outf, not data")
+            dirs.clear()
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .thumbs/, .git/: not classes
+        for name in sorted(n for n in names if n.lower().endswith(IMAGE_EXT) and not n.startswith(".")):
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not os.access(path, os.R_OK):
+                print(f"note: skipping {path}: a link to nothing readable")
+                continue
+            files.append(path)
+    return sorted(files)
+
+def load_folder(root, size, channels, workers, outf=None):
+    """A folder of images, classes from its top-level sub-folders (images in nested folders belong to their
+    top-level class); decoded once and cached beside the data."""
+    if not os.path.isdir(root):
+        fail(f"--dataroot {root} is not a folder; point it at a folder of images")
+    files = image_files(root, outf)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    dirs = [os.path.relpath(os.path.dirname(f), root) for f in files]  # a class per sub-folder
+    tops = [os.path.relpath(f, root).split(os.sep) for f in files]
+    dirs = [parts[0] if len(parts) > 1 else "." for parts in tops]  # "." for images in root itself
     classes = sorted(set(dirs))
-    stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
+    print(f"{len(files)} images in {len(classes)} classes: {', '.join(classes)}")
+    stats = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stamp = hashlib.md5(repr(stats).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
     with contextlib.suppress(Exception), np.load(cache) as z:  # absent or damaged: decoded again
         return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
@@ -549,11 +778,9 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(d) for d in dirs], np.int64)
-    with contextlib.suppress(OSError), open(cache + ".tmp", "wb") as f:  # read-only data: decoded each time
-        np.savez(f, x=x, y=y)
-        f.flush()
-        os.fsync(f.fileno())
-        os.replace(cache + ".tmp", cache)  # atomically: a crash leaves no half-written cache
+    check_split(x, y, len(classes), root)
+    with contextlib.suppress(SystemExit):  # read-only data or a full disk: decoded again next time
+        write_atomic(cache, lambda f: np.savez(f, x=x, y=y))
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
@@ -584,7 +811,8 @@ def load_dataset(args, split):
         n = min(10000, args.limit or 10000) if split == "train" else 2000
         x, y, classes = make_shapes(n, args.image_size, 0 if split == "train" else 1)
     else:
-        x, y, classes = load_folder(args.dataroot, args.image_size, args.channels, args.workers)
+        outf = getattr(args, "outf", None)
+        x, y, classes = load_folder(args.dataroot, args.image_size, args.channels, args.workers, outf)
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
@@ -607,9 +835,14 @@ def batches(run, epoch):
     return perm[: len(perm) // bs * bs].view(-1, bs)
 
 def get_batch(run, idx):
-    return run.images[idx].float().div_(127.5).sub_(1)  # uint8 -> [-1, 1] on the device
+    return to_float(run.images[idx])
+
+def to_float(x):
+    return x.float().div_(127.5).sub_(1)  # uint8 -> [-1, 1]
 
 # ----------------------------------------------------------------------------- checkpoints and resume
+CHECKPOINT_KEYS = ("args", "image", "E", "Dec", "optE", "optDec", "epoch", "step", "rng")  # a training one's
+
 def checkpoint(run):
     """Everything a resume needs; `restore` reads back exactly these."""
     return {"script": SCRIPT, "args": vars(run.args), "image": list(run.images.shape[1::2]),  # C, size
@@ -617,7 +850,7 @@ def checkpoint(run):
             **{"opt" + k: o.state_dict() for k, o in run.opts.items()},
             "epoch": run.epoch, "step": run.step, "classes": run.classes, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "balance": {"equilibrium": run.args.equilibrium, "margin": run.args.margin}}
+            "world": run.world, "balance": {"equilibrium": run.args.equilibrium, "margin": run.args.margin}}
 
 def restore(run, ckpt):
     """The mirror of `checkpoint`, and log.csv cut back to the checkpoint's step."""
@@ -628,15 +861,21 @@ def restore(run, ckpt):
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    if ckpt.get("world", 1) != run.world:
+        print(f"note: trained on {ckpt.get('world', 1)} processes, resumed on {run.world}: each process's "
+              "share of the data changes, so the run does not continue bit for bit")
     log = os.path.join(run.args.outf, "log.csv")
     if run.rank > 0:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     elif os.path.exists(log):  # rows logged past the checkpoint (a crash mid-epoch) are written again
-        with open(log) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= run.step]
-        os.remove(log)
-        if rows:
-            append_log(log, rows)
+        with open(log, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if int(r["step"]) <= run.step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(log, lambda f: f.write(text.getvalue().encode()))  # never deleted first
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
@@ -661,40 +900,32 @@ def resumed_args(args, ckpt, typed):
              f"{ckpt['epoch']} to train more")
     return args
 
-def save_checkpoint(obj, path):
-    """Atomic: written beside, flushed to disk, then renamed, so a crash or a full disk keeps the last one."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        if e.errno == errno.ENOSPC:
-            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
-                 "the last checkpoint is kept")
-        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
-
-def load_checkpoint(path, script):
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
+def load_checkpoint(path):
+    """A training checkpoint of this script, or one line saying what the file is instead."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train first or point --ckpt at a run's ckpt.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
     other = (ckpt.get("script") if isinstance(ckpt, dict) else None) or "another program"
-    if other != script:
-        fail(f"{path} was written by {other}.py, not {script}.py; use that script")
-    if "image" not in ckpt:  # the image shape entry came with the checkpoint/restore pair
-        fail(f"{path} was written by an older {script}.py; train it again with this one")
+    if other != SCRIPT:
+        fail(f"{path} was written by {other}.py, not {SCRIPT}.py; use that script")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        fail(f"{path} is not a {SCRIPT}.py training checkpoint (it lacks {', '.join(missing)}); "
+             f"use DIR/ckpt.pt of a {SCRIPT}.py run")
     return ckpt
 
 # ----------------------------------------------------------------------------- logs and pictures
 def end_of_epoch_files(run, fixed_z):
-    """Fixed-latent samples, 32 training images (or all) over their reconstructions, ckpt.pt, curves.png."""
+    """Every rank takes rank 0's BN statistics (they are per rank); then rank 0 writes fixed-latent samples,
+    32 training images (or all) over their reconstructions, ckpt.pt and curves.png."""
+    for buf in (buf for net in run.nets.values() for buf in net.buffers() if run.world > 1):
+        dist.broadcast(buf, 0)
     nets, outf, epoch = run.nets, run.args.outf, run.epoch
+    if run.rank > 0:
+        return
     if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
         fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
     nrow = min(8, len(run.images))
@@ -705,16 +936,34 @@ def end_of_epoch_files(run, fixed_z):
         save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0]), nrow),
                   os.path.join(outf, f"recon_e{epoch:03d}.png"), nrow)
     nn.ModuleDict(nets).train()
-    save_checkpoint(checkpoint(run), os.path.join(outf, "ckpt.pt"))
+    write_atomic(os.path.join(outf, "ckpt.pt"), lambda f: torch.save(checkpoint(run), f))
     plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
 
-def append_log(path, rows):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+def log_row(run, epoch, it, steps, means):
+    """A log.csv row (rank 0 appends it) and a progress line; NaN/inf losses stop the run."""
+    args, now = run.args, time.time()
+    row = {"step": run.step, "epoch": epoch, **{k: float(v) for k, v in means.items()},
+           "lr": run.opts["E"].param_groups[0]["lr"]}
+    if not all(math.isfinite(v) for v in row.values()):
+        fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
+             f"checkpoint in {args.outf} is kept (try a lower --lr)")
+    if run.rank > 0:
+        return
+    log = os.path.join(args.outf, "log.csv")
+    new = not os.path.exists(log)
+    with open(log, "a", newline="") as f:  # one short line appended; a trim goes through write_atomic
+        w = csv.DictWriter(f, fieldnames=list(row))
         if new:
             w.writeheader()
-        w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    done = (run.step - 1) % args.log_every + 1  # steps since the last row
+    rate = done * args.batch_size * run.world / max(now - run.logged_at, 1e-9)
+    eta = ((args.epochs - epoch) * steps + steps - it) * args.batch_size * run.world / rate / 60
+    run.logged_at = now
+    gan = (f" D {row['err_real'] + row['err_fake']:.2f} G {row['gan_g']:.2f} "
+           f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f}") if "d_x" in row else ""
+    print(f"[e {epoch}/{args.epochs} it {it}/{steps}] KL {row['kl']:.1f} "
+          f"rec {row['recon']:.4g}{gan} | {rate:.0f} img/s | ETA {eta:.0f}m")
 
 def plot_curves(csv_path, png_path, w=480, h=80):
     """curves.png: every numeric column of log.csv against the row, one panel each, drawn with Pillow."""
@@ -731,14 +980,15 @@ def plot_curves(csv_path, png_path, w=480, h=80):
         draw.line([(5 + j * (w - 10) / (len(vals) - 1), (i + 1) * h - 5 - (v - lo) / span * (h - 25))
                    for j, v in enumerate(vals)], fill=(31, 119, 180))
         draw.text((5, i * h + 3), f"{k}: {lo:.3g} .. {lo + span:.3g}", fill="black")
-    img.save(png_path)
+    write_atomic(png_path, lambda f: img.save(f, "PNG"))
 
 def to_uint8(x):
     """[-1, 1] float N x C x H x W -> uint8 N x H x W x C."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 def grid_image(images, nrow=8, pad=2):
-    x = to_uint8(images)
+    """Float images in [-1, 1] (N x C x H x W) or uint8 ones (N x H x W x C) -> one grid picture."""
+    x = images if isinstance(images, np.ndarray) else to_uint8(images)
     n, h, w, c = x.shape
     grid = np.full((-(-n // nrow) * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i in range(n):
@@ -747,14 +997,64 @@ def grid_image(images, nrow=8, pad=2):
     return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
 def save_grid(images, path, nrow=8):
-    grid_image(images, nrow).save(path)
+    grid = grid_image(images, nrow)
+    write_atomic(path, lambda f: grid.save(f, "PNG"))
+
+def save_gif(frames, path):
+    write_atomic(path, lambda f: frames[0].save(f, "GIF", save_all=True, append_images=frames[1:],
+                                                duration=80, loop=0))
 
 def pair_rows(a, b, nrow=8):
     """Each row of `a` over the same row of `b`: images over their reconstructions in an 8-column grid."""
     rows = [a.reshape(-1, nrow, *a.shape[1:]), b.reshape(-1, nrow, *b.shape[1:])]  # R x nrow x C x H x W
     return torch.stack(rows, 1).flatten(0, 2)
 
+def sample_prior(Dec, nz, image, n, stem, device, chunk=500):
+    """n prior samples as uint8 N x H x W x C, decoded in chunks, after checking that they (and their
+    grid) fit in free memory and on the disk of STEM."""
+    c, size = image  # the checkpoint's image shape
+    need = 2 * n * c * size * size  # the array and the grid, in bytes
+    free_disk = shutil.disk_usage(os.path.dirname(os.path.abspath(stem))).free
+    free_mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free_mem or need > free_disk:
+        fail(f"--n {n} asks for {need / 2 ** 30:.2f} GB of samples and their grid; free memory "
+             f"{free_mem / 2 ** 30:.2f} GB, free disk {free_disk / 2 ** 30:.2f} GB: lower --n")
+    x = np.empty((n, size, size, c), np.uint8)
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        x[i:i + m] = to_uint8(decode(Dec, torch.randn(m, nz, device=device)))
+    return x
+
 # ----------------------------------------------------------------------------- device and data parallel
+@dataclass
+class Forward:
+    """The networks as the method's forward pass calls them, set up in one place (`prepare_forward`)."""
+    E: object  # the encoder: compiled under --compile, in bf16 autocast under --amp on CUDA, fp32 out
+    Dec: object  # the decoder, the same way
+    D: object = None  # the discriminator, the same way (none for a plain VAE)
+    Dfeat: object = None  # D up to Dis_l: D's own first layers, D[0], not a copy
+    batch_mean: object = None  # tensors -> floats, their mean over every data-parallel rank's share
+
+def prepare_forward(nets, opts, args, world):
+    """Wraps each network for `forward_losses`. Under torchrun each optimiser first averages its
+    gradients over the ranks (a step pre-hook): DDP's hooks by hand, as autograd.grad does not fire them."""
+    parts = dict(nets)
+    if "D" in nets:
+        parts["Dfeat"] = nets["D"][0]
+    if world > 1:
+        for opt in opts.values():
+            opt.register_step_pre_hook(average_grads)
+    return Forward(**{k: autocast_call(m, args) for k, m in parts.items()}, batch_mean=global_mean)
+
+def autocast_call(module, args):
+    compiled = torch.compile(module, dynamic=False) if args.compile else module
+    device = "cuda" if args.cuda else "cpu"
+
+    def call(x):
+        with torch.autocast(device, torch.bfloat16, enabled=args.amp and args.cuda):
+            return compiled(x).float()
+    return call
+
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
@@ -771,58 +1071,79 @@ def global_mean(*values):
         t /= dist.get_world_size()
     return t.tolist()
 
-def average_grads(grads, world):
-    """DDP's backward hooks by hand (autograd.grad does not fire them): one all-reduce, mean over ranks."""
-    flat = torch.cat([g.flatten() for gs in grads.values() for g in gs])
+def average_grads(opt, *_):
+    """One all-reduce of the optimiser's gradients, then their mean over the ranks."""
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
-    parts = iter(flat.div_(world).split([g.numel() for gs in grads.values() for g in gs]))
-    return {k: [next(parts).view_as(g) for g in gs] for k, gs in grads.items()}
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 # ----------------------------------------------------------------------------- command line
+# Every numeric flag: name, type, default, valid range, help. The ranges are checked in one loop
+# (`check_numbers`) before anything is allocated: "(" and ")" leave the end out, "[" and "]" take it in;
+# NaN and inf lie outside every range.
+NUMBERS = [
+    ("--image-size", int, None, "[16, 1024]", "the native size unless given; 64 for folder"),
+    ("--limit", int, None, "[1, inf)", "use only the first N training images"),
+    ("--nz", int, 128, "[1, 4096]", "latent size"),
+    ("--width", int, 64, "[2, 1024]", "base width: encoder 64-128-256-1024, D 32-128-256-256-512"),
+    ("--gamma", float, None, "(0, inf)", "decoder's reconstruction weight: disl 1e-6 (64 px) or 1e-5, "
+     "pixel 2e-4; plain VAE: 1/sigma^2, 1"),
+    ("--equilibrium", float, 0.68, "(0, inf)", "the rule's target for D's costs (~ ln 2)"),
+    ("--margin", float, 0.35, "(-inf, inf)", "the rule's margin; negative turns the rule off"),
+    ("--epochs", int, 25, "[1, 1000000]", "25 epochs of CelebA ~ the paper's 62,500 steps"),
+    ("--batch-size", int, 64, "[2, 1000000]", "at least 2 (batch norm)"),
+    ("--lr", float, 0.025 / 64, "(0, inf)", "RMSProp start (the code: 0.025 / batch)"),
+    ("--lr-end", float, 1e-5 / 64, "[0, inf)", "RMSProp end of the annealing"),
+    ("--lr-power", float, 0.75, "(0, inf)", "lr = lr0 - (e/E)^power (lr0 - lr_end)"),
+    ("--weight-decay", float, 1e-5, "[0, inf)", "on conv/linear weights, paper units"),
+    ("--seed", int, 1, "[0, 2147483647]", "everything is seeded from it"),
+    ("--log-every", int, 100, "[1, inf)", "steps between progress lines / log rows"),
+    ("--workers", int, 4, "[1, 1024]", "threads decoding a folder of images"),
+    ("--n", int, 64, "[1, inf)", "number of samples (checked against free memory and disk)"),
+    ("--steps", int, 10, "[1, 10000]", "interpolation steps"),
+    ("--walk", int, 0, "[0, 1000000]", "frames of an animated GIF latent walk"),
+    ("--attribute", int, None, "[0, inf)", "class K: add mean z of K minus mean z of the rest")]
+
 def make_parser():
     p = argparse.ArgumentParser(description="VAE/GAN (Larsen et al. 2016)")
     a = p.add_argument
     a("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
     a("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    a("--image-size", type=int, help="the native size unless given; 64 for folder")
     a("--channels", type=int, choices=[1, 3], help="force greyscale or RGB")
-    a("--limit", type=int, help="use only the first N training images")
-    a("--nz", type=int, default=128, help="latent size")
-    a("--width", type=int, default=64, help="base width: encoder 64-128-256-1024, D 32-128-256-256-512")
     a("--recon", choices=["disl", "pixel"], default="disl", help="reconstruction error on Dis_l or pixels")
     a("--no-gan", action="store_true", help="no discriminator: with --recon pixel, a plain VAE")
     a("--fake-recon", action=argparse.BooleanOptionalAction, default=True,
       help="D also sees reconstructions as fakes (Alg. 1); --no-fake-recon: prior samples only")
-    a("--gamma", type=float, help="decoder's reconstruction weight: disl 1e-6 (64 px) or 1e-5, pixel 2e-4; "
-      "plain VAE: 1/sigma^2, 1")
     a("--nonsat", action="store_true", help="decoder minimises -log D(G(z)), not log(1 - D(G(z)))")
-    a("--equilibrium", type=float, default=0.68, help="the rule's target for D's costs (~ ln 2)")
-    a("--margin", type=float, default=0.35, help="the rule's margin; negative turns the rule off")
-    a("--epochs", type=int, default=25, help="25 epochs of CelebA ~ the paper's 62,500 steps")
-    a("--batch-size", type=int, default=64)
-    a("--lr", type=float, default=0.025 / 64, help="RMSProp start (the code: 0.025 / batch)")
-    a("--lr-end", type=float, default=1e-5 / 64, help="RMSProp end of the annealing")
-    a("--lr-power", type=float, default=0.75, help="lr = lr0 - (e/E)^power (lr0 - lr_end)")
-    a("--weight-decay", type=float, default=1e-5, help="on conv/linear weights, paper units")
-    a("--seed", type=int, default=1)
     a("--outf", help="output folder (default out/vaegan-DATASET)")
     a("--resume", action="store_true", help="continue from OUTF/ckpt.pt")
-    a("--log-every", type=int, default=100, help="steps between progress lines / log rows")
     a("--cuda", action="store_true")
     a("--amp", action="store_true", help="bf16 autocast (CUDA)")
     a("--compile", action="store_true", help="torch.compile the networks")
-    a("--workers", type=int, default=4, help="threads decoding a folder of images")
     a("--sample", action="store_true", help="sample from --ckpt instead of training")
     a("--ckpt")
-    a("--n", type=int, default=64, help="number of samples")
     a("--npz", help="also write the samples to this .npz")
     a("--out", help="grid PNG (default: beside the checkpoint)")
     a("--recon-grid", action="store_true", help="test images (odd rows) over their reconstructions")
     a("--interp", choices=["lerp", "slerp"], help="between two encoded test images")
-    a("--steps", type=int, default=10, help="interpolation steps")
-    a("--walk", type=int, default=0, help="frames of an animated GIF latent walk")
-    a("--attribute", type=int, help="class K: add mean z of K minus mean z of the rest")
+    for flag, kind, default, _, text in NUMBERS:
+        a(flag, type=kind, default=default, help=text)
     return p
+
+def check_numbers(args):
+    """NUMBERS' ranges, in one loop; NaN fails every comparison, so it is refused too."""
+    for flag, _, _, bounds, _ in NUMBERS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        lo, hi = (float(end) for end in bounds[1:-1].split(","))
+        above = lo < value if bounds[0] == "(" else lo <= value
+        below = value < hi if bounds[-1] == ")" else value <= hi
+        if not (above and below):
+            fail(f"{flag} {value} is outside its valid range {bounds}")
 
 def get_args(argv=None, typed_only=False):
     """The flags; with typed_only, the set of those typed (no defaults), to tell what --resume may take."""
@@ -834,17 +1155,9 @@ def get_args(argv=None, typed_only=False):
     args = p.parse_args(argv)
     if not (args.sample or args.dataset or args.resume and args.outf) or (args.sample and not args.ckpt):
         p.error("give --dataset to train, --resume --outf DIR to continue, or --sample --ckpt DIR/ckpt.pt")
-    out_dir = os.path.dirname(os.path.abspath(args.out or "."))
-    for bad, msg in [(args.image_size is not None and not 0 < args.image_size <= 1024,
-                      f"--image-size {args.image_size} must be between 1 and 1024"),
-                     (args.epochs < 1, f"--epochs {args.epochs} must be at least 1"),
-                     (args.batch_size < 2, f"--batch-size {args.batch_size} must be at least 2 (batch norm)"),
-                     (args.log_every < 1, f"--log-every {args.log_every} must be at least 1"),
-                     (args.n < 1, f"--n {args.n} must be at least 1"),
-                     (not os.path.isdir(out_dir), f"--out {args.out}: the folder {out_dir} does not exist"),
-                     (os.path.isfile(args.outf or ""), f"--outf {args.outf} is a file; give a folder")]:
-        if bad:
-            fail(msg)
+    check_numbers(args)
+    if args.dataset == "shapes" and (args.image_size or 0) > SHAPES_MAX_SIZE:
+        fail(f"--image-size {args.image_size} is too large for shapes (at most {SHAPES_MAX_SIZE})")
     if args.dataset:  # training: the native size unless given, then gamma for that size
         args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
         args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
@@ -853,26 +1166,55 @@ def get_args(argv=None, typed_only=False):
     return args
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
-    if args.sample:
-        return sample(args)
-    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), SCRIPT) if args.resume else None
-    if ckpt:  # before the device: the checkpoint's flags, less this machine's
-        args = resumed_args(args, ckpt, get_args(argv, typed_only=True))
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
-    if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run, lock, world = None, None, int(os.environ.get("WORLD_SIZE", 1))
     try:
-        run = train(args, device, rank, world, ckpt)
+        if args.sample:
+            for path in (p for p in (args.out, args.npz) if p):
+                prepare_output(os.path.dirname(os.path.abspath(path)))
+            return sample(args)
+        ckpt = None
+        if args.resume:
+            path = os.path.join(args.outf, "ckpt.pt")
+            if not os.path.exists(path):
+                fail(f"{args.outf} holds no checkpoint (ckpt.pt): nothing to resume; run without --resume")
+            ckpt = load_checkpoint(path)
+            args = resumed_args(args, ckpt, get_args(argv, typed_only=True))
+        rank = int(os.environ.get("RANK", 0))
+        device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
+        if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        lock = start_folder(args, ckpt) if rank == 0 else None
+        run = setup_run(args, device, load_dataset(args, "train"), rank, world)
+        if ckpt:
+            restore(run, ckpt)
+        train(run)
         if world > 1:  # every rank done before any tears Gloo/NCCL down, or a peer may abort mid-exit
             dist.barrier()
         return run
+    except KeyboardInterrupt:
+        print(stopped(args, run, argv), file=sys.stderr)
+        raise SystemExit(130)
     finally:
-        if world > 1:
+        if lock:
+            os.remove(lock)
+        if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+def stopped(args, run, argv):
+    """Ctrl-C's one line: where it stopped, the checkpoint kept, the command that goes on."""
+    if args.sample:
+        return "stopped by Ctrl-C while sampling; run the same command again"
+    where = f"stopped by Ctrl-C at step {run.step} (epoch {run.epoch + 1})" if run else "stopped by Ctrl-C"
+    path = os.path.join(args.outf, "ckpt.pt")
+    if os.path.exists(path):
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        return f"{where}; {path} (epoch {epoch}) is kept; continue with: python3 vaegan.py --resume --outf " \
+               f"{shlex.quote(args.outf)}"
+    return f"{where}; no checkpoint was written yet; start again with: python3 vaegan.py {shlex.join(argv)}"
 
 if __name__ == "__main__":
     main()
