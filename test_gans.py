@@ -3205,7 +3205,7 @@ def vae_popen(*args, driver=None):
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE})
 
 
-def wait_for(predicate, proc, timeout=120):
+def wait_until(predicate, proc, timeout=120):
     import time
     deadline = time.time() + timeout
     while not predicate():
@@ -3231,7 +3231,7 @@ def test_vaegan_ctrl_c_is_one_line_and_resume_continues_exactly(tmp_path):
     run = VAE_SMALL + ["--limit", "32", "--epochs", "4"]
     vaegan.main(run + ["--outf", full])  # one thread here and there: the same arithmetic
     p = vae_popen(*run, "--outf", part)
-    wait_for(lambda: os.path.exists(os.path.join(part, "ckpt.pt")), p)
+    wait_until(lambda: os.path.exists(os.path.join(part, "ckpt.pt")), p)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and len(err.strip().splitlines()) == 1, err
@@ -3248,7 +3248,7 @@ def test_vaegan_ctrl_c_before_the_first_checkpoint_says_start_again(tmp_path):
     outf = str(tmp_path / "run")
     argv = VAE_SMALL + ["--limit", "1000", "--epochs", "1", "--outf", outf]
     p = vae_popen(*argv)
-    wait_for(lambda: os.path.exists(os.path.join(outf, "log.csv")), p)
+    wait_until(lambda: os.path.exists(os.path.join(outf, "log.csv")), p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and len(err.strip().splitlines()) == 1, err
