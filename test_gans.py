@@ -2554,16 +2554,16 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: 
 
 
 class Chromium:
-    """A real headless Chromium driven over --remote-debugging-pipe (the DevTools protocol as JSON messages
-    ended by NUL bytes on fds 3 and 4; no driver to install). --dump-dom and --screenshot do not wait for a
-    busy Web Worker, so the tests wait for the page's own signs of progress instead."""
+    """A real headless Chromium driven over --remote-debugging-pipe: DevTools protocol messages, JSON ended
+    by a NUL byte, on its fds 3 and 4; no driver to install. --dump-dom and --screenshot do not wait for a
+    busy Web Worker, so the tests poll the page's own signs of progress instead."""
 
     def __init__(self, url, size=(1000, 800)):
         import fcntl, tempfile
         self.profile = tempfile.mkdtemp()
         a, to_chromium = os.pipe()
-        from_chromium, b = os.pipe()
-        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (a, b)]  # bash moves them to 3 and 4
+        self.inp, b = os.pipe()
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (a, b)]  # bash moves them to fds 3 and 4
         os.close(a), os.close(b)
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -2573,9 +2573,10 @@ class Chromium:
         self.proc = subprocess.Popen(["bash", "-c", shell, CHROMIUM, *flags], pass_fds=ends,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         [os.close(fd) for fd in ends]
-        self.out, self.inp, self.buf, self.n, self.events = os.fdopen(to_chromium, "wb"), from_chromium, b"", 0, []
-        page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
-        self.session = self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self.out, self.buf, self.n, self.events = os.fdopen(to_chromium, "wb"), b"", 0, []
+        targets = self.send("Target.getTargets")["targetInfos"]
+        page = next(t["targetId"] for t in targets if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", targetId=page, flatten=True)["sessionId"]
         self.send("Page.enable", self.session)
         self.send("Page.navigate", self.session, url=url)
         while "Page.loadEventFired" not in self.events:
@@ -2591,8 +2592,10 @@ class Chromium:
 
     def send(self, method, session=None, **params):
         self.n += 1
-        self.out.write(json.dumps({"id": self.n, "method": method, "params": params,
-                                   **({"sessionId": session} if session else {})}).encode() + b"\0")
+        message = {"id": self.n, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        self.out.write(json.dumps(message).encode() + b"\0")
         self.out.flush()
         while True:
             reply = self.read()
@@ -2602,21 +2605,23 @@ class Chromium:
                 return reply["result"]
 
     def eval(self, expr, timeout=60):
-        """The value of a JavaScript expression in the page, awaited (a promise) or polled until truthy."""
-        poll = (f"new Promise((ok, no) => {{ const t0 = Date.now(); (function poll() {{ const v = ({expr}); "
-                f"if (v) ok(v); else if (Date.now() - t0 > {timeout * 1000}) no('timed out: ' + {json.dumps(expr)});"
-                f" else setTimeout(poll, 20); }})(); }})")
-        r = self.send("Runtime.evaluate", self.session, expression=poll, awaitPromise=True, returnByValue=True)
+        """A JavaScript expression's value in the page, polled every 20 ms until it is truthy."""
+        poll = ("new Promise((ok, no) => { const t0 = Date.now(); (function poll() { const v = (%s); "
+                "if (v) ok(v); else if (Date.now() - t0 > %d) no('timed out: ' + %s); "
+                "else setTimeout(poll, 20); })(); })") % (expr, timeout * 1000, json.dumps(expr))
+        r = self.send("Runtime.evaluate", self.session, expression=poll, awaitPromise=True,
+                      returnByValue=True)
         assert "exceptionDetails" not in r, r["exceptionDetails"]
         return r["result"].get("value")
 
-    def run(self, statement):
-        return self.eval(f"(() => {{ {statement}; return true; }})()")
+    def run(self, statements):
+        return self.eval(f"(() => {{ {statements}; return true; }})()")
 
     def screenshot(self, selector):
         """The element's pixels, as a Pillow image."""
-        box = self.eval(f"JSON.stringify(document.querySelector('{selector}').getBoundingClientRect())")
-        clip = {**{k: v for k, v in json.loads(box).items() if k in ("x", "y", "width", "height")}, "scale": 1}
+        rect = f"JSON.stringify(document.querySelector('{selector}').getBoundingClientRect())"
+        box = json.loads(self.eval(rect))
+        clip = {"x": box["x"], "y": box["y"], "width": box["width"], "height": box["height"], "scale": 1}
         png = self.send("Page.captureScreenshot", self.session, clip=clip)["data"]
         return Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
 
@@ -2654,8 +2659,8 @@ def web_runs(tmp_path_factory):
         for k in (0, 1):
             lapgan.main(lap + small + ["--level", str(k), "--outf", str(root / f"l{k}")])
         gan.main(TINY + ["--conditional", "--epochs", "1", "--outf", str(root / "gan")])
-        vaegan.main(["--dataset", "shapes", "--image-size", "16", "--width", "8", "--nz", "8", "--limit", "64",
-                     "--batch-size", "16", "--epochs", "1", "--outf", str(root / "vaegan")])
+        vaegan.main(["--dataset", "shapes", "--image-size", "16", "--width", "8", "--nz", "8", "--limit",
+                     "64", "--batch-size", "16", "--epochs", "1", "--outf", str(root / "vaegan")])
     return root
 
 
@@ -2675,8 +2680,11 @@ def test_web_page_draws_lapgans_chain_as_torch(web_runs, tmp_path, dtype):
     1e-3 in display units: a 3-level model (float32 weights: exactly torch's), and a pyramid joined from
     two --level runs (float16 weights: torch given the same rounded weights)."""
     export = web_export()
-    paths = [web_runs / "lap" / "ckpt.pt"] if dtype == "float32" else [web_runs / f"l{k}" / "ckpt.pt" for k in (0, 1)]
-    page, got = page_output(export, paths, tmp_path / "p.html", ["--float32"] if dtype == "float32" else [])
+    paths = [web_runs / "lap" / "ckpt.pt"]
+    if dtype == "float16":
+        paths = [web_runs / "l0" / "ckpt.pt", web_runs / "l1" / "ckpt.pt"]
+    flags = ["--float32"] if dtype == "float32" else []
+    page, got = page_output(export, paths, tmp_path / "p.html", flags)
     chain, ck = export.lapgan_chain([str(p) for p in paths])
     Gs, sizes = [G for G, _ in chain], [s for _, s in chain]
     if dtype == "float16":
@@ -2688,8 +2696,8 @@ def test_web_page_draws_lapgans_chain_as_torch(web_runs, tmp_path, dtype):
     assert len(got) == 3 and all(len(levels) == len(sizes) for levels in got)
     for k, x in enumerate(want):
         js = torch.tensor([levels[k] for levels in got]).view_as(x)
-        err = (lapgan.to_display(js, ck["mean"], ck["std"]) - lapgan.to_display(x, ck["mean"], ck["std"])).abs()
-        assert err.max() < 1e-3, (k, err.max())
+        err = lapgan.to_display(js, ck["mean"], ck["std"]) - lapgan.to_display(x, ck["mean"], ck["std"])
+        assert err.abs().max() < 1e-3, (k, err.abs().max())
         assert x.std() > 1e-3  # the images hold something to compare
     assert page.nets[0]["input"] == "flat" and page.nets[1]["input"] == "planes"
 
@@ -2722,12 +2730,15 @@ def test_web_page_draws_gan_and_vaegan_decoders_as_torch(web_runs, tmp_path, scr
 
 
 def grid_cells(browser, n):
-    """The grid's n canvases as n small uint8 arrays, cut from a screenshot."""
+    """The grid's n canvases as n small uint8 arrays, cut from a screenshot (a 2 px margin dropped)."""
     shot = np.asarray(browser.screenshot("#grid")).astype(int)
-    boxes = json.loads(browser.eval("JSON.stringify([...document.querySelectorAll('#grid canvas')].map("
-                                    "c => { const r = c.getBoundingClientRect(); return [r.x, r.y, r.width]; }))"))
-    x0, y0 = boxes[0][0], boxes[0][1]
-    cells = [shot[round(y - y0) + 2:round(y - y0 + w) - 2, round(x - x0) + 2:round(x - x0 + w) - 2] for x, y, w in boxes]
+    boxes = json.loads(browser.eval("JSON.stringify([...document.querySelectorAll('#grid canvas')].map(c => "
+                                    "{ const r = c.getBoundingClientRect(); return [r.x, r.y, r.width]; }))"))
+    x0, y0 = boxes[0][:2]
+    cells = []
+    for x, y, w in boxes:
+        top, left = round(y - y0), round(x - x0)
+        cells.append(shot[top + 2:top + round(w) - 2, left + 2:left + round(w) - 2])
     assert len(cells) == n
     return np.stack(cells)
 
@@ -2749,6 +2760,8 @@ def test_web_page_fills_grid_with_varied_samples_per_class(web_runs, tmp_path):
             assert browser.eval("Number(document.body.dataset.drawn) >= 12")
             assert browser.eval("document.getElementById('class').value") == query[-1]
             grids[name] = grid_cells(browser, 12)
+            if name == "b":
+                page_controls(browser)
     cells = grids["a"]
     assert cells.std(axis=(1, 2)).min() > 2, "a blank cell"  # each sample holds an image, not one colour
     pairs = [np.abs(cells[i] - cells[j]).mean() for i in range(12) for j in range(i)]
@@ -2756,34 +2769,39 @@ def test_web_page_fills_grid_with_varied_samples_per_class(web_runs, tmp_path):
     assert np.array_equal(grids["a"], grids["again"])  # the same seed and class: the same samples
     changed = (grids["a"] != grids["b"]).any(axis=-1)  # another class: other samples from the same noise
     assert changed.mean() > 0.5 and np.abs(grids["a"] - grids["b"]).mean() > 0.3
-    with chromium(f"file://{out}?seed=7&keep=0&n=12") as browser:
-        browser.eval("Number(document.body.dataset.drawn) >= 12")
-        browser.run("const s = document.getElementById('class'); s.value = '4'; s.dispatchEvent(new Event('change'))")
-        assert "class=4" in browser.eval("location.search")
-        assert browser.eval("cells.every(c => c.levels && c.y === 4)")  # the grid drawn again, of class 4
-        browser.run("document.getElementById('levels').click()")
-        assert browser.eval("document.querySelector('#grid canvas').width") == 3 * 32  # base, then 2 levels
-        browser.run("document.querySelector('#grid canvas').click()")
-        assert browser.eval("document.body.dataset.resampled === '8'")
-        same_base = "resampled.every(l => l[0].data.every((v, i) => v === cells[0].levels[0].data[i]))"
-        assert browser.eval(same_base)  # Sec. 4.2: the clicked sample's base kept ...
-        assert browser.eval("new Set(resampled.map(l => l[2].data[0])).size === 8")  # ... finer levels anew
+
+
+def page_controls(browser):
+    """The picker, the levels toggle and a click on a sample, used as a reader would."""
+    browser.run("const s = document.getElementById('class'); s.value = '4'; "
+                "s.dispatchEvent(new Event('change'))")
+    assert "class=4" in browser.eval("location.search")
+    assert browser.eval("cells.every(c => c.levels && c.y === 4)")  # the grid drawn again, of class 4
+    browser.run("document.getElementById('levels').click()")
+    assert browser.eval("document.querySelector('#grid canvas').width") == 3 * 32  # base, then 2 levels
+    browser.run("document.querySelector('#grid canvas').click()")
+    assert browser.eval("document.body.dataset.resampled === '8'")
+    same_base = "resampled.every(l => l[0].data.every((v, i) => v === cells[0].levels[0].data[i]))"
+    assert browser.eval(same_base)  # Sec. 4.2: the clicked sample's base kept ...
+    assert browser.eval("new Set(resampled.map(l => l[2].data[0])).size === 8")  # ... its finer levels new
 
 
 def test_web_export_refuses_what_it_cannot_convert(tmp_path):
-    """A --model large LAPGAN (grouped convs, L2 pooling, BN after ReLU), a file that is no checkpoint, and
-    layers outside the page's set: one line each, no traceback."""
+    """A --model large LAPGAN (grouped convs, L2 pooling, BN after ReLU; from the real command line), a file
+    that is no checkpoint, and layers outside the page's set: one line each, no traceback."""
     export = web_export()
     run = lap_tiny_run(["--model", "large", "--level", "1"])
     lapgan.save_checkpoint(lapgan.checkpoint(run, opts=False), str(tmp_path / "large.pt"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "web", "export.py"), str(tmp_path / "large.pt"),
+                        "--out", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "--model large" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.html").exists()
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
-    for bad, words in [("large.pt", "--model large"), ("notes.txt", "not a checkpoint")]:
-        r = subprocess.run([sys.executable, os.path.join(HERE, "web", "export.py"), str(tmp_path / bad),
-                            "--out", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and words in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.html").exists()
+    with pytest.raises(SystemExit, match=r"^error: .*notes.txt is not a checkpoint of gan.py, lapgan.py"):
+        export.main([str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x.html")])
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     late_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
-    for body, words in [(grouped, "ungrouped"), (late_bn, "does not follow"), (nn.Sequential(nn.ELU()), "ELU")]:
+    elu = nn.Sequential(nn.ELU())
+    for body, words in [(grouped, "ungrouped"), (late_bn, "does not follow"), (elu, "ELU")]:
         with pytest.raises(SystemExit, match=words):
             export.layer_ops(body, "G")

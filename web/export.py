@@ -78,13 +78,14 @@ class Page:
 # ----------------------------------------------------------------------------- layers, batch norm folded
 def conv_op(m, where):
     """nn.Conv2d or nn.ConvTranspose2d -> its description, if the page can run it."""
-    square = m.kernel_size[0] == m.kernel_size[1] and m.stride[0] == m.stride[1]
+    k, stride, pad = m.kernel_size, m.stride, m.padding
+    square = k[0] == k[1] and stride[0] == stride[1] and isinstance(pad, tuple) and pad[0] == pad[1]
     plain = m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
-    if not (square and plain and isinstance(m.padding, tuple) and m.padding[0] == m.padding[1]):
+    if not (square and plain):
         fail(f"{where}: the page runs square, ungrouped, zero-padded convolutions only, not {m}; "
              f"export a checkpoint of the default model")
-    op = {"op": "conv", "cin": m.in_channels, "cout": m.out_channels, "k": m.kernel_size[0],
-          "stride": m.stride[0], "pad": m.padding[0], "w": m.weight, "b": m.bias}
+    op = {"op": "conv", "cin": m.in_channels, "cout": m.out_channels, "k": k[0], "stride": stride[0],
+          "pad": pad[0], "w": m.weight, "b": m.bias}
     if isinstance(m, nn.ConvTranspose2d):
         op.update(op="convT", outpad=m.output_padding[0])
     return op
@@ -100,8 +101,11 @@ def fold_batch_norm(op, bn, where):
     scale = scale * bn.weight.double() if bn.affine else scale
     shift = -bn.running_mean.double() * scale + (bn.bias.double() if bn.affine else 0)
     bias = op["b"].double() if op["b"] is not None else torch.zeros_like(scale)
-    shape = [1, -1, 1, 1] if op["op"] == "convT" else [-1] + [1] * (op["w"].dim() - 1)
-    op["w"] = op["w"].double() * scale.view(shape)  # convT weights are in x out x k x k
+    if op["op"] == "convT":  # its weights are in x out x k x k: the output channels come second
+        per_output = scale.view(1, -1, 1, 1)
+    else:  # out x in (x k x k)
+        per_output = scale.view(-1, *[1] * (op["w"].dim() - 1))
+    op["w"] = op["w"].double() * per_output
     op["b"] = bias * scale + shift
 
 
@@ -113,7 +117,8 @@ def layer_ops(body, where):
         if isinstance(m, nn.Sequential):
             continue
         if isinstance(m, nn.Linear):
-            ops.append({"op": "linear", "in": m.in_features, "out": m.out_features, "w": m.weight, "b": m.bias})
+            ops.append({"op": "linear", "in": m.in_features, "out": m.out_features, "w": m.weight,
+                        "b": m.bias})
         elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             ops.append(conv_op(m, where))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -164,9 +169,12 @@ def lapgan_page(paths):
     page.about = (f"Drawn by your browser from {', '.join(map(os.path.basename, paths))} (lapgan.py): "
                   f"the chain of Fig. 1, G_0 draws a {chain[0][1]} px base image from noise, then each "
                   f"G_k draws the residual that, added to the enlarged coarser image, makes the next level.")
-    for G, size in chain:
-        nz = ck["args"]["nz"] if G.flat else None
-        add_net(page, G.body, size, f"{paths[-1]}, level of {size} px", nz, None if G.flat else G.embed)
+    for G, size in chain:  # the base takes z and the one-hot class; finer levels take planes
+        where = f"{paths[-1]}, the level of {size} px"
+        if G.flat:
+            add_net(page, G.body, size, where, nz=ck["args"]["nz"])
+        else:
+            add_net(page, G.body, size, where, embed=G.embed)
     return page
 
 
@@ -234,7 +242,8 @@ def fixed_noise(page, n, seed):
     gen = torch.Generator().manual_seed(seed)
     noise = []
     for net in page.nets:
-        shape = (n, net["nz"]) if net["input"] == "flat" else (n, 1, net["size"], net["size"])
+        side = net["size"]
+        shape = (n, net["nz"]) if net["input"] == "flat" else (n, 1, side, side)
         if page.noise == "uniform":
             noise.append(torch.rand(shape, generator=gen) * 2 - 1)
         else:
@@ -284,7 +293,8 @@ def main(argv=None):
     text = html(page, dtype, test)
     with open(args.out, "w") as f:
         f.write(text)
-    print(f"wrote {args.out}: {len(text) / 2 ** 20:.1f} MiB, {page.weights.size:,} weights as {dtype}")
+    mib = len(text) / 2 ** 20
+    print(f"wrote {args.out}: {mib:.1f} MiB, {page.weights.size:,} weights as {dtype}")
     return page
 
 

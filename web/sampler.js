@@ -42,7 +42,8 @@ function conv2d(x, L, W) {  // nn.Conv2d, zero padding; weights out x in x k x k
         for (let kx = 0; kx < k; kx++) {
           const w = W[L.w + ((co * L.cin + ci) * k + ky) * k + kx];
           // the output columns whose input column ox s - p + kx lies inside the image (else: padding, 0)
-          const x0 = Math.max(0, Math.ceil((p - kx) / s)), x1 = Math.min(ow, Math.floor((X - 1 + p - kx) / s) + 1);
+          const x0 = Math.max(0, Math.ceil((p - kx) / s));
+          const x1 = Math.min(ow, Math.floor((X - 1 + p - kx) / s) + 1);
           for (let oy = 0; oy < oh; oy++) {
             const iy = oy * s - p + ky;
             if (iy < 0 || iy >= H) continue;
@@ -56,18 +57,23 @@ function conv2d(x, L, W) {  // nn.Conv2d, zero padding; weights out x in x k x k
   return y;
 }
 
-function convTranspose2d(x, L, W) {  // nn.ConvTranspose2d: each input pixel adds a k x k stamp; weights in x out x k x k
+// nn.ConvTranspose2d: each input pixel adds its k x k stamp of weights to the output (DCGAN's G doubles its
+// size this way); weights in x out x k x k
+function convTranspose2d(x, L, W) {
   const k = L.k, s = L.stride, p = L.pad, H = x.h, X = x.w;
   const oh = (H - 1) * s - 2 * p + k + L.outpad, ow = (X - 1) * s - 2 * p + k + L.outpad;
   const y = tensor(L.cout, oh, ow), out = y.data, inp = x.data;
-  for (let co = 0; co < L.cout; co++) out.fill(L.b >= 0 ? W[L.b + co] : 0, co * oh * ow, (co + 1) * oh * ow);
+  for (let co = 0; co < L.cout; co++) {
+    out.fill(L.b >= 0 ? W[L.b + co] : 0, co * oh * ow, (co + 1) * oh * ow);
+  }
   for (let ci = 0; ci < L.cin; ci++) {
     for (let co = 0; co < L.cout; co++) {
       for (let ky = 0; ky < k; ky++) {
         for (let kx = 0; kx < k; kx++) {
           const w = W[L.w + ((ci * L.cout + co) * k + ky) * k + kx];
           // the input columns whose output column ix s - p + kx lies inside the output
-          const x0 = Math.max(0, Math.ceil((p - kx) / s)), x1 = Math.min(X, Math.floor((ow - 1 + p - kx) / s) + 1);
+          const x0 = Math.max(0, Math.ceil((p - kx) / s));
+          const x1 = Math.min(X, Math.floor((ow - 1 + p - kx) / s) + 1);
           for (let iy = 0; iy < H; iy++) {
             const oy = iy * s - p + ky;
             if (oy < 0 || oy >= oh) continue;
@@ -227,7 +233,8 @@ function slerp(a, b, t) {
 // ------------------------------------------------------------------------------------------ the weights
 // The page holds them as base64 of little-endian float16 or float32; float16 is widened here.
 function decodeWeights(base64, dtype) {
-  const bytes = Uint8Array.from(atob(base64), ch => ch.charCodeAt(0));
+  const text = atob(base64), bytes = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
   if (dtype === "float32") return new Float32Array(bytes.buffer);
   const half = new Uint16Array(bytes.buffer), out = new Float32Array(half.length);
   for (let i = 0; i < half.length; i++) {
