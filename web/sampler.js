@@ -248,7 +248,7 @@ function decodeWeights(base64, dtype) {
 
 // --------------------------------------------------------------------------------------- the worker side
 // Messages: {model, weights} once; then {id, noise, y, kept} per sample, answered with {id, levels}.
-if (typeof document === "undefined") {
+if (typeof WorkerGlobalScope !== "undefined") {  // in the worker (the page itself only borrows functions)
   let model = null, W = null;
   onmessage = function (e) {
     if (e.data.model) {
