@@ -2564,7 +2564,8 @@ class Chromium:
         a, to_chromium = os.pipe()
         self.inp, b = os.pipe()
         ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (a, b)]  # bash moves them to fds 3 and 4
-        os.close(a), os.close(b)
+        os.close(a)
+        os.close(b)
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={self.profile}", f"--window-size={size[0]},{size[1]}",
@@ -2572,8 +2573,16 @@ class Chromium:
         shell = f'exec "$0" "$@" 3<&{ends[0]} 4>&{ends[1]}'
         self.proc = subprocess.Popen(["bash", "-c", shell, CHROMIUM, *flags], pass_fds=ends,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        [os.close(fd) for fd in ends]
+        for fd in ends:  # Chromium holds them now
+            os.close(fd)
         self.out, self.buf, self.n, self.events = os.fdopen(to_chromium, "wb"), b"", 0, []
+        try:
+            self.open(url)
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self, url):
         targets = self.send("Target.getTargets")["targetInfos"]
         page = next(t["targetId"] for t in targets if t["type"] == "page")
         self.session = self.send("Target.attachToTarget", targetId=page, flatten=True)["sessionId"]
@@ -2628,6 +2637,8 @@ class Chromium:
     def close(self):
         self.proc.kill()
         self.proc.wait()
+        self.out.close()
+        os.close(self.inp)
         shutil.rmtree(self.profile, ignore_errors=True)
 
 

@@ -16,7 +16,7 @@ needs only linear, ReLU, tanh, (transposed) convolution, nearest x2 and bilinear
 writing every level's numbers into <pre id="test-output">; the tests compare them with PyTorch.
 This file imports the three scripts to read their checkpoints; they import nothing of it.
 """
-import argparse, base64, json, os, sys
+import argparse, base64, html, json, os, sys
 from dataclasses import dataclass, field
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class Page:
     about: str         # one sentence under it
     classes: list      # class names of a class-conditional model, else None
     mean: list         # per channel: the page shows (x * std + mean) * 255 (lapgan.py to_display)
-    std: list
+    std: list          # (gan.py and vaegan.py: images in [-1, 1], so mean = std = 0.5)
     noise: str         # "uniform" (LAPGAN, Sec. 3: U[-1, 1]) or "normal" (gan.py, vaegan.py: N(0, I))
     nets: list = field(default_factory=list)  # one dict per network, in sampling order (base first)
     weights: Weights = field(default_factory=Weights)
@@ -94,6 +94,9 @@ def conv_op(m, where):
 def fold_batch_norm(op, bn, where):
     """Sampling uses BN's running statistics, an affine map per channel: fold it into the weights and bias
     of the linear or convolution layer just before it, so that the page needs no batch norm."""
+    if bn.running_var is None:
+        fail(f"{where}: {bn} keeps no running statistics, so sampling depends on the batch; the page "
+             f"draws one sample at a time and cannot run it")
     if op is None or op["op"] not in ("linear", "conv", "convT"):
         fail(f"{where}: {bn} does not follow a linear or convolution layer, so it cannot be folded; "
              f"the page cannot run this model (e.g. lapgan.py --model large)")
@@ -137,7 +140,8 @@ def layer_ops(body, where):
 
 def add_net(page, body, size, where, nz=None, embed=None):
     """One network into the page: its layers with their weights stored, flat input (z, then the one-hot
-    class) when nz is given, else LAPGAN's planes (noise, class plane from `embed`, u(I_{k-1}))."""
+    class) when nz is given, else LAPGAN's planes (noise, class plane from `embed`, the enlarged coarser
+    image)."""
     ops = layer_ops(body, where)
     for op in ops:
         op.update({k: page.weights.add(op[k]) for k in ("w", "b") if k in op})
@@ -157,6 +161,7 @@ def lapgan_chain(paths):
 
 
 def lapgan_page(paths):
+    """A LAPGAN's generators (one checkpoint, or --level K runs joined) as the page's chain."""
     for path in paths:  # the LSUN model's grouped convs, L2 pooling and BN after ReLU are not in the page
         if peek(path)["args"].get("model") == "large":
             fail(f"{path} is a lapgan.py --model large checkpoint; the page runs the default --model small")
@@ -166,9 +171,10 @@ def lapgan_page(paths):
     page = Page("lapgan", f"LAPGAN samples, {ck['args']['dataset']} {sizes} px", "",
                 ck["classes"] if ncls else None, ck["mean"].flatten().tolist(), ck["std"].flatten().tolist(),
                 "uniform")
-    page.about = (f"Drawn by your browser from {', '.join(map(os.path.basename, paths))} (lapgan.py): "
-                  f"the chain of Fig. 1, G_0 draws a {chain[0][1]} px base image from noise, then each "
-                  f"G_k draws the residual that, added to the enlarged coarser image, makes the next level.")
+    files = ", ".join(map(os.path.basename, paths))
+    page.about = (f"Drawn by your browser from {files} (lapgan.py): the chain of Fig. 1. The base level's "
+                  f"generator draws a {chain[0][1]} px image from noise; then each finer level's draws the "
+                  f"residual that, added to the enlarged coarser image, makes the next level.")
     for G, size in chain:  # the base takes z and the one-hot class; finer levels take planes
         where = f"{paths[-1]}, the level of {size} px"
         if G.flat:
@@ -257,7 +263,7 @@ def script_json(obj):
     return json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c")
 
 
-def html(page, dtype, test=None):
+def page_html(page, dtype, test=None):
     """The page: web/page.html with the model, the weights and web/sampler.js put in."""
     with open(os.path.join(HERE, "page.html")) as f:
         text = f.read()
@@ -265,7 +271,7 @@ def html(page, dtype, test=None):
         sampler = f.read()
     parts = {"@@MODEL@@": script_json(page.description(dtype)), "@@TEST@@": script_json(test),
              "@@WEIGHTS@@": page.weights.encoded(dtype), "@@SAMPLER@@": sampler,
-             "@@TITLE@@": page.title, "@@ABOUT@@": page.about.replace("<", "&lt;")}
+             "@@TITLE@@": html.escape(page.title), "@@ABOUT@@": html.escape(page.about)}
     for marker, value in parts.items():
         text = text.replace(marker, value)
     return text
@@ -290,7 +296,7 @@ def main(argv=None):
     page = load_page(args.ckpt)
     dtype = "float32" if args.float32 else "float16"
     test = test_inputs(page, args.test_noise, args.seed) if args.test_noise else None
-    text = html(page, dtype, test)
+    text = page_html(page, dtype, test)
     with open(args.out, "w") as f:
         f.write(text)
     mib = len(text) / 2 ** 20

@@ -1,8 +1,8 @@
 // web/sampler.js: the generators' forward pass and the LAPGAN sampling chain, in plain JavaScript.
 //
-// web/export.py inlines this file into the page twice over: the page's own script uses the noise and
-// slerp helpers, and a Web Worker made from the same text (a Blob URL, since a page opened from file://
-// may not load a worker file) runs the networks, so that drawing never blocks the page. The layers are
+// web/export.py inlines this file into the page. The page's own script uses its noise and slerp helpers;
+// a Web Worker made from the same text (a Blob URL, since a page opened from file:// may not load a
+// worker file) runs the networks, so that drawing never blocks the page. The layers are
 // the few that the exported generators use: linear, ReLU, tanh, convolution with zero padding,
 // transposed convolution, nearest x2 enlarging (gan.py --arch upsample), and for LAPGAN the class plane
 // and the bilinear u(.) of the chain. Batch norm is not here: export.py folds it into the weights of the
@@ -173,19 +173,22 @@ function classPlane(net, y, ncls, W) {
 }
 
 // ------------------------------------------------------------------------------- Fig. 1: the sampling chain
+// In the paper's notation I_0 is the full image and I_K the base: the base generator draws I_K = G_K(z_K)
+// from noise, then each level draws a residual, I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})), down to I_0.
+// Here the networks come in sampling order, base first, so step i refines what step i - 1 drew.
 // model: export.py's description; noise: one Float32Array per network (a z vector for the first, a noise
-// plane s_k x s_k for each finer LAPGAN level); y: the class or -1; kept: levels already drawn (Sec. 4.2:
+// plane s x s for each finer LAPGAN level); y: the class or -1; kept: levels already drawn (Sec. 4.2:
 // keep a coarse image, draw the finer levels again). -> every level's image, coarsest first.
 function sampleChain(model, W, noise, y, kept) {
   const ncls = model.classes ? model.classes.length : 0, levels = kept.slice();
-  for (let k = levels.length; k < model.nets.length; k++) {
-    const net = model.nets[k];
-    if (net.input === "flat") {  // the base I_0 = G_0(z_0, y) (and DCGAN's, the decoder's G(z))
-      const z = tensor(net.nz, 1, 1, noise[k]);
+  for (let i = levels.length; i < model.nets.length; i++) {
+    const net = model.nets[i];
+    if (net.input === "flat") {  // the base, G_K(z_K, y) (and DCGAN's G(z, y), the VAE/GAN decoder's)
+      const z = tensor(net.nz, 1, 1, noise[i]);
       levels.push(forward(net.layers, ncls ? concat([z, oneHot(y, ncls)]) : z, W));
-    } else {  // I_k = u(I_{k-1}) + G_k(z_k, class plane, u(I_{k-1}))
-      const coarse = upBilinear(levels[k - 1], net.size);
-      const z = tensor(1, net.size, net.size, noise[k]);
+    } else {  // I_k = u(I_{k+1}) + G_k(z_k, class plane, u(I_{k+1}))
+      const coarse = upBilinear(levels[i - 1], net.size);
+      const z = tensor(1, net.size, net.size, noise[i]);
       const planes = ncls ? [z, classPlane(net, y, ncls, W), coarse] : [z, coarse];
       levels.push(add(coarse, forward(net.layers, concat(planes), W)));
     }
