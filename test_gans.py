@@ -3496,3 +3496,274 @@ def test_vaegan_checkpoint_of_another_kind_and_a_changed_number_of_ranks(tmp_pat
     torch.save({**ck, "world": 2}, path)
     run = vaegan.main(["--resume", "--outf", outf, "--epochs", "2"])
     assert run.epoch == 2 and "trained on 2 processes, resumed on 1" in capsys.readouterr().out
+
+
+# ---- web/ browser page
+import base64, json  # noqa: E402
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")
+
+
+class Chromium:
+    """A real headless Chromium driven over --remote-debugging-pipe: DevTools protocol messages, JSON ended
+    by a NUL byte, on its fds 3 and 4; no driver to install. --dump-dom and --screenshot do not wait for a
+    busy Web Worker, so the tests poll the page's own signs of progress instead."""
+
+    def __init__(self, url, size=(1000, 800)):
+        import fcntl, tempfile
+        self.profile = tempfile.mkdtemp()
+        a, to_chromium = os.pipe()
+        self.inp, b = os.pipe()
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (a, b)]  # bash moves them to fds 3 and 4
+        os.close(a)
+        os.close(b)
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={self.profile}", f"--window-size={size[0]},{size[1]}",
+                 "--remote-debugging-pipe", "about:blank"]
+        shell = f'exec "$0" "$@" 3<&{ends[0]} 4>&{ends[1]}'
+        self.proc = subprocess.Popen(["bash", "-c", shell, CHROMIUM, *flags], pass_fds=ends,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fd in ends:  # Chromium holds them now
+            os.close(fd)
+        self.out, self.buf, self.n, self.events = os.fdopen(to_chromium, "wb"), b"", 0, []
+        try:
+            self.open(url)
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self, url):
+        targets = self.send("Target.getTargets")["targetInfos"]
+        page = next(t["targetId"] for t in targets if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", targetId=page, flatten=True)["sessionId"]
+        self.send("Page.enable", self.session)
+        self.send("Page.navigate", self.session, url=url)
+        while "Page.loadEventFired" not in self.events:
+            self.events.append(self.read().get("method"))
+
+    def read(self):
+        while b"\0" not in self.buf:
+            chunk = os.read(self.inp, 1 << 20)
+            assert chunk, "Chromium closed the pipe"
+            self.buf += chunk
+        raw, self.buf = self.buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def send(self, method, session=None, **params):
+        self.n += 1
+        message = {"id": self.n, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        self.out.write(json.dumps(message).encode() + b"\0")
+        self.out.flush()
+        while True:
+            reply = self.read()
+            self.events.append(reply.get("method"))
+            if reply.get("id") == self.n:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def eval(self, expr, timeout=60):
+        """A JavaScript expression's value in the page, polled every 20 ms until it is truthy."""
+        poll = ("new Promise((ok, no) => { const t0 = Date.now(); (function poll() { const v = (%s); "
+                "if (v) ok(v); else if (Date.now() - t0 > %d) no('timed out: ' + %s); "
+                "else setTimeout(poll, 20); })(); })") % (expr, timeout * 1000, json.dumps(expr))
+        r = self.send("Runtime.evaluate", self.session, expression=poll, awaitPromise=True,
+                      returnByValue=True)
+        assert "exceptionDetails" not in r, r["exceptionDetails"]
+        return r["result"].get("value")
+
+    def run(self, statements):
+        return self.eval(f"(() => {{ {statements}; return true; }})()")
+
+    def screenshot(self, selector):
+        """The element's pixels, as a Pillow image."""
+        rect = f"JSON.stringify(document.querySelector('{selector}').getBoundingClientRect())"
+        box = json.loads(self.eval(rect))
+        clip = {"x": box["x"], "y": box["y"], "width": box["width"], "height": box["height"], "scale": 1}
+        png = self.send("Page.captureScreenshot", self.session, clip=clip)["data"]
+        return Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+        os.close(self.inp)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def chromium(url, **kw):
+    browser = Chromium(url, **kw)
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+def web_export():
+    sys.path.insert(0, os.path.join(HERE, "web"))
+    import export
+    return export
+
+
+@pytest.fixture(scope="module")
+def web_runs(tmp_path_factory):
+    """Tiny trained models: a class-conditional 3-level LAPGAN; a 2-level one from two --level runs; a
+    conditional DCGAN and a VAE/GAN (batch norm to fold)."""
+    root = tmp_path_factory.mktemp("web")
+    lap = ["--dataset", "shapes", "--limit", "32", "--batch-size", "8", "--width-g", "8", "--width-d", "8",
+           "--nz", "8", "--select", "0", "--conditional", "--optim", "adam", "--lr", "0.002", "--epochs", "2"]
+    small = ["--image-size", "16", "--levels", "8,16", "--nz", "5"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(lap + ["--outf", str(root / "lap")])
+        for k in (0, 1):
+            lapgan.main(lap + small + ["--level", str(k), "--outf", str(root / f"l{k}")])
+        gan.main(TINY + ["--conditional", "--epochs", "1", "--outf", str(root / "gan")])
+        vaegan.main(["--dataset", "shapes", "--image-size", "16", "--width", "8", "--nz", "8", "--limit",
+                     "64", "--batch-size", "16", "--epochs", "1", "--outf", str(root / "vaegan")])
+    return root
+
+
+def page_output(export, paths, out, extra=()):
+    """Export with 3 samples of fixed noise, open with ?test=1 -> (page model, every level's numbers)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        page = export.main([*map(str, paths), "--out", str(out), "--test-noise", "3", "--seed", "4", *extra])
+    with chromium(f"file://{out}?test=1") as browser:
+        got = json.loads(browser.eval("document.getElementById('test-output').textContent"))
+    return page, got
+
+
+@needs_chromium
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_web_page_draws_lapgans_chain_as_torch(web_runs, tmp_path, dtype):
+    """The page's JavaScript on fixed noise equals lapgan.sample_chain on the same noise, every level, to
+    1e-3 in display units: a 3-level model (float32 weights: exactly torch's), and a pyramid joined from
+    two --level runs (float16 weights: torch given the same rounded weights)."""
+    export = web_export()
+    paths = [web_runs / "lap" / "ckpt.pt"]
+    if dtype == "float16":
+        paths = [web_runs / "l0" / "ckpt.pt", web_runs / "l1" / "ckpt.pt"]
+    flags = ["--float32"] if dtype == "float32" else []
+    page, got = page_output(export, paths, tmp_path / "p.html", flags)
+    chain, ck = export.lapgan_chain([str(p) for p in paths])
+    Gs, sizes = [G for G, _ in chain], [s for _, s in chain]
+    if dtype == "float16":
+        for p in (p for G in Gs for p in G.parameters()):
+            p.data = p.data.half().float()
+    labels, _ = export.fixed_noise(page, 3, 4)
+    gen = torch.Generator().manual_seed(4)  # sample_chain draws from it as export.fixed_noise did
+    want = lapgan.sample_chain(Gs, sizes, 3, ck["args"]["nz"], labels, "cpu", gen)
+    assert len(got) == 3 and all(len(levels) == len(sizes) for levels in got)
+    for k, x in enumerate(want):
+        js = torch.tensor([levels[k] for levels in got]).view_as(x)
+        err = lapgan.to_display(js, ck["mean"], ck["std"]) - lapgan.to_display(x, ck["mean"], ck["std"])
+        assert err.abs().max() < 1e-3, (k, err.abs().max())
+        assert x.std() > 1e-3  # the images hold something to compare
+    assert page.nets[0]["input"] == "flat" and page.nets[1]["input"] == "planes"
+
+
+@needs_chromium
+@pytest.mark.parametrize("script", ["gan", "vaegan"])
+def test_web_page_draws_gan_and_vaegan_decoders_as_torch(web_runs, tmp_path, script):
+    """DCGAN's G (transposed convs, batch norm folded into them, tanh, the one-hot class) and VAE/GAN's
+    decoder (linear and batch norm 1d, output padding) on fixed z ~ N(0, I) equal torch's outputs."""
+    export = web_export()
+    path = web_runs / script / "ckpt.pt"
+    page, got = page_output(export, [path], tmp_path / "p.html", ["--float32"])
+    ck = torch.load(path, weights_only=True)
+    targs = argparse.Namespace(**ck["args"])
+    labels, (z,) = export.fixed_noise(page, 3, 4)
+    if script == "gan":
+        nc, size = ck["shape"]
+        G = gan.build_nets(targs, nc, len(ck["classes"]), size)[0]
+        G.load_state_dict(ck["G"])
+    else:
+        G = vaegan.make_decoder(*ck["image"], targs.nz, targs.width)
+        G.load_state_dict(ck["Dec"])
+    bns = [m for m in G.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    assert bns and all((m.running_var - 1).abs().max() > 1e-3 for m in bns)  # trained: folding matters
+    with torch.no_grad():
+        want = G.eval()(z, labels) if script == "gan" else G.eval()(z)
+    js = torch.tensor([levels[0] for levels in got]).view_as(want)
+    assert (js - want).abs().max() < 1e-3 and want.std() > 1e-3
+    assert (labels is not None) == (script == "gan")
+
+
+def grid_cells(browser, n):
+    """The grid's n canvases as n small uint8 arrays, cut from a screenshot (a 2 px margin dropped)."""
+    shot = np.asarray(browser.screenshot("#grid")).astype(int)
+    boxes = json.loads(browser.eval("JSON.stringify([...document.querySelectorAll('#grid canvas')].map(c => "
+                                    "{ const r = c.getBoundingClientRect(); return [r.x, r.y, r.width]; }))"))
+    x0, y0 = boxes[0][:2]
+    cells = []
+    for x, y, w in boxes:
+        top, left = round(y - y0), round(x - x0)
+        cells.append(shot[top + 2:top + round(w) - 2, left + 2:left + round(w) - 2])
+    assert len(cells) == n
+    return np.stack(cells)
+
+
+@needs_chromium
+def test_web_page_fills_grid_with_varied_samples_per_class(web_runs, tmp_path):
+    """Screenshots: the grid fills with non-blank samples that differ from one another; the same seed draws
+    the same grid again, and another class (?class=K, which the picker shows) draws another grid. The
+    picker sets the address; the levels toggle widens every cell; a click redraws from the coarse image."""
+    export = web_export()
+    out = tmp_path / "page.html"
+    with contextlib.redirect_stdout(io.StringIO()):
+        export.main([str(web_runs / "lap" / "ckpt.pt"), "--out", str(out)])
+    text = out.read_text()
+    assert "http:" not in text and "https:" not in text and "src=" not in text  # nothing to fetch
+    grids = {}
+    for name, query in [("a", "class=0"), ("again", "class=0"), ("b", "class=3")]:
+        with chromium(f"file://{out}?seed=7&keep=0&n=12&{query}") as browser:
+            assert browser.eval("Number(document.body.dataset.drawn) >= 12")
+            assert browser.eval("document.getElementById('class').value") == query[-1]
+            grids[name] = grid_cells(browser, 12)
+            if name == "b":
+                page_controls(browser)
+    cells = grids["a"]
+    assert cells.std(axis=(1, 2)).min() > 2, "a blank cell"  # each sample holds an image, not one colour
+    pairs = [np.abs(cells[i] - cells[j]).mean() for i in range(12) for j in range(i)]
+    assert min(pairs) > 0.25 and np.median(pairs) > 1, "samples alike"  # no sample drawn twice
+    assert np.array_equal(grids["a"], grids["again"])  # the same seed and class: the same samples
+    changed = (grids["a"] != grids["b"]).any(axis=-1)  # another class: other samples from the same noise
+    assert changed.mean() > 0.5 and np.abs(grids["a"] - grids["b"]).mean() > 0.3
+
+
+def page_controls(browser):
+    """The picker, the levels toggle and a click on a sample, used as a reader would."""
+    browser.run("const s = document.getElementById('class'); s.value = '4'; "
+                "s.dispatchEvent(new Event('change'))")
+    assert "class=4" in browser.eval("location.search")
+    assert browser.eval("cells.every(c => c.levels && c.y === 4)")  # the grid drawn again, of class 4
+    browser.run("document.getElementById('levels').click()")
+    assert browser.eval("document.querySelector('#grid canvas').width") == 3 * 32  # base, then 2 levels
+    browser.run("document.querySelector('#grid canvas').click()")
+    assert browser.eval("document.body.dataset.resampled === '8'")
+    same_base = "resampled.every(l => l[0].data.every((v, i) => v === cells[0].levels[0].data[i]))"
+    assert browser.eval(same_base)  # Sec. 4.2: the clicked sample's base kept ...
+    assert browser.eval("new Set(resampled.map(l => l[2].data[0])).size === 8")  # ... its finer levels new
+
+
+def test_web_export_refuses_what_it_cannot_convert(tmp_path):
+    """A --model large LAPGAN (grouped convs, L2 pooling, BN after ReLU; from the real command line), a file
+    that is no checkpoint, and layers outside the page's set: one line each, no traceback."""
+    export = web_export()
+    run = lap_tiny_run(["--model", "large", "--level", "1"])
+    lapgan.save_checkpoint(lapgan.checkpoint(run, opts=False), str(tmp_path / "large.pt"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "web", "export.py"), str(tmp_path / "large.pt"),
+                        "--out", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "--model large" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.html").exists()
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match=r"^error: .*notes.txt is not a checkpoint of gan.py, lapgan.py"):
+        export.main([str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x.html")])
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    late_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    elu = nn.Sequential(nn.ELU())
+    for body, words in [(grouped, "ungrouped"), (late_bn, "does not follow"), (elu, "ELU")]:
+        with pytest.raises(SystemExit, match=words):
+            export.layer_ops(body, "G")
