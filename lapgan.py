@@ -56,15 +56,17 @@ from PIL import Image, ImageDraw
 SCRIPT = "lapgan"
 # Sec. 3.1: CIFAR-10 8 -> 14 -> 28 on 28 x 28 crops; the others: the same ratios on their own sizes.
 # Written coarse to fine, as the paper (and --levels) write them; pyramid_sizes turns them finest first.
-LEVELS = {"cifar10": [8, 14, 28], "mnist": [7, 14, 28], "fashion-mnist": [7, 14, 28], "shapes": [8, 16, 32]}
+LEVELS = {"cifar10": [8, 14, 28],
+          "mnist": [7, 14, 28],
+          "fashion-mnist": [7, 14, 28],
+          "shapes": [8, 16, 32]}
 
 # ------------------------------------------------------------------------ Sec. 2.2: the Laplacian pyramid
 def area_matrix(n_in, n_out, device=None):
-    """Torch's image.scale when shrinking, as an n_out x n_in matrix whose rows sum to 1: output pixel i
-    averages the source interval [i r, (i+1) r), r = n_in / n_out, a source pixel cut by an end of it
-    counted by the fraction it covers. Average pooling takes whole pixels, so it fits whole ratios only
-    (28 -> 14 -> 7); CIFAR-10's 14 -> 8 (r = 1.75) cuts source pixels between two output pixels, which
-    adaptive pooling would count whole in both."""
+    """Torch's image.scale when shrinking (n_out x n_in, rows summing to 1): output pixel i averages the
+    source interval [i r, (i+1) r), r = n_in / n_out, a pixel cut by an end counted by the fraction covered.
+    Average pooling fits whole ratios only (28 -> 14 -> 7): at CIFAR-10's 14 -> 8 (r = 1.75) pixels are
+    cut between two outputs, and adaptive pooling would count them whole in both."""
     r = n_in / n_out  # source pixels per output pixel
     start = torch.arange(n_out, dtype=torch.float64)[:, None] * r  # output pixel i: [start, end)
     end = start + r
@@ -87,20 +89,20 @@ def up(x, size):
     return F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
 
 def gaussian_pyramid(x, sizes):
-    """[I_0, ..., I_K], I_k of size sizes[k]. Each I_k is cut from the finest image x (the code's pyramid),
-    not from I_{k-1}."""
+    """[I_0, ..., I_K], I_k of size sizes[k], each cut from x (the code's pyramid), not from I_{k-1}."""
     return [down(x, size) for size in sizes]
 
 def laplacian_pyramid(x, sizes):
     """Sec. 2.2: L(I) = [h_0, ..., h_{K-1}, I_K], h_k = I_k - u(I_{k+1})."""
     I = gaussian_pyramid(x, sizes)
     K = len(sizes) - 1
-    h = [I[k] - up(I[k + 1], sizes[k]) for k in range(K)]
-    return h + [I[K]]
+    L = []
+    for k in range(K):
+        L.append(I[k] - up(I[k + 1], sizes[k]))  # h_k
+    return L + [I[K]]
 
 def reconstruct(L):
-    """The exact inverse, from the base to the finest level: I_K = L[K], then I_k = u(I_{k+1}) + h_k.
-    reconstruct(L[k:]) is I_k."""
+    """The exact inverse: I_K = L[K], then I_k = u(I_{k+1}) + h_k down to I_0. reconstruct(L[k:]) is I_k."""
     image = L[-1]
     for h in reversed(L[:-1]):
         image = up(image, h.shape[-1]) + h
@@ -125,8 +127,8 @@ def noise(shape, device, gen=None):
     return torch.rand(shape, device=device, generator=gen) * 2 - 1
 
 def generate(G, z, coarse, y=None):
-    """The image level k makes: I~_K = G_K(z_K) at the base (coarse is None); above it the residual added to
-    its condition, I~_k = l_k + G_k(z_k, l_k), so that D_k judges a whole image."""
+    """Level k's image: I~_K = G_K(z_K) at the base (coarse None); above it I~_k = l_k + G_k(z_k, l_k), the
+    residual added to its condition, so that D_k judges a whole image."""
     if coarse is None:
         return G([z], y)
     h = G([z, coarse], y)  # h~_k, the residual
@@ -142,7 +144,7 @@ def sample_level(G, coarser, size, y=None, gen=None):
 @torch.no_grad()
 def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
     """Fig. 1 (generate.lua): I_K = G_K(z_K), then I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})) for k = K-1 down
-    to 0, the full image. Gs[k] = G_k. -> [I_0, ..., I_K], I_k of N x C x sizes[k] x sizes[k]."""
+    to 0. Gs[k] = G_k. -> [I_0, ..., I_K]."""
     K = len(sizes) - 1
     z = noise((n, nz), device, gen)
     images = [generate(Gs[K], z, None, y)]  # I_K
@@ -153,9 +155,8 @@ def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
 
 @torch.no_grad()
 def upscale_chain(chain, G, ratio, steps, y, gen=None):
-    """--upscale (the Eyescream blog's 'recursive' images): the finest level's G_0 run `steps` more times
-    past its training size, each time enlarging by the pyramid's finest ratio. -> the chain (finest first),
-    `steps` levels longer."""
+    """--upscale (the Eyescream blog's 'recursive' images): G_0 run `steps` more times past its training
+    size, each time enlarging by the finest ratio. -> the chain, finest first, `steps` levels longer."""
     for _ in range(steps):
         size = round(chain[0].shape[-1] * ratio)
         finer = sample_level(G, chain[0], size, y, gen)
@@ -170,9 +171,8 @@ def renormalise(x, mean_a, std_a, mean_b, std_b):
 # ------------------------------------------------------------------------ Sec. 2.3: one level's training step
 @dataclass
 class Level:
-    """Level k of the pyramid: its two networks, the forward passes its step calls, and the optimisers.
-    The Appendix's prepare_level fills the forward passes: G and D themselves, or their data-parallel,
-    compiled or bf16 wrappers."""
+    """Level k: its nets, the forward passes its step calls (the nets themselves, or the data-parallel,
+    compiled or bf16 wrappers the Appendix's prepare_level makes), and the optimisers."""
     k: int                         # the paper's index: 0 the full image, K the base
     G: nn.Module                   # G_k, the module that is saved
     D: nn.Module                   # D_k
@@ -208,8 +208,7 @@ class Run:
         """Every saved module: "G0", "D0", "G1", ... (0: the finest level)."""
         nets = {}
         for k, lv in self.levels.items():
-            nets[f"G{k}"] = lv.G
-            nets[f"D{k}"] = lv.D
+            nets.update({f"G{k}": lv.G, f"D{k}": lv.D})
         return nets
 
 def bce(logits, target):
@@ -223,9 +222,8 @@ def update(opt, loss, params=None):
 
 def level_step(lv, x, y, sizes, nz, balance=None):
     """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real normalised images x
-    (B = --batch-size). Levels train on real coarse images only, never on a coarser G's samples.
-    balance: lsun/train.lua's rule, (err_real, err_fake) -> (update D_k, update G_k); None: both.
-    -> statistics."""
+    (B = --batch-size), never on a coarser G's samples. balance: None, or (err_real, err_fake) -> (update
+    D_k, update G_k). -> statistics."""
     k = lv.k
     half = len(x) // 4  # B/2
     B = 2 * half
@@ -261,9 +259,8 @@ def level_step(lv, x, y, sizes, nz, balance=None):
             "upd_g": float(upd_g)}
 
 def train_step(run, idx):
-    """One real training step of every level in the run. Takes a Run (from setup_run) and idx: 2B indices
-    into run.images (B/2 real examples, then 3B/2 images whose coarse versions condition the fakes).
-    -> {statistic name + level k: value}."""
+    """One training step of every level: idx, 2B indices into run.images (B/2 real examples, then 3B/2
+    images whose coarse versions condition the fakes). -> {statistic name + level k: value}."""
     x, y = get_batch(run, idx)
     stats = {}
     for k, lv in run.levels.items():
@@ -366,9 +363,8 @@ def large_nets(g_in, d_in, nc, size):
     return g, d
 
 def build_level(targs, k, sizes, nc, ncls):
-    """-> (G_k, D_k) for level k of the pyramid `sizes` (targs: the training flags as a dict): MLPs at the
-    base (k = K), convolutional nets above it. G_k's input planes: noise, the class plane if any, the C
-    channels of l_k; D_k's: the C channels of the image, the class plane if any."""
+    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags as a dict): MLPs at the base (k = K),
+    conv nets above. G_k's input planes: noise, the class plane if any, l_k; D_k's: the image, the class."""
     size = sizes[k]
     base = k == len(sizes) - 1
     class_planes = 1 if ncls else 0
@@ -396,8 +392,7 @@ def set_sgd(opt, lr, momentum):
         group.update(lr=lr, momentum=momentum, dampening=momentum)
 
 def set_schedule(run, epoch):
-    """This epoch's learning rate and momentum (Sec. 3) into every level's SGD optimisers; D's rate is
-    --lr-d under the same schedule. Adam keeps its rate."""
+    """This epoch's lr and momentum (Sec. 3) into every SGD optimiser, D's --lr-d on the same schedule."""
     args = run.args
     run.lr, run.momentum = sgd_schedule(epoch, args.lr, args.momentum)
     if args.optim != "sgd":
@@ -436,12 +431,13 @@ def selection_score(G, k, x, y, sizes, nz, gen, n=128):
     for i in range(len(x)):
         z = noise(noise_shape(k, sizes, n, nz), x.device, gen)
         made = generate(G, z, row_of(coarse, i, n), row_of(y, i, n))  # n x C x s_k x s_k
-        dists.append((made - fine[i:i + 1]).flatten(1).norm(dim=1).min())
+        dist = (made - fine[i:i + 1]).flatten(1).norm(dim=1)  # n L2 distances to I_k
+        dists.append(dist.min())
     return torch.stack(dists).mean().item()
 
 def select_models(run, val, gen):
-    """Model selection after each epoch (the cifar/ code): each level's score on the validation images `val`
-    (normalised images, labels); the levels that beat their best so far. -> ({k: score}, [better k])."""
+    """Model selection after each epoch (the cifar/ code) on `val` (normalised images, labels): each level's
+    score, and the levels that beat their best so far. -> ({k: score}, [better k])."""
     x, y = val
     scores, better = {}, []
     for k, lv in run.levels.items():
@@ -454,8 +450,9 @@ def select_models(run, val, gen):
 def parzen_ll(d2, dim, sigma):
     """Gaussian Parzen window (Goodfellow et al. 2014): log (1/N) sum_j N(x_i; s_j, sigma^2 I) from the
     squared distances d2 (images x N samples). -> (images,), in nats."""
-    log_norm = math.log(d2.shape[1]) + dim / 2 * math.log(2 * math.pi * sigma ** 2)
-    return torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - log_norm
+    log_n = math.log(d2.shape[1])
+    log_gauss = dim / 2 * math.log(2 * math.pi * sigma ** 2)  # the normaliser of N(.; s, sigma^2 I)
+    return torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - log_n - log_gauss
 
 def val_test_ll(d2, n_val, dim):
     """sigma chosen on the first n_val (validation) images, then applied to the rest (test)."""
@@ -476,7 +473,8 @@ def base_d2(G, base, y, nz, m, pix):
         for part in torch.arange(m).split(1000):  # m samples, 1000 at a time
             yc = None if c is None else torch.full((len(part),), c, device=dev)
             made.append(G([noise((len(part), nz), dev)], yc))
-        d2[rows] = torch.cdist(pix(base[rows]), pix(torch.cat(made))).pow(2)
+        made = torch.cat(made)
+        d2[rows] = torch.cdist(pix(base[rows]), pix(made)).pow(2)
     return d2
 
 @torch.no_grad()
@@ -494,9 +492,8 @@ def residual_d2(G, coarse, h, y, std, m):
 @torch.no_grad()
 def parzen_levels(args, Gs, x, y, run, n_val):
     """Sec. 4.1: log p(I) = log q_K(I_K) + sum_{k<K} log q_k(h_k | l_k), a Parzen window per level on pixels
-    in [0, 1]: the base from --eval-samples samples, each residual from --eval-cond samples drawn from the
-    test image's own l_k = u(I_{k+1}). Each sigma is chosen on x[:n_val]. -> {k: log q_k per test image},
-    {k: sigma}, from the base to the finest level."""
+    in [0, 1]: the base from --eval-samples samples, each h_k from --eval-cond samples drawn from the test
+    image's own l_k = u(I_{k+1}); sigma chosen on x[:n_val]. -> {k: log q_k per test image}, {k: sigma}."""
     sizes, nz = run.sizes, run.args.nz
     K = len(sizes) - 1
     L = laplacian_pyramid(x, sizes)  # the coefficients that are scored
@@ -504,19 +501,18 @@ def parzen_levels(args, Gs, x, y, run, n_val):
     pix = lambda t: (t.float() * run.std + run.mean).flatten(1).double()  # normalised -> [0, 1]
     d2 = base_d2(Gs[K], L[K], ys, nz, args.eval_samples, pix)
     ll, sigmas = {}, {}
-    ll[K], sigmas[K] = val_test_ll(d2, n_val, x.shape[1] * sizes[K] ** 2)
+    dims = [x.shape[1] * size ** 2 for size in sizes]  # numbers per image at each level
+    ll[K], sigmas[K] = val_test_ll(d2, n_val, dims[K])
     for k in reversed(range(K)):
         coarse = up(reconstruct(L[k + 1:]), sizes[k])  # l_k = u(I_{k+1})
         d2 = residual_d2(Gs[k], coarse, L[k], y, run.std, args.eval_cond)
-        ll[k], sigmas[k] = val_test_ll(d2, n_val, x.shape[1] * sizes[k] ** 2)
+        ll[k], sigmas[k] = val_test_ll(d2, n_val, dims[k])
     return ll, sigmas
 
 @torch.no_grad()
 def evaluate(args, Gs, run, stem):
-    """--eval on the first test images (model selection takes the last ones): the Parzen log-likelihood of
-    Sec. 4.1, per level and in total. A conditional model scores log p(I | y): every level, the base
-    included, conditioned on the test image's true label. Also writes samples beside their nearest training
-    images (STEM_nn.png)."""
+    """--eval on the first test images (model selection takes the last ones): Sec. 4.1's Parzen log-likelihood
+    per level and in total; log p(I | y) for a conditional model (every level given the true label)."""
     dev = run.images.device
     n_val = min(1000, len(run.images) // 2)  # as gan.py: sigma on test[:1000], scores on test[1000:2000]
     n = min(len(run.images), n_val + args.eval_images)
@@ -524,15 +520,20 @@ def evaluate(args, Gs, run, stem):
     ll, sigmas = parzen_levels(args, Gs, x, y, run, n_val)
     total = sum(ll.values())
     se = (total.std() / math.sqrt(len(total))).item()  # the standard error of the mean
-    report = [f"level {k} {ll[k].mean().item():.1f} (sigma {sigmas[k]:.3f})" for k in ll]
-    print(f"Parzen log-likelihood: {total.mean().item():.1f} +- {se:.1f} nats on {len(total)} test images "
-          f"({'; '.join(report)})")
+    report = []
+    for k, sigma in sigmas.items():
+        ll_k = ll[k].mean().item()
+        line = f"level {k} {ll_k:.1f} (sigma {sigma:.3f})"
+        report.append(line)
+    nats = f"{total.mean().item():.1f} +- {se:.1f} nats"
+    levels = "; ".join(report)
+    print(f"Parzen log-likelihood: {nats} on {len(total)} test images ({levels})")
     nearest_sheet(Gs, run, y, stem + "_nn.png")
 
 @torch.no_grad()
 def nearest_sheet(Gs, run, y, path):
-    """Fig. 3's check that samples are not copies: 32 samples (of the classes of y's images), each beside
-    its L2-nearest training image (centre crops of the samples' size)."""
+    """Fig. 3's check that samples are not copies: 32 samples (of y's classes), each beside its L2-nearest
+    training image (centre crops of the samples' size)."""
     dev, s = run.images.device, run.sizes[0]
     asked = y[torch.arange(32, device=dev) % len(y)]
     made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
@@ -563,8 +564,7 @@ def resample_sheet(G, k, run, n, path, gen=None):
 
 # ------------------------------------------------------------------------ the training loop, sampling
 def train(args, device, rank=0, world=1, ckpt=None):
-    """Epochs of shuffled steps; a log row and a progress line every --log-every steps; model selection,
-    pictures and the checkpoint after each epoch (rank 0). ckpt: the checkpoint a --resume continues."""
+    """Epochs of shuffled steps, then model selection, pictures and checkpoint (rank 0). ckpt: --resume's."""
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
     if ckpt:
         restore(run, ckpt)
@@ -582,8 +582,8 @@ def train(args, device, rank=0, world=1, ckpt=None):
     return run
 
 def train_epoch(run, epoch, clock):
-    """One shuffled pass: B/2 real images per step, and 3B/2 other real images drawn at random whose coarse
-    versions condition the fakes (as the code does); statistics averaged over each --log-every steps."""
+    """One shuffled pass: B/2 real images per step, and 3B/2 others drawn at random whose coarse versions
+    condition the fakes (as the code does); a log row of the means every --log-every steps."""
     idx = batches(run, epoch)
     n_cond = run.args.batch_size * 3 // 2
     total, count = {}, 0
@@ -599,9 +599,8 @@ def train_epoch(run, epoch, clock):
             total, count = {}, 0
 
 def end_of_epoch(run, val):
-    """Rank 0, after each epoch: model selection on the last --select test images (--eval scores the first
-    ones), with noise of its own, the same every epoch, the training RNG untouched; then the sample sheet,
-    ckpt.pt and curves.png."""
+    """Rank 0: model selection with noise of its own, the same every epoch (the training RNG untouched);
+    the sample sheet, ckpt.pt and curves.png."""
     args, dev = run.args, run.images.device
     gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
     check_finite(run)
@@ -626,12 +625,11 @@ class Source:
 
 def asked_labels(src, n, label):
     """The class asked for each sample: --label, or drawn uniformly; None for an unconditional model."""
-    dev = src.run.mean.device
     if not src.run.ncls:
         return None
     if label is not None:
-        return torch.full((n,), label, device=dev)
-    return torch.randint(src.run.ncls, (n,)).to(dev)
+        return torch.full((n,), label, device=src.run.mean.device)
+    return torch.randint(src.run.ncls, (n,)).to(src.run.mean.device)
 
 def draw(src, n, y):
     """Fig. 1's chain, finest first. --chain A B: A draws the coarse levels; its last image, mapped into B's
@@ -639,17 +637,18 @@ def draw(src, n, y):
     run = src.run
     if src.before is None:
         return sample_chain(src.Gs, run.sizes, n, run.args.nz, y, run.mean.device)
-    a = src.before
-    images = [renormalise(I, a.run.mean, a.run.std, run.mean, run.std) for I in draw(a, n, y)]
+    a = src.before.run
+    images = []
+    for I in draw(src.before, n, y):
+        images.append(renormalise(I, a.mean, a.std, run.mean, run.std))
     for k in reversed(range(len(src.Gs))):
         I_k = sample_level(src.Gs[k], images[0], run.sizes[k], y)
         images.insert(0, I_k)
     return images
 
 def sample(args):
-    """--sample: the chain of Fig. 1 from --ckpt (several checkpoints join levels trained apart) or from
-    --chain A B; writes every level of each sample side by side, --npz, and the --upscale, --resample and
-    --eval pictures."""
+    """--sample: Fig. 1's chain from --ckpt (several join levels trained apart) or --chain A B; the level
+    sheet, --npz, and the --upscale, --resample and --eval pictures."""
     src = sampling_source(args, pick_device(args))
     run, stem = src.run, src.stem
     torch.manual_seed(args.seed)
@@ -815,15 +814,10 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:  # atomic, so a crash or a full disk never leaves a truncated cache; a read-only folder skips it
-        with open(cache + ".tmp", "wb") as f:
-            np.savez(f, x=x, y=y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(cache + ".tmp", cache)
+    try:  # a read-only folder skips the cache
+        write_atomic(cache, lambda f: np.savez(f, x=x, y=y))
     except OSError:
-        if os.path.exists(cache + ".tmp"):
-            os.remove(cache + ".tmp")
+        pass
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
@@ -921,17 +915,23 @@ def batches(run, epoch):
     perm = perm[run.rank::run.world].to(run.images.device)
     return perm[: len(perm) // half * half].view(-1, half)
 # Checkpoints and resume: checkpoint() and restore() mirror each other
-def save_checkpoint(obj, path):
-    """Atomic: PATH.tmp, synced, then renamed, so a crash, a power cut or a full disk keeps the last one."""
+def write_atomic(path, save):
+    """save(f) into PATH.tmp, synced, then renamed: a crash or a full disk keeps the last file."""
     try:
         with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f)
+            save(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except OSError as e:
+    except OSError:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
+        raise
+
+def save_checkpoint(obj, path):
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f))
+    except OSError as e:
         if e.errno == errno.ENOSPC:
             fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
                  f"the last checkpoint is kept")
@@ -1127,14 +1127,14 @@ def sample_sheet(run, gen):
 
 # Logs and pictures
 def append_log(path, row):
-    """A row of a csv log, in the order of the file's header if it has one."""
+    """A row of a csv log, under the header the file already has (or the row's own)."""
     fields = list(row)
     if os.path.exists(path):
         with open(path) as f:
             fields = next(csv.reader(f))
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
-        if fields is not None and f.tell() == 0:
+        if f.tell() == 0:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
