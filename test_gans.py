@@ -2647,3 +2647,152 @@ def test_lapgan_checkpoints_from_before_the_papers_numbering_load_sample_and_res
         for k in range(3):
             for net in ("G", "D"):
                 assert all(torch.equal(a["levels"][k][net][n], b["levels"][k][net][n]) for n in a["levels"][k][net])
+
+
+# ----------------------------------------------------------------------------- lapgan.py: model selection, evaluation, D's padding
+def lap_coded_images(n, size=32, nc=3):
+    """n uint8 images, image i holding the value 10 i in every pixel, so an image tells its own index."""
+    return (torch.arange(n) * 10).view(n, 1, 1, 1).expand(n, nc, size, size).to(torch.uint8).contiguous()
+
+
+def lap_indices(x, run):
+    """The index of each normalised image made by lap_coded_images."""
+    pixels = (x * run.std + run.mean) * 255
+    return (pixels.mean((1, 2, 3)) / 10).round().long().tolist()
+
+
+def test_lapgan_selection_scores_the_last_test_images_and_eval_the_first(tmp_path, monkeypatch):
+    """The cifar/ code selects each level on held-out images; the paper (Sec. 4.1) reports the Parzen estimate
+    on test images. Both come from the test split here: selection on its last --select images, --eval on its
+    first n_val + --eval-images, so that no model is chosen on the images it is scored on."""
+    run = lap_tiny_run(["--select", "5", "--outf", str(tmp_path)])
+    test = (lap_coded_images(20), torch.arange(20) % 6, [str(i) for i in range(6)])
+    monkeypatch.setattr(lapgan, "load_dataset", lambda args, split: test)
+    x, y = lapgan.selection_images(run)
+    chosen = lap_indices(x, run)
+    assert chosen == [15, 16, 17, 18, 19] and y.tolist() == (torch.arange(15, 20) % 6).tolist()
+    scored = []
+
+    def parzen(args, Gs, x, y, run, n_val):
+        scored.extend(lap_indices(x, run))
+        return {0: torch.zeros(len(x) - n_val)}, {0: 1.0}
+    monkeypatch.setattr(lapgan, "parzen_levels", parzen)
+    monkeypatch.setattr(lapgan, "nearest_sheet", lambda *a: None)
+    run.images, run.labels = test[0], test[1]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.evaluate(argparse.Namespace(eval_images=5), [], run, str(tmp_path / "s"))
+    assert scored == list(range(15))  # sigma on the first 10 (half the split), scores on the next 5
+    assert not set(scored) & set(chosen)
+
+
+def lap_epoch_run(tmp_path, extra=()):
+    """A tiny run with a log.csv (for curves.png) and its model-selection images, for end_of_epoch."""
+    run = lap_tiny_run(["--select", "4", "--outf", str(tmp_path), *extra])
+    with open(tmp_path / "log.csv", "w") as f:
+        f.write("step,epoch,err_d\n1,1,0.5\n")
+    x, y = lapgan.get_batch(run, torch.arange(4), False)
+    return run, (x, y)
+
+
+def test_lapgan_selection_noise_is_its_own_and_the_same_every_epoch(tmp_path):
+    """The cifar/ code scores each epoch's models on the same fixed noise: here a generator of selection's
+    own, seeded from --seed every epoch, so that the scores depend on the weights only, whatever training
+    drew, and the training RNG is left exactly where it was (exact resume depends on it)."""
+    run, val = lap_epoch_run(tmp_path)
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # training's random state differs before each epoch's selection
+        state = torch.get_rng_state()
+        run.epoch += 1
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.end_of_epoch(run, val)
+        assert torch.equal(torch.get_rng_state(), state)
+    rows = read_log(tmp_path / "select.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {k: v for k, v in rows[0].items() if k != "epoch"} == {k: v for k, v in rows[1].items() if k != "epoch"}
+
+
+def test_lapgan_best_pt_keeps_every_levels_best_epoch(tmp_path, monkeypatch):
+    """The cifar/ code keeps, for each level, the model of that level's own best epoch (lowest distance,
+    a tie keeping the earlier): best.pt must hold every level, not only those that improved last."""
+    run, val = lap_epoch_run(tmp_path)
+    script = {1: {0: 5.0, 1: 5.0, 2: 5.0}, 2: {0: 4.0, 1: 6.0, 2: 5.0}, 3: {0: 4.5, 1: 3.0, 2: 7.0}}
+    monkeypatch.setattr(lapgan, "selection_score", lambda G, k, *a, **kw: script[run.epoch][k])
+    weights = {}
+    for epoch in (1, 2, 3):
+        run.epoch = epoch
+        with torch.no_grad():
+            for lv in run.levels.values():
+                next(lv.G.parameters()).add_(1.0)  # each epoch's weights differ
+        weights[epoch] = {k: copy.deepcopy(lv.G.state_dict()) for k, lv in run.levels.items()}
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.end_of_epoch(run, val)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert sorted(best["levels"]) == [0, 1, 2] and run.best == {0: 4.0, 1: 3.0, 2: 5.0}
+    for k, epoch in {0: 2, 1: 3, 2: 1}.items():
+        want = weights[epoch][k]
+        assert all(torch.equal(best["levels"][k]["G"][n], want[n]) for n in want), (k, epoch)
+
+
+def test_lapgan_residual_and_base_distances_share_pixel_units():
+    """Sec. 4.1 sums the levels' log-likelihoods, each a Parzen window over pixels in [0, 1] (Goodfellow et
+    al. 2014): a difference delta between normalised images is delta * std in pixels, at the base and at
+    every residual level alike. Stub generators give the squared distances in closed form."""
+    torch.manual_seed(0)
+    std, mean = torch.tensor([0.5, 0.25]).view(1, 2, 1, 1), torch.tensor([0.3, 0.6]).view(1, 2, 1, 1)
+    delta = torch.randn(3, 2, 4, 4)
+    want = (delta * std).flatten(1).pow(2).sum(1).double()[:, None].expand(3, 4)
+    made = torch.randn(1, 2, 4, 4)
+    stub = lambda xs, y: made.expand(len(xs[0]), -1, -1, -1)
+    pix = lambda t: (t * std + mean).flatten(1).double()
+    d2_base = lapgan.base_d2(stub, made + delta, None, 5, 4, pix)
+    d2_res = lapgan.residual_d2(stub, torch.randn(3, 2, 4, 4), made + delta, None, std, 4)
+    assert torch.allclose(d2_base, want, rtol=1e-5) and torch.allclose(d2_res, want, rtol=1e-5)
+
+
+def test_lapgan_parzen_conditions_each_level_on_the_upsampled_coarser_image(monkeypatch):
+    """Sec. 4.1: log p(I) = log q_K(I_K) + sum_k log q_k(h_k | l_k) with l_k = u(I_{k+1}), the upsampled
+    coarser image, never I_k itself; checked against the independent NumPy pyramid, with each level's
+    squared distances in pixel units (generators drawing h~_k = 0 give ||h_k * std||^2)."""
+    torch.manual_seed(0)
+    sizes, std = [16, 8, 4], torch.tensor([0.5, 0.25]).view(1, 2, 1, 1)
+    run = lapgan.Run(sizes, 0, torch.zeros(1, 2, 1, 1), std, args=argparse.Namespace(nz=3))
+    x, seen, d2s = torch.randn(6, 2, 16, 16), {}, []
+
+    def stub(k):
+        def G(xs, y):
+            if k < 2:
+                seen.setdefault(k, []).append(xs[1][0].clone())  # the condition of each test image
+                return torch.zeros_like(xs[1])
+            return torch.zeros(len(xs[0]), 2, 4, 4)
+        return G
+    real = lapgan.val_test_ll
+    monkeypatch.setattr(lapgan, "val_test_ll", lambda d2, n_val, dim: (d2s.append(d2), real(d2, n_val, dim))[1])
+    lapgan.parzen_levels(argparse.Namespace(eval_samples=5, eval_cond=4), [stub(k) for k in range(3)], x,
+                         torch.zeros(6, dtype=torch.long), run, 3)
+    xn = x.numpy()
+    for k in (0, 1):
+        l_k = lap_np_up(lap_np_down(xn, sizes[k + 1]), sizes[k])  # u(I_{k+1})
+        got = torch.stack(seen[k]).numpy()
+        assert np.abs(got - l_k).max() < 1e-5, k
+        assert np.abs(got - lap_np_down(xn, sizes[k])).max() > 0.1  # not I_k itself
+        h_k = lap_np_down(xn, sizes[k]) - l_k
+        want = ((h_k * std.numpy()) ** 2).reshape(6, -1).sum(1)
+        assert np.allclose(d2s[2 - k][:, 0].numpy(), want, rtol=1e-5), k  # the base's d2 came first
+
+
+@pytest.mark.parametrize("size,kernels,strides,want", [
+    (14, [5, 5], [1, 2], ([0, 0], 3)),     # (14 - 4 - 5) // 2 + 1 = 3 px remain: unpadded, as the code
+    (13, [5, 5], [1, 2], ([0, 0], 3)),
+    (12, [5, 5], [1, 2], ([2, 2], 6)),     # 2 would remain: padded 'same', (12 - 1) // 2 + 1 = 6
+    (15, [3, 5, 7], [1, 1, 1], ([0, 0, 0], 3)),   # the large D: 15 - 2 - 4 - 6 = 3
+    (14, [3, 5, 7], [1, 1, 1], ([1, 2, 3], 14)),  # 2 would remain
+])
+def test_lapgan_d_padding_rule_at_its_boundary(size, kernels, strides, want):
+    """Eyescream's D_k convolutions are unpadded (at CIFAR-10's 14 px level conv5, conv5 stride 2 leave
+    3 x 3 maps); the script pads 'same' only where fewer than 3 px would remain. Hand arithmetic."""
+    assert lapgan.pads(size, kernels, strides) == want
+    if kernels == [5, 5]:  # the D built at that size ends in a map of that many pixels
+        args = vars(lapgan.get_args(["--dataset", "mnist", "--width-g", "4", "--width-d", "2"]))
+        D = lapgan.build_level(args, 0, [size, size // 2], 1, 0)[1]
+        linear = [m for m in D.modules() if isinstance(m, nn.Linear)][0]
+        assert linear.in_features == 2 * want[1] ** 2 and D([torch.randn(2, 1, size, size)]).shape == (2,)
