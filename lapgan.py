@@ -285,19 +285,20 @@ class Conditioned(nn.Module):
             self.embed = nn.Linear(ncls, size * size)
 
     def forward(self, xs, y=None):
-        if not self.ncls:
-            return self.body(self.join(xs))
-        onehot = F.one_hot(y, self.ncls).to(xs[0].dtype)  # N x classes
         if self.flat:
-            return self.body(torch.cat([self.join(xs), onehot], 1))
-        plane = F.relu(self.embed(onehot)).view(-1, 1, self.size, self.size)  # N x 1 x s x s
-        plane = up(plane, xs[0].shape[-1])  # at the inputs' size (larger only past the training size)
-        return self.body(torch.cat([xs[0], plane, *xs[1:]], 1))
+            xs = [x.flatten(1) for x in xs]
+        if self.ncls:
+            onehot = F.one_hot(y, self.ncls).to(xs[0].dtype)  # N x classes
+            if self.flat:
+                xs = xs + [onehot]
+            else:  # after the first input plane
+                xs = [xs[0], self.plane(onehot, xs[0]), *xs[1:]]
+        return self.body(torch.cat(xs, 1))
 
-    def join(self, xs):
-        if self.flat:
-            return torch.cat([x.flatten(1) for x in xs], 1)
-        return torch.cat(xs, 1)
+    def plane(self, onehot, first):
+        """The class as one plane, N x 1 x s x s, at the inputs' size (larger only past the training size)."""
+        plane = F.relu(self.embed(onehot)).view(-1, 1, self.size, self.size)
+        return up(plane, first.shape[-1])
 
 def mlp_nets(nz, nc, size, ncls, drop=0.5):
     """Sec. 3.1, the base level K: G_K two ReLU layers of 1200 units, linear output; D_K two of 600 with
@@ -409,12 +410,6 @@ def balance_rule(err_real, err_fake, margin=0.3, real_max=0.7):
     return d_only or err_real > real_max, not d_only
 
 # ------------------------------------------------------------------------ Sec. 4: evaluation
-def repeat_each(t, n):
-    """Each row of t n times over (None stays None: no labels, or the base level's missing l_K)."""
-    if t is None:
-        return None
-    return t.repeat_interleave(n, 0)
-
 def row_of(t, i, n):
     """Row i of t, n times over (None stays None)."""
     if t is None:
@@ -553,11 +548,13 @@ def resample_sheet(G, k, run, n, path, gen=None):
     dev = run.images.device
     x, y = get_batch(run, torch.arange(8, device=dev) % len(run.images), False)
     fine = down(x, run.sizes[k])  # I_k
-    coarse = condition(x, run.sizes, k)  # l_k
+    coarse = condition(x, run.sizes, k)  # l_k; None at the base, shown blank
+    shown = torch.zeros_like(fine) if coarse is None else coarse
+    if coarse is not None:
+        coarse = coarse.repeat_interleave(n, 0)  # each l_k n times
     z = noise(noise_shape(k, run.sizes, 8 * n, run.args.nz), dev, gen)
     with torch.no_grad():
-        made = generate(G, z, repeat_each(coarse, n), y.repeat_interleave(n))
-    shown = torch.zeros_like(fine) if coarse is None else coarse
+        made = generate(G, z, coarse, y.repeat_interleave(n))
     samples = made.float().view(8, n, *fine.shape[1:])
     rows = torch.cat([fine[:, None], shown[:, None], samples], 1)
     save_grid(to_display(rows.flatten(0, 1), run.mean, run.std), path, n + 2)
@@ -1338,7 +1335,7 @@ def make_parser():
     add("--resample", type=int, default=0, help="N samples from each of 8 real coarse images")
     add("--upscale", type=int, default=0, help="run the finest G N more times past its size")
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
-    add("--switch", type=int, help="the coarsest level B draws (default: B's base K - 1)")
+    add("--switch", type=int, help="the coarsest level B draws (default K - 1: A draws the base)")
     add("--eval", action="store_true", help="Parzen log-likelihood, neighbours")
     add("--eval-images", type=int, default=1000, help="held-out test images to score")
     add("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
