@@ -3,22 +3,26 @@
 Paper: Denton, Chintala, Szlam & Fergus 2015, "Deep Generative Image Models using a Laplacian Pyramid of
 Adversarial Networks" (NIPS), read beside its Torch code (Eyescream: cifar/, lsun/, generate.lua).
 
-A Laplacian pyramid stores an image as a small base image plus one residual h_k = I_k - u(I_{k-1}) per finer
-level, d(.) shrinking and u(.) enlarging an image. LAPGAN learns one conditional GAN per level: G_0 draws the
-base image from noise; G_k draws the residual h_k from noise z_k and the upsampled coarser image u(I_{k-1});
-D_k tells real fine images from u(I_{k-1}) + G_k(z_k, u(I_{k-1})). Each level trains alone, on real coarse
-images; sampling runs the chain I_k = u(I_{k-1}) + G_k(z_k, u(I_{k-1})) from the base up (Sec. 2.3, Fig. 1).
-Levels are numbered here from the base up (level 0 = the coarsest, the order of sampling), while the paper's
-I_0 is the full image and its index grows towards the base.
+Levels are numbered as in the paper (Sec. 2-3): I_0 is the full image and I_{k+1} = d(I_k), d(.) shrinking
+and u(.) enlarging an image. The Laplacian pyramid L(I) = [h_0, ..., h_{K-1}, I_K] stores the small base
+image I_K and one residual h_k = I_k - u(I_{k+1}) per finer level. LAPGAN learns one conditional GAN per
+level: G_K draws the base I_K from noise z_K; G_k (k < K) draws the residual h_k from noise z_k and the
+upsampled coarser image l_k = u(I_{k+1}); D_k tells real images I_k from l_k + G_k(z_k, l_k). Each level
+trains alone, on real coarse images; sampling runs the chain from the base to the full image,
+I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})) for k = K-1, ..., 0 (Sec. 2.3, Fig. 1). In the code `sizes[k]`
+is the size of I_k (finest first) and Gs[k] is G_k; `--levels` takes the sizes coarse to fine, as the
+paper writes them (CIFAR-10: 8 -> 14 -> 28).
 
 Paper to code:
-    Sec. 2.2  d(.), u(.), the pyramid and its inverse       down, up, laplacian_pyramid, reconstruct,
-                                                            level_view
-    Sec. 2.3  Fig. 1, the sampling chain; blog: --upscale   noise, sample_chain, upscale_chain, renormalise
+    Sec. 2.2  d(.), u(.), the pyramid and its inverse       area_matrix, down, up, gaussian_pyramid,
+                                                            laplacian_pyramid, reconstruct, condition
+    Sec. 2.3  Fig. 1, the sampling chain; blog: --upscale   noise, generate, sample_level, sample_chain,
+                                                            upscale_chain
     Sec. 2.3  one level's training step (Fig. 2)            Level, level_step, train_step
     Sec. 3    the networks (CIFAR-10, LSUN), conditioning   mlp_nets, conv_nets, large_nets, Conditioned
     Sec. 3    SGD schedule; lsun/train.lua's balance rule   sgd_schedule, set_sgd, balance_rule
-    Sec. 4.1  Parzen log-likelihood; cifar/ model selection evaluate, parzen_ll, base_d2, selection_score
+    Sec. 4.1  Parzen log-likelihood; cifar/ model selection parzen_levels, parzen_ll, base_d2, residual_d2,
+                                                            selection_score, select_models
     Sec. 4.2  samples drawn from one real coarse image      resample_sheet (--resample)
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (= sigmoid + BCE); images are normalised per
@@ -35,12 +39,13 @@ Heusel et al. 2017) and `--dropout-d` are additions too: at the narrow widths of
 rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality).
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
-    python lapgan.py --dataset cifar10 --cuda --level 2 --outf out/l2  # one level alone, on any GPU
+    python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
     python lapgan.py --sample --ckpt out/lapgan-cifar10/ckpt.pt --resample 8 --upscale 3 --eval
 """
 import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, urllib.request, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -49,70 +54,113 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 SCRIPT = "lapgan"
-# Sec. 3.1: CIFAR-10 8 -> 14 -> 28 on 28 x 28 crops; the others: the same ratios on their own sizes
-LEVELS = {"cifar10": [8, 14, 28], "mnist": [7, 14, 28], "fashion-mnist": [7, 14, 28], "shapes": [8, 16, 32]}
+# Sec. 3.1: CIFAR-10 8 -> 14 -> 28 on 28 x 28 crops; the others: the same ratios on their own sizes.
+# Written coarse to fine, as the paper (and --levels) write them; pyramid_sizes turns them finest first.
+LEVELS = {"cifar10": [8, 14, 28],
+          "mnist": [7, 14, 28],
+          "fashion-mnist": [7, 14, 28],
+          "shapes": [8, 16, 32]}
 
 # ------------------------------------------------------------------------ Sec. 2.2: the Laplacian pyramid
 def area_matrix(n_in, n_out, device=None):
-    """Torch's image.scale when shrinking: output pixel i averages the source interval [i r, (i+1) r),
-    r = n_in / n_out, a pixel cut by an end of it counted by the fraction covered. Rows sum to 1."""
-    r = n_in / n_out
-    start, j = torch.arange(n_out, dtype=torch.float64)[:, None] * r, torch.arange(n_in, dtype=torch.float64)
-    return ((torch.minimum(start + r, j + 1) - torch.maximum(start, j)).clamp(min=0) / r).float().to(device)
+    """Torch's image.scale when shrinking (n_out x n_in, rows summing to 1): output pixel i averages the
+    source interval [i r, (i+1) r), r = n_in / n_out, a pixel cut by an end counted by the fraction covered.
+    Average pooling fits whole ratios only (28 -> 14 -> 7): at CIFAR-10's 14 -> 8 (r = 1.75) pixels are
+    cut between two outputs, and adaptive pooling would count them whole in both."""
+    r = n_in / n_out  # source pixels per output pixel
+    start = torch.arange(n_out, dtype=torch.float64)[:, None] * r  # output pixel i: [start, end)
+    end = start + r
+    j = torch.arange(n_in, dtype=torch.float64)  # source pixel j: [j, j + 1)
+    covered = torch.minimum(end, j + 1) - torch.maximum(start, j)
+    A = covered.clamp(min=0) / r
+    return A.float().to(device)
 
 def down(x, size):
     """d(.): area resampling of square N x C x n x n images, rows then columns (2:1 = 2x2 average pooling)."""
+    if x.shape[-1] == size:
+        return x
     A = area_matrix(x.shape[-1], size, x.device).to(x.dtype)  # size x n
-    return x if x.shape[-1] == size else A @ x @ A.T  # N x C x size x size
+    return A @ x @ A.T  # N x C x size x size
 
 def up(x, size):
     """u(.): bilinear with the corner pixels aligned (Torch's image.scale when enlarging)."""
-    return x if x.shape[-1] == size else F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
+
+def gaussian_pyramid(x, sizes):
+    """[I_0, ..., I_K], I_k of size sizes[k], each cut from x (the code's pyramid), not from I_{k-1}."""
+    return [down(x, size) for size in sizes]
 
 def laplacian_pyramid(x, sizes):
-    """-> (base I_0, [h_1 .. h_K]), h_k = I_k - u(I_{k-1}); every I_k = d(x) is cut from the finest image
-    (the code's pyramid), not from the level above."""
-    gauss = [down(x, n) for n in sizes]
-    return gauss[0], [fine - up(coarse, fine.shape[-1]) for coarse, fine in zip(gauss, gauss[1:])]
+    """Sec. 2.2: L(I) = [h_0, ..., h_{K-1}, I_K], h_k = I_k - u(I_{k+1})."""
+    I = gaussian_pyramid(x, sizes)
+    K = len(sizes) - 1
+    L = []
+    for k in range(K):
+        L.append(I[k] - up(I[k + 1], sizes[k]))  # h_k
+    return L + [I[K]]
 
-def reconstruct(base, residuals):
-    """The exact inverse: I_k = u(I_{k-1}) + h_k, from the base up."""
-    for h in residuals:
-        base = up(base, h.shape[-1]) + h
-    return base
+def reconstruct(L):
+    """The exact inverse: I_K = L[K], then I_k = u(I_{k+1}) + h_k down to I_0. reconstruct(L[k:]) is I_k."""
+    image = L[-1]
+    for h in reversed(L[:-1]):
+        image = up(image, h.shape[-1]) + h
+    return image
 
-def level_view(x, sizes, k):
-    """What level k sees of real images x: (I_k, u(I_{k-1}), or None at the base)."""
-    return down(x, sizes[k]), (up(down(x, sizes[k - 1]), sizes[k]) if k else None)
+def condition(x, sizes, k):
+    """l_k = u(I_{k+1}) of real images x: what G_k and D_k are conditioned on; None at the base (k = K)."""
+    if k == len(sizes) - 1:
+        return None
+    coarser = down(x, sizes[k + 1])  # I_{k+1}
+    return up(coarser, sizes[k])
 
 # ------------------------------------------------------------------------ Sec. 2.3, Fig. 1: sampling
-def noise(k, n, size, nz, device, gen=None):
-    """Sec. 3: uniform on [-1, 1]; a 100-d vector at the base (n x nz), one extra input plane at level k
-    (n x 1 x size x size)."""
-    shape = (n, nz) if k == 0 else (n, 1, size, size)
+def noise_shape(k, sizes, n, nz):
+    """Sec. 3: z_K at the base is a vector of nz numbers; z_k at a finer level one extra input plane."""
+    if k == len(sizes) - 1:
+        return (n, nz)
+    return (n, 1, sizes[k], sizes[k])
+
+def noise(shape, device, gen=None):
+    """Sec. 3: uniform on [-1, 1]."""
     return torch.rand(shape, device=device, generator=gen) * 2 - 1
 
+def generate(G, z, coarse, y=None):
+    """Level k's image: I~_K = G_K(z_K) at the base (coarse None); above it I~_k = l_k + G_k(z_k, l_k), the
+    residual added to its condition, so that D_k judges a whole image."""
+    if coarse is None:
+        return G([z], y)
+    h = G([z, coarse], y)  # h~_k, the residual
+    return coarse + h
+
 @torch.no_grad()
-def sample_chain(Gs, sizes, n, nz, y, device, gen=None, images=()):
-    """Fig. 1 (generate.lua): I_0 = G_0(z_0), then I_k = u(I_{k-1}) + G_k(z_k, u(I_{k-1})) up to the finest
-    level. `images`: coarse levels already drawn (--chain). -> [I_0, ..., I_K], each N x C x s_k x s_k."""
-    out = list(images)
-    for k in range(len(out), len(Gs)):
-        if k == 0:
-            out.append(Gs[0]([noise(0, n, sizes[0], nz, device, gen)], y).float())
-        else:
-            coarse = up(out[-1], sizes[k])  # u(I_{k-1})
-            out.append((coarse + Gs[k]([noise(k, n, sizes[k], nz, device, gen), coarse], y)).float())
-    return out
+def sample_level(G, coarser, size, y=None, gen=None):
+    """One link of Fig. 1's chain: I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})), I_k of `size`."""
+    coarse = up(coarser, size)  # l_k = u(I_{k+1})
+    z = noise((len(coarse), 1, size, size), coarse.device, gen)  # one noise plane
+    return generate(G, z, coarse, y)
+
+@torch.no_grad()
+def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
+    """Fig. 1 (generate.lua): I_K = G_K(z_K), then I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})) for k = K-1 down
+    to 0. Gs[k] = G_k. -> [I_0, ..., I_K]."""
+    K = len(sizes) - 1
+    z = noise((n, nz), device, gen)
+    images = [generate(Gs[K], z, None, y)]  # I_K
+    for k in reversed(range(K)):
+        I_k = sample_level(Gs[k], images[0], sizes[k], y, gen)
+        images.insert(0, I_k)
+    return images
 
 @torch.no_grad()
 def upscale_chain(chain, G, ratio, steps, y, gen=None):
-    """--upscale (the Eyescream blog's 'recursive' images): the finest G run `steps` more times past its
-    training size, each time enlarging by the pyramid's last ratio. -> the chain, `steps` levels longer."""
+    """--upscale (the Eyescream blog's 'recursive' images): G_0 run `steps` more times past its training
+    size, each time enlarging by the finest ratio. -> the chain, finest first, `steps` levels longer."""
     for _ in range(steps):
-        coarse = up(chain[-1], round(chain[-1].shape[-1] * ratio))
-        made = G([noise(1, len(coarse), coarse.shape[-1], 0, coarse.device, gen), coarse], y)
-        chain = chain + [(coarse + made).float()]
+        size = round(chain[0].shape[-1] * ratio)
+        finer = sample_level(G, chain[0], size, y, gen)
+        chain = [finer] + chain
     return chain
 
 def renormalise(x, mean_a, std_a, mean_b, std_b):
@@ -123,16 +171,21 @@ def renormalise(x, mean_a, std_a, mean_b, std_b):
 # ------------------------------------------------------------------------ Sec. 2.3: one level's training step
 @dataclass
 class Level:
-    """Level k of the pyramid. The G step's forward through D uses D itself (fwd["DG"]), not its
-    data-parallel wrapper: only G's gradients are wanted there, so only they are computed and all-reduced."""
-    nets: dict  # {"G": G_k, "D": D_k}: the modules that are saved
-    opts: dict  # {"G": ..., "D": ...}: their optimisers (SGD as the paper, or Adam)
-    fwd: dict   # {"G", "D", "DG"}: the callables of the forward passes (DDP/compiled wrappers, or the nets)
+    """Level k: its nets, the forward passes its step calls (the nets themselves, or the data-parallel,
+    compiled or bf16 wrappers the Appendix's prepare_level makes), and the optimisers."""
+    k: int                         # the paper's index: 0 the full image, K the base
+    G: nn.Module                   # G_k, the module that is saved
+    D: nn.Module                   # D_k
+    G_fwd: Callable                # G_k's forward pass
+    D_fwd: Callable                # D_k's forward pass in D_k's step
+    D_fwd_for_G: Callable          # D_k's in G_k's step: never data-parallel, only G_k's gradients are wanted
+    opt_G: torch.optim.Optimizer   # G_k's optimiser (SGD as the paper, or Adam)
+    opt_D: torch.optim.Optimizer   # D_k's optimiser
 
 @dataclass
 class Run:
     """One training run (or, for the sampling commands, a model's data view with no levels)."""
-    sizes: list                        # pyramid sizes, base to finest (s_0 < ... < s_K)
+    sizes: list                        # sizes[k]: the size of I_k, finest first (the paper's k)
     ncls: int                          # classes fed to G and D; 0: unconditional
     mean: torch.Tensor                 # per-channel mean and std of the training split, 1 x C x 1 x 1
     std: torch.Tensor
@@ -141,6 +194,7 @@ class Run:
     labels: torch.Tensor = None        # int64 N class labels on the device
     args: argparse.Namespace = None    # the user's flags (the checkpoint's, on --resume)
     levels: dict = field(default_factory=dict)  # k -> Level: the levels this run trains
+    balance: Callable = None           # --balance: the rule deciding which nets step; None: both step
     rank: int = 0                      # data-parallel rank and number of ranks
     world: int = 1
     epoch: int = 0                     # epochs and steps done
@@ -151,135 +205,186 @@ class Run:
 
     @property
     def nets(self):
-        """Every saved module: "G0", "D0", "G1", ..."""
-        return {f"{m}{k}": net for k, lv in self.levels.items() for m, net in lv.nets.items()}
+        """Every saved module: "G0", "D0", "G1", ... (0: the finest level)."""
+        nets = {}
+        for k, lv in self.levels.items():
+            nets.update({f"G{k}": lv.G, f"D{k}": lv.D})
+        return nets
 
 def bce(logits, target):
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
-def level_step(run, k, x, y):
-    """One round at level k (cifar/train/double_conditional_adversarial.lua). x holds 2B normalised real
-    images (B = --batch-size) in three roles: x[:B/2] the real examples D_k sees; x[B/2:B] the images whose
-    coarse versions u(I_{k-1}) condition the B/2 fakes D_k sees; x[B:] those conditioning G_k's step (B
-    fakes). Levels train on real coarse images only, never on a coarser G's samples. -> statistics."""
-    args, lv, half, B = run.args, run.levels[k], run.args.batch_size // 2, run.args.batch_size
-    fine, coarse = level_view(x, run.sizes, k)  # I_k, u(I_{k-1}): 2B x C x s_k x s_k
-    z = noise(k, B + half, run.sizes[k], args.nz, x.device)
-    amp = dict(device_type=x.device.type, dtype=torch.bfloat16, enabled=args.amp and x.device.type == "cuda")
-    with torch.autocast(**amp):
-        made = lv.fwd["G"]([z, coarse[half:]] if k else [z], y[half:])  # 3B/2 residuals (base images at 0)
-        if k:
-            made = made + coarse[half:]  # D_k judges u(I_{k-1}) + h~_k: the whole fine image
-        logits = lv.fwd["D"]([torch.cat([fine[:half], made[:half].detach()])], y[:B]).float()  # B
-    err_real, err_fake = bce(logits[:half], 1.0), bce(logits[half:], 0.0)
-    upd_d, upd_g = balance_rule(*global_mean(err_real, err_fake)) if args.balance else (True, True)
+def update(opt, loss, params=None):
+    """One step of `opt` down the gradient of `loss` (with `params`: the gradient of those alone)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    opt.step()
+
+def level_step(lv, x, y, sizes, nz, balance=None):
+    """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real normalised images x
+    (B = --batch-size), never on a coarser G's samples. balance: None, or (err_real, err_fake) -> (update
+    D_k, update G_k). -> statistics."""
+    k = lv.k
+    half = len(x) // 4  # B/2
+    B = 2 * half
+    # the batch's three roles: x[:B/2] the real examples D_k sees; x[B/2:] the 3B/2 images whose l_k
+    # condition the fakes, B/2 of them for D_k's step (x[B/2:B]) and B for G_k's (x[B:])
+    real = down(x[:half], sizes[k])  # I_k
+    coarse = condition(x[half:], sizes, k)  # l_k = u(I_{k+1}); None at the base
+    z = noise(noise_shape(k, sizes, len(x) - half, nz), x.device)
+    made = generate(lv.G_fwd, z, coarse, y[half:])  # I~_k, one forward pass of G_k for both steps
+    fake_for_D = made[:half].detach()  # D_k's step leaves G_k alone
+    fake_for_G = made[half:]
+
+    logits = lv.D_fwd([torch.cat([real, fake_for_D])], y[:B])  # B/2 real, then B/2 fake
+    err_real = bce(logits[:half], 1.0)  # -log D_k(I_k)
+    err_fake = bce(logits[half:], 0.0)  # -log(1 - D_k(I~_k))
+    err_d = (err_real + err_fake) / 2  # BCE averaged over the mixed batch, as the code
+    upd_d, upd_g = True, True
+    if balance is not None:
+        upd_d, upd_g = balance(err_real, err_fake)
     if upd_d:
-        lv.opts["D"].zero_grad(set_to_none=True)
-        ((err_real + err_fake) / 2).backward()  # BCE averaged over the mixed batch, as the code
-        lv.opts["D"].step()
-    with torch.autocast(**amp):
-        err_g = bce(lv.fwd["DG"]([made[half:]], y[B:]).float(), 1.0)  # non-saturating: log D(G(z)) up
+        update(lv.opt_D, err_d)
+
+    judged = lv.D_fwd_for_G([fake_for_G], y[B:])  # through the D_k just updated
+    err_g = bce(judged, 1.0)  # non-saturating: push log D_k(I~_k) up
     if upd_g:
-        lv.opts["G"].zero_grad(set_to_none=True)
-        err_g.backward(inputs=list(lv.nets["G"].parameters()))  # D's weights are not G's to change
-        lv.opts["G"].step()
+        update(lv.opt_G, err_g, list(lv.G.parameters()))  # D's weights are not G's to change
     p = torch.sigmoid(logits.detach())
-    return {f"err_d{k}": ((err_real + err_fake) / 2).detach(), f"err_g{k}": err_g.detach(),
-            f"d_x{k}": p[:half].mean(), f"d_gz{k}": p[half:].mean(), f"upd_d{k}": float(upd_d),
-            f"upd_g{k}": float(upd_g)}
+    return {"err_d": err_d.detach(),
+            "err_g": err_g.detach(),
+            "d_x": p[:half].mean(),
+            "d_gz": p[half:].mean(),
+            "upd_d": float(upd_d),
+            "upd_g": float(upd_g)}
 
 def train_step(run, idx):
-    """One real training step of every level in the run. Takes a Run (from setup_run) and idx: 2B indices
-    into run.images (B/2 real examples, then 3B/2 images whose coarse versions condition the fakes).
-    -> {name: statistic} over the levels."""
+    """One training step of every level: idx, 2B indices into run.images (B/2 real examples, then 3B/2
+    images whose coarse versions condition the fakes). -> {statistic name + level k: value}."""
     x, y = get_batch(run, idx)
-    return {name: v for k in run.levels for name, v in level_step(run, k, x, y).items()}
+    stats = {}
+    for k, lv in run.levels.items():
+        out = level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
+        stats.update({f"{name}{k}": v for name, v in out.items()})
+    return stats
 
 # ------------------------------------------------------------------------ Sec. 3: the networks
 class Conditioned(nn.Module):
     """Feeds inputs and class to `body` (Eyescream's class-conditional CIFAR). Base: inputs flattened, one-hot
-    appended. Level k: a class plane, Linear(classes -> s*s) -> ReLU, after the first input plane: G_k sees
-    [noise, class, coarse], D_k [image, class]. Without classes y is ignored."""
+    appended. Level k < K: a class plane, Linear(classes -> s*s) -> ReLU, after the first input plane: G_k
+    sees [noise, class, l_k], D_k [image, class]. Without classes y is ignored."""
 
     def __init__(self, body, ncls, size, flat):
         super().__init__()
-        self.body, self.ncls, self.size, self.flat = body, ncls, size, flat
-        self.embed = nn.Linear(ncls, size * size) if ncls and not flat else None
+        self.body = body
+        self.ncls = ncls  # 0: unconditional
+        self.size = size  # s_k, the level's size
+        self.flat = flat  # the base's MLPs take flat vectors
+        self.embed = None
+        if ncls and not flat:
+            self.embed = nn.Linear(ncls, size * size)
 
     def forward(self, xs, y=None):
-        extra = [F.one_hot(y, self.ncls).to(xs[0].dtype)] if self.ncls else []  # N x classes
         if self.flat:
-            return self.body(torch.cat([x.flatten(1) for x in xs] + extra, 1))
+            xs = [x.flatten(1) for x in xs]
         if self.ncls:
-            plane = F.relu(self.embed(extra[0])).view(-1, 1, self.size, self.size)  # N x 1 x s x s
-            xs = [xs[0], up(plane, xs[0].shape[-1]), *xs[1:]]  # resized only by --upscale
+            onehot = F.one_hot(y, self.ncls).to(xs[0].dtype)  # N x classes
+            if self.flat:
+                xs = xs + [onehot]
+            else:  # after the first input plane
+                xs = [xs[0], self.plane(onehot, xs[0]), *xs[1:]]
         return self.body(torch.cat(xs, 1))
 
+    def plane(self, onehot, first):
+        """The class as one plane, N x 1 x s x s, at the inputs' size (larger only past the training size)."""
+        plane = F.relu(self.embed(onehot)).view(-1, 1, self.size, self.size)
+        return up(plane, first.shape[-1])
+
 def mlp_nets(nz, nc, size, ncls, drop=0.5):
-    """Sec. 3.1, base level: G_0 two ReLU layers of 1200 units, linear output; D_0 two of 600 with
+    """Sec. 3.1, the base level K: G_K two ReLU layers of 1200 units, linear output; D_K two of 600 with
     dropout 0.5."""
-    g = nn.Sequential(nn.Linear(nz + ncls, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(),
-                      nn.Linear(1200, nc * size * size), nn.Unflatten(1, (nc, size, size)))
-    d = nn.Sequential(nn.Linear(nc * size * size + ncls, 600), nn.ReLU(), nn.Dropout(drop),
-                      nn.Linear(600, 600), nn.ReLU(), nn.Dropout(drop), nn.Linear(600, 1), nn.Flatten(0))
+    pixels = nc * size * size
+    g = nn.Sequential(nn.Linear(nz + ncls, 1200), nn.ReLU(),
+                      nn.Linear(1200, 1200), nn.ReLU(),
+                      nn.Linear(1200, pixels), nn.Unflatten(1, (nc, size, size)))
+    d = nn.Sequential(nn.Linear(pixels + ncls, 600), nn.ReLU(), nn.Dropout(drop),
+                      nn.Linear(600, 600), nn.ReLU(), nn.Dropout(drop),
+                      nn.Linear(600, 1), nn.Flatten(0))
     return g, d
 
 def pads(size, kernels, strides):
     """The code's D convs are unpadded; where that leaves under 3 px, pad 'same'. -> (paddings, out size)."""
-    valid, same = size, size
+    valid = size  # the size left by unpadded convs
+    same = size   # by 'same' padding
     for kern, stride in zip(kernels, strides):
-        valid, same = (valid - kern) // stride + 1, (same - 1) // stride + 1
-    return ([0] * len(kernels), valid) if valid >= 3 else ([kern // 2 for kern in kernels], same)
+        valid = (valid - kern) // stride + 1
+        same = (same - 1) // stride + 1
+    if valid >= 3:
+        return [0] * len(kernels), valid
+    return [kern // 2 for kern in kernels], same
 
-def conv_nets(cin, nc, size, wg, wd, ncls, drop=0.5):
-    """Sec. 3.1, level k: G_k = conv7 wg, ReLU, conv7 wg, ReLU, conv5 C, linear output = the residual;
-    D_k = conv5 wd, ReLU, conv5 stride 2 wd, ReLU, dropout 0.5, linear -> logit. No batch norm."""
-    g = nn.Sequential(nn.Conv2d(cin, wg, 7, padding=3), nn.ReLU(), nn.Conv2d(wg, wg, 7, padding=3), nn.ReLU(),
+def conv_nets(g_in, d_in, nc, size, wg, wd, drop=0.5):
+    """Sec. 3.1, a level k < K: G_k = conv7 wg, ReLU, conv7 wg, ReLU, conv5 C, linear output = h~_k;
+    D_k = conv5 wd, ReLU, conv5 stride 2 wd, ReLU, dropout 0.5, linear -> logit. No batch norm.
+    g_in, d_in: the input planes of G_k and D_k."""
+    g = nn.Sequential(nn.Conv2d(g_in, wg, 7, padding=3), nn.ReLU(),
+                      nn.Conv2d(wg, wg, 7, padding=3), nn.ReLU(),
                       nn.Conv2d(wg, nc, 5, padding=2))
     (p1, p2), n = pads(size, [5, 5], [1, 2])
-    d = nn.Sequential(nn.Conv2d(nc + (ncls > 0), wd, 5, padding=p1), nn.ReLU(), nn.Conv2d(wd, wd, 5, 2, p2),
-                      nn.ReLU(), nn.Dropout(drop), nn.Flatten(), nn.Linear(wd * n * n, 1), nn.Flatten(0))
+    d = nn.Sequential(nn.Conv2d(d_in, wd, 5, padding=p1), nn.ReLU(),
+                      nn.Conv2d(wd, wd, 5, 2, p2), nn.ReLU(),
+                      nn.Dropout(drop), nn.Flatten(), nn.Linear(wd * n * n, 1), nn.Flatten(0))
     return g, d
 
 class PairL2Pool(nn.Module):
     """fbcunn's FeatureLPPooling(2, 2, 2): sqrt(a^2 + b^2) over channel pairs, halving the channels."""
 
     def forward(self, x):
-        return (x.unflatten(1, (-1, 2)).pow(2).sum(2) + 1e-6).sqrt()
+        pairs = x.unflatten(1, (-1, 2))  # N x C/2 x 2 x H x W
+        return (pairs.pow(2).sum(2) + 1e-6).sqrt()
 
-def large_nets(cin, nc, size, ncls):
+def large_nets(g_in, d_in, nc, size):
     """Sec. 3.2, lsun/model.lua 'large': G with {64, 368, 128, 224} maps, 7x7 grouped convs, each ReLU then
     BN, spatial dropout, L2 pooling of channel pairs; D with {48, 448, 416} maps, grouped, no BN."""
     def bn(n):
         return nn.BatchNorm2d(n, affine=False)
-    g = nn.Sequential(nn.Conv2d(cin, 64, 7, padding=3), nn.ReLU(), bn(64),
-                      nn.Conv2d(64, 368, 7, padding=3, groups=4), nn.ReLU(), bn(368), nn.Dropout2d(0.5),
-                      nn.Conv2d(368, 128, 7, padding=3, groups=4), nn.ReLU(), bn(128), PairL2Pool(),
-                      nn.Conv2d(64, 224, 5, padding=2, groups=2), nn.ReLU(), bn(224), nn.Dropout2d(0.5),
+    g = nn.Sequential(nn.Conv2d(g_in, 64, 7, padding=3), nn.ReLU(), bn(64),
+                      nn.Conv2d(64, 368, 7, padding=3, groups=4), nn.ReLU(), bn(368),
+                      nn.Dropout2d(0.5),
+                      nn.Conv2d(368, 128, 7, padding=3, groups=4), nn.ReLU(), bn(128),
+                      PairL2Pool(),
+                      nn.Conv2d(64, 224, 5, padding=2, groups=2), nn.ReLU(), bn(224),
+                      nn.Dropout2d(0.5),
                       nn.Conv2d(224, nc, 7, padding=3), bn(nc))
     (p1, p2, p3), n = pads(size, [3, 5, 7], [1, 1, 1])
-    d = nn.Sequential(nn.Conv2d(nc + (ncls > 0), 48, 3, padding=p1), nn.ReLU(),
+    d = nn.Sequential(nn.Conv2d(d_in, 48, 3, padding=p1), nn.ReLU(),
                       nn.Conv2d(48, 448, 5, padding=p2, groups=4), nn.ReLU(),
-                      nn.Conv2d(448, 416, 7, padding=p3, groups=16), nn.ReLU(), nn.Flatten(),
-                      nn.Linear(416 * n * n, 1), nn.Flatten(0))
+                      nn.Conv2d(448, 416, 7, padding=p3, groups=16), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(416 * n * n, 1), nn.Flatten(0))
     return g, d
 
 def build_level(targs, k, sizes, nc, ncls):
-    """-> (G_k, D_k) for level k of the pyramid `sizes` (targs: the training flags as a dict). G_k's input
-    planes: noise, the class plane if any, the C channels of u(I_{k-1})."""
-    cin, drop = 1 + (ncls > 0) + nc, targs.get("dropout_d", 0.5)  # 0.5: checkpoints from before the flag
-    if k == 0:
-        g, d = mlp_nets(targs["nz"], nc, sizes[0], ncls, drop)
+    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags as a dict): MLPs at the base (k = K),
+    conv nets above. G_k's input planes: noise, the class plane if any, l_k; D_k's: the image, the class."""
+    size = sizes[k]
+    base = k == len(sizes) - 1
+    class_planes = 1 if ncls else 0
+    g_in = 1 + class_planes + nc
+    d_in = nc + class_planes
+    if base:
+        g, d = mlp_nets(targs["nz"], nc, size, ncls, targs["dropout_d"])
     elif targs["model"] == "large":
-        g, d = large_nets(cin, nc, sizes[k], ncls)
+        g, d = large_nets(g_in, d_in, nc, size)
     else:
-        g, d = conv_nets(cin, nc, sizes[k], targs["width_g"], targs["width_d"], ncls, drop)
-    return Conditioned(g, ncls, sizes[k], k == 0), Conditioned(d, ncls, sizes[k], k == 0)
+        g, d = conv_nets(g_in, d_in, nc, size, targs["width_g"], targs["width_d"], targs["dropout_d"])
+    return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, base)
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
 def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):
     """Sec. 3: after every epoch lr /= 1 + 4e-5 and momentum += 0.0008, up to 0.8. -> (lr, momentum)."""
-    return lr0 / (1 + decay) ** (epoch - 1), min(m0 + m_step * (epoch - 1), m_max)
+    lr = lr0 / (1 + decay) ** (epoch - 1)
+    momentum = min(m0 + m_step * (epoch - 1), m_max)
+    return lr, momentum
 
 def set_sgd(opt, lr, momentum):
     # Torch's optim.sgd damps the new gradient by the momentum (buf = m buf + (1 - m) grad); PyTorch's
@@ -287,39 +392,62 @@ def set_sgd(opt, lr, momentum):
     for group in opt.param_groups:
         group.update(lr=lr, momentum=momentum, dampening=momentum)
 
+def set_schedule(run, epoch):
+    """This epoch's lr and momentum (Sec. 3) into every SGD optimiser, D's --lr-d on the same schedule."""
+    args = run.args
+    run.lr, run.momentum = sgd_schedule(epoch, args.lr, args.momentum)
+    if args.optim != "sgd":
+        return
+    lr_d = run.lr * d_lr(args) / args.lr
+    for lv in run.levels.values():
+        set_sgd(lv.opt_G, run.lr, run.momentum)
+        set_sgd(lv.opt_D, lr_d, run.momentum)
+
 def balance_rule(err_real, err_fake, margin=0.3, real_max=0.7):
     """lsun/train.lua (--balance): if D's error on fakes exceeds its error on reals by more than the margin,
     update D only, else G only; and update D whenever its real error exceeds 0.7. -> (update_d, update_g)."""
     d_only = err_fake > err_real + margin
     return d_only or err_real > real_max, not d_only
 
-def global_mean(*values):
-    """Average scalars over data-parallel ranks so every rank's balancing rule takes the same branch."""
-    t = torch.stack([v.detach().float() for v in values])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
 # ------------------------------------------------------------------------ Sec. 4: evaluation
+def row_of(t, i, n):
+    """Row i of t, n times over (None stays None)."""
+    if t is None:
+        return None
+    return t[i:i + 1].expand(n, *t.shape[1:])
+
 @torch.no_grad()
 def selection_score(G, k, x, y, sizes, nz, gen, n=128):
-    """cifar/train/conditional_adversarial.lua approxParzen: per validation image, n samples from its own
-    coarse image; the smallest L2 distance to the true fine image, averaged over images (lower is better)."""
+    """cifar/train/conditional_adversarial.lua approxParzen: per validation image, n samples drawn from its
+    own l_k = u(I_{k+1}); the smallest L2 distance to its true I_k, averaged over images (lower is better)."""
+    fine = down(x, sizes[k])  # I_k
+    coarse = condition(x, sizes, k)  # l_k = u(I_{k+1})
     dists = []
     for i in range(len(x)):
-        fine, coarse = level_view(x[i:i + 1], sizes, k)
-        z = noise(k, n, sizes[k], nz, x.device, gen)
-        yi = None if y is None else y[i:i + 1].expand(n)
-        made = G([z, coarse.expand(n, -1, -1, -1)], yi) + coarse if k else G([z], yi)  # n x C x s_k x s_k
-        dists.append((made - fine).flatten(1).norm(dim=1).min())
+        z = noise(noise_shape(k, sizes, n, nz), x.device, gen)
+        made = generate(G, z, row_of(coarse, i, n), row_of(y, i, n))  # n x C x s_k x s_k
+        dist = (made - fine[i:i + 1]).flatten(1).norm(dim=1)  # n L2 distances to I_k
+        dists.append(dist.min())
     return torch.stack(dists).mean().item()
+
+def select_models(run, val, gen):
+    """Model selection after each epoch (the cifar/ code) on `val` (normalised images, labels): each level's
+    score, and the levels that beat their best so far. -> ({k: score}, [better k])."""
+    x, y = val
+    scores, better = {}, []
+    for k, lv in run.levels.items():
+        scores[k] = selection_score(lv.G, k, x, y, run.sizes, run.args.nz, gen)
+        if scores[k] < run.best.get(k, math.inf):
+            better.append(k)
+            run.best[k] = scores[k]
+    return scores, better
 
 def parzen_ll(d2, dim, sigma):
     """Gaussian Parzen window (Goodfellow et al. 2014): log (1/N) sum_j N(x_i; s_j, sigma^2 I) from the
     squared distances d2 (images x N samples). -> (images,), in nats."""
-    log_norm = math.log(d2.shape[1]) + dim / 2 * math.log(2 * math.pi * sigma ** 2)
-    return torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - log_norm
+    log_n = math.log(d2.shape[1])
+    log_gauss = dim / 2 * math.log(2 * math.pi * sigma ** 2)  # the normaliser of N(.; s, sigma^2 I)
+    return torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - log_n - log_gauss
 
 def val_test_ll(d2, n_val, dim):
     """sigma chosen on the first n_val (validation) images, then applied to the rest (test)."""
@@ -329,151 +457,214 @@ def val_test_ll(d2, n_val, dim):
 
 @torch.no_grad()
 def base_d2(G, base, y, nz, m, pix):
-    """Squared distances (pixel units) of each true base image to m samples of G_0 (images x m); with
-    classes, the samples of each image's own class, so the base is scored as log q_0(I_0 | y) too."""
-    d2 = torch.empty(len(base), m, dtype=torch.float64, device=base.device)
-    for c in (y.unique().tolist() if y is not None else [None]):
-        rows = torch.ones(len(base), dtype=torch.bool, device=base.device) if c is None else y == c
-        yc = None if c is None else torch.full((m,), c, device=base.device)
-        made = torch.cat([G([noise(0, len(i), base.shape[-1], nz, base.device)], None if c is None else yc[i])
-                          for i in torch.arange(m, device=base.device).split(1000)])
+    """Squared distances (pixel units) of each true base image I_K to m samples of G_K (images x m); with
+    classes, the samples of each image's own class, so the base is scored as log q_K(I_K | y) too."""
+    dev = base.device
+    d2 = torch.empty(len(base), m, dtype=torch.float64, device=dev)
+    classes = [None] if y is None else y.unique().tolist()
+    for c in classes:
+        rows = torch.ones(len(base), dtype=torch.bool, device=dev) if c is None else y == c
+        made = []
+        for part in torch.arange(m).split(1000):  # m samples, 1000 at a time
+            yc = None if c is None else torch.full((len(part),), c, device=dev)
+            made.append(G([noise((len(part), nz), dev)], yc))
+        made = torch.cat(made)
         d2[rows] = torch.cdist(pix(base[rows]), pix(made)).pow(2)
     return d2
 
 @torch.no_grad()
-def residual_d2(G, coarse, h, y, std, nz, m):
-    """Squared distances (pixel units) of each image's true residual h_k to m residuals drawn from its own
-    coarse image (and class). -> images x m."""
+def residual_d2(G, coarse, h, y, std, m):
+    """Squared distances of each image's true residual h_k to m residuals drawn from its own l_k (and
+    class), in pixel units ([0, 1], as the base's). -> images x m."""
     rows = []
     for i in range(len(h)):
-        c, yi = coarse[i:i + 1].expand(m, -1, -1, -1), None if y is None else y[i:i + 1].expand(m)
-        made = G([noise(1, m, h.shape[-1], nz, h.device), c], yi).float()
-        rows.append(((made - h[i:i + 1]) * std).flatten(1).pow(2).sum(1))
+        z = noise((m, 1, h.shape[-1], h.shape[-1]), h.device)
+        made = G([z, row_of(coarse, i, m)], row_of(y, i, m))  # m residuals h~_k
+        diff = (made - h[i:i + 1]) * std  # normalised -> pixel units
+        rows.append(diff.flatten(1).pow(2).sum(1))
     return torch.stack(rows).double()
 
 @torch.no_grad()
-def evaluate(args, Gs, run, ck, nz, stem):
-    """Sec. 4.1: log p(I) = log q_0(I_0) + sum_k log q_k(h_k | u(I_{k-1})), a Parzen window per level on
-    pixels in [0, 1]: the base from --eval-samples samples, each residual from --eval-cond samples drawn from
-    the test image's own coarse image. A conditional model scores log p(I | y): every level, the base
-    included, conditioned on the test image's true label. Also writes samples beside their nearest
-    training images (STEM_nn.png)."""
-    dev, sizes = run.images.device, run.sizes
-    n_val = min(1000, len(run.images) // 2)  # as gan.py: sigma on test[:1000], scores on test[1000:2000]
-    x, y = get_batch(run, torch.arange(min(len(run.images), n_val + args.eval_images), device=dev), False)
-    y = y if run.ncls else None
+def parzen_levels(args, Gs, x, y, run, n_val):
+    """Sec. 4.1: log p(I) = log q_K(I_K) + sum_{k<K} log q_k(h_k | l_k), a Parzen window per level on pixels
+    in [0, 1]: the base from --eval-samples samples, each h_k from --eval-cond samples drawn from the test
+    image's own l_k = u(I_{k+1}); sigma chosen on x[:n_val]. -> {k: log q_k per test image}, {k: sigma}."""
+    sizes, nz = run.sizes, run.args.nz
+    K = len(sizes) - 1
+    L = laplacian_pyramid(x, sizes)  # the coefficients that are scored
+    ys = y if run.ncls else None  # the base of an unconditional model: all images against one sample set
     pix = lambda t: (t.float() * run.std + run.mean).flatten(1).double()  # normalised -> [0, 1]
-    base_x, res = laplacian_pyramid(x, sizes)  # the coefficients that are scored
-    total, sigma = val_test_ll(base_d2(Gs[0], base_x, y, nz, args.eval_samples, pix), n_val,
-                               x.shape[1] * sizes[0] ** 2)
-    report = [f"level 0 {total.mean().item():.1f} (sigma {sigma:.3f})"]
-    for k in range(1, len(Gs)):
-        coarse = up(reconstruct(base_x, res[:k - 1]), sizes[k])
-        d2 = residual_d2(Gs[k], coarse, res[k - 1], y, run.std, nz, args.eval_cond)
-        ll, sigma = val_test_ll(d2, n_val, x.shape[1] * sizes[k] ** 2)
-        total, report = total + ll, report + [f"level {k} {ll.mean().item():.1f} (sigma {sigma:.3f})"]
+    d2 = base_d2(Gs[K], L[K], ys, nz, args.eval_samples, pix)
+    ll, sigmas = {}, {}
+    dims = [x.shape[1] * size ** 2 for size in sizes]  # numbers per image at each level
+    ll[K], sigmas[K] = val_test_ll(d2, n_val, dims[K])
+    for k in reversed(range(K)):
+        coarse = up(reconstruct(L[k + 1:]), sizes[k])  # l_k = u(I_{k+1})
+        d2 = residual_d2(Gs[k], coarse, L[k], y, run.std, args.eval_cond)
+        ll[k], sigmas[k] = val_test_ll(d2, n_val, dims[k])
+    return ll, sigmas
+
+@torch.no_grad()
+def evaluate(args, Gs, run, stem):
+    """--eval on the first test images (model selection takes the last ones): Sec. 4.1's Parzen log-likelihood
+    per level and in total; log p(I | y) for a conditional model (every level given the true label)."""
+    dev = run.images.device
+    n_val = min(1000, len(run.images) // 2)  # as gan.py: sigma on test[:1000], scores on test[1000:2000]
+    n = min(len(run.images), n_val + args.eval_images)
+    x, y = get_batch(run, torch.arange(n, device=dev), False)
+    ll, sigmas = parzen_levels(args, Gs, x, y, run, n_val)
+    total = sum(ll.values())
     se = (total.std() / math.sqrt(len(total))).item()  # the standard error of the mean
-    print(f"Parzen log-likelihood: {total.mean().item():.1f} +- {se:.1f} nats on {len(total)} test images "
-          f"({'; '.join(report)})")
-    yn = None if y is None else y[torch.arange(32, device=dev) % len(y)]
-    fake = to_display(sample_chain(Gs, sizes, 32, nz, yn, dev)[-1], run.mean, run.std).cpu()
-    train = load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "train")[0]
-    m = (train.shape[-1] - sizes[-1]) // 2  # centre crops, the samples' size
-    train = train[..., m:m + sizes[-1], m:m + sizes[-1]]
-    d = [torch.cdist((fake.flatten(1) + 1) * 127.5, c.flatten(1).float()) for c in train.split(4096)]
-    pairs = np.stack([to_uint8(fake), train[torch.cat(d, 1).argmin(1)].permute(0, 2, 3, 1).numpy()], 1)
-    save_grid(pairs.reshape(-1, *pairs.shape[2:]), stem + "_nn.png", 8)  # each sample beside its nearest
+    report = []
+    for k, sigma in sigmas.items():
+        ll_k = ll[k].mean().item()
+        line = f"level {k} {ll_k:.1f} (sigma {sigma:.3f})"
+        report.append(line)
+    nats = f"{total.mean().item():.1f} +- {se:.1f} nats"
+    levels = "; ".join(report)
+    print(f"Parzen log-likelihood: {nats} on {len(total)} test images ({levels})")
+    nearest_sheet(Gs, run, y, stem + "_nn.png")
+
+@torch.no_grad()
+def nearest_sheet(Gs, run, y, path):
+    """Fig. 3's check that samples are not copies: 32 samples (of y's classes), each beside its L2-nearest
+    training image (centre crops of the samples' size)."""
+    dev, s = run.images.device, run.sizes[0]
+    asked = y[torch.arange(32, device=dev) % len(y)]
+    made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
+    fake = to_display(made, run.mean, run.std).cpu()  # in [-1, 1]
+    train = load_dataset(argparse.Namespace(**{**vars(run.args), "limit": None}), "train")[0]
+    m = (train.shape[-1] - s) // 2
+    train = train[..., m:m + s, m:m + s]
+    fake_pixels = (fake.flatten(1) + 1) * 127.5  # uint8 units, as the training images
+    d = [torch.cdist(fake_pixels, part.flatten(1).float()) for part in train.split(4096)]
+    nearest = train[torch.cat(d, 1).argmin(1)].permute(0, 2, 3, 1).numpy()
+    pairs = np.stack([to_uint8(fake), nearest], 1)  # each sample beside its nearest
+    save_grid(pairs.reshape(-1, *pairs.shape[2:]), path, 8)
+
+def resample_sheet(G, k, run, n, path, gen=None):
+    """Sec. 4.2: per row a real image, its l_k, then n samples of level k drawn from that l_k (at the base,
+    a blank in its place and n samples of G_K)."""
+    dev = run.images.device
+    x, y = get_batch(run, torch.arange(8, device=dev) % len(run.images), False)
+    fine = down(x, run.sizes[k])  # I_k
+    coarse = condition(x, run.sizes, k)  # l_k; None at the base, shown blank
+    shown = torch.zeros_like(fine) if coarse is None else coarse
+    if coarse is not None:
+        coarse = coarse.repeat_interleave(n, 0)  # each l_k n times
+    z = noise(noise_shape(k, run.sizes, 8 * n, run.args.nz), dev, gen)
+    with torch.no_grad():
+        made = generate(G, z, coarse, y.repeat_interleave(n))
+    samples = made.float().view(8, n, *fine.shape[1:])
+    rows = torch.cat([fine[:, None], shown[:, None], samples], 1)
+    save_grid(to_display(rows.flatten(0, 1), run.mean, run.std), path, n + 2)
 
 # ------------------------------------------------------------------------ the training loop, sampling
 def train(args, device, rank=0, world=1, ckpt=None):
-    """Epochs of shuffled steps; a log row and a progress line every --log-every steps; model selection,
-    pictures and the checkpoint after each epoch (rank 0). ckpt: the checkpoint a --resume continues."""
+    """Epochs of shuffled steps, then model selection, pictures and checkpoint (rank 0). ckpt: --resume's."""
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
     if ckpt:
         restore(run, ckpt)
     os.makedirs(args.outf, exist_ok=True)
-    val = load_dataset(args, "test") if rank == 0 and args.select else None
-    start, t0, n, B = run.step, time.time(), len(run.images), args.batch_size
+    val = None  # model selection's images, on rank 0
+    if rank == 0 and args.select:
+        val = selection_images(run)
+    clock = Clock(run.step, time.time())
     for epoch in range(run.epoch + 1, args.epochs + 1):
-        run.lr, run.momentum = sgd_schedule(epoch, args.lr, args.momentum)
-        for lv in run.levels.values() if args.optim == "sgd" else []:
-            set_sgd(lv.opts["G"], run.lr, run.momentum)
-            set_sgd(lv.opts["D"], run.lr * d_lr(args) / args.lr, run.momentum)  # --lr-d, the same schedule
-        idx, acc, count = batches(run, epoch), {}, 0
-        for i, b in enumerate(idx):
-            # the fakes' and the G step's conditions: other real images drawn at random, as the code does
-            stats = train_step(run, torch.cat([b, torch.randint(n, (B * 3 // 2,), device=b.device)]))
-            acc = {name: acc.get(name, 0) + v for name, v in stats.items()}
-            run.step, count = run.step + 1, count + 1
-            if run.step % args.log_every and i < len(idx) - 1:
-                continue
-            per = {name: float(v) / count for name, v in acc.items()}  # one host sync per log row
-            row = {"step": run.step, "epoch": epoch, "lr": run.lr, "momentum": run.momentum}
-            for m in ("err_d", "err_g", "d_x", "d_gz"):  # the mean over levels, for the progress line
-                row[m] = sum(per[f"{m}{k}"] for k in run.levels) / len(run.levels)
-            row, acc, count = {**row, **per}, {}, 0
-            if not all(math.isfinite(v) for v in row.values()):
-                fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
-                     f"checkpoint in {args.outf} is kept (try a lower --lr or --balance)")
-            if rank == 0:
-                append_log(os.path.join(args.outf, "log.csv"), row)
-                rate = (run.step - start) * B * world / (time.time() - t0)
-                eta = ((args.epochs - epoch) * len(idx) + len(idx) - i - 1) * B * world / rate
-                eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
-                print(f"[e {epoch}/{args.epochs} it {i + 1}/{len(idx)}] D {row['err_d']:.2f} "
-                      f"G {row['err_g']:.2f} D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | "
-                      f"{rate:.0f} img/s | ETA {eta}")
+        set_schedule(run, epoch)
+        train_epoch(run, epoch, clock)
         run.epoch = epoch
         if rank == 0:
-            end_of_epoch_files(run, val)
+            end_of_epoch(run, val)
     return run
 
+def train_epoch(run, epoch, clock):
+    """One shuffled pass: B/2 real images per step, and 3B/2 others drawn at random whose coarse versions
+    condition the fakes (as the code does); a log row of the means every --log-every steps."""
+    idx = batches(run, epoch)
+    n_cond = run.args.batch_size * 3 // 2
+    total, count = {}, 0
+    for i, real in enumerate(idx):
+        cond = torch.randint(len(run.images), (n_cond,), device=real.device)
+        stats = train_step(run, torch.cat([real, cond]))
+        total = {name: total.get(name, 0) + v for name, v in stats.items()}
+        run.step += 1
+        count += 1
+        if run.step % run.args.log_every == 0 or i == len(idx) - 1:
+            means = {name: v / count for name, v in total.items()}
+            log_step(run, epoch, i, len(idx), means, clock)
+            total, count = {}, 0
+
+def end_of_epoch(run, val):
+    """Rank 0: model selection with noise of its own, the same every epoch (the training RNG untouched);
+    the sample sheet, ckpt.pt and curves.png."""
+    args, dev = run.args, run.images.device
+    gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
+    check_finite(run)
+    for lv in run.levels.values():
+        lv.G.eval()
+    if val is not None:
+        scores, better = select_models(run, val, gen)
+        write_selection(run, scores, better)
+    sample_sheet(run, gen)
+    for lv in run.levels.values():
+        lv.G.train()
+    save_checkpoint(checkpoint(run), f"{args.outf}/ckpt.pt")
+    plot_curves(f"{args.outf}/log.csv", f"{args.outf}/curves.png")
+
+@dataclass
+class Source:
+    """What --sample draws from (the Appendix's sampling_source loads it)."""
+    Gs: list                # Gs[k] = G_k, finest first (with --chain: B's levels from the switch down)
+    run: Run                # the model's flags, sizes, classes, normalisation (and --resample's test images)
+    stem: str = ""          # output path without ".png"
+    before: "Source" = None  # --chain A B: A, drawing the levels coarser than B's switch
+
+def asked_labels(src, n, label):
+    """The class asked for each sample: --label, or drawn uniformly; None for an unconditional model."""
+    if not src.run.ncls:
+        return None
+    if label is not None:
+        return torch.full((n,), label, device=src.run.mean.device)
+    return torch.randint(src.run.ncls, (n,)).to(src.run.mean.device)
+
+def draw(src, n, y):
+    """Fig. 1's chain, finest first. --chain A B: A draws the coarse levels; its last image, mapped into B's
+    normalisation, is I_{S+1} of B's chain, and B's G_S .. G_0 draw the rest."""
+    run = src.run
+    if src.before is None:
+        return sample_chain(src.Gs, run.sizes, n, run.args.nz, y, run.mean.device)
+    a = src.before.run
+    images = []
+    for I in draw(src.before, n, y):
+        images.append(renormalise(I, a.mean, a.std, run.mean, run.std))
+    for k in reversed(range(len(src.Gs))):
+        I_k = sample_level(src.Gs[k], images[0], run.sizes[k], y)
+        images.insert(0, I_k)
+    return images
+
 def sample(args):
-    """--sample: the chain of Fig. 1 from --ckpt (several checkpoints join levels trained apart) or from
-    --chain A B; writes every level of each sample side by side, --npz, and the --upscale, --resample and
-    --eval pictures."""
-    if args.chain:
-        Ga, ca, Gb, ck = chain_levels(*args.chain, args.switch)
-    else:
-        (Gb, ck), Ga, ca = load_levels(args.ckpt), [], None
-    dev, sizes, nz = pick_device(args), ck["sizes"], ck["args"]["nz"]
-    ncls = len(ck["classes"]) if ck["args"]["conditional"] else 0
-    run = Run(sizes, ncls, ck["mean"].to(dev), ck["std"].to(dev))
-    Ga, Gb = [G.to(dev) for G in Ga], [G.to(dev) for G in Gb]
+    """--sample: Fig. 1's chain from --ckpt (several join levels trained apart) or --chain A B; the level
+    sheet, --npz, and the --upscale, --resample and --eval pictures."""
+    src = sampling_source(args, pick_device(args))
+    run, stem = src.run, src.stem
     torch.manual_seed(args.seed)
-    last = (args.chain or args.ckpt)[-1]
-    stem = os.path.splitext(args.out or os.path.join(os.path.dirname(last), "samples"))[0]
-    if args.label is not None and not ncls:
-        fail(f"{last} was trained without --conditional; drop --label")
-    if ncls and args.label is not None and not 0 <= args.label < ncls:
-        fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
-
-    def labels(n):  # the class asked for each sample: --label, or drawn uniformly
-        if not ncls:
-            return None
-        return (torch.randint(ncls, (n,)) if args.label is None else torch.full((n,), args.label)).to(dev)
-
-    def chain(n, y):  # --chain: A's levels, mapped into B's normalisation, then B's levels
-        first = sample_chain(Ga, ca["sizes"], n, ca["args"]["nz"], y, dev) if Ga else []
-        first = [renormalise(x, ca["mean"].to(dev), ca["std"].to(dev), run.mean, run.std) for x in first]
-        return sample_chain(Ga + Gb, sizes, n, nz, y, dev, images=first)
-    y = labels(args.n)
-    images = chain(args.n, y)
+    y = asked_labels(src, args.n, args.label)
+    images = draw(src, args.n, y)
     save_grid(level_sheet(images, run), stem + ".png", len(images) * 4)
-    if args.npz:  # uint8 N x H x W x C, and the class asked for each sample
-        asked = {} if y is None else {"labels": y.cpu().numpy()}
-        np.savez(args.npz, images=to_uint8(to_display(images[-1], run.mean, run.std)), **asked)
+    if args.npz:
+        save_npz(args.npz, images[0], y, run)
     if args.upscale:
-        y = labels(8)
-        big = upscale_chain(chain(8, y), Gb[-1], sizes[-1] / sizes[-2], args.upscale, y)[-1]
+        y = asked_labels(src, 8, args.label)
+        ratio = run.sizes[0] / run.sizes[1]  # the finest level's
+        big = upscale_chain(draw(src, 8, y), src.Gs[0], ratio, args.upscale, y)[0]
         save_grid(to_display(big, run.mean, run.std), stem + "_upscale.png", 4)
     if args.resample or args.eval:
-        test = load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "test")
-        run.images, run.labels = test[0].to(dev), test[1].to(dev)
+        use_test_images(run)
     if args.resample:
-        resample_sheet(Gb[-1], len(sizes) - 1, run, args.resample, nz, stem + "_resample.png")
+        resample_sheet(src.Gs[0], 0, run, args.resample, stem + "_resample.png")
     if args.eval:
-        evaluate(args, Gb, run, ck, nz, stem)
+        evaluate(args, src.Gs, run, stem)
     print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
 
 # ------------------------------------------------------------------------ Appendix: plumbing, not the paper
@@ -620,15 +811,10 @@ def load_folder(root, size, channels, workers):
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:  # atomic, so a crash or a full disk never leaves a truncated cache; a read-only folder skips it
-        with open(cache + ".tmp", "wb") as f:
-            np.savez(f, x=x, y=y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(cache + ".tmp", cache)
+    try:  # a read-only folder skips the cache
+        write_atomic(cache, lambda f: np.savez(f, x=x, y=y))
     except OSError:
-        if os.path.exists(cache + ".tmp"):
-            os.remove(cache + ".tmp")
+        pass
     return torch.from_numpy(x), torch.from_numpy(y), classes
 
 def make_shapes(n, size, seed):
@@ -687,7 +873,8 @@ def channel_stats(images):
     return m[0].float().view(1, -1, 1, 1), (m[1] - m[0] ** 2).clamp(min=1e-8).sqrt().float().view(1, -1, 1, 1)
 
 def pyramid_sizes(args, size):
-    """--levels, or the paper's pyramid for the dataset (otherwise size/16 ... size, from 4 px)."""
+    """--levels, or the paper's pyramid for the dataset (otherwise size/16 ... size, from 4 px), both written
+    coarse to fine. -> sizes finest first: sizes[k] is the size of the paper's I_k."""
     halvings = sorted({size >> i for i in range(5) if size >> i >= 4})
     default = LEVELS.get(args.dataset) or halvings
     try:
@@ -703,12 +890,12 @@ def pyramid_sizes(args, size):
         what = f"--levels {','.join(map(str, sizes))}" if args.levels else what
         fail(f"{what} must be 2 or more increasing sizes from 2 px up to the image size {size}; "
              f"use e.g. --levels {','.join(map(str, fits))}")
-    return sizes
+    return sizes[::-1]
 
 def get_batch(run, idx, train=True):
     """Gather uint8 images on the device, crop to the finest level (random crops in training, Sec. 3.1: 28x28
     crops of CIFAR's 32x32; centred otherwise), normalise per channel. -> (x, labels)."""
-    x, size, dev = run.images[idx], run.sizes[-1], run.images.device
+    x, size, dev = run.images[idx], run.sizes[0], run.images.device
     if x.shape[-1] > size:
         m, n = x.shape[-1] - size, len(idx)
         o = torch.randint(m + 1, (2, n, 1), device=dev) if train else torch.full((2, n, 1), m // 2,
@@ -724,19 +911,24 @@ def batches(run, epoch):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(run.args.seed * 100003 + epoch))
     perm = perm[run.rank::run.world].to(run.images.device)
     return perm[: len(perm) // half * half].view(-1, half)
-
 # Checkpoints and resume: checkpoint() and restore() mirror each other
-def save_checkpoint(obj, path):
-    """Atomic: PATH.tmp, synced, then renamed, so a crash, a power cut or a full disk keeps the last one."""
+def write_atomic(path, save):
+    """save(f) into PATH.tmp, synced, then renamed: a crash or a full disk keeps the last file."""
     try:
         with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f)
+            save(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except OSError as e:
+    except OSError:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
+        raise
+
+def save_checkpoint(obj, path):
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f))
+    except OSError as e:
         if e.errno == errno.ENOSPC:
             fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
                  f"the last checkpoint is kept")
@@ -752,35 +944,52 @@ def load_checkpoint(path, script=SCRIPT):
     other = ckpt.get("script") if isinstance(ckpt, dict) else None
     if other != script:
         fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
-    return ckpt
+    return ckpt if "paper_levels" in ckpt else paper_levels(ckpt)
+
+def paper_levels(ck):
+    """A checkpoint from before the paper's numbering (level 0 the base, sizes coarse to fine, no marker) in
+    today's layout: its level j is level K - j; flags added since take the values those runs had."""
+    K = len(ck["sizes"]) - 1
+    args = {"dropout_d": 0.5, "lr_d": None, **ck["args"]}
+    if args.get("level") is not None:
+        args["level"] = K - args["level"]
+    levels = {K - j: nets for j, nets in ck["levels"].items()}
+    best = {K - j: dist for j, dist in ck["balance"]["best"].items()}
+    return {**ck, "args": args, "sizes": ck["sizes"][::-1], "levels": levels, "balance": {"best": best},
+            "paper_levels": True, "flipped": K}
 
 def checkpoint(run, ks=None, opts=True):
     """ckpt.pt (or best.pt: levels ks, no optimisers): the flags, pyramid, normalisation and weights."""
-    args, levels = {**vars(run.args), "image_size": run.images.shape[-1], "nc": run.images.shape[1]}, {}
+    args = {**vars(run.args), "image_size": run.images.shape[-1], "nc": run.images.shape[1]}
+    levels = {}
     for k in run.levels if ks is None else ks:
-        levels[k] = {m: run.levels[k].nets[m].state_dict() for m in "GD"}
+        lv = run.levels[k]
+        levels[k] = {"G": lv.G.state_dict(), "D": lv.D.state_dict()}
         if opts:
-            levels[k].update({f"opt{m}": run.levels[k].opts[m].state_dict() for m in "GD"})
+            levels[k].update(optG=lv.opt_G.state_dict(), optD=lv.opt_D.state_dict())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"script": SCRIPT, "args": args, "classes": run.classes, "sizes": run.sizes,
             "mean": run.mean.cpu(), "std": run.std.cpu(), "epoch": run.epoch, "step": run.step,
             "balance": {"best": dict(run.best)}, "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
-            "levels": levels}
+            "levels": levels, "paper_levels": True}  # level k, sizes[k]: the paper's I_k, 0 the full image
 
 def restore(run, ckpt):
     for k, lv in run.levels.items():
         if k not in ckpt["levels"]:
             fail(f"the checkpoint does not hold level {k}; resume with the same --level")
-        for m in "GD":
-            lv.nets[m].load_state_dict(ckpt["levels"][k][m])
-            lv.opts[m].load_state_dict(ckpt["levels"][k][f"opt{m}"])
+        saved = ckpt["levels"][k]
+        lv.G.load_state_dict(saved["G"])
+        lv.D.load_state_dict(saved["D"])
+        lv.opt_G.load_state_dict(saved["optG"])
+        lv.opt_D.load_state_dict(saved["optD"])
     run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], dict(ckpt["balance"]["best"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     if run.rank == 0:  # rows written after the checkpoint, before a crash, are written again
-        trim_log(os.path.join(run.args.outf, "log.csv"), "step", ckpt["step"])
-        trim_log(os.path.join(run.args.outf, "select.csv"), "epoch", ckpt["epoch"])
+        flip = ckpt.get("flipped")  # a run from before the paper's numbering: its logs are renumbered too
+        trim_log(os.path.join(run.args.outf, "log.csv"), "step", ckpt["step"], flip)
+        trim_log(os.path.join(run.args.outf, "select.csv"), "epoch", ckpt["epoch"], flip)
     else:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
@@ -808,18 +1017,20 @@ def resume_args(args, typed):
              f"{ckpt['epoch']} to train more")
     return args, ckpt
 
+def n_classes(ck):
+    return len(ck["classes"]) if ck["args"]["conditional"] else 0
+
 def load_levels(paths, need=None):
     """[G_k for k in need] (default: all) from checkpoints of one pyramid; later files replace levels."""
     Gs, first = {}, None
     for path in paths:
         ck = load_checkpoint(path)
-        ncls = len(ck["classes"]) if ck["args"]["conditional"] else 0
-        if first and (ck["sizes"], ck["args"]["nc"], ncls) != first[1]:
+        if first and (ck["sizes"], ck["args"]["nc"], n_classes(ck)) != first[1]:
             fail(f"{path} holds another pyramid (sizes, channels, classes) than {paths[0]}; use matching "
                  f"checkpoints")
-        first = first or (ck, (ck["sizes"], ck["args"]["nc"], ncls))
+        first = first or (ck, (ck["sizes"], ck["args"]["nc"], n_classes(ck)))
         for k, st in ck["levels"].items():
-            Gs[k] = build_level(ck["args"], k, ck["sizes"], ck["args"]["nc"], ncls)[0]
+            Gs[k] = build_level(ck["args"], k, ck["sizes"], ck["args"]["nc"], n_classes(ck))[0]
             Gs[k].load_state_dict(st["G"])
     need = range(len(first[0]["sizes"])) if need is None else need
     if any(k not in Gs for k in need):
@@ -827,68 +1038,141 @@ def load_levels(paths, need=None):
              f"run that trained it")
     return [Gs[k].eval() for k in need], first[0]
 
-def chain_levels(a, b, switch):
-    """--chain A B (the blog's cats made horses): -> (A's Gs below the switch, A's ckpt, B's, B's ckpt)."""
-    ca, cb = load_checkpoint(a), load_checkpoint(b)
-    if not 1 <= switch < len(cb["sizes"]):
-        fail(f"--switch {switch} is out of range; {b} has levels 0..{len(cb['sizes']) - 1}")
-    sa, sb = ca["sizes"], cb["sizes"]
-    nca, ncb = (len(c["classes"]) if c["args"]["conditional"] else 0 for c in (ca, cb))
-    if switch > len(sa) or (sa[switch - 1], ca["args"]["nc"], nca) != (sb[switch - 1], cb["args"]["nc"], ncb):
-        fail(f"{a} and {b} do not fit at level {switch}: B's level {switch} takes {sb[switch - 1]} px images "
-             f"with {cb['args']['nc']} channels ({ncb} classes) from A; pick another --switch or checkpoints")
-    return load_levels([a], range(switch))[0], ca, load_levels([b], range(switch, len(sb)))[0], cb
+def source(ck, Gs, dev, first=0):
+    """--sample's Source: the generators Gs (G_first, ...) of checkpoint ck on the device."""
+    run = Run(ck["sizes"][first:], n_classes(ck), ck["mean"].to(dev), ck["std"].to(dev), ck["classes"],
+              args=argparse.Namespace(**ck["args"]))
+    return Source([G.to(dev) for G in Gs], run)
 
-def end_of_epoch_files(run, val):
-    """Model selection (select.csv, best.pt), the sample sheet, ckpt.pt and curves.png, on rank 0."""
-    args, dev, gens = run.args, run.images.device, [lv.nets["G"] for lv in run.levels.values()]
-    gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch; training RNG untouched
-    if not all(torch.isfinite(p).all() for G in gens for p in G.parameters()):
-        fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {args.outf} is "
-             f"kept")
-    for G in gens:
-        G.eval()
-    if val is not None:  # the last test images; --eval scores the first ones
-        v = Run(run.sizes, 0, run.mean, run.std, images=val[0][-args.select:].to(dev),
-                labels=val[1][-args.select:].to(dev))
-        x, y = get_batch(v, torch.arange(len(v.images), device=dev), False)
-        score = {k: selection_score(G, k, x, y, run.sizes, args.nz, gen) for k, G in zip(run.levels, gens)}
-        append_log(f"{args.outf}/select.csv", {"epoch": run.epoch, **{f"dist{k}": score[k] for k in score}})
-        better, path = [k for k, d in score.items() if d < run.best.get(k, math.inf)], f"{args.outf}/best.pt"
-        if better:
-            old = load_checkpoint(path)["levels"] if os.path.exists(path) else {}
-            run.best.update({k: score[k] for k in better})
-            best = checkpoint(run, better, opts=False)
-            save_checkpoint({**best, "levels": {**old, **best["levels"]}}, path)
-    sheet = f"{args.outf}/samples_e{run.epoch:03d}.png"
-    if len(run.levels) == len(run.sizes):  # conditional: one row per class
-        n = 3 * run.ncls or 24
-        chain = sample_chain(gens, run.sizes, n, args.nz, torch.arange(n, device=dev) // 3, dev, gen)
-        save_grid(level_sheet(chain, run), sheet, 3 * len(chain))
-    else:  # one level alone: samples from real coarse images
-        resample_sheet(gens[0], next(iter(run.levels)), run, 6, args.nz, sheet, gen)
-    for G in gens:
-        G.train()
-    save_checkpoint(checkpoint(run), f"{args.outf}/ckpt.pt")
-    plot_curves(f"{args.outf}/log.csv", f"{args.outf}/curves.png")
+def chain_source(a, b, switch, dev):
+    """--chain A B (the blog's cats made horses): B's G_S .. G_0 (S = --switch, by default K - 1) finish the
+    images A draws down to B's size s_{S+1}."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    K = len(cb["sizes"]) - 1
+    S = K - 1 if switch is None else switch
+    if not 0 <= S < K:
+        fail(f"--switch {S} is out of range; {b}'s levels 0..{K - 1} can follow A's images (K = {K}: A's)")
+    size, nc = cb["sizes"][S + 1], cb["args"]["nc"]
+    if size not in ca["sizes"] or (ca["args"]["nc"], n_classes(ca)) != (nc, n_classes(cb)):
+        fail(f"{a} and {b} do not fit at level {S}: B's level {S} takes {size} px images with {nc} channels "
+             f"({n_classes(cb)} classes) from A; pick another --switch or checkpoints")
+    j = ca["sizes"].index(size)  # A's level of that size: A draws its levels K_A .. j
+    before = source(ca, load_levels([a], range(j, len(ca["sizes"])))[0], dev, j)
+    src = source(cb, load_levels([b], range(S + 1))[0], dev)
+    src.before = before
+    return src
+
+def sampling_source(args, dev):
+    """--sample's model: --ckpt (several join levels trained apart) or --chain A B; --label checked."""
+    if args.chain:
+        src = chain_source(*args.chain, args.switch, dev)
+    else:
+        Gs, ck = load_levels(args.ckpt)
+        src = source(ck, Gs, dev)
+    last = (args.chain or args.ckpt)[-1]
+    src.stem = os.path.splitext(args.out or os.path.join(os.path.dirname(last), "samples"))[0]
+    ncls = src.run.ncls
+    if args.label is not None and not ncls:
+        fail(f"{last} was trained without --conditional; drop --label")
+    if ncls and args.label is not None and not 0 <= args.label < ncls:
+        fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
+    return src
+
+def full_split(args, split):
+    """The whole split of a run's dataset (--limit applies to training only)."""
+    return load_dataset(argparse.Namespace(**{**vars(args), "limit": None}), split)
+
+def use_test_images(run):
+    """--resample and --eval: the model's test split, on the device, in place of its training images."""
+    x, y, _ = full_split(run.args, "test")
+    run.images, run.labels = x.to(run.mean.device), y.to(run.mean.device)
+
+def selection_images(run):
+    """Model selection's validation images: the LAST --select test images (--eval scores the first ones),
+    centre-cropped and normalised. -> (x, y) on the device."""
+    x, y, _ = load_dataset(run.args, "test")
+    dev, n = run.images.device, run.args.select
+    held = Run(run.sizes, 0, run.mean, run.std, images=x[-n:].to(dev), labels=y[-n:].to(dev))
+    return get_batch(held, torch.arange(len(held.images), device=dev), False)
+
+def check_finite(run):
+    if not all(torch.isfinite(p).all() for lv in run.levels.values() for p in lv.G.parameters()):
+        fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {run.args.outf} "
+             f"is kept")
+
+def write_selection(run, scores, better):
+    """select.csv's row; best.pt: every level's best weights so far, the levels `better` replaced."""
+    outf = run.args.outf
+    append_log(f"{outf}/select.csv", {"epoch": run.epoch, **{f"dist{k}": d for k, d in scores.items()}})
+    if better:
+        path = f"{outf}/best.pt"
+        old = load_checkpoint(path)["levels"] if os.path.exists(path) else {}
+        best = checkpoint(run, better, opts=False)
+        save_checkpoint({**best, "levels": {**old, **best["levels"]}}, path)
+
+def sample_sheet(run, gen):
+    """samples_eNNN.png: every level of the chain of Fig. 1 (conditional: 3 per class, a row each); one
+    level trained alone: its samples from real coarse images."""
+    path, dev = f"{run.args.outf}/samples_e{run.epoch:03d}.png", run.images.device
+    if len(run.levels) < len(run.sizes):
+        k, lv = next(iter(run.levels.items()))
+        return resample_sheet(lv.G, k, run, 6, path, gen)
+    n = 3 * run.ncls or 24
+    Gs = [run.levels[k].G for k in range(len(run.sizes))]
+    chain = sample_chain(Gs, run.sizes, n, run.args.nz, torch.arange(n, device=dev) // 3, dev, gen)
+    save_grid(level_sheet(chain, run), path, 3 * len(chain))
 
 # Logs and pictures
 def append_log(path, row):
-    new = not os.path.exists(path)
+    """A row of a csv log, under the header the file already has (or the row's own)."""
+    fields = list(row)
+    if os.path.exists(path):
+        with open(path) as f:
+            fields = next(csv.reader(f))
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if f.tell() == 0:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
-def trim_log(path, key, last):
-    """Keep the rows whose column `key` is at most `last`."""
+def trim_log(path, key, last, flip=None):
+    """Keep the rows whose column `key` is at most `last`; flip=K: renumber level columns j as K - j."""
     if os.path.exists(path):
         with open(path) as f:
             rows = [r for r in csv.DictReader(f) if int(r[key]) <= last]
         os.remove(path)
         for r in rows:
-            append_log(path, r)
+            append_log(path, {renumber(c, flip): v for c, v in r.items()})
+
+def renumber(column, flip):
+    """err_d0 -> err_dK for flip=K (a log from before the paper's numbering); other columns as they are."""
+    name = column.rstrip("0123456789")
+    return column if flip is None or name == column else f"{name}{flip - int(column[len(name):])}"
+
+@dataclass
+class Clock:
+    step: int      # where the progress line's rate counts from: a step and the time it was done
+    time: float
+
+def log_step(run, epoch, i, n_steps, means, clock):
+    """A log.csv row (rank 0) and the progress line: each level's statistics averaged over the last steps,
+    and their mean over the levels. A NaN stops training and keeps the last good checkpoint."""
+    args = run.args
+    row = {"step": run.step, "epoch": epoch, "lr": run.lr, "momentum": run.momentum}
+    per = {name: float(v) for name, v in means.items()}  # one host sync per log row
+    for m in ("err_d", "err_g", "d_x", "d_gz"):  # the mean over levels, for the progress line
+        row[m] = sum(per[f"{m}{k}"] for k in run.levels) / len(run.levels)
+    row.update(per)
+    if not all(math.isfinite(v) for v in row.values()):
+        fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
+             f"checkpoint in {args.outf} is kept (try a lower --lr or --balance)")
+    if run.rank == 0:
+        append_log(os.path.join(args.outf, "log.csv"), row)
+        rate = (run.step - clock.step) * args.batch_size * run.world / (time.time() - clock.time)
+        eta = ((args.epochs - epoch) * n_steps + n_steps - i - 1) * args.batch_size * run.world / rate
+        eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
+        print(f"[e {epoch}/{args.epochs} it {i + 1}/{n_steps}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
+              f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | ETA {eta}")
 
 def plot_curves(csv_path, png_path, width=640, panel=80):
     """Every numeric column of log.csv against the step, one panel each, drawn with Pillow."""
@@ -925,55 +1209,75 @@ def save_grid(images, path, nrow=8, pad=2):
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
-def level_sheet(chain, run):
-    """Every level of each sample side by side, enlarged (nearest) to the finest size."""
-    big = [F.interpolate(x, chain[-1].shape[-2:], mode="nearest") for x in chain]
-    return to_display(torch.stack(big, 1).flatten(0, 1), run.mean, run.std)
+def save_npz(path, images, y, run):
+    """--npz: uint8 N x H x W x C images, and the class asked for each (conditional models)."""
+    asked = {} if y is None else {"labels": y.cpu().numpy()}
+    np.savez(path, images=to_uint8(to_display(images, run.mean, run.std)), **asked)
 
-def resample_sheet(G, k, run, n, nz, path, gen=None):
-    """Sec. 4.2: per row a real image, its coarse image, then n samples of level k drawn from the latter."""
-    dev = run.images.device
-    x, y = get_batch(run, torch.arange(8, device=dev) % len(run.images), False)
-    fine, coarse = level_view(x, run.sizes, k)
-    c = coarse if k else torch.zeros_like(fine)
-    cc = c.repeat_interleave(n, 0)
-    with torch.no_grad():
-        made = G([noise(k, 8 * n, run.sizes[k], nz, dev, gen), cc][:1 + (k > 0)], y.repeat_interleave(n))
-    rows = torch.cat([fine[:, None], c[:, None], (made.float() + cc).view(8, n, *fine.shape[1:])], 1)
-    save_grid(to_display(rows.flatten(0, 1), run.mean, run.std), path, n + 2)
+def level_sheet(chain, run):
+    """Every level of each sample side by side, coarse to fine (the order of sampling), enlarged (nearest)
+    to the finest size. chain: [I_0, ..., I_K]."""
+    big = [F.interpolate(x, chain[0].shape[-2:], mode="nearest") for x in reversed(chain)]
+    return to_display(torch.stack(big, 1).flatten(0, 1), run.mean, run.std)
 
 # Setting up a run: the networks on the device, their optimisers, data parallelism
 def setup_run(args, device, data, rank=0, world=1):
     """-> a Run for in-memory data (uint8 images N x C x H x W, int64 labels N or None, class names)."""
     images, labels, classes = data
     sizes, ncls = pyramid_sizes(args, images.shape[-1]), len(classes) if args.conditional else 0
-    if args.level is not None and not 0 <= args.level < len(sizes):
-        fail(f"--level {args.level} is out of range; this pyramid has levels 0..{len(sizes) - 1}")
+    K = len(sizes) - 1
+    if args.level is not None and not 0 <= args.level <= K:
+        fail(f"--level {args.level} is out of range; this pyramid has levels 0..{K} (0 the full image, {K} "
+             f"the base)")
     if args.batch_size % 2:
         fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
     if len(images) < args.batch_size * world:
         fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
              f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
-    levels = {}
-    for k in [args.level] if args.level is not None else range(len(sizes)):
-        torch.manual_seed(args.seed + 1000 * k)  # level k starts from the same weights, alone or not
-        G, D = (m.to(device) for m in build_level(vars(args), k, sizes, images.shape[1], ncls))
-        fwd = {"G": G, "D": D, "DG": D}  # "DG": D itself, see Level
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            fwd.update(G=nn.parallel.DistributedDataParallel(G, device_ids=ids),
-                       D=nn.parallel.DistributedDataParallel(D, device_ids=ids))
-        fwd = {m: torch.compile(f) for m, f in fwd.items()} if args.compile else fwd
-        opts = {"G": optimiser(G, args, args.lr), "D": optimiser(D, args, d_lr(args))}
-        levels[k] = Level({"G": G, "D": D}, opts, fwd)
-        if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
-            ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-            print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
+    ks = range(K, -1, -1) if args.level is None else [args.level]  # the base first, as sampling runs
+    levels = {k: prepare_level(args, k, sizes, images.shape[1], ncls, device, rank, world) for k in ks}
     torch.manual_seed(args.seed + rank)
     mean, std = channel_stats(images)
     labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
+    balance = balance_over_ranks if args.balance else None
     return Run(sizes, ncls, mean.to(device), std.to(device), classes, images.to(device), labels.to(device),
-               args, levels, rank, world, lr=args.lr, momentum=args.momentum)
+               args, levels, balance, rank, world, lr=args.lr, momentum=args.momentum)
+
+def prepare_level(args, k, sizes, nc, ncls, device, rank, world):
+    """Level k's nets on the device, their optimisers, and the one place that wraps the forward passes the
+    step calls: DistributedDataParallel under torchrun, torch.compile (--compile), bf16 (--amp on CUDA).
+    G's step calls D itself: only G's gradients are wanted there, so only they are computed and reduced."""
+    K = len(sizes) - 1  # level k starts from the same weights, alone or not; seeded from the base up
+    torch.manual_seed(args.seed + 1000 * (K - k))
+    G, D = (m.to(device) for m in build_level(vars(args), k, sizes, nc, ncls))
+    fwd = [G, D, D]  # Level's G_fwd, D_fwd, D_fwd_for_G
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        fwd[:2] = [nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in (G, D)]
+    if args.compile:
+        fwd = [torch.compile(f) for f in fwd]
+    if args.amp and device.type == "cuda":
+        fwd = [in_bf16(f) for f in fwd]
+    if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
+        ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+        print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
+    return Level(k, G, D, *fwd, optimiser(G, args, args.lr), optimiser(D, args, d_lr(args)))
+
+def in_bf16(f):
+    """--amp on CUDA: f's forward pass under bf16 autocast, its output back in fp32 for the losses."""
+    def forward(*inputs):
+        with torch.autocast("cuda", torch.bfloat16):
+            return f(*inputs).float()
+    return forward
+
+def balance_over_ranks(err_real, err_fake):
+    """--balance: the rule decided on D's errors averaged over the data-parallel ranks, so that every rank
+    takes the same branch."""
+    t = torch.stack([err_real.detach().float(), err_fake.detach().float()])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return balance_rule(*t.tolist())
 
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
@@ -989,8 +1293,8 @@ def optimiser(net, args, lr):
     return torch.optim.SGD(net.parameters(), lr, momentum=args.momentum, dampening=args.momentum)
 
 def d_lr(args):
-    """D's learning rate: --lr-d, else --lr (checkpoints from before --lr-d have neither key)."""
-    return getattr(args, "lr_d", None) or args.lr
+    """D's learning rate: --lr-d, else --lr."""
+    return args.lr_d or args.lr
 
 # Command line
 def make_parser():
@@ -1002,8 +1306,8 @@ def make_parser():
     add("--channels", type=int, choices=[1, 3])
     add("--conditional", action="store_true")
     add("--limit", type=int, help="use only the first N training images")
-    add("--levels", help="pyramid sizes coarse to fine, e.g. 8,14,28 (default: per dataset)")
-    add("--level", type=int, help="train level K alone (0 = the base); default: all levels")
+    add("--levels", help="pyramid sizes coarse to fine, as the paper writes them, e.g. 8,14,28")
+    add("--level", type=int, help="train level K alone (0: the full image; the base: levels - 1)")
     add("--model", choices=["small", "large"], default="small", help="large: the paper's LSUN nets")
     add("--width-g", type=int, default=128, help="G_k feature maps: 128 (paper's models) or 64 (code)")
     add("--width-d", type=int, default=64)
@@ -1030,8 +1334,8 @@ def make_parser():
     add("--out", help="grid PNG (default: beside the checkpoint)")
     add("--resample", type=int, default=0, help="N samples from each of 8 real coarse images")
     add("--upscale", type=int, default=0, help="run the finest G N more times past its size")
-    add("--chain", nargs=2, metavar=("A", "B"), help="levels below --switch from A, the rest B")
-    add("--switch", type=int, default=1)
+    add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
+    add("--switch", type=int, help="the coarsest level B draws (default K - 1: A draws the base)")
     add("--eval", action="store_true", help="Parzen log-likelihood, neighbours")
     add("--eval-images", type=int, default=1000, help="held-out test images to score")
     add("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")

@@ -750,19 +750,20 @@ def lap_np_up(img, n):
     return along_last(along_last(img).swapaxes(-1, -2)).swapaxes(-1, -2)
 
 
-@pytest.mark.parametrize("sizes", [[8, 14, 28], [7, 14, 28], [4, 8, 16, 32, 64]])
+@pytest.mark.parametrize("sizes", [[28, 14, 8], [28, 14, 7], [64, 32, 16, 8, 4]])
 def test_lapgan_pyramid_round_trip_is_exact(sizes):
+    """sizes[k] is the size of the paper's I_k, finest first; L = [h_0, ..., h_{K-1}, I_K]."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, sizes[-1], sizes[-1])
-    base, res = lapgan.laplacian_pyramid(x, sizes)
-    assert base.shape == (2, 3, sizes[0], sizes[0]) and [h.shape[-1] for h in res] == sizes[1:]
-    assert all(h.abs().max() > 0.1 for h in res)  # real detail in every residual
-    assert (lapgan.reconstruct(base, res) - x).abs().max() < 1e-5
+    x = torch.randn(2, 3, sizes[0], sizes[0])
+    L = lapgan.laplacian_pyramid(x, sizes)
+    assert [t.shape[-1] for t in L] == sizes and L[-1].shape == (2, 3, sizes[-1], sizes[-1])
+    assert all(h.abs().max() > 0.1 for h in L[:-1])  # real detail in every residual
+    assert (lapgan.reconstruct(L) - x).abs().max() < 1e-5
     # the base is the area-resampled image (independent NumPy reference)
-    assert np.abs(base.numpy() - lap_np_down(x.numpy(), sizes[0])).max() < 1e-5
-    # partial reconstructions give the coarser levels of the pyramid
+    assert np.abs(L[-1].numpy() - lap_np_down(x.numpy(), sizes[-1])).max() < 1e-5
+    # partial reconstructions give the coarser levels of the pyramid: reconstruct(L[k:]) is I_k
     for k in range(1, len(sizes)):
-        assert np.abs(lapgan.reconstruct(base, res[:k - 1]).numpy() - lap_np_down(x.numpy(), sizes[k - 1])).max() < 1e-5
+        assert np.abs(lapgan.reconstruct(L[k:]).numpy() - lap_np_down(x.numpy(), sizes[k])).max() < 1e-5
 
 
 def test_lapgan_down_is_area_resampling_and_up_is_bilinear_aligned():
@@ -797,25 +798,26 @@ LAPGAN_NET_CASES = [("cifar10", 32, 3, [8, 14, 28]), ("mnist", 28, 1, [7, 14, 28
 @pytest.mark.parametrize("ncls", [0, 10])
 def test_lapgan_every_level_net_shapes(dataset, size, nc, sizes, ncls):
     args = lapgan.get_args(["--dataset", dataset, "--width-g", "16", "--width-d", "8"])
+    sizes = sizes[::-1]  # the paper's order: sizes[k] is the size of I_k, I_0 the full image
     assert lapgan.pyramid_sizes(args, size) == sizes
     torch.manual_seed(0)
-    n, y = 3, torch.tensor([0, 9, 4]) if ncls else None
+    n, y, K = 3, torch.tensor([0, 9, 4]) if ncls else None, len(sizes) - 1
     for k, f in enumerate(sizes):
         G, D = lapgan.build_level(vars(args), k, sizes, nc, ncls)
-        if k == 0:
-            z = lapgan.noise(0, n, f, args.nz, "cpu")
+        if k == K:
+            z = lapgan.noise(lapgan.noise_shape(k, sizes, n, args.nz), "cpu")
             assert z.shape == (n, 100) and z.min() >= -1 and z.max() <= 1
             out = G([z], y)
         else:
-            coarse = lapgan.up(torch.randn(n, nc, sizes[k - 1], sizes[k - 1]), f)
-            out = G([lapgan.noise(k, n, f, args.nz, "cpu"), coarse], y)
+            coarse = lapgan.up(torch.randn(n, nc, sizes[k + 1], sizes[k + 1]), f)
+            out = G([lapgan.noise(lapgan.noise_shape(k, sizes, n, args.nz), "cpu"), coarse], y)
         assert out.shape == (n, nc, f, f), (k, f)
         assert D([out], y).shape == (n,), (k, f)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_lapgan_dropout_d_sets_every_d_dropout(k):
-    sizes, x = [7, 14, 28], torch.randn(4, 1, [7, 14, 28][k], [7, 14, 28][k])
+    sizes, x = [28, 14, 7], torch.randn(4, 1, [28, 14, 7][k], [28, 14, 7][k])
     rates = {}
     for flags in ([], ["--dropout-d", "0"], ["--dropout-d", "0.2"]):
         targs = vars(lapgan.get_args(["--dataset", "mnist", "--width-g", "8", "--width-d", "8"] + flags))
@@ -824,15 +826,18 @@ def test_lapgan_dropout_d_sets_every_d_dropout(k):
         if flags == ["--dropout-d", "0"]:  # no dropout: D's training-mode output is deterministic
             assert torch.equal(D([x]), D([x]))
     assert rates == {(): [0.5], ("--dropout-d", "0"): [0.0], ("--dropout-d", "0.2"): [0.2]}
-    old = {k: v for k, v in targs.items() if k != "dropout_d"}  # a checkpoint from before the flag: 0.5
+    # a checkpoint from before the flag loads with the paper's 0.5
+    old = {"args": {n: v for n, v in targs.items() if n != "dropout_d"}, "sizes": sizes[::-1], "levels": {},
+           "balance": {"best": {}}}
+    old = lapgan.paper_levels(old)["args"]
     assert {m.p for m in lapgan.build_level(old, k, sizes, 1, 0)[1].modules() if isinstance(m, nn.Dropout)} == {0.5}
 
 
 def test_lapgan_large_lsun_nets_shapes():
     args = vars(lapgan.get_args(["--dataset", "folder", "--model", "large"]))
-    sizes = [4, 8, 16, 32, 64]
+    sizes = [64, 32, 16, 8, 4]
     torch.manual_seed(0)
-    for ncls, levels in ((0, range(1, 5)), (3, [4])):
+    for ncls, levels in ((0, range(0, 4)), (3, [0])):  # every level above the base
         y = torch.tensor([0, 2]) if ncls else None
         for k in levels:
             G, D = lapgan.build_level(args, k, sizes, 3, ncls)
@@ -840,7 +845,7 @@ def test_lapgan_large_lsun_nets_shapes():
             G.eval()
             c = torch.randn(2, 3, sizes[k], sizes[k])
             with torch.no_grad():
-                out = G([lapgan.noise(k, 2, sizes[k], 100, "cpu"), c], y)
+                out = G([lapgan.noise((2, 1, sizes[k], sizes[k]), "cpu"), c], y)
                 assert out.shape == (2, 3, sizes[k], sizes[k]) and D([out + c], y).shape == (2,)
 
 
@@ -867,20 +872,20 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
             calls[name] = ([t.detach().clone() for t in xs], y, out.detach().clone())
             return out
         return call
-    for name in ("G", "D", "DG"):
-        lv.fwd[name] = record(name, lv.fwd[name])
+    lv.G_fwd, lv.D_fwd, lv.D_fwd_for_G = (record(n, f) for n, f in (("G", lv.G_fwd), ("D", lv.D_fwd),
+                                                                      ("DG", lv.D_fwd_for_G)))
     torch.manual_seed(1)
     x, y = lapgan.get_batch(run, torch.randperm(16))
-    lapgan.level_step(run, k, x, y)
+    lapgan.level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
     h, B = 4, 8
-    fine, coarse = lapgan.level_view(x, run.sizes, k)
+    fine, coarse = lapgan.down(x, run.sizes[k]), lapgan.condition(x, run.sizes, k)
     g_in, g_y, g_out = calls["G"]
     d_in, d_y, _ = calls["D"]
     dg_in, dg_y, _ = calls["DG"]
     assert len(d_in) == 1 and len(dg_in) == 1 and g_out.shape == (B + h, 3, run.sizes[k], run.sizes[k])
     assert torch.equal(d_y, y[:B]) and torch.equal(g_y, y[h:]) and torch.equal(dg_y, y[B:])
-    if k == 0:
-        assert len(g_in) == 1 and g_in[0].shape == (B + h, 8)
+    if k == 2:  # the base, I_2
+        assert len(g_in) == 1 and g_in[0].shape == (B + h, 8) and coarse is None
         assert torch.equal(d_in[0][h:], g_out[:h]) and torch.equal(dg_in[0], g_out[h:])
     else:
         assert len(g_in) == 2 and torch.equal(g_in[1], coarse[h:])
@@ -888,9 +893,9 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
         assert torch.allclose(dg_in[0], g_out[h:] + coarse[B:], atol=1e-6)
         # neither the coarse image alone nor the residual alone
         assert (d_in[0][h:] - coarse[h:B]).abs().max() > 1e-3 and (d_in[0][h:] - g_out[:h]).abs().max() > 1e-3
-        # the reals are the same sum for real images: coarse + true residual of the pyramid
-        base, res = lapgan.laplacian_pyramid(x[:h], run.sizes[:k + 1])
-        assert torch.allclose(d_in[0][:h], coarse[:h] + res[-1], atol=1e-5)
+        # the reals are the same sum for real images: l_k + the pyramid's true h_k = I_k - u(I_{k+1})
+        h_k = lapgan.laplacian_pyramid(x[:h], run.sizes[k:])[0]
+        assert torch.allclose(d_in[0][:h], coarse[:h] + h_k, atol=1e-5)
     assert torch.allclose(d_in[0][:h], fine[:h], atol=1e-6)
 
 
@@ -931,7 +936,8 @@ def test_lapgan_balance_rule_truth_table(err_real, err_fake, expected):
 
 def test_lapgan_balance_rule_decides_which_net_steps(monkeypatch):
     run = lap_tiny_run(["--balance"])
-    lv = run.levels[1].nets
+    level = run.levels[1]
+    lv = {"G": level.G, "D": level.D}
     with torch.no_grad():
         lv["D"].body[-2].bias.fill_(5.0)  # D says "real" to everything: tiny real error, large fake error
     seen = []
@@ -940,7 +946,7 @@ def test_lapgan_balance_rule_decides_which_net_steps(monkeypatch):
         g0 = [p.detach().clone() for p in lv["G"].parameters()]
         d0 = [p.detach().clone() for p in lv["D"].parameters()]
         x, y = lapgan.get_batch(run, torch.randperm(16))
-        out = lapgan.level_step(run, 1, x, y)
+        out = {f"{n}1": v for n, v in lapgan.level_step(level, x, y, run.sizes, run.args.nz, run.balance).items()}
         g_moved = any(not torch.equal(a, b) for a, b in zip(g0, lv["G"].parameters()))
         d_moved = any(not torch.equal(a, b) for a, b in zip(d0, lv["D"].parameters()))
         assert (d_moved, g_moved) == decision and (out["upd_d1"], out["upd_g1"]) == tuple(map(float, decision))
@@ -982,7 +988,7 @@ def test_lapgan_cifar10_reader_and_crops(tmp_path, monkeypatch):
         tar.extractall(tmp_path / "ex")
     assert torch.equal(lapgan.read_cifar10(str(tmp_path / "ex"), "train")[0], x)
     # Sec. 4: 28 x 28 crops of the 32 x 32 images, centred when not training, random windows in training
-    run = lapgan.Run([8, 14, 28], 0, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), images=x, labels=y)
+    run = lapgan.Run([28, 14, 8], 0, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), images=x, labels=y)
     c, _ = lapgan.get_batch(run, torch.arange(30), train=False)
     assert torch.equal(c, x[..., 2:30, 2:30].float() / 255)
     c, _ = lapgan.get_batch(run, torch.arange(30), train=True)
@@ -1057,7 +1063,7 @@ def test_lapgan_train_resume_is_exact(lapgan_runs):
     assert read_log(os.path.join(part, "log.csv")) == log  # the crashed row replaced, same losses
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (full, part))
     assert a["script"] == "lapgan" and a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
-    assert sorted(a["levels"]) == [0, 1, 2] and a["sizes"] == [8, 16, 32]
+    assert sorted(a["levels"]) == [0, 1, 2] and a["sizes"] == [32, 16, 8] and a["paper_levels"]
     for k in range(3):
         for net in ("G", "D"):
             sa, sb = a["levels"][k][net], b["levels"][k][net]
@@ -1114,8 +1120,8 @@ def test_lapgan_model_selection_writes_best(lapgan_runs):
     # nothing scores the norm of the true residual
     x = torch.randn(5, 3, 32, 32)
     zero = lambda xs, y: torch.zeros_like(xs[1])
-    score = lapgan.selection_score(zero, 2, x, None, [8, 16, 32], 8, torch.Generator().manual_seed(0))
-    residual = lapgan.laplacian_pyramid(x, [16, 32])[1][0]
+    score = lapgan.selection_score(zero, 0, x, None, [32, 16, 8], 8, torch.Generator().manual_seed(0))
+    residual = lapgan.laplacian_pyramid(x, [32, 16])[0]  # h_0
     assert score == pytest.approx(residual.flatten(1).norm(dim=1).mean().item(), rel=1e-5)
 
 
@@ -1144,10 +1150,11 @@ def test_lapgan_sample_formats_upscale_resample_chain(lapgan_runs):
     assert rs.shape == (2 + 8 * 34, 2 + 5 * 34, 3)
     real = lapgan.make_shapes(2000, 32, 1)[0][:8].permute(0, 2, 3, 1).numpy().astype(int)
     assert all(np.abs(tile(rs, r, 0).astype(int) - real[r]).max() <= 1 for r in range(8))
-    # --chain: levels 0-1 from the 16 px model a (its own noise size), level 2 from the 32 px one
+    # --chain: the 8 and 16 px levels from the 16 px model a (its own noise size), level 0 (32 px) from the
+    # 32 px one (--switch 0: B draws level 0 alone)
     cnpz, cstem = str(root / "c.npz"), str(root / "c")
     with contextlib.redirect_stdout(io.StringIO()):
-        lapgan.main(["--sample", "--chain", os.path.join(a, "ckpt.pt"), ckpt, "--switch", "2", "--n", "4",
+        lapgan.main(["--sample", "--chain", os.path.join(a, "ckpt.pt"), ckpt, "--switch", "0", "--n", "4",
                      "--label", "1", "--npz", cnpz, "--out", cstem + ".png", "--seed", "3"])
         lapgan.main(["--sample", "--ckpt", os.path.join(a, "ckpt.pt"), "--n", "4", "--label", "1",
                      "--npz", str(root / "a.npz"), "--out", str(root / "a.png"), "--seed", "3"])
@@ -1194,12 +1201,13 @@ def test_lapgan_parzen_ranks_real_above_noise(lapgan_runs, tmp_path):
     args = argparse.Namespace(eval_images=20, eval_samples=300, eval_cond=8)
     scores = {}
     for name, images in (("real", test_x), ("noise", torch.cat([test_x[:20], noise]))):
-        run = lapgan.Run(ck["sizes"], 6, ck["mean"], ck["std"], images=images, labels=test_y)
+        run = lapgan.Run(ck["sizes"], 6, ck["mean"], ck["std"], images=images, labels=test_y,
+                         args=argparse.Namespace(**ck["args"]))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            lapgan.evaluate(args, Gs, run, ck, ck["args"]["nz"], str(tmp_path / name))
-        m = re.search(r"Parzen log-likelihood: (\S+) \+- (\S+) nats on 20 test images \(level 0 (\S+) .*"
-                      r"level 1 (\S+) .*level 2 (\S+) ", out.getvalue())
+            lapgan.evaluate(args, Gs, run, str(tmp_path / name))
+        m = re.search(r"Parzen log-likelihood: (\S+) \+- (\S+) nats on 20 test images \(level 2 (\S+) .*"
+                      r"level 1 (\S+) .*level 0 (\S+) ", out.getvalue())
         assert m, out.getvalue()
         total, se, *levels = map(float, m.groups())
         assert math.isfinite(total) and se > 0 and total == pytest.approx(sum(levels), abs=0.2)
@@ -1242,85 +1250,88 @@ def test_lapgan_bad_inputs_give_one_line_errors(lapgan_runs, tmp_path, monkeypat
     # --chain A B: B's first level must take A's images (size, channels, classes)
     a, b = os.path.join(lapgan_runs["a"], "ckpt.pt"), os.path.join(lapgan_runs["full"], "ckpt.pt")
     ck = torch.load(a, weights_only=True)
-    bad = {"size": {**ck, "sizes": [8, 12]}, "channels": {**ck, "args": {**ck["args"], "nc": 1}},
+    bad = {"size": {**ck, "sizes": [12, 8]}, "channels": {**ck, "args": {**ck["args"], "nc": 1}},
            "classes": {**ck, "args": {**ck["args"], "conditional": False}}}
     for name, obj in bad.items():
         torch.save(obj, tmp_path / f"{name}.pt")
         with pytest.raises(SystemExit) as e:
-            lapgan.main(["--sample", "--chain", str(tmp_path / f"{name}.pt"), b, "--switch", "2"])
-        lap_one_line_error(e, "do not fit at level 2")
-    with pytest.raises(SystemExit) as e:
-        lapgan.main(["--sample", "--chain", a, b, "--switch", "3"])
-    lap_one_line_error(e, "--switch 3 is out of range")
+            lapgan.main(["--sample", "--chain", str(tmp_path / f"{name}.pt"), b, "--switch", "0"])
+        lap_one_line_error(e, "do not fit at level 0")
+    with pytest.raises(SystemExit) as e:  # B's base K = 2 is always A's
+        lapgan.main(["--sample", "--chain", a, b, "--switch", "2"])
+    lap_one_line_error(e, "--switch 2 is out of range")
 
 
 # ----------------------------------------------------------------------------- lapgan.py: the method against closed forms
 def test_lapgan_noise_is_uniform_on_minus_one_one():
     g = torch.Generator().manual_seed(0)
-    for k, shape in ((0, (4000, 100)), (2, (40, 1, 32, 32))):
-        z = lapgan.noise(k, shape[0], 32, 100, "cpu", g)
+    sizes = [32, 16, 8]
+    for k, shape in ((2, (4000, 100)), (0, (40, 1, 32, 32))):  # z_K at the base: a vector; z_k: a plane
+        assert lapgan.noise_shape(k, sizes, shape[0], 100) == shape
+        z = lapgan.noise(shape, "cpu", g)
         assert z.shape == shape and z.min() >= -1 and z.max() <= 1
         assert z.min() < -0.99 and z.max() > 0.99 and abs(z.mean().item()) < 0.02  # not [0, 1]
         assert z.var().item() == pytest.approx(1 / 3, rel=0.03)  # the variance of U(-1, 1)
 
 
 def test_lapgan_sample_chain_adds_each_residual_to_the_upsampled_image():
-    """Fig. 1: I_k = u(I_{k-1}) + G_k(z_k, u(I_{k-1})); stub generators with known outputs, checked against the
-    independent NumPy bilinear enlargement."""
+    """Fig. 1: I_K = G_K(z_K), then I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})) down to I_0; stub generators with
+    known outputs, checked against the independent NumPy bilinear enlargement."""
     torch.manual_seed(0)
-    sizes, n = [4, 7, 12], 3
-    base, res = torch.randn(n, 2, 4, 4), [torch.randn(n, 2, s, s) for s in sizes[1:]]
+    sizes, n = [12, 7, 4], 3
+    base, res = torch.randn(n, 2, 4, 4), [torch.randn(n, 2, s, s) for s in sizes[:2]]
     seen = []
 
     def stub(k):
         def G(xs, y):
-            seen.append((k, xs[-1].clone() if k else None))
-            return base if k == 0 else res[k - 1]
+            seen.append((k, xs[-1].clone() if k < 2 else None))
+            return base if k == 2 else res[k]
         return G
     out = lapgan.sample_chain([stub(k) for k in range(3)], sizes, n, 5, None, "cpu")
-    expect = [base.numpy()]
-    for r in res:
-        expect.append(lap_np_up(expect[-1], r.shape[-1]) + r.numpy())
-    assert [o.shape[-1] for o in out] == sizes
+    expect = [None, None, base.numpy()]  # I_2 = G_2(z_2), then I_1, then I_0
+    for k in (1, 0):
+        expect[k] = lap_np_up(expect[k + 1], sizes[k]) + res[k].numpy()
+    assert [o.shape[-1] for o in out] == sizes and [k for k, _ in seen] == [2, 1, 0]
     assert all(np.abs(o.numpy() - e).max() < 1e-5 for o, e in zip(out, expect))
-    # each G_k is conditioned on the upsampled image of the level below
+    # each G_k is conditioned on the upsampled image of the coarser level, u(I_{k+1})
     assert np.abs(seen[2][1].numpy() - lap_np_up(expect[1], 12)).max() < 1e-5
-    # --chain: coarse levels given, only the rest drawn
-    again = lapgan.sample_chain([stub(k) for k in range(3)], sizes, n, 5, None, "cpu", images=out[:1])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again, out))
+    assert np.abs(seen[1][1].numpy() - lap_np_up(expect[2], 7)).max() < 1e-5
+    # one link of the chain alone (--chain, bench/levels.py): I_0 from a given I_1
+    again = lapgan.sample_level(stub(0), out[1], 12)
+    assert torch.allclose(again, out[0], atol=1e-6)
 
 
 def test_lapgan_one_step_gradients_match_the_papers_losses():
     """D_k: BCE(D(real), 1) and BCE(D(coarse + G residual), 0), averaged over the mixed batch; G_k: the
     non-saturating BCE(D(coarse + G residual), 1) through the D just updated. The first SGD step moves each
     weight by -lr times its gradient, compared with gradients computed here from the recorded inputs."""
-    for k in (0, 1):
+    for k in (2, 1):  # the base, then a level above it
         run = lap_tiny_run(["--conditional", "--lr", "0.05"])
         lv, calls = run.levels[k], {}
-        lv.nets["D"].eval()  # no dropout: the same function here and in the step
-        D0, G0 = copy.deepcopy(lv.nets["D"]), copy.deepcopy(lv.nets["G"])
+        lv.D.eval()  # no dropout: the same function here and in the step
+        D0, G0 = copy.deepcopy(lv.D), copy.deepcopy(lv.G)
 
         def record(name, net):
             def call(xs, y=None):
                 calls[name] = ([t.detach().clone() for t in xs], y)
                 return net(xs, y)
             return call
-        lv.fwd["G"], lv.fwd["D"] = record("G", lv.fwd["G"]), record("D", lv.fwd["D"])
+        lv.G_fwd, lv.D_fwd = record("G", lv.G_fwd), record("D", lv.D_fwd)
         x, y = lapgan.get_batch(run, torch.randperm(16))
-        lapgan.level_step(run, k, x, y)
+        lapgan.level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
         h = 4
         d_in, d_y = calls["D"]
         logits = D0(d_in, d_y)
         loss_d = (F.softplus(-logits[:h]).mean() + F.softplus(logits[h:]).mean()) / 2
         grads = torch.autograd.grad(loss_d, list(D0.parameters()))
-        for p0, p1, g in zip(D0.parameters(), lv.nets["D"].parameters(), grads):
+        for p0, p1, g in zip(D0.parameters(), lv.D.parameters(), grads):
             assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
         g_in, g_y = calls["G"]
-        made = G0(g_in, g_y)[h:] + (g_in[1][h:] if k else 0)
-        D1 = copy.deepcopy(lv.nets["D"])
+        made = G0(g_in, g_y)[h:] + (g_in[1][h:] if k < 2 else 0)
+        D1 = copy.deepcopy(lv.D)
         loss_g = F.softplus(-D1([made], y[8:])).mean()
         grads = torch.autograd.grad(loss_g, list(G0.parameters()))
-        for p0, p1, g in zip(G0.parameters(), lv.nets["G"].parameters(), grads):
+        for p0, p1, g in zip(G0.parameters(), lv.G.parameters(), grads):
             assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
 
 
@@ -1328,13 +1339,13 @@ def test_lapgan_selection_takes_the_smallest_distance_per_image():
     """approxParzen: per validation image the minimum over its samples of ||coarse + G residual - fine||,
     then the mean over images; samples that differ, so the minimum is not the mean."""
     torch.manual_seed(0)
-    x, sizes, outs = torch.randn(4, 3, 16, 16), [4, 8, 16], []
+    x, sizes, outs = torch.randn(4, 3, 16, 16), [16, 8, 4], []
 
     def G(xs, y):
         out = xs[0].expand(-1, 3, -1, -1) * 0.7  # samples that vary with the noise plane
         outs.append((xs[1].clone(), out.clone()))
         return out
-    score = lapgan.selection_score(G, 2, x, None, sizes, 5, torch.Generator().manual_seed(0), n=16)
+    score = lapgan.selection_score(G, 0, x, None, sizes, 5, torch.Generator().manual_seed(0), n=16)
     fine = x
     per_image = [((c + o) - fine[i:i + 1]).flatten(1).norm(dim=1) for i, (c, o) in enumerate(outs)]
     assert all(d.max() - d.min() > 0.1 for d in per_image)
@@ -1379,13 +1390,13 @@ def test_lapgan_chain_converts_between_normalisations(lapgan_runs, tmp_path):
     ck = torch.load(path, weights_only=True)
     mu, sd = ck["mean"].flatten(), ck["std"].flatten()
     mu2, sd2 = torch.tensor([0.9, 0.1, 0.4]), torch.tensor([0.05, 0.6, 0.3])
-    g0 = {k: v.clone() for k, v in ck["levels"][0]["G"].items()}
+    g0 = {k: v.clone() for k, v in ck["levels"][2]["G"].items()}  # G_2, the base
     per = g0["body.4.bias"].numel() // 3  # output units per channel: C x s x s, channel first
     scale, shift = (sd / sd2).repeat_interleave(per), ((mu - mu2) / sd2).repeat_interleave(per)
     g0["body.4.weight"] *= scale[:, None]
     g0["body.4.bias"] = g0["body.4.bias"] * scale + shift
     other = {**ck, "mean": mu2.view(1, 3, 1, 1), "std": sd2.view(1, 3, 1, 1),
-             "levels": {0: {**ck["levels"][0], "G": g0}}}
+             "levels": {2: {**ck["levels"][2], "G": g0}}}
     torch.save(other, tmp_path / "other.pt")
     outs = {}
     for name, src in (("own", ["--ckpt", path]), ("chain", ["--chain", str(tmp_path / "other.pt"), path])):
@@ -1608,7 +1619,7 @@ def test_lapgan_run_level_checks(lapgan_runs, tmp_path):
     with pytest.raises(SystemExit) as e:
         lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "shapes"]), 16)
     lap_one_line_error(e, "the shapes pyramid [8, 16, 32] must be", "use e.g. --levels 4,8,16")
-    assert lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "shapes", "--levels", "4,8,16"]), 16) == [4, 8, 16]
+    assert lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "shapes", "--levels", "4,8,16"]), 16) == [16, 8, 4]
     with pytest.raises(SystemExit) as e:
         lapgan.pyramid_sizes(lapgan.get_args(["--dataset", "folder", "--levels", "4,8"]), 6)
     lap_one_line_error(e, "use e.g. --levels 3,6")
@@ -2490,28 +2501,28 @@ def test_levels_starts_the_chain_from_real_test_images(lapgan_runs, tmp_path, mo
     ckpt = os.path.join(lapgan_runs["full"], "ckpt.pt")
     real_load = lapgan.load_levels
 
-    def zero_residuals(paths):  # every G_k (k >= 1) draws h_k = 0, so a chain from real I_k is u(I_k) exactly
+    def zero_residuals(paths):  # every G_k (k < K) draws h_k = 0, so a chain from real I_k is u(I_k) exactly
         Gs, ck = real_load(paths)
-        return [Gs[0]] + [lambda xs, y: torch.zeros_like(xs[1]) for _ in Gs[1:]], ck
+        return [lambda xs, y: torch.zeros_like(xs[1]) for _ in Gs[:-1]] + [Gs[-1]], ck
 
     monkeypatch.setattr(lapgan, "load_levels", zero_residuals)
     out = levels_tool.chains_from_real(ckpt, 20)
     ck = torch.load(ckpt, weights_only=True)
     test = lapgan.load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "test")
     x = (test[0][:20].float() / 255 - ck["mean"]) / ck["std"]
-    assert sorted(out) == ["from_0", "from_1", "full"]
-    for k, s in enumerate(ck["sizes"][:2]):
+    assert sorted(out) == ["from_1", "from_2", "full"] and ck["sizes"] == [32, 16, 8]
+    for k in (1, 2):  # from the real I_1 (16 px) and from the real base I_2 (8 px)
         images, labels = out[f"from_{k}"]
-        want = lapgan.down(x, s)
-        for finer in ck["sizes"][k + 1:]:  # u(.) one level at a time, as the chain does
+        want = lapgan.down(x, ck["sizes"][k])
+        for finer in reversed(ck["sizes"][:k]):  # u(.) one level at a time, as the chain does
             want = lapgan.up(want, finer)
         want = lapgan.to_uint8(lapgan.to_display(want, ck["mean"], ck["std"]))
         assert np.abs(images.astype(int) - want.astype(int)).max() <= 1, k  # rounding only
         assert images.shape == (20, 32, 32, 3) and np.array_equal(labels, test[1][:20].numpy())
-    assert not np.array_equal(out["full"][0], out["from_0"][0])  # the full chain draws its own base
+    assert not np.array_equal(out["full"][0], out["from_2"][0])  # the full chain draws its own base
     monkeypatch.setattr(lapgan, "load_levels", real_load)
     levels_tool.main([ckpt, "--out", str(tmp_path / "lv"), "--n", "8"])
-    assert sorted(os.listdir(tmp_path / "lv")) == ["from_0.npz", "from_1.npz", "full.npz"]
+    assert sorted(os.listdir(tmp_path / "lv")) == ["from_1.npz", "from_2.npz", "full.npz"]
     assert np.load(tmp_path / "lv" / "full.npz")["images"].shape == (8, 32, 32, 3)
 
 
@@ -3767,3 +3778,243 @@ def test_web_export_refuses_what_it_cannot_convert(tmp_path):
     for body, words in [(grouped, "ungrouped"), (late_bn, "does not follow"), (elu, "ELU")]:
         with pytest.raises(SystemExit, match=words):
             export.layer_ops(body, "G")
+
+
+# ----------------------------------------------------------------------------- lapgan.py: the paper's level numbering
+def test_lapgan_pyramid_levels_are_the_papers():
+    """Denton et al. 2015, Sec. 2.2: I_0 is the full image, I_{k+1} = d(I_k), and L(I) = [h_0, ..., h_{K-1}, I_K]
+    with h_k = I_k - u(I_{k+1}). Built by hand on a 4 x 4 image whose rows, columns and channels all differ:
+    d(.) 2:1 averages 2 x 2 blocks; u(.) from 2 px to 4 with the corners aligned samples at 0, 1/3, 2/3, 1."""
+    a = torch.tensor([[0., 1, 5, 2], [3, 9, 4, 0], [7, 2, 8, 6], [1, 4, 0, 3]])
+    x = torch.stack([a, 2 * a.T])[None]  # 1 x 2 x 4 x 4: the second channel transposed and doubled
+    I1 = torch.stack([torch.tensor([[13., 11], [14, 17]]) / 4, 2 * torch.tensor([[13., 14], [11, 17]]) / 4])[None]
+    I2 = torch.tensor([55 / 16, 2 * 55 / 16]).view(1, 2, 1, 1)  # the mean of all 16 pixels
+    U = torch.tensor([[1., 0], [2 / 3, 1 / 3], [1 / 3, 2 / 3], [0, 1]])  # u(.) from 2 px to 4
+    h0 = x - U @ I1 @ U.T
+    h1 = I1 - I2  # u(.) of a 1 px image is constant
+    L = lapgan.laplacian_pyramid(x, [4, 2, 1])
+    assert [t.shape[-1] for t in L] == [4, 2, 1]
+    for k, want in enumerate([h0, h1, I2]):
+        assert torch.allclose(L[k], want, atol=1e-6), k
+    assert (h0[0, 0] - h0[0, 1].T).abs().max() > 0.5  # the channels are not each other's transposes
+    assert torch.allclose(lapgan.reconstruct(L), x, atol=1e-6)
+    assert torch.allclose(lapgan.reconstruct(L[1:]), I1, atol=1e-6)  # L[k:] is the pyramid of I_k
+    assert torch.allclose(lapgan.condition(x, [4, 2, 1], 0), U @ I1 @ U.T, atol=1e-6)  # l_0 = u(I_1)
+    assert lapgan.condition(x, [4, 2, 1], 2) is None  # the base has no coarser image
+
+
+def lap_old_layout(ck):
+    """ck in the layout written before levels took the paper's numbering: level 0 the base, sizes coarse to
+    fine, no marker, and none of the flags added since (--lr-d, --dropout-d)."""
+    K = len(ck["sizes"]) - 1
+    old = {n: v for n, v in ck.items() if n != "paper_levels"}
+    old["sizes"] = ck["sizes"][::-1]
+    old["levels"] = {K - k: v for k, v in ck["levels"].items()}
+    old["balance"] = {"best": {K - k: d for k, d in ck["balance"]["best"].items()}}
+    old["args"] = {n: v for n, v in ck["args"].items() if n not in ("dropout_d", "lr_d")}
+    if old["args"].get("level") is not None:
+        old["args"]["level"] = K - old["args"]["level"]
+    return old
+
+
+def lap_old_columns(path, K):
+    """A csv log with its level columns numbered from the base (err_d0 the base), as such runs wrote it."""
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    renamed = [re.sub(r"(\D)(\d)$", lambda m: m[1] + str(K - int(m[2])), c) for c in rows[0]]
+    assert renamed != rows[0]
+    return [renamed] + rows[1:]
+
+
+def test_lapgan_checkpoints_from_before_the_papers_numbering_load_sample_and_resume(lapgan_runs, tmp_path):
+    full = lapgan_runs["full"]
+    ck = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    torch.save(lap_old_layout(ck), tmp_path / "old.pt")
+    # the conversion itself: levels, sizes, best distances and --level flipped, the new flags' old values
+    conv = lapgan.load_checkpoint(str(tmp_path / "old.pt"))
+    assert conv["sizes"] == [32, 16, 8] and conv["paper_levels"] and conv["args"]["dropout_d"] == 0.5
+    assert all(torch.equal(conv["levels"][2]["G"][n], v) for n, v in ck["levels"][2]["G"].items())
+    assert conv["balance"]["best"] == ck["balance"]["best"] and conv["args"]["lr_d"] is None
+    alone = lap_old_layout({**ck, "args": {**ck["args"], "level": 2}, "levels": {2: ck["levels"][2]}})
+    assert list(alone["levels"]) == [0] and alone["args"]["level"] == 0  # the base was the old level 0
+    assert lapgan.paper_levels(alone)["args"]["level"] == 2
+    # sampling: the same images from the old layout as from today's
+    images = {}
+    for name, path in (("new", os.path.join(full, "ckpt.pt")), ("old", str(tmp_path / "old.pt"))):
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.main(["--sample", "--ckpt", path, "--n", "4", "--label", "1", "--npz", str(tmp_path / f"{name}.npz"),
+                         "--out", str(tmp_path / f"{name}.png")])
+        images[name] = np.load(tmp_path / f"{name}.npz")["images"]
+    assert np.array_equal(images["old"], images["new"]) and images["new"].std() > 0
+    # resume: an old run folder after epoch 1 (ckpt.pt, best.pt, log.csv and select.csv numbered from the
+    # base, and a log row written after the checkpoint) continues exactly as the uninterrupted run
+    outf = tmp_path / "run"
+    os.makedirs(outf)
+    e1 = torch.load(lapgan_runs["e1"], weights_only=True)
+    torch.save(lap_old_layout(e1), outf / "ckpt.pt")
+    best1 = {k: {"G": v["G"], "D": v["D"]} for k, v in e1["levels"].items()}  # epoch 1: every level improved
+    torch.save(lap_old_layout({**e1, "levels": best1}), outf / "best.pt")
+    for name, keep in (("log.csv", 2), ("select.csv", 1)):
+        rows = lap_old_columns(os.path.join(full, name), 2)
+        with open(outf / name, "w", newline="") as f:
+            csv.writer(f).writerows(rows[:1 + keep + 1])  # one row past epoch 1, as after a crash
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(LAPGAN_TINY + ["--epochs", "2", "--outf", str(outf), "--resume"])
+    for name in ("log.csv", "select.csv"):
+        assert (outf / name).read_text() == open(os.path.join(full, name)).read(), name
+    assert torch.load(outf / "ckpt.pt", weights_only=True)["paper_levels"]  # written in today's layout
+    for name in ("ckpt.pt", "best.pt"):  # best.pt: rewritten only if a level improved in epoch 2
+        a, b = (lapgan.load_checkpoint(os.path.join(d, name)) for d in (full, str(outf)))
+        assert b["sizes"] == [32, 16, 8] and sorted(b["levels"]) == [0, 1, 2]
+        for k in range(3):
+            for net in ("G", "D"):
+                assert all(torch.equal(a["levels"][k][net][n], b["levels"][k][net][n]) for n in a["levels"][k][net])
+
+
+# ----------------------------------------------------------------------------- lapgan.py: model selection, evaluation, D's padding
+def lap_coded_images(n, size=32, nc=3):
+    """n uint8 images, image i holding the value 10 i in every pixel, so an image tells its own index."""
+    return (torch.arange(n) * 10).view(n, 1, 1, 1).expand(n, nc, size, size).to(torch.uint8).contiguous()
+
+
+def lap_indices(x, run):
+    """The index of each normalised image made by lap_coded_images."""
+    pixels = (x * run.std + run.mean) * 255
+    return (pixels.mean((1, 2, 3)) / 10).round().long().tolist()
+
+
+def test_lapgan_selection_scores_the_last_test_images_and_eval_the_first(tmp_path, monkeypatch):
+    """The cifar/ code selects each level on held-out images; the paper (Sec. 4.1) reports the Parzen estimate
+    on test images. Both come from the test split here: selection on its last --select images, --eval on its
+    first n_val + --eval-images, so that no model is chosen on the images it is scored on."""
+    run = lap_tiny_run(["--select", "5", "--outf", str(tmp_path)])
+    test = (lap_coded_images(20), torch.arange(20) % 6, [str(i) for i in range(6)])
+    monkeypatch.setattr(lapgan, "load_dataset", lambda args, split: test)
+    x, y = lapgan.selection_images(run)
+    chosen = lap_indices(x, run)
+    assert chosen == [15, 16, 17, 18, 19] and y.tolist() == (torch.arange(15, 20) % 6).tolist()
+    scored = []
+
+    def parzen(args, Gs, x, y, run, n_val):
+        scored.extend(lap_indices(x, run))
+        return {0: torch.zeros(len(x) - n_val)}, {0: 1.0}
+    monkeypatch.setattr(lapgan, "parzen_levels", parzen)
+    monkeypatch.setattr(lapgan, "nearest_sheet", lambda *a: None)
+    run.images, run.labels = test[0], test[1]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.evaluate(argparse.Namespace(eval_images=5), [], run, str(tmp_path / "s"))
+    assert scored == list(range(15))  # sigma on the first 10 (half the split), scores on the next 5
+    assert not set(scored) & set(chosen)
+
+
+def lap_epoch_run(tmp_path, extra=()):
+    """A tiny run with a log.csv (for curves.png) and its model-selection images, for end_of_epoch."""
+    run = lap_tiny_run(["--select", "4", "--outf", str(tmp_path), *extra])
+    with open(tmp_path / "log.csv", "w") as f:
+        f.write("step,epoch,err_d\n1,1,0.5\n")
+    x, y = lapgan.get_batch(run, torch.arange(4), False)
+    return run, (x, y)
+
+
+def test_lapgan_selection_noise_is_its_own_and_the_same_every_epoch(tmp_path):
+    """The cifar/ code scores each epoch's models on the same fixed noise: here a generator of selection's
+    own, seeded from --seed every epoch, so that the scores depend on the weights only, whatever training
+    drew, and the training RNG is left exactly where it was (exact resume depends on it)."""
+    run, val = lap_epoch_run(tmp_path)
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # training's random state differs before each epoch's selection
+        state = torch.get_rng_state()
+        run.epoch += 1
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.end_of_epoch(run, val)
+        assert torch.equal(torch.get_rng_state(), state)
+    rows = read_log(tmp_path / "select.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {k: v for k, v in rows[0].items() if k != "epoch"} == {k: v for k, v in rows[1].items() if k != "epoch"}
+
+
+def test_lapgan_best_pt_keeps_every_levels_best_epoch(tmp_path, monkeypatch):
+    """The cifar/ code keeps, for each level, the model of that level's own best epoch (lowest distance,
+    a tie keeping the earlier): best.pt must hold every level, not only those that improved last."""
+    run, val = lap_epoch_run(tmp_path)
+    script = {1: {0: 5.0, 1: 5.0, 2: 5.0}, 2: {0: 4.0, 1: 6.0, 2: 5.0}, 3: {0: 4.5, 1: 3.0, 2: 7.0}}
+    monkeypatch.setattr(lapgan, "selection_score", lambda G, k, *a, **kw: script[run.epoch][k])
+    weights = {}
+    for epoch in (1, 2, 3):
+        run.epoch = epoch
+        with torch.no_grad():
+            for lv in run.levels.values():
+                next(lv.G.parameters()).add_(1.0)  # each epoch's weights differ
+        weights[epoch] = {k: copy.deepcopy(lv.G.state_dict()) for k, lv in run.levels.items()}
+        with contextlib.redirect_stdout(io.StringIO()):
+            lapgan.end_of_epoch(run, val)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert sorted(best["levels"]) == [0, 1, 2] and run.best == {0: 4.0, 1: 3.0, 2: 5.0}
+    for k, epoch in {0: 2, 1: 3, 2: 1}.items():
+        want = weights[epoch][k]
+        assert all(torch.equal(best["levels"][k]["G"][n], want[n]) for n in want), (k, epoch)
+
+
+def test_lapgan_residual_and_base_distances_share_pixel_units():
+    """Sec. 4.1 sums the levels' log-likelihoods, each a Parzen window over pixels in [0, 1] (Goodfellow et
+    al. 2014): a difference delta between normalised images is delta * std in pixels, at the base and at
+    every residual level alike. Stub generators give the squared distances in closed form."""
+    torch.manual_seed(0)
+    std, mean = torch.tensor([0.5, 0.25]).view(1, 2, 1, 1), torch.tensor([0.3, 0.6]).view(1, 2, 1, 1)
+    delta = torch.randn(3, 2, 4, 4)
+    want = (delta * std).flatten(1).pow(2).sum(1).double()[:, None].expand(3, 4)
+    made = torch.randn(1, 2, 4, 4)
+    stub = lambda xs, y: made.expand(len(xs[0]), -1, -1, -1)
+    pix = lambda t: (t * std + mean).flatten(1).double()
+    d2_base = lapgan.base_d2(stub, made + delta, None, 5, 4, pix)
+    d2_res = lapgan.residual_d2(stub, torch.randn(3, 2, 4, 4), made + delta, None, std, 4)
+    assert torch.allclose(d2_base, want, rtol=1e-5) and torch.allclose(d2_res, want, rtol=1e-5)
+
+
+def test_lapgan_parzen_conditions_each_level_on_the_upsampled_coarser_image(monkeypatch):
+    """Sec. 4.1: log p(I) = log q_K(I_K) + sum_k log q_k(h_k | l_k) with l_k = u(I_{k+1}), the upsampled
+    coarser image, never I_k itself; checked against the independent NumPy pyramid, with each level's
+    squared distances in pixel units (generators drawing h~_k = 0 give ||h_k * std||^2)."""
+    torch.manual_seed(0)
+    sizes, std = [16, 8, 4], torch.tensor([0.5, 0.25]).view(1, 2, 1, 1)
+    run = lapgan.Run(sizes, 0, torch.zeros(1, 2, 1, 1), std, args=argparse.Namespace(nz=3))
+    x, seen, d2s = torch.randn(6, 2, 16, 16), {}, []
+
+    def stub(k):
+        def G(xs, y):
+            if k < 2:
+                seen.setdefault(k, []).append(xs[1][0].clone())  # the condition of each test image
+                return torch.zeros_like(xs[1])
+            return torch.zeros(len(xs[0]), 2, 4, 4)
+        return G
+    real = lapgan.val_test_ll
+    monkeypatch.setattr(lapgan, "val_test_ll", lambda d2, n_val, dim: (d2s.append(d2), real(d2, n_val, dim))[1])
+    lapgan.parzen_levels(argparse.Namespace(eval_samples=5, eval_cond=4), [stub(k) for k in range(3)], x,
+                         torch.zeros(6, dtype=torch.long), run, 3)
+    xn = x.numpy()
+    for k in (0, 1):
+        l_k = lap_np_up(lap_np_down(xn, sizes[k + 1]), sizes[k])  # u(I_{k+1})
+        got = torch.stack(seen[k]).numpy()
+        assert np.abs(got - l_k).max() < 1e-5, k
+        assert np.abs(got - lap_np_down(xn, sizes[k])).max() > 0.1  # not I_k itself
+        h_k = lap_np_down(xn, sizes[k]) - l_k
+        want = ((h_k * std.numpy()) ** 2).reshape(6, -1).sum(1)
+        assert np.allclose(d2s[2 - k][:, 0].numpy(), want, rtol=1e-5), k  # the base's d2 came first
+
+
+@pytest.mark.parametrize("size,kernels,strides,want", [
+    (14, [5, 5], [1, 2], ([0, 0], 3)),     # (14 - 4 - 5) // 2 + 1 = 3 px remain: unpadded, as the code
+    (13, [5, 5], [1, 2], ([0, 0], 3)),
+    (12, [5, 5], [1, 2], ([2, 2], 6)),     # 2 would remain: padded 'same', (12 - 1) // 2 + 1 = 6
+    (15, [3, 5, 7], [1, 1, 1], ([0, 0, 0], 3)),   # the large D: 15 - 2 - 4 - 6 = 3
+    (14, [3, 5, 7], [1, 1, 1], ([1, 2, 3], 14)),  # 2 would remain
+])
+def test_lapgan_d_padding_rule_at_its_boundary(size, kernels, strides, want):
+    """Eyescream's D_k convolutions are unpadded (at CIFAR-10's 14 px level conv5, conv5 stride 2 leave
+    3 x 3 maps); the script pads 'same' only where fewer than 3 px would remain. Hand arithmetic."""
+    assert lapgan.pads(size, kernels, strides) == want
+    if kernels == [5, 5]:  # the D built at that size ends in a map of that many pixels
+        args = vars(lapgan.get_args(["--dataset", "mnist", "--width-g", "4", "--width-d", "2"]))
+        D = lapgan.build_level(args, 0, [size, size // 2], 1, 0)[1]
+        linear = [m for m in D.modules() if isinstance(m, nn.Linear)][0]
+        assert linear.in_features == 2 * want[1] ** 2 and D([torch.randn(2, 1, size, size)]).shape == (2,)
