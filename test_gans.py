@@ -3658,14 +3658,14 @@ def test_web_page_draws_lapgans_chain_as_torch(web_runs, tmp_path, dtype):
         paths = [web_runs / "l0" / "ckpt.pt", web_runs / "l1" / "ckpt.pt"]
     flags = ["--float32"] if dtype == "float32" else []
     page, got = page_output(export, paths, tmp_path / "p.html", flags)
-    chain, ck = export.lapgan_chain([str(p) for p in paths])
-    Gs, sizes = [G for G, _ in chain], [s for _, s in chain]
+    chain, ck = export.lapgan_chain([str(p) for p in paths])  # sampling order: G_K first
+    Gs, sizes = [G for G, _ in chain[::-1]], [s for _, s in chain[::-1]]  # the paper's: G_0 first
     if dtype == "float16":
         for p in (p for G in Gs for p in G.parameters()):
             p.data = p.data.half().float()
     labels, _ = export.fixed_noise(page, 3, 4)
     gen = torch.Generator().manual_seed(4)  # sample_chain draws from it as export.fixed_noise did
-    want = lapgan.sample_chain(Gs, sizes, 3, ck["args"]["nz"], labels, "cpu", gen)
+    want = lapgan.sample_chain(Gs, sizes, 3, ck["args"]["nz"], labels, "cpu", gen)[::-1]  # I_K first
     assert len(got) == 3 and all(len(levels) == len(sizes) for levels in got)
     for k, x in enumerate(want):
         js = torch.tensor([levels[k] for levels in got]).view_as(x)

@@ -154,10 +154,11 @@ def add_net(page, body, size, where, nz=None, embed=None):
 # ----------------------------------------------------------------------------- the three scripts' models
 def lapgan_chain(paths):
     """ALL that this file knows of lapgan.py's level order is here. lapgan.load_levels returns the
-    generators in sampling order, base first (joining --level K runs), and the first checkpoint, whose
-    "sizes" run from the base to the finest level. -> ([(G, size), ...] base first, checkpoint)."""
+    generators in the paper's order, G_0 (the finest) to G_K (the base), joining --level K runs, and the
+    first checkpoint, whose sizes[k] is the size of I_k. The page runs the chain in sampling order.
+    -> ([(G_K, s_K), ..., (G_0, s_0)], checkpoint)."""
     Gs, ck = lapgan.load_levels(paths)
-    return list(zip(Gs, ck["sizes"])), ck
+    return list(zip(Gs, ck["sizes"]))[::-1], ck
 
 
 def lapgan_page(paths):
@@ -200,7 +201,7 @@ def gan_page(path):
 
 
 def vaegan_page(path):
-    ck = vaegan.load_checkpoint(path, "vaegan")
+    ck = vaegan.load_checkpoint(path)
     targs = argparse.Namespace(**ck["args"])
     nc, size = ck["image"]
     Dec = vaegan.make_decoder(nc, size, targs.nz, targs.width)
