@@ -2764,3 +2764,13 @@ def test_bench_merged_lapgan_g_step_equals_the_per_level_steps():
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
     with pytest.raises(SystemExit, match="lapgan's levels only"):
         bench_tool.main(["gan", "--dataset", "shapes", "--merge-steps", "--steps", "1"])
+
+
+def test_gpu_projection_of_the_paper_schedule_from_progress_lines():
+    lines = [(1.0, "level 0: ..."), (5.0, "[e 1/2 it 5/10] D 0.6"), (7.0, "[e 1/2 it 10/10] D 0.6"),
+             (9.0, "[e 2/2 it 5/10] D 0.6"), (12.0, "[e 2/2 it 10/10] D 0.6")]
+    # two whole epochs: the first (start-up included) + 24 x the second
+    assert gpu_tool.projection(gpu_tool.Ran(0, lines, 12)) == (7.0, 5.0, 7.0 + 24 * 5.0, "epoch 2")
+    first, steady, total, how = gpu_tool.projection(gpu_tool.Ran(None, lines[:4], 9))  # stopped in epoch 2
+    assert (first, steady, total) == (7.0, 10 * (7.0 - 5.0) / 5, 7.0 + 24 * 4.0) and "steps only" in how
+    assert gpu_tool.projection(gpu_tool.Ran(None, lines[:1], 2))[:3] == (None, None, None)
