@@ -4,8 +4,8 @@
     python3 bench/gpu.py --out out/gpu-dry --dry-run       # the same parts, tiny, on the CPU in a minute
 
 Each part runs in processes of its own, each with a time limit (an out-of-memory, a crash or a hang ends
-that run only), and writes under OUT (logs/ holds every run's output, with times); the report is printed
-as README-ready markdown and written to OUT/report.md:
+that run only), and writes under OUT (logs/ holds every run's output, with times; a second try replaces
+OUT's logs/ and lapgan-* runs); the report is printed as README-ready markdown and written to OUT/report.md:
 
   a. speed: bench/bench.py for each script with --cuda: fp32, --amp and --amp --compile, at batch 64 and at
      a large batch (1024, halved while CUDA runs out of memory): images/s, ms/step and peak memory.
@@ -315,15 +315,23 @@ def trusted_lapgan(sums_json, *argv):
 def epoch_times(lines):
     """From a run's timed progress lines -> (end of each finished epoch in seconds since the start,
     seconds per step over the last stretch of lines, steps per epoch); None for what the lines lack."""
-    marks = [(t, int(m[1]), int(m[2]), int(m[3])) for t, m in ((t, PROGRESS.match(s)) for t, s in lines) if m]
+    marks = []  # (seconds since the start, epoch, step within the epoch, steps per epoch)
+    for t, line in lines:
+        m = PROGRESS.match(line)
+        if m:
+            marks.append((t, int(m[1]), int(m[2]), int(m[3])))
     ends = {e: t for t, e, it, n in marks if it == n}
-    same = [m for m in marks if m[1] == marks[-1][1]] if marks else []
+    by_epoch = {}
+    for mark in marks:
+        by_epoch.setdefault(mark[1], []).append(mark)
+    same = ([v for v in by_epoch.values() if len(v) > 1] or [[]])[-1]  # the last epoch with two lines
     per_step = (same[-1][0] - same[0][0]) / (same[-1][2] - same[0][2]) if len(same) > 1 else None
     return ends, per_step, marks[-1][3] if marks else None
 
 
 def projection(ran):
-    """-> (text for the first epoch, the steady epoch and the 25-epoch projection, how it was projected)."""
+    """-> (seconds of the first epoch, of a steady one, of the paper's schedule projected; how the steady
+    epoch was measured); None for what the run's lines do not give."""
     ends, per_step, steps = epoch_times(ran.lines)
     last = max(ends, default=0)
     if last >= 2:  # steady: the last whole epoch, its start-of-epoch work and its model selection included
@@ -331,7 +339,7 @@ def projection(ran):
     elif per_step:
         steady, how = per_step * steps, "its steps only (no whole second epoch)"
     else:
-        return None, None, None, "no progress lines"
+        return None, None, None, "too few progress lines"
     first = ends.get(1)
     total = None if first is None else first + (PAPER_EPOCHS - 1) * steady
     return first, steady, total, how
