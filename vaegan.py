@@ -495,17 +495,16 @@ def fail(msg):
 
 # ----------------------------------------------------------------------------- output files and folders
 def write_atomic(path, write):
-    """Every file the script writes: `write(f)` fills PATH.tmp, synced, then renamed over PATH (a crash keeps
-    the previous file); on any exception the .tmp goes, and a disk error becomes one line."""
+    """Every file written: `write(f)` fills PATH.tmp, synced, renamed over PATH; a disk error: one line."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # a crash or a kill before this keeps the previous file
     except BaseException as e:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # on any exception
             os.remove(tmp)
         if not isinstance(e, (OSError, RuntimeError)):  # torch.save on a full disk: RuntimeError
             raise
@@ -694,15 +693,14 @@ def load_mnist(root, name, split):
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
 
 def decode_image(path, size, mode):
-    """One image file -> uint8 H x W (grey) or H x W x 3, upright (EXIF), 8-bit, the shorter side resized to
-    `size` and the centre cropped, as DCGAN's LSUN/CelebA preprocessing."""
+    """An image file -> uint8 H x W (grey) or H x W x 3: upright (EXIF), 8-bit, resized, cropped to `size`."""
     try:
         with Image.open(path) as im:
             im = eight_bit(ImageOps.exif_transpose(im), path)
             im = im.convert(mode or ("L" if im.mode in GREY_MODES else "RGB"))
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
-    scale = size / min(im.size)
+    scale = size / min(im.size)  # the shorter side to `size`, the centre cropped: DCGAN's LSUN/CelebA steps
     im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
@@ -863,8 +861,7 @@ SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "i
                  "attribute")
 
 def resumed_args(args, ckpt, typed):
-    """The checkpoint's flags, but --dataroot and --epochs as typed and the machine's flags (MACHINE) from
-    this command line, typed or not (a GPU run resumes on a CPU); other typed flags must agree."""
+    """The checkpoint's flags, but MAY_CHANGE's as typed and MACHINE's always from this command line."""
     differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
               and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
@@ -898,23 +895,23 @@ def load_checkpoint(path):
 
 # ----------------------------------------------------------------------------- logs and pictures
 def end_of_epoch_files(run, fixed_z):
-    """Every rank takes rank 0's BN statistics (they are per rank); then rank 0 writes fixed-latent samples,
-    32 training images (or all) over their reconstructions, ckpt.pt and curves.png."""
-    for buf in (buf for net in run.nets.values() for buf in net.buffers() if run.world > 1):
+    """Rank 0's BN statistics to all; then rank 0 writes samples, reconstructions, ckpt.pt, curves.png."""
+    nets = nn.ModuleDict(run.nets)
+    for buf in (buf for buf in nets.buffers() if run.world > 1):  # BN's running statistics are per rank
         dist.broadcast(buf, 0)
-    nets, outf, epoch = run.nets, run.args.outf, run.epoch
     if run.rank > 0:
         return
-    if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
-        fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
+    outf = run.args.outf
+    if not all(torch.isfinite(p).all() for p in nets.parameters()):
+        fail(f"the weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {outf} is kept")
     nrow = min(8, len(run.images))
     x = get_batch(run, torch.arange(min(32, len(run.images)) // nrow * nrow, device=run.images.device))
-    nn.ModuleDict(nets).eval()  # BN with its running statistics for pictures
+    nets.eval()  # BN with its running statistics for pictures
     with torch.no_grad():
-        save_grid(nets["Dec"](fixed_z), os.path.join(outf, f"samples_e{epoch:03d}.png"))
+        save_grid(nets["Dec"](fixed_z), os.path.join(outf, f"samples_e{run.epoch:03d}.png"))
         save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0]), nrow),
-                  os.path.join(outf, f"recon_e{epoch:03d}.png"), nrow)
-    nn.ModuleDict(nets).train()
+                  os.path.join(outf, f"recon_e{run.epoch:03d}.png"), nrow)
+    nets.train()
     write_atomic(os.path.join(outf, "ckpt.pt"), lambda f: torch.save(checkpoint(run), f))
     plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
 
@@ -929,12 +926,10 @@ def log_row(run, epoch, it, steps, means):
     if run.rank > 0:
         return
     log = os.path.join(args.outf, "log.csv")
-    new = not os.path.exists(log)
-    with open(log, "a", newline="") as f:  # one short line appended; a trim goes through write_atomic
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    header = "" if os.path.exists(log) else ",".join(row) + "\n"
+    cells = [f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()]
+    with open(log, "a") as f:  # one short line appended; a trim goes through write_atomic
+        f.write(header + ",".join(cells) + "\n")
     done = (run.step - 1) % args.log_every + 1  # steps since the last row
     rate = done * args.batch_size * run.world / max(now - run.logged_at, 1e-9)
     eta = ((args.epochs - epoch) * steps + steps - it) * args.batch_size * run.world / rate / 60
@@ -989,8 +984,7 @@ def pair_rows(a, b, nrow=8):
     return torch.stack(rows, 1).flatten(0, 2)
 
 def sample_prior(Dec, nz, image, n, stem, device, chunk=500):
-    """n prior samples as uint8 N x H x W x C, decoded in chunks, after checking that they (and their
-    grid) fit in free memory and on the disk of STEM."""
+    """n prior samples, uint8 N x H x W x C, in chunks, once they and their grid fit in memory and on disk."""
     c, size = image  # the checkpoint's image shape
     need = 2 * n * c * size * size  # the array and the grid, in bytes
     free_disk = shutil.disk_usage(os.path.dirname(os.path.abspath(stem))).free
@@ -1015,14 +1009,13 @@ class Forward:
     batch_mean: object = None  # tensors -> floats, their mean over every data-parallel rank's share
 
 def prepare_forward(nets, opts, args, world):
-    """Wraps each network for `forward_losses`. Under torchrun each optimiser first averages its
-    gradients over the ranks (a step pre-hook): DDP's hooks by hand, as autograd.grad does not fire them."""
+    """Wraps each network for `forward_losses`; under torchrun each optimiser first averages its gradients."""
     parts = dict(nets)
     if "D" in nets:
         parts["Dfeat"] = nets["D"][0]
     if world > 1:
         for opt in opts.values():
-            opt.register_step_pre_hook(average_grads)
+            opt.register_step_pre_hook(average_grads)  # DDP's hooks by hand: autograd.grad does not fire them
     return Forward(**{k: autocast_call(m, args) for k, m in parts.items()}, batch_mean=global_mean)
 
 def autocast_call(module, args):
