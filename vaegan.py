@@ -799,7 +799,7 @@ def load_dataset(args, split):
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
         luma = torch.tensor([0.299, 0.587, 0.114])
         x = torch.einsum("nchw,c->nhw", x.float(), luma)[:, None].round().byte()
-    x, y = x.expand(-1, args.channels or x.shape[1], -1, -1), y.long()  # grey to RGB when asked
+    x = x.expand(-1, args.channels or x.shape[1], -1, -1)  # grey to RGB when asked; every reader's y is int64
     if split == "train" and args.limit:
         x, y = x[:args.limit], y[:args.limit]
     if len(x) == 0:
