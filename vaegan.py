@@ -495,21 +495,18 @@ def fail(msg):
 
 # ----------------------------------------------------------------------------- output files and folders
 def write_atomic(path, write):
-    """Every file the script writes goes through here: `write(f)` fills PATH.tmp in the same folder, which
-    is flushed, synced and renamed over PATH, so a crash, a kill or a full disk keeps the previous file.
-    On any exception the .tmp is removed; a disk error (torch.save on a full disk raises RuntimeError
-    "unexpected pos", not OSError) becomes one line."""
+    """Every file written: `write(f)` fills PATH.tmp, synced, renamed over PATH; a disk error: one line."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # a crash or a kill before this keeps the previous file
     except BaseException as e:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # on any exception
             os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save on a full disk: RuntimeError
             raise
         why = getattr(e, "strerror", None) or str(e).splitlines()[0]
         with contextlib.suppress(OSError):  # the free space tells a full disk from other errors
@@ -529,39 +526,33 @@ def prepare_output(folder):
         fail(f"cannot write into the folder {folder} ({why}); choose another")
 
 def lock_run(outf):
-    """OUTF/.lock, holding this process's id, for the run's life: a second run into the same folder is
-    refused; a lock whose process is gone is taken over. -> the lock's path, for `main` to release."""
+    """OUTF/.lock holds this process's id for the run's life; a lock whose process is gone is taken over."""
     path = os.path.join(outf, ".lock")
     for _ in range(3):
-        try:
+        with contextlib.suppress(FileExistsError):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            with open(path) as f:
-                pid = f.read().strip()
-            if not pid.isdigit() or process_alive(int(pid)):
-                fail(f"{outf} is in use by another run (process {pid or 'starting'}); wait for it to end, "
-                     f"or choose another --outf (if no run uses it, delete {path})")
-            with contextlib.suppress(OSError):  # a stale lock: that process no longer exists
-                os.rename(path, f"{path}.stale-{pid}")
-                os.remove(f"{path}.stale-{pid}")
-            continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return path
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return path
+        with open(path) as f:
+            pid = f.read().strip()
+        if not pid.isdigit() or process_alive(int(pid)):
+            fail(f"{outf} is in use by another run (process {pid or 'starting'}); wait for it to end, "
+                 f"or choose another --outf (if no run uses it, delete {path})")
+        with contextlib.suppress(FileNotFoundError):  # a stale lock: that process no longer exists
+            os.remove(path)
     fail(f"could not take the lock {path}; try again")
 
 def process_alive(pid):
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # alive, another user's
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, another user's
-        return True
     return True
 
 def start_folder(args, ckpt):
-    """The run folder, locked: a folder with a ckpt.pt is a run (fresh runs refused); stale logs of a run
-    that never wrote a checkpoint are replaced. -> the lock's path."""
+    """The run folder, locked; a fresh run refuses a folder with a ckpt.pt and replaces a stale log.csv."""
     prepare_output(args.outf)
     lock = lock_run(args.outf)
     if not ckpt and os.path.exists(os.path.join(args.outf, "ckpt.pt")):
@@ -571,7 +562,6 @@ def start_folder(args, ckpt):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(args.outf, "log.csv"))
     return lock
-
 
 # ----------------------------------------------------------------------------- data
 # Every loader returns a whole split as one uint8 tensor N x C x H x W, int64 labels and class names:
@@ -668,8 +658,7 @@ def read_cifar10(root, split):
             blobs = [checked(os.path.join(path, n)) for n in names]
         else:
             with tarfile.open(fileobj=io.BytesIO(checked(path))) as t:
-                members = {os.path.basename(m.name): m for m in t.getmembers()}
-                blobs = [t.extractfile(members[n]).read() for n in names]
+                blobs = [t.extractfile(f"cifar-10-batches-py/{n}").read() for n in names]
         batches = [BatchUnpickler(io.BytesIO(b), encoding="bytes").load() for b in blobs]
         x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
         y = np.concatenate([b[b"labels"] for b in batches])
@@ -704,28 +693,25 @@ def load_mnist(root, name, split):
     return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
 
 def decode_image(path, size, mode):
-    """One image file -> uint8 H x W (grey) or H x W x 3: its EXIF orientation applied, its mode mapped
-    to 8 bits (`eight_bit`), then the shorter side resized to `size` and the centre cropped, as DCGAN's
-    LSUN/CelebA preprocessing."""
+    """An image file -> uint8 H x W (grey) or H x W x 3: upright (EXIF), 8-bit, resized, cropped to `size`."""
     try:
         with Image.open(path) as im:
             im = eight_bit(ImageOps.exif_transpose(im), path)
             im = im.convert(mode or ("L" if im.mode in GREY_MODES else "RGB"))
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
-    scale = size / min(im.size)
+    scale = size / min(im.size)  # the shorter side to `size`, the centre cropped: DCGAN's LSUN/CelebA steps
     im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
 def eight_bit(im, path):
-    """8-bit modes as they are; 16-bit, 32-bit integer and float grey scaled by their range to 8 bits
-    (Pillow's convert("L") would clip them to white or truncate them to black); other modes refused."""
+    """8-bit modes as they are; 16-bit, 32-bit and float grey scaled by their range; other modes refused."""
     if im.mode in GREY_MODES + COLOUR_MODES:
         return im
     if not (im.mode in ("I", "F") or im.mode.startswith("I;16")):
         fail(f"{path} has the image mode {im.mode}, which this reader does not map; save it as RGB or grey")
-    a = np.nan_to_num(np.asarray(im, np.float64))
+    a = np.nan_to_num(np.asarray(im, np.float64))  # Pillow's convert("L") would clip or truncate them
     full = [65535.0] if im.mode.startswith("I;16") else [s for s in FULL_SCALE if a.max() <= s]
     if full and a.min() >= 0:
         a = a / full[0] * 255
@@ -734,13 +720,11 @@ def eight_bit(im, path):
     return Image.fromarray(a.round().astype(np.uint8))
 
 def image_files(root, outf=None):
-    """The images under `root`, sorted. Hidden entries are skipped, and so is the run's own --outf inside
-    it (with a note); folder links are not followed (a link loop cannot hang the walk); a link to nothing
-    is skipped with a note."""
+    """The images under `root`, sorted; hidden entries, the run's own --outf and links to nothing skipped."""
     def unreadable(e):  # os.walk would skip the folder without a word
         fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
     files = []
-    for folder, dirs, names in os.walk(root, onerror=unreadable):
+    for folder, dirs, names in os.walk(root, onerror=unreadable):  # folder links not followed: no loops
         if outf and os.path.realpath(folder) == os.path.realpath(outf):
             print(f"note: skipping {folder}: it is this run's --outf, not data")
             dirs.clear()
@@ -755,15 +739,13 @@ def image_files(root, outf=None):
     return sorted(files)
 
 def load_folder(root, size, channels, workers, outf=None):
-    """A folder of images, classes from its top-level sub-folders (images in nested folders belong to their
-    top-level class); decoded once and cached beside the data."""
+    """A folder of images, classes from its top-level sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
     files = image_files(root, outf)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    tops = [os.path.relpath(f, root).split(os.sep) for f in files]
-    dirs = [parts[0] if len(parts) > 1 else "." for parts in tops]  # "." for images in root itself
+    dirs = [os.path.relpath(os.path.dirname(f), root).split(os.sep)[0] for f in files]  # the top-level folder
     classes = sorted(set(dirs))
     print(f"{len(files)} images in {len(classes)} classes: {', '.join(classes)}")
     stats = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
@@ -774,9 +756,9 @@ def load_folder(root, size, channels, workers, outf=None):
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         ims = list(pool.map(lambda f: decode_image(f, size, mode), files))
-    if mode is None and any(im.ndim == 3 for im in ims):  # colour kept as found; greys join as RGB
-        ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
-    x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
+    c = 3 if any(im.ndim == 3 for im in ims) else 1  # colour kept as found; greys join as RGB
+    ims = [np.broadcast_to(np.atleast_3d(im), (size, size, c)) for im in ims]
+    x = np.stack(ims).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(d) for d in dirs], np.int64)
     check_split(x, y, len(classes), root)
     with contextlib.suppress(SystemExit):  # read-only data or a full disk: decoded again next time
@@ -811,14 +793,13 @@ def load_dataset(args, split):
         n = min(10000, args.limit or 10000) if split == "train" else 2000
         x, y, classes = make_shapes(n, args.image_size, 0 if split == "train" else 1)
     else:
-        outf = getattr(args, "outf", None)
-        x, y, classes = load_folder(args.dataroot, args.image_size, args.channels, args.workers, outf)
+        x, y, classes = load_folder(args.dataroot, args.image_size, args.channels, args.workers, args.outf)
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
         luma = torch.tensor([0.299, 0.587, 0.114])
         x = torch.einsum("nchw,c->nhw", x.float(), luma)[:, None].round().byte()
-    x, y = x.expand(-1, args.channels or x.shape[1], -1, -1), y.long()  # grey to RGB when asked
+    x = x.expand(-1, args.channels or x.shape[1], -1, -1)  # grey to RGB when asked; every reader's y is int64
     if split == "train" and args.limit:
         x, y = x[:args.limit], y[:args.limit]
     if len(x) == 0:
@@ -868,14 +849,10 @@ def restore(run, ckpt):
     if run.rank > 0:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     elif os.path.exists(log):  # rows logged past the checkpoint (a crash mid-epoch) are written again
-        with open(log, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if int(r["step"]) <= run.step]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=reader.fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(log, lambda f: f.write(text.getvalue().encode()))  # never deleted first
+        with open(log) as f:
+            header, *rows = f.readlines()
+        kept = [header] + [r for r in rows if int(r.split(",")[0]) <= run.step]  # the step comes first
+        write_atomic(log, lambda f: f.write("".join(kept).encode()))  # never deleted first
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 MAY_CHANGE = ("dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every")
@@ -884,8 +861,7 @@ SAMPLING_ONLY = ("resume", "sample", "ckpt", "n", "npz", "out", "recon_grid", "i
                  "attribute")
 
 def resumed_args(args, ckpt, typed):
-    """The checkpoint's flags, but --dataroot and --epochs as typed and the machine's flags (MACHINE) from
-    this command line, typed or not (a GPU run resumes on a CPU); other typed flags must agree."""
+    """The checkpoint's flags, but MAY_CHANGE's as typed and MACHINE's always from this command line."""
     differ = [k for k in vars(args) if k in set(typed) - set(MAY_CHANGE + SAMPLING_ONLY)
               and getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if differ:
@@ -919,23 +895,23 @@ def load_checkpoint(path):
 
 # ----------------------------------------------------------------------------- logs and pictures
 def end_of_epoch_files(run, fixed_z):
-    """Every rank takes rank 0's BN statistics (they are per rank); then rank 0 writes fixed-latent samples,
-    32 training images (or all) over their reconstructions, ckpt.pt and curves.png."""
-    for buf in (buf for net in run.nets.values() for buf in net.buffers() if run.world > 1):
+    """Rank 0's BN statistics to all; then rank 0 writes samples, reconstructions, ckpt.pt, curves.png."""
+    nets = nn.ModuleDict(run.nets)
+    for buf in (buf for buf in nets.buffers() if run.world > 1):  # BN's running statistics are per rank
         dist.broadcast(buf, 0)
-    nets, outf, epoch = run.nets, run.args.outf, run.epoch
     if run.rank > 0:
         return
-    if not all(torch.isfinite(p).all() for n in nets.values() for p in n.parameters()):
-        fail(f"the weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
+    outf = run.args.outf
+    if not all(torch.isfinite(p).all() for p in nets.parameters()):
+        fail(f"the weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {outf} is kept")
     nrow = min(8, len(run.images))
     x = get_batch(run, torch.arange(min(32, len(run.images)) // nrow * nrow, device=run.images.device))
-    nn.ModuleDict(nets).eval()  # BN with its running statistics for pictures
+    nets.eval()  # BN with its running statistics for pictures
     with torch.no_grad():
-        save_grid(nets["Dec"](fixed_z), os.path.join(outf, f"samples_e{epoch:03d}.png"))
+        save_grid(nets["Dec"](fixed_z), os.path.join(outf, f"samples_e{run.epoch:03d}.png"))
         save_grid(pair_rows(x, nets["Dec"](posterior(nets["E"], x)[0]), nrow),
-                  os.path.join(outf, f"recon_e{epoch:03d}.png"), nrow)
-    nn.ModuleDict(nets).train()
+                  os.path.join(outf, f"recon_e{run.epoch:03d}.png"), nrow)
+    nets.train()
     write_atomic(os.path.join(outf, "ckpt.pt"), lambda f: torch.save(checkpoint(run), f))
     plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
 
@@ -950,12 +926,10 @@ def log_row(run, epoch, it, steps, means):
     if run.rank > 0:
         return
     log = os.path.join(args.outf, "log.csv")
-    new = not os.path.exists(log)
-    with open(log, "a", newline="") as f:  # one short line appended; a trim goes through write_atomic
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    header = "" if os.path.exists(log) else ",".join(row) + "\n"
+    cells = [f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()]
+    with open(log, "a") as f:  # one short line appended; a trim goes through write_atomic
+        f.write(header + ",".join(cells) + "\n")
     done = (run.step - 1) % args.log_every + 1  # steps since the last row
     rate = done * args.batch_size * run.world / max(now - run.logged_at, 1e-9)
     eta = ((args.epochs - epoch) * steps + steps - it) * args.batch_size * run.world / rate / 60
@@ -1010,8 +984,7 @@ def pair_rows(a, b, nrow=8):
     return torch.stack(rows, 1).flatten(0, 2)
 
 def sample_prior(Dec, nz, image, n, stem, device, chunk=500):
-    """n prior samples as uint8 N x H x W x C, decoded in chunks, after checking that they (and their
-    grid) fit in free memory and on the disk of STEM."""
+    """n prior samples, uint8 N x H x W x C, in chunks, once they and their grid fit in memory and on disk."""
     c, size = image  # the checkpoint's image shape
     need = 2 * n * c * size * size  # the array and the grid, in bytes
     free_disk = shutil.disk_usage(os.path.dirname(os.path.abspath(stem))).free
@@ -1036,14 +1009,13 @@ class Forward:
     batch_mean: object = None  # tensors -> floats, their mean over every data-parallel rank's share
 
 def prepare_forward(nets, opts, args, world):
-    """Wraps each network for `forward_losses`. Under torchrun each optimiser first averages its
-    gradients over the ranks (a step pre-hook): DDP's hooks by hand, as autograd.grad does not fire them."""
+    """Wraps each network for `forward_losses`; under torchrun each optimiser first averages its gradients."""
     parts = dict(nets)
     if "D" in nets:
         parts["Dfeat"] = nets["D"][0]
     if world > 1:
         for opt in opts.values():
-            opt.register_step_pre_hook(average_grads)
+            opt.register_step_pre_hook(average_grads)  # DDP's hooks by hand: autograd.grad does not fire them
     return Forward(**{k: autocast_call(m, args) for k, m in parts.items()}, batch_mean=global_mean)
 
 def autocast_call(module, args):
