@@ -2747,7 +2747,7 @@ def test_bench_merged_lapgan_g_step_equals_the_per_level_steps():
     for merge in (False, True):
         torch.manual_seed(0)
         run = lapgan.setup_run(args, torch.device("cpu"), bench_tool.random_data(args, 64))
-        before = torch.cat([p.detach().flatten().clone() for p in run.levels[2].nets["G"].parameters()])
+        before = torch.cat([p.detach().flatten().clone() for p in run.levels[2].G.parameters()])
         ours = argparse.Namespace(channels_last=False, fused_opt=False, merge_steps=merge)
         step = bench_tool.step_function("lapgan", lapgan, run)
         extra = bench_tool.tune("lapgan", run, "cpu", ours)
@@ -2755,7 +2755,7 @@ def test_bench_merged_lapgan_g_step_equals_the_per_level_steps():
         for _ in range(2):  # two steps: momentum carries over in both
             step()
             extra()
-        after = torch.cat([p.detach().flatten() for p in run.levels[2].nets["G"].parameters()])
+        after = torch.cat([p.detach().flatten() for p in run.levels[2].G.parameters()])
         assert not torch.equal(before, after)  # G_2 did learn
         every = [p for net in run.nets.values() for p in net.parameters()]
         weights.append(torch.cat([p.detach().flatten() for p in every]))

@@ -89,7 +89,7 @@ def merged_g_step(run):
     """lapgan: the G steps of all levels as one optimiser step at the end of the training step. Exact:
     G_k's weights are read by no later part of the same step. D_k's step stays where it is (G_k's loss
     reads the updated D_k). -> the step function to call after each train_step."""
-    opts = [lv.opts["G"] for lv in run.levels.values()]
+    opts = [lv.opt_G for lv in run.levels.values()]
     hyper = {k: v for k, v in opts[0].param_groups[0].items() if k != "params"}
     merged = type(opts[0])([p for o in opts for g in o.param_groups for p in g["params"]], **hyper)
     for o in opts:
