@@ -909,17 +909,15 @@ def lock_run(outf):
     path = os.path.join(outf, ".lock")
     while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
+            with open(path, "x") as f:  # O_CREAT | O_EXCL: one process wins
+                f.write(str(os.getpid()))
+            return path
         except FileExistsError:
             text = open(path).read().strip()
         if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
             fail(f"{outf} is in use by another run (process {text or 'starting'}); wait for it to end, "
                  "or choose another --outf")
         os.remove(path)  # its process is gone: a stale lock
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return path
 
 def pid_alive(pid):
     try:
@@ -929,10 +927,9 @@ def pid_alive(pid):
     return True
 
 def append_log(path, row):
-    new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
+        if f.tell() == 0:  # a new file
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
@@ -1055,11 +1052,10 @@ def load_sampler(args):
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
     nc, size = ckpt["shape"]
     need = args.n * (nc * size * size + 8 * (ncls > 0))  # bytes of the images (and labels) asked for
-    for path in [stem] + ([args.npz] if args.npz else []):  # the grid's folder, the npz's
-        prepare_output(os.path.dirname(os.path.abspath(path)))
-        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < need:
-            fail(f"--n {args.n} needs about {need / 1e9:.2f} GB on {os.path.dirname(os.path.abspath(path))}, "
-                 "more than is free; lower --n")
+    for folder in [os.path.dirname(os.path.abspath(p)) for p in (stem, args.npz or stem)]:  # grid's, npz's
+        prepare_output(folder)
+        if shutil.disk_usage(folder).free < need:
+            fail(f"--n {args.n} needs about {need / 1e9:.2f} GB on {folder}, more than is free; lower --n")
     if hasattr(os, "sysconf") and 3 * need > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
         fail(f"--n {args.n} needs about {3 * need / 1e9:.2f} GB of memory, more than is free; lower --n")
     G = build_nets(targs, nc, ncls, size)[0].to(device).eval()
