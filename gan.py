@@ -53,6 +53,7 @@ import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 import numpy as np
 import torch
 from torch import distributed as dist, nn
@@ -712,8 +713,7 @@ def load_folder(root, size, channels, workers, outf=None):
     files = list_images(root, outf)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    tops = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else "."
-            for f in files]  # an image in a nested folder belongs to its top-level folder's class
+    tops = [os.path.relpath(os.path.dirname(f), root).split(os.sep)[0] for f in files]  # a top-level class
     classes = sorted(set(tops))
     print(f"{len(files)} images in {root}; classes (its top-level folders): {', '.join(classes)}")
     stamp = md5_of(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode())[:12]
@@ -839,8 +839,7 @@ def restore(run, ckpt):
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 def resume_args(args, ckpt):
-    """The checkpoint's flags, but --dataroot and --epochs where typed, and this machine's flags (--cuda,
-    --amp, --compile, --workers, --log-every) from the command line, typed or not."""
+    """The checkpoint's flags, but --dataroot and --epochs where typed and this machine's flags as given."""
     saved, names = ckpt["args"], lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)
     free = RESUME_MAY_CHANGE + OUTPUT_ONLY
     differ = [k for k in args.typed if k not in free and saved.get(k) != vars(args)[k]]
@@ -877,8 +876,7 @@ def load_checkpoint(path, training=False):
 
 # Files: each one written whole or not at all, into a folder proven writable, by one run at a time
 def write_atomic(path, write):
-    """write(f) into PATH.tmp in the same folder, fsync, rename: PATH is the old file or the new one, whole.
-    On any exception (Ctrl-C too) the .tmp goes; a disk error becomes one line naming the path and cause."""
+    """write(f) into PATH.tmp, fsync, rename; on any exception the .tmp goes, a disk error as one line."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -886,19 +884,14 @@ def write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        full = isinstance(e, (OSError, RuntimeError)) and disk_full(e, path)  # before the .tmp frees space
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk: RuntimeError("... unexpected pos ...")
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free  # before the .tmp goes
+        if getattr(e, "errno", None) == errno.ENOSPC or free < 1 << 16:
+            fail(f"no space left on device writing {path}; the previous file is kept: free some space")
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or e}); the previous file is kept")
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if full:
-            fail(f"no space left on device writing {path}; the previous file is kept: free some space")
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save's RuntimeError from a failed write too
-            fail(f"could not write {path} ({getattr(e, 'strerror', None) or e}); the previous file is kept")
-        raise
-
-def disk_full(e, path):  # torch.save on a full disk raises RuntimeError("... unexpected pos ..."), no errno
-    folder = os.path.dirname(os.path.abspath(path))
-    return getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 1 << 16
 
 def prepare_output(folder):
     """Create `folder` and prove it writable with a probe file, or fail with one line saying why not."""
@@ -916,32 +909,27 @@ def lock_run(outf):
     path = os.path.join(outf, ".lock")
     while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
+            with open(path, "x") as f:  # O_CREAT | O_EXCL: one process wins
+                f.write(str(os.getpid()))
+            return path
         except FileExistsError:
             text = open(path).read().strip()
         if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
             fail(f"{outf} is in use by another run (process {text or 'starting'}); wait for it to end, "
                  "or choose another --outf")
         os.remove(path)  # its process is gone: a stale lock
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return path
 
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
+    except OSError as e:  # PermissionError: alive, another user's
+        return not isinstance(e, ProcessLookupError)
     return True
 
 def append_log(path, row):
-    new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
+        if f.tell() == 0:  # a new file
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
@@ -955,8 +943,7 @@ def save_npz(path, images, labels):
 
 # Logs and pictures
 class Log:
-    """log.csv rows and progress lines: step outputs summed over --log-every steps (one host sync per row),
-    D's outputs also into this epoch's histogram. A NaN stops training; the last checkpoint stays."""
+    """log.csv rows and progress lines of step outputs summed over --log-every steps; a NaN stops training."""
 
     def __init__(self, run):
         self.run, self.sums, self.count, self.t0, self.step0 = run, {}, 0, time.time(), run.step
@@ -1065,11 +1052,10 @@ def load_sampler(args):
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
     nc, size = ckpt["shape"]
     need = args.n * (nc * size * size + 8 * (ncls > 0))  # bytes of the images (and labels) asked for
-    for path in [stem] + ([args.npz] if args.npz else []):  # the grid's folder, the npz's
-        prepare_output(os.path.dirname(os.path.abspath(path)))
-        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < need:
-            fail(f"--n {args.n} needs about {need / 1e9:.2f} GB on {os.path.dirname(os.path.abspath(path))}, "
-                 "more than is free; lower --n")
+    for folder in [os.path.dirname(os.path.abspath(p)) for p in (stem, args.npz or stem)]:  # grid's, npz's
+        prepare_output(folder)
+        if shutil.disk_usage(folder).free < need:
+            fail(f"--n {args.n} needs about {need / 1e9:.2f} GB on {folder}, more than is free; lower --n")
     if hasattr(os, "sysconf") and 3 * need > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
         fail(f"--n {args.n} needs about {3 * need / 1e9:.2f} GB of memory, more than is free; lower --n")
     G = build_nets(targs, nc, ncls, size)[0].to(device).eval()
@@ -1090,13 +1076,11 @@ def forward_calls(G, D, args, device, world):
     nets = [nn.parallel.DistributedDataParallel(m, device_ids=ids) if world > 1 else m for m in (G, D)] + [D]
     nets = [torch.compile(m, dynamic=False) for m in nets] if args.compile else nets
     amp = args.amp and device.type == "cuda"
+    return Forward(*[partial(in_precision, m, device.type, amp) for m in nets], floats=mean_over_ranks)
 
-    def in_precision(net):
-        def call(*inputs):
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                return net(*inputs).float()
-        return call
-    return Forward(*[in_precision(m) for m in nets], floats=mean_over_ranks)
+def in_precision(net, kind, amp, *inputs):  # float32 out, whatever precision the net ran in
+    with torch.autocast(kind, torch.bfloat16, enabled=amp):
+        return net(*inputs).float()
 
 def mean_over_ranks(*values):
     t = torch.stack([v.detach().float() for v in values])
@@ -1116,19 +1100,33 @@ def pick_device(args, local_rank=0):
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
-# Command line. Every numeric flag: its type, default and valid interval ("[" closed, "(" open, inf: none);
+# Command line. Every numeric flag: type, default, valid interval ("[" closed, "(" open, inf: none), help;
 # get_args checks them all in one loop before anything is allocated (NaN and inf fail too).
-NUMBERS = {"image_size": (int, None, "[1, 1024]"), "limit": (int, None, "[1, inf)"),
-           "nz": (int, None, "[1, 4096]"), "ngf": (int, 64, "[1, 1024]"), "ndf": (int, 64, "[2, 1024]"),
-           "epochs": (int, 25, "[1, 100000]"), "batch_size": (int, 64, "[2, 65536]"),
-           "lr": (float, None, "(0, 10]"), "beta1": (float, 0.5, "[0, 1)"), "margin": (float, 0.3, "[0, 1]"),
-           "d_pretrain": (int, 0, "[0, inf)"), "swap_real": (float, 0.0, "[0, 1]"),
-           "swap_epochs": (int, 0, "[0, inf)"), "dropout_d": (float, None, "[0, 1)"),
-           "dropout_g": (float, 0.0, "[0, 1)"), "seed": (int, 1, "[0, 4294967295]"),
-           "log_every": (int, 100, "[1, inf)"), "workers": (int, 4, "[0, 256]"), "n": (int, 64, "[1, inf)"),
-           "label": (int, None, "[0, inf)"), "steps": (int, 10, "[1, 1000]"),
-           "sweep_dim": (int, None, "[0, inf)"), "range": (float, 3.0, "(0, inf)"),
-           "walk": (int, 0, "[0, 100000]"), "eval_samples": (int, 10000, "[1, inf)")}
+NUMBERS = {"image_size": (int, None, "[1, 1024]", "images resized to this; native unless given, folder 64"),
+           "limit": (int, None, "[1, inf)", "use only the first N training images"),
+           "nz": (int, None, "[1, 4096]", "latent size; dcgan 100, upsample 512"),
+           "ngf": (int, 64, "[1, 1024]", "G's width"),
+           "ndf": (int, 64, "[2, 1024]", "D's width"),
+           "epochs": (int, 25, "[1, 100000]", "passes over the training images"),
+           "batch_size": (int, 64, "[2, 65536]", "images per step"),
+           "lr": (float, None, "(0, 10]", "learning rate; dcgan 2e-4, upsample 1e-3"),
+           "beta1": (float, 0.5, "[0, 1)", "Adam's beta1"),
+           "margin": (float, 0.3, "[0, 1]", "the margin rule's margin"),
+           "d_pretrain": (int, 0, "[0, inf)", "D-only steps before the game"),
+           "swap_real": (float, 0.0, "[0, 1]", "fraction of each real batch replaced by fakes labelled real"),
+           "swap_epochs": (int, 0, "[0, inf)", "the first epochs in which --swap-real applies"),
+           "dropout_d": (float, None, "[0, 1)", "dropout after D's activations; upsample 0.2"),
+           "dropout_g": (float, 0.0, "[0, 1)", "upsample: dropout after G's block ReLUs"),
+           "seed": (int, 1, "[0, 4294967295]", "seeds everything"),
+           "log_every": (int, 100, "[1, inf)", "steps per progress line and log.csv row"),
+           "workers": (int, 4, "[0, 256]", "threads decoding a folder of images"),
+           "n": (int, 64, "[1, inf)", "how many samples"),
+           "label": (int, None, "[0, inf)", "the class to sample (conditional models)"),
+           "steps": (int, 10, "[1, 1000]", "images per row of --interp and --sweep-dim"),
+           "sweep_dim": (int, None, "[0, inf)", "the latent dimension to sweep from -R to R"),
+           "range": (float, 3.0, "(0, inf)", "R of --sweep-dim"),
+           "walk": (int, 0, "[0, 100000]", "frames of a GIF walking the latent space"),
+           "eval_samples": (int, 10000, "[1, inf)", "samples for --eval's Parzen window")}
 
 def make_parser():
     p = argparse.ArgumentParser(description="GAN / DCGAN with balancing heuristics; see the module docstring")
@@ -1144,8 +1142,8 @@ def make_parser():
         a("--" + name)
     for name in "conditional bn-d resume cuda amp compile sample class-grid nn eval".split():
         a("--" + name, action="store_true")
-    for name, (kind, default, _) in NUMBERS.items():  # the README lists what each does
-        a("--" + name.replace("_", "-"), type=kind, default=default)
+    for name, (kind, default, _, text) in NUMBERS.items():
+        a("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     return p
 
 def get_args(argv=None):
@@ -1155,7 +1153,7 @@ def get_args(argv=None):
     for action in p._actions:  # parse again with no defaults: what is left is what the user typed
         action.default = argparse.SUPPRESS
     args.typed = list(vars(p.parse_args(argv)))  # in the order typed, for --resume's check
-    for name, (_, _, interval) in NUMBERS.items():
+    for name, (_, _, interval, _) in NUMBERS.items():
         v, (lo, hi) = getattr(args, name), (float(s) for s in interval[1:-1].split(","))
         if v is None:  # optional, not given
             continue

@@ -2951,7 +2951,7 @@ def test_gan_full_disk_while_training_is_one_line_and_keeps_no_tmp(tmp_path):
 def test_gan_every_numeric_flag_is_checked_against_its_interval_before_allocating():
     """Walk the table: a value just outside each end of each interval, and NaN and inf for float flags."""
     assert {"lr", "beta1", "margin", "nz", "ngf", "ndf", "limit", "n", "label", "image_size"} <= set(gan.NUMBERS)
-    for name, (kind, _, interval) in gan.NUMBERS.items():
+    for name, (kind, _, interval, _) in gan.NUMBERS.items():
         flag = "--" + name.replace("_", "-")
         lo, hi = (float(s) for s in interval[1:-1].split(","))
         bad = [lo if interval[0] == "(" else lo - (1 if kind is int else 1e-3)]
