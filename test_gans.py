@@ -4083,7 +4083,8 @@ def test_gan_parzen_sigma_is_the_validation_maximum_likelihood():
     validation points at +-0.3: the Gaussian likelihood is largest at sigma = 0.3. Test points 0 and 0.6
     then score -1/2 log(2 pi 0.09) and 2 less; the mean, and the standard error std / sqrt(2) = 1."""
     f64 = dict(dtype=torch.float64)
-    samples, val, test = torch.zeros(1, 1, **f64), torch.tensor([[0.3], [-0.3]], **f64), torch.tensor([[0.0], [0.6]], **f64)
+    samples, val = torch.zeros(1, 1, **f64), torch.tensor([[0.3], [-0.3]], **f64)
+    test = torch.tensor([[0.0], [0.6]], **f64)
     sigma, mean, se = gan.parzen_eval(samples, val, test, sigmas=[0.1, 0.3, 1.0])
     top = -0.5 * math.log(2 * math.pi * 0.09)
     assert sigma == 0.3 and mean == pytest.approx(top - 1, rel=1e-9) and se == pytest.approx(1.0, rel=1e-9)
@@ -4157,7 +4158,8 @@ def test_lapgan_class_plane_is_a_relu_of_a_linear_map_of_the_class():
     noise, coarse = torch.randn(3, 1, 2, 2), torch.randn(3, 3, 2, 2)
     out = cond([noise, coarse], y)
     want = torch.stack([(w[:, c] + b).clamp(min=0) for c in y.tolist()]).view(3, 1, 2, 2)
-    assert torch.equal(out[:, :1], noise) and torch.allclose(out[:, 1:2], want) and torch.equal(out[:, 2:], coarse)
+    assert torch.equal(out[:, :1], noise) and torch.equal(out[:, 2:], coarse)  # [noise, class, l_k]
+    assert torch.allclose(out[:, 1:2], want)
 
 
 def test_lapgan_parzen_scores_only_the_images_after_the_validation_ones():
@@ -4175,14 +4177,16 @@ def test_lapgan_parzen_dimension_of_each_level_counts_every_channel(monkeypatch)
     is (2 pi sigma^2)^(C s_k^2 / 2)): with 3 channels and sizes 16, 8, 4, the base (4 px) is 48-dimensional,
     then 192 and 768."""
     sizes = [16, 8, 4]
-    run = lapgan.Run(sizes, 0, torch.zeros(1, 3, 1, 1), torch.full((1, 3, 1, 1), 0.5), args=argparse.Namespace(nz=3))
+    mean, std = torch.zeros(1, 3, 1, 1), torch.full((1, 3, 1, 1), 0.5)
+    run = lapgan.Run(sizes, 0, mean, std, args=argparse.Namespace(nz=3))
 
     def stub(k):
         def G(xs, y):
             return torch.zeros_like(xs[1]) if k < 2 else torch.zeros(len(xs[0]), 3, 4, 4)
         return G
     dims, real = [], lapgan.val_test_ll
-    monkeypatch.setattr(lapgan, "val_test_ll", lambda d2, n_val, dim: (dims.append(dim), real(d2, n_val, dim))[1])
+    record = lambda d2, n_val, dim: (dims.append(dim), real(d2, n_val, dim))[1]
+    monkeypatch.setattr(lapgan, "val_test_ll", record)
     lapgan.parzen_levels(argparse.Namespace(eval_samples=5, eval_cond=4), [stub(k) for k in range(3)],
                          torch.randn(6, 3, 16, 16), torch.zeros(6, dtype=torch.long), run, 3)
     assert dims == [48, 192, 768]
@@ -4193,7 +4197,8 @@ def test_lapgan_resample_sheet_draws_each_row_from_its_own_coarse_image(monkeypa
     image's class. A G_k drawing zero residuals makes every sample of a row equal to its l_k."""
     run = lap_tiny_run(["--conditional"])
     grids, labels = [], []
-    monkeypatch.setattr(lapgan, "save_grid", lambda images, path, nrow: grids.append(images.view(8, nrow, -1)))
+    keep = lambda images, path, nrow: grids.append(images.view(8, nrow, -1))
+    monkeypatch.setattr(lapgan, "save_grid", keep)
 
     def G(xs, y):
         labels.append(y)
@@ -4277,7 +4282,8 @@ def test_vaegan_default_gamma_is_the_codes_weight_per_size():
     """The paper's code: gamma (its w) 1e-6 for the 64 px CelebA model, 1e-5 for the 32 px CIFAR one (smaller
     images follow CIFAR); a plain VAE 1 (sigma 1 on pixels); pixels with the GAN 2e-4 (the faces code's 1e-4
     on a summed squared error, our 1/2 ||.||^2)."""
-    assert [vaegan.default_gamma("disl", False, s) for s in (16, 28, 32, 63, 64, 128)] == [1e-5] * 4 + [1e-6] * 2
+    gammas = [vaegan.default_gamma("disl", False, s) for s in (16, 28, 32, 63, 64, 128)]
+    assert gammas == [1e-5] * 4 + [1e-6] * 2
     assert vaegan.default_gamma("pixel", True, 32) == 1.0 and vaegan.default_gamma("pixel", False, 64) == 2e-4
 
 

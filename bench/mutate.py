@@ -135,7 +135,8 @@ def main(argv=None):
             caught += hit
             verdict = "caught  " if hit else "SURVIVED"
             note = "" if outcome in ("failed", "passed") else f" ({outcome})"
-            print(f"{verdict} {m.number:2d} {m.script}: {m.what}{note} [{time.time() - start:.0f} s]", flush=True)
+            took = f"[{time.time() - start:.0f} s]"
+            print(f"{verdict} {m.number:2d} {m.script}: {m.what}{note} {took}", flush=True)
     print(f"caught {caught} of {len(muts)}")
     return 0 if caught == len(muts) else 1
 
