@@ -4025,3 +4025,293 @@ def test_gpu_projection_of_the_paper_schedule_from_progress_lines():
     first, steady, total, how = gpu_tool.projection(gpu_tool.Ran(None, lines[:4], 9))  # stopped in epoch 2
     assert (first, steady, total) == (7.0, 10 * (7.0 - 5.0) / 5, 7.0 + 24 * 4.0) and "steps only" in how
     assert gpu_tool.projection(gpu_tool.Ran(None, lines[:1], 2))[:3] == (None, None, None)
+
+
+# ---- mutation pass: tests the survivors asked for
+def load_mutate():
+    """bench/mutate.py as a module (bench/ is a folder of tools, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mutate", os.path.join(HERE, "bench", "mutate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mutation_list_fits_the_scripts():
+    """Every entry of bench/mutations.txt names a script, a test selection and a fragment that occurs exactly
+    once in that script's method part, so the list cannot rot silently when the code changes."""
+    mutate = load_mutate()
+    muts = mutate.read_list()
+    assert len(muts) >= 30 and {m.script for m in muts} == {"gan.py", "lapgan.py", "vaegan.py"}
+    for m in muts:
+        assert m.tests and m.what and m.old != m.new, m.number
+        assert mutate.problem(m) is None, (m.number, mutate.problem(m))
+    broken = mutate.Mutation(0, "gan.py", "x", "test_x", "return", "pass")  # 'return' occurs many times
+    assert "not once" in mutate.problem(broken)
+
+
+def test_gan_dcgan_d_leaks_with_slope_0_2():
+    """DCGAN Sec. 4: 'In the LeakyReLU, the slope of the leak was set to 0.2 in all models'; Sec. 3: D uses
+    LeakyReLU after every conv but the last, G plain ReLU."""
+    for size in (28, 32, 64):
+        G, D = build("dcgan", size, ngf=4, ndf=4, nz=5)
+        leaks = [m for m in D.modules() if isinstance(m, nn.LeakyReLU)]
+        convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+        assert len(leaks) == len(convs) - 1 and all(m.negative_slope == 0.2 for m in leaks), size
+        assert not any(isinstance(m, nn.LeakyReLU) for m in G.modules())
+
+
+def rmsprop_first_step(make_optimizer, lr):
+    """The first RMSProp step from a zero weight with decay 0.9 and epsilon 1e-8 added to the root: the
+    squared average is 0.1 g^2, so the weight moves by -lr g / (sqrt(0.1 g^2) + 1e-8)."""
+    net = nn.Linear(3, 1, bias=False)
+    opt = make_optimizer(net)
+    g = torch.tensor([[0.5, -2.0, 1e-3]])
+    with torch.no_grad():
+        net.weight.zero_()
+    net.weight.grad = g.clone()
+    opt.step()
+    want = -lr * g / (torch.sqrt(0.1 * g ** 2) + 1e-8)
+    return torch.allclose(net.weight.detach(), want, rtol=1e-5, atol=0)
+
+
+def test_gan_optimisers_are_dcgans_adam_and_the_faces_codes_rmsprop():
+    """DCGAN Sec. 4: Adam, lr 0.0002, beta1 0.5 ('the suggested value of 0.9 resulted in training
+    oscillation'); the faces code (train_lfw.lua): rmsprop, decay 0.9, epsilon 1e-8."""
+    args = gan.get_args(["--dataset", "shapes"])
+    adam = gan.make_optimizer(nn.Linear(2, 1), args)
+    assert adam.param_groups[0]["betas"] == (0.5, 0.999) and adam.param_groups[0]["lr"] == 2e-4
+    args = gan.get_args(["--dataset", "shapes", "--arch", "upsample"])
+    assert rmsprop_first_step(lambda net: gan.make_optimizer(net, args), 1e-3)
+
+
+def test_gan_parzen_sigma_is_the_validation_maximum_likelihood():
+    """Goodfellow et al. Sec. 5: sigma is chosen by likelihood on a validation set. One sample at 0 and
+    validation points at +-0.3: the Gaussian likelihood is largest at sigma = 0.3. Test points 0 and 0.6
+    then score -1/2 log(2 pi 0.09) and 2 less; the mean, and the standard error std / sqrt(2) = 1."""
+    f64 = dict(dtype=torch.float64)
+    samples, val = torch.zeros(1, 1, **f64), torch.tensor([[0.3], [-0.3]], **f64)
+    test = torch.tensor([[0.0], [0.6]], **f64)
+    sigma, mean, se = gan.parzen_eval(samples, val, test, sigmas=[0.1, 0.3, 1.0])
+    top = -0.5 * math.log(2 * math.pi * 0.09)
+    assert sigma == 0.3 and mean == pytest.approx(top - 1, rel=1e-9) and se == pytest.approx(1.0, rel=1e-9)
+
+
+def test_gan_sweep_moves_one_dimension_from_minus_r_to_r():
+    """The faces post's sweeps: each latent repeated k times with one dimension swept linearly over
+    [-r, r] and the others fixed, one latent's k images in a row."""
+    z = torch.randn(3, 5)
+    out = gan.sweep(z.clone(), 2, 1.5, 4).view(3, 4, 5)
+    assert torch.allclose(out[:, :, 2], torch.tensor([-1.5, -0.5, 0.5, 1.5]).expand(3, 4))
+    keep = [0, 1, 3, 4]
+    assert torch.equal(out[:, :, keep], z[:, None, keep].expand(3, 4, 4))
+
+
+def test_gan_walk_passes_each_key_point_once():
+    """DCGAN Sec. 6.1's walks: slerp from key j to key j + 1 in per_key steps; frame j * per_key is key j
+    itself and no frame repeats the one before (a leg ends one step short of the next leg's start)."""
+    keys = torch.randn(4, 16, 6)
+    frames = gan.walk(keys, 24, per_key=8)
+    assert frames.shape == (24, 16, 6)
+    for j in range(3):
+        assert torch.allclose(frames[8 * j], keys[j], atol=1e-5)
+    steps = (frames[1:] - frames[:-1]).flatten(1).norm(dim=1)
+    assert steps.min() > 1e-3
+
+
+def test_gan_sampler_repeats_each_class_along_a_row():
+    """Mirza & Osindero's class-conditional sampling: one class per row of pictures (interpolations,
+    sweeps), so the classes drawn are each repeated, not tiled; uniform over every class."""
+    s = gan.Sampler(G=None, nz=4, ncls=3, label=None, device=torch.device("cpu"))
+    y = s.y(200, repeat=3).view(200, 3)
+    assert torch.equal(y, y[:, :1].expand(200, 3)) and set(y.flatten().tolist()) == {0, 1, 2}
+    s.label = 2
+    assert s.y(5, repeat=2).tolist() == [2] * 10
+    assert gan.Sampler(G=None, nz=4, ncls=0, label=None, device=torch.device("cpu")).y(5) is None
+
+
+def test_lapgan_d_judges_each_image_under_its_own_class():
+    """Class-conditional LAPGAN (Sec. 3.1, Eyescream's conditional CIFAR code): D_k(x | y) judges each
+    real image with its own class, each fake with the class G_k drew it for, i.e. the class of the image
+    whose l_k conditions it. The batch's three roles get three different classes here."""
+    run = lap_tiny_run(["--conditional"])
+    y = torch.tensor([0] * 4 + [1] * 4 + [2] * 8)  # reals, the fakes D_k sees, the fakes G_k's step uses
+    for k in (2, 0):
+        lv, seen = run.levels[k], {}
+
+        def record(name, net):
+            def call(xs, y=None):
+                seen[name] = y.tolist()
+                return net(xs, y)
+            return call
+        lv.G_fwd, lv.D_fwd = record("G", lv.G_fwd), record("D", lv.D_fwd)
+        lv.D_fwd_for_G = record("D for G", lv.D_fwd_for_G)
+        x, _ = lapgan.get_batch(run, torch.arange(16))
+        lapgan.level_step(lv, x, y, run.sizes, run.args.nz)
+        assert seen == {"G": [1] * 4 + [2] * 8, "D": [0] * 4 + [1] * 4, "D for G": [2] * 8}, k
+
+
+def test_lapgan_class_plane_is_a_relu_of_a_linear_map_of_the_class():
+    """Eyescream's class-conditional levels (as the module docstring gives them): the one-hot class through
+    Linear(classes -> s * s), then ReLU, as one input plane after the first; hand-set weights with negative
+    entries so the ReLU shows."""
+    cond = lapgan.Conditioned(nn.Identity(), 3, 2, False)
+    w = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 3.0, 0.0], [0.2, 0.0, -4.0], [-0.5, -0.5, 2.0]])
+    b = torch.tensor([0.1, 0.0, -0.3, 0.4])
+    with torch.no_grad():
+        cond.embed.weight.copy_(w)
+        cond.embed.bias.copy_(b)
+    y = torch.tensor([0, 1, 2])
+    noise, coarse = torch.randn(3, 1, 2, 2), torch.randn(3, 3, 2, 2)
+    out = cond([noise, coarse], y)
+    want = torch.stack([(w[:, c] + b).clamp(min=0) for c in y.tolist()]).view(3, 1, 2, 2)
+    assert torch.equal(out[:, :1], noise) and torch.equal(out[:, 2:], coarse)  # [noise, class, l_k]
+    assert torch.allclose(out[:, 1:2], want)
+
+
+def test_lapgan_parzen_scores_only_the_images_after_the_validation_ones():
+    """Goodfellow et al. Sec. 5, as Sec. 4.1 uses it: sigma by likelihood on validation images, then the test
+    images scored. One sample, 1-D: validation squared distances 0.09 give sigma = 10^-0.5 (the grid point
+    nearest the maximum at 0.3); the one test image (squared distance 0.25) scores in closed form."""
+    d2 = torch.tensor([[0.09], [0.09], [0.25]], dtype=torch.float64)
+    ll, sigma = lapgan.val_test_ll(d2, 2, 1)
+    assert sigma == pytest.approx(10 ** -0.5) and ll.shape == (1,)
+    assert ll.item() == pytest.approx(-0.25 / 0.2 - 0.5 * math.log(2 * math.pi * 0.1), rel=1e-6)
+
+
+def test_lapgan_parzen_dimension_of_each_level_counts_every_channel(monkeypatch):
+    """Sec. 4.1: each level's Parzen window is a Gaussian over all of its numbers, C s_k^2 (the normaliser
+    is (2 pi sigma^2)^(C s_k^2 / 2)): with 3 channels and sizes 16, 8, 4, the base (4 px) is 48-dimensional,
+    then 192 and 768."""
+    sizes = [16, 8, 4]
+    mean, std = torch.zeros(1, 3, 1, 1), torch.full((1, 3, 1, 1), 0.5)
+    run = lapgan.Run(sizes, 0, mean, std, args=argparse.Namespace(nz=3))
+
+    def stub(k):
+        def G(xs, y):
+            return torch.zeros_like(xs[1]) if k < 2 else torch.zeros(len(xs[0]), 3, 4, 4)
+        return G
+    dims, real = [], lapgan.val_test_ll
+    record = lambda d2, n_val, dim: (dims.append(dim), real(d2, n_val, dim))[1]
+    monkeypatch.setattr(lapgan, "val_test_ll", record)
+    lapgan.parzen_levels(argparse.Namespace(eval_samples=5, eval_cond=4), [stub(k) for k in range(3)],
+                         torch.randn(6, 3, 16, 16), torch.zeros(6, dtype=torch.long), run, 3)
+    assert dims == [48, 192, 768]
+
+
+def test_lapgan_resample_sheet_draws_each_row_from_its_own_coarse_image(monkeypatch):
+    """Sec. 4.2 (Fig. 4): per row one real image, its l_k, then n samples drawn from that same l_k and the
+    image's class. A G_k drawing zero residuals makes every sample of a row equal to its l_k."""
+    run = lap_tiny_run(["--conditional"])
+    grids, labels = [], []
+    keep = lambda images, path, nrow: grids.append(images.view(8, nrow, -1))
+    monkeypatch.setattr(lapgan, "save_grid", keep)
+
+    def G(xs, y):
+        labels.append(y)
+        return torch.zeros_like(xs[-1])
+    lapgan.resample_sheet(G, 0, run, 3, "unused.png")
+    rows = grids[0]
+    assert torch.allclose(rows[:, 2:], rows[:, 1:2].expand(8, 3, -1), atol=1e-5)
+    assert not torch.allclose(rows[0, 1], rows[1, 1], atol=1e-3)  # the rows' l_k differ
+    assert labels[0].view(8, 3).tolist() == [[c] * 3 for c in (torch.arange(8) % 6).tolist()]
+
+
+def test_lapgan_model_selection_scores_every_g_in_eval_mode(tmp_path, monkeypatch):
+    """The cifar/ code's selection on fixed noise scores the weights alone: the Gs are put in eval mode
+    (the large model of Sec. 3.2 has batch norm and spatial dropout), and back in training mode after."""
+    run, val = lap_epoch_run(tmp_path)
+    modes = []
+    monkeypatch.setattr(lapgan, "selection_score", lambda G, k, *a, **kw: (modes.append(G.training), 1.0)[1])
+    run.epoch = 1
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.end_of_epoch(run, val)
+    assert modes == [False] * 3 and all(lv.G.training for lv in run.levels.values())
+
+
+def test_vaegan_annealed_lr_starts_at_lr0():
+    """The code's GammaAnnealer: lr_e = lr0 - (e / E)^0.75 (lr0 - lr_end) with e counted from 0, so the
+    first epoch trains at lr0 and epoch 3 of 4 at lr0 - 0.5^0.75 (lr0 - lr_end)."""
+    args = argparse.Namespace(lr=1e-3, lr_end=1e-4, lr_power=0.75, epochs=4)
+    assert vaegan.annealed_lr(args, 1) == 1e-3
+    assert vaegan.annealed_lr(args, 3) == pytest.approx(1e-3 - 0.5 ** 0.75 * 9e-4, rel=1e-12)
+    assert vaegan.get_args(VAEGAN_TINY).lr_power == 0.75
+
+
+def test_vaegan_rmsprop_decay_is_the_codes():
+    """The paper's code: RMSProp with decay 0.9 (epsilon 1e-8 added to the root)."""
+    args = vaegan.get_args(VAEGAN_TINY)
+    assert rmsprop_first_step(lambda net: vaegan.make_optimizer(net, args), args.lr)
+
+
+def test_vaegan_equilibrium_rule_at_its_thresholds():
+    """The paper's code: D rests when a cost is below 0.68 - 0.35, the decoder when one is above 0.68 + 0.35;
+    exactly at a threshold both learn, a hair past it the rule acts (on reals and on fakes alike)."""
+    low, high = 0.68 - 0.35, 0.68 + 0.35
+    for a, b in ((low, 0.68), (0.68, low), (high, 0.68), (0.68, high)):
+        assert vaegan.equilibrium_rule(a, b) == (True, True), (a, b)
+    assert vaegan.equilibrium_rule(low - 1e-9, 0.68) == (False, True)
+    assert vaegan.equilibrium_rule(0.68, high + 1e-9) == (True, False)
+
+
+def test_vaegan_encode_gives_the_posterior_means_in_order():
+    """Sec. 5's attribute vectors average the images' embeddings, the means mu of q(z | x) (the code's
+    embedding), never log sigma^2. A stub encoder: mu = the image's mean value, log sigma^2 = -7."""
+    E = lambda x: torch.cat([x.mean((1, 2, 3))[:, None].expand(-1, 2), torch.full((len(x), 2), -7.0)], 1)
+    images = (torch.arange(5) * 50).view(5, 1, 1, 1).expand(5, 1, 2, 2).to(torch.uint8)
+    mu = vaegan.encode(E, images, batch=2)
+    want = (torch.arange(5) * 50 / 127.5 - 1)[:, None].expand(5, 2)
+    assert torch.allclose(mu, want)
+
+
+def test_vaegan_sample_decodes_with_the_running_statistics(tmp_path):
+    """--sample draws x = Dec(z), z ~ N(0, I), with batch norm's running statistics (Dec in eval mode, as
+    the code's test-time decoder): a single sample is the eval-mode decoder of the seed's first z."""
+    run = vaegan_run("--outf", str(tmp_path))
+    with torch.no_grad():  # running statistics unlike a batch's own
+        for m in run.nets["Dec"].modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    ckpt, npz = str(tmp_path / "ckpt.pt"), str(tmp_path / "s.npz")
+    torch.save(vaegan.checkpoint(run), ckpt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        vaegan.main(["--sample", "--ckpt", ckpt, "--n", "2", "--seed", "3", "--npz", npz,
+                     "--out", str(tmp_path / "s.png")])
+    Dec = run.nets["Dec"].eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = ((Dec(torch.randn(2, run.args.nz)) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.load(npz)["images"].astype(float) - want).max() <= 1.0
+
+
+def test_vaegan_default_gamma_is_the_codes_weight_per_size():
+    """The paper's code: gamma (its w) 1e-6 for the 64 px CelebA model, 1e-5 for the 32 px CIFAR one (smaller
+    images follow CIFAR); a plain VAE 1 (sigma 1 on pixels); pixels with the GAN 2e-4 (the faces code's 1e-4
+    on a summed squared error, our 1/2 ||.||^2)."""
+    gammas = [vaegan.default_gamma("disl", False, s) for s in (16, 28, 32, 63, 64, 128)]
+    assert gammas == [1e-5] * 4 + [1e-6] * 2
+    assert vaegan.default_gamma("pixel", True, 32) == 1.0 and vaegan.default_gamma("pixel", False, 64) == 2e-4
+
+
+def test_vaegan_gan_terms_sum_over_every_fake_and_average_over_the_batch():
+    """Alg. 1 with the code's batching: D's cost is 1/2 of the mean BCE on reals plus 1/2 of that on fakes;
+    the decoder's GAN term sums over all its fakes (reconstructions and prior samples, 2B of them) and
+    divides by B. Hand-set logits: reals ln 3, 0; fakes 0, ln 3, -ln 3, 0, so softplus gives ln 2, ln 4,
+    ln 4/3, ln 2, summing to ln 64/3."""
+    fake = torch.tensor([0.0, math.log(3), -math.log(3), 0.0])
+    seen = []
+
+    def D(t):
+        seen.append(len(t))
+        return torch.cat([torch.tensor([math.log(3), 0.0]), fake])
+    x = torch.zeros(2, 1, 4, 4)
+    for nonsat in (False, True):
+        args = argparse.Namespace(fake_recon=True, nonsat=nonsat)
+        out = vaegan.gan_losses(D, args, x, x + 1, x - 1)
+        # -log(1 - D) sums to ln 64/3 (saturating, minimised as its negative); -log D sums the same here
+        want = math.log(64 / 3) / 2 * (1 if nonsat else -1)
+        assert out["gan_g"].item() == pytest.approx(want, rel=1e-6)
+        want_d = 0.5 * (math.log(8 / 3) / 2 + math.log(64 / 3) / 4)
+        assert out["gan_d"].item() == pytest.approx(want_d, rel=1e-6)
+    assert seen == [6, 6]
