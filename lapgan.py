@@ -42,7 +42,8 @@ rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: q
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
     python lapgan.py --sample --ckpt out/lapgan-cifar10/ckpt.pt --resample 8 --upscale 3 --eval
 """
-import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, urllib.request, zlib
+import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, shlex, shutil, sys, tarfile, time, zlib
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 SCRIPT = "lapgan"
 # Sec. 3.1: CIFAR-10 8 -> 14 -> 28 on 28 x 28 crops; the others: the same ratios on their own sizes.
@@ -525,23 +526,6 @@ def evaluate(args, Gs, run, stem):
     print(f"Parzen log-likelihood: {nats} on {len(total)} test images ({levels})")
     nearest_sheet(Gs, run, y, stem + "_nn.png")
 
-@torch.no_grad()
-def nearest_sheet(Gs, run, y, path):
-    """Fig. 3's check that samples are not copies: 32 samples (of y's classes), each beside its L2-nearest
-    training image (centre crops of the samples' size)."""
-    dev, s = run.images.device, run.sizes[0]
-    asked = y[torch.arange(32, device=dev) % len(y)]
-    made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
-    fake = to_display(made, run.mean, run.std).cpu()  # in [-1, 1]
-    train = load_dataset(argparse.Namespace(**{**vars(run.args), "limit": None}), "train")[0]
-    m = (train.shape[-1] - s) // 2
-    train = train[..., m:m + s, m:m + s]
-    fake_pixels = (fake.flatten(1) + 1) * 127.5  # uint8 units, as the training images
-    d = [torch.cdist(fake_pixels, part.flatten(1).float()) for part in train.split(4096)]
-    nearest = train[torch.cat(d, 1).argmin(1)].permute(0, 2, 3, 1).numpy()
-    pairs = np.stack([to_uint8(fake), nearest], 1)  # each sample beside its nearest
-    save_grid(pairs.reshape(-1, *pairs.shape[2:]), path, 8)
-
 def resample_sheet(G, k, run, n, path, gen=None):
     """Sec. 4.2: per row a real image, its l_k, then n samples of level k drawn from that l_k (at the base,
     a blank in its place and n samples of G_K)."""
@@ -560,21 +544,17 @@ def resample_sheet(G, k, run, n, path, gen=None):
     save_grid(to_display(rows.flatten(0, 1), run.mean, run.std), path, n + 2)
 
 # ------------------------------------------------------------------------ the training loop, sampling
-def train(args, device, rank=0, world=1, ckpt=None):
-    """Epochs of shuffled steps, then model selection, pictures and checkpoint (rank 0). ckpt: --resume's."""
-    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
-    if ckpt:
-        restore(run, ckpt)
-    os.makedirs(args.outf, exist_ok=True)
+def train(run):
+    """Epochs of shuffled steps; after each, rank 0 selects models and writes pictures and the checkpoint."""
     val = None  # model selection's images, on rank 0
-    if rank == 0 and args.select:
+    if run.rank == 0 and run.args.select:
         val = selection_images(run)
     clock = Clock(run.step, time.time())
-    for epoch in range(run.epoch + 1, args.epochs + 1):
+    for epoch in range(run.epoch + 1, run.args.epochs + 1):
         set_schedule(run, epoch)
         train_epoch(run, epoch, clock)
         run.epoch = epoch
-        if rank == 0:
+        if run.rank == 0:
             end_of_epoch(run, val)
     return run
 
@@ -594,23 +574,6 @@ def train_epoch(run, epoch, clock):
             means = {name: v / count for name, v in total.items()}
             log_step(run, epoch, i, len(idx), means, clock)
             total, count = {}, 0
-
-def end_of_epoch(run, val):
-    """Rank 0: model selection with noise of its own, the same every epoch (the training RNG untouched);
-    the sample sheet, ckpt.pt and curves.png."""
-    args, dev = run.args, run.images.device
-    gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
-    check_finite(run)
-    for lv in run.levels.values():
-        lv.G.eval()
-    if val is not None:
-        scores, better = select_models(run, val, gen)
-        write_selection(run, scores, better)
-    sample_sheet(run, gen)
-    for lv in run.levels.values():
-        lv.G.train()
-    save_checkpoint(checkpoint(run), f"{args.outf}/ckpt.pt")
-    plot_curves(f"{args.outf}/log.csv", f"{args.outf}/curves.png")
 
 @dataclass
 class Source:
@@ -650,10 +613,10 @@ def sample(args):
     run, stem = src.run, src.stem
     torch.manual_seed(args.seed)
     y = asked_labels(src, args.n, args.label)
-    images = draw(src, args.n, y)
-    save_grid(level_sheet(images, run), stem + ".png", len(images) * 4)
+    sheet, finest, levels = draw_chunks(src, args.n, y)
+    save_grid(sheet, stem + ".png", levels * 4)
     if args.npz:
-        save_npz(args.npz, images[0], y, run)
+        save_npz(args.npz, finest, y)
     if args.upscale:
         y = asked_labels(src, 8, args.label)
         ratio = run.sizes[0] / run.sizes[1]  # the finest level's
@@ -665,11 +628,77 @@ def sample(args):
         resample_sheet(src.Gs[0], 0, run, args.resample, stem + "_resample.png")
     if args.eval:
         evaluate(args, src.Gs, run, stem)
-    print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
+    print(f"wrote {stem}*.png {args.npz or ''}")
 
 # ------------------------------------------------------------------------ Appendix: plumbing, not the paper
 def fail(msg):
     raise SystemExit(f"error: {msg}")
+
+# Files: each one written whole or not at all, into a folder proven writable, by one run at a time
+def write_atomic(path, write):
+    """write(f) into PATH.tmp in the same folder, fsync, rename: PATH is the old file or the new one, whole.
+    On any exception (Ctrl-C too) the .tmp goes; a disk error becomes one line naming the path and cause."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        failed = isinstance(e, (OSError, RuntimeError))  # torch.save on a full disk: RuntimeError, no errno
+        full = failed and disk_full(e, path)  # asked while the .tmp still fills the disk
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if full:
+            fail(f"no space left on device writing {path}; the previous file is kept: free some space")
+        if failed:
+            why = getattr(e, "strerror", None) or str(e).split("\n")[0]
+            fail(f"could not write {path} ({why}); the previous file is kept")
+        raise
+
+def disk_full(e, path):
+    if getattr(e, "errno", None) == errno.ENOSPC:
+        return True
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(folder) and shutil.disk_usage(folder).free < 1 << 16
+
+def prepare_output(folder):
+    """Create `folder` and prove it writable with a probe file, or fail with one line saying why not."""
+    probe = os.path.join(folder, f".probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY))
+        os.remove(probe)
+    except OSError as e:
+        why = {errno.EEXIST: "it is a file", errno.ENOTDIR: "a folder on its path is a file"}
+        fail(f"cannot write into {folder} ({why.get(e.errno) or e.strerror}); give another folder")
+
+def lock_run(outf):
+    """OUTF/.lock holds this process's id for the run's life: a second run into OUTF is refused."""
+    path = os.path.join(outf, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = open(path).read().strip()
+        if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
+            fail(f"{outf} is in use by another run (process {text or 'starting'}); wait for it to end, "
+                 "or choose another --outf")
+        os.remove(path)  # its process is gone: a stale lock
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return path
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 # Data: each split as one uint8 tensor N x C x H x W, decoded once; batches are gathered by index on device
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -700,19 +729,21 @@ def md5_of(path):
         return hashlib.md5(f.read()).hexdigest()
 
 def find_or_download(candidates, url, md5):
-    """The first of the candidate paths that exists, else the file downloaded to candidates[0]."""
-    path = next((c for c in candidates if os.path.exists(c)), None) or candidates[0]
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        print(f"downloading {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
-                f.write(r.read())
-        except OSError as e:
-            fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {os.path.dirname(path)}")
-        if md5_of(path + ".part") != md5:
-            fail(f"checksum mismatch for {url}; delete {path}.part and try again")
-        os.replace(path + ".part", path)
+    """The first of the candidate paths that exists, else the file downloaded to candidates[0], checked."""
+    found = [c for c in candidates if os.path.exists(c)]
+    if found:
+        return found[0]
+    path, folder = candidates[0], os.path.dirname(candidates[0]) or "."
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
+    except OSError as e:
+        fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {folder}")
+    if hashlib.md5(data).hexdigest() != md5:
+        fail(f"the download of {url} does not match its checksum; try again")
+    prepare_output(folder)
+    write_atomic(path, lambda f: f.write(data))
     return path
 
 class BatchUnpickler(pickle.Unpickler):
@@ -731,6 +762,7 @@ def read_cifar10(root, split):
     folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
     files = [os.path.join(folder, n) for n in names] if os.path.isdir(folder) else \
         [find_or_download([tar], CIFAR_URL, CIFAR_MD5["cifar-10-python.tar.gz"])]
+    where = files[0] if len(files) == 1 else folder  # the file (or folder) named in errors
     try:
         for path in files:  # checked before anything is unpickled
             if md5_of(path) != CIFAR_MD5[os.path.basename(path)]:
@@ -744,8 +776,9 @@ def read_cifar10(root, split):
         x = np.concatenate([d[b"data"] for d in b[:-1]]).reshape(-1, 3, 32, 32)
         y = np.concatenate([d[b"labels"] for d in b[:-1]])
     except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.PickleError, zlib.error) as e:
-        damaged(files[0] if len(files) == 1 else folder, e)
-    return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in b[-1][b"label_names"]]
+        damaged(where, e)
+    x, y = torch.from_numpy(x), torch.from_numpy(y).long()
+    return check_split(x, y, [c.decode() for c in b[-1][b"label_names"]], where)
 
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
@@ -754,7 +787,7 @@ def read_idx(path):
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:
         damaged(path, e)
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8 or len(data) < 4 + 4 * data[3]:
         fail(f"{path} is not a uint8 IDX file")
     dims, start = np.frombuffer(data, ">i4", data[3], 4), 4 + 4 * data[3]
     if len(data) != start + int(np.prod(dims)):
@@ -768,41 +801,79 @@ def load_mnist(root, name, split):
         dirs = (os.path.join(root, name), root, os.path.join(SYSTEM_DATA, name))
         found = [os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])]
         paths.append(find_or_download(found, IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
-    x, y = read_idx(paths[0]), read_idx(paths[1])
-    return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
+    x, y = (torch.from_numpy(read_idx(p).copy()) for p in paths)
+    return check_split(x[:, None], y.long(), CLASSES[name], " and ".join(paths))
+
+def check_split(x, y, classes, path):
+    """Every reader's output, checked once: uint8 N x C x H x W images and N labels in 0..len(classes)-1."""
+    if x.dim() != 4 or y.dim() != 1:
+        fail(f"{path} holds images of shape {tuple(x.shape)[1:]} and labels of shape {tuple(y.shape)}, "
+             "not N x H x W images and N labels; replace the file")
+    if len(x) != len(y):
+        fail(f"{path} holds {len(x)} images but {len(y)} labels; replace the damaged file")
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes):
+        fail(f"{path} holds labels {int(y.min())}..{int(y.max())}, outside the {len(classes)} classes "
+             f"0..{len(classes) - 1}; replace the damaged file")
+    return x, y, classes
+
+# Every Pillow mode to 8 bits: greys to L, colour to RGB (alpha dropped); integer and float greys (I;16*,
+# I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) when they lie in it, else their min..max.
+TO_8BIT = {"1": "L", "L": "L", "LA": "L", "La": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB",
+           "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB"}
 
 def decode_image(path, size, mode):
-    """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
+    """EXIF orientation applied, 8 bits, the shorter side resized to `size`, then a centre crop (DCGAN)."""
     try:
-        im = Image.open(path)
-        if im.mode.startswith("I"):  # 16-bit greyscale: keep the top 8 bits (Pillow's convert would clip)
-            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode.startswith("I") or im.mode == "F":
+            v = np.nan_to_num(np.asarray(im, np.float64))
+            top = 1.0 if im.mode == "F" else 65535.0
+            lo, hi = (0.0, top) if 0 <= v.min() and v.max() <= top else (v.min(), v.max())
+            im = Image.fromarray(np.round((v - lo) * (255 / (hi - lo or 1))).astype(np.uint8))
+        if im.mode not in TO_8BIT:
+            fail(f"{path} has the Pillow mode {im.mode}, which is not read; save it as 8-bit RGB or grey")
+        im = im.convert(mode or TO_8BIT[im.mode])
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
-    im = im.resize([max(size, round(n * scale)) for n in im.size], Image.BICUBIC)
+    im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
-def walk_error(e):
-    fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
+def list_images(root, outf):
+    """Image files under root: hidden entries, symlinked folders, dangling links and --outf skipped."""
+    files, own = [], os.path.realpath(outf or os.devnull)
+    for d, dirs, names in os.walk(root, onerror=lambda e: fail(f"cannot read {e.filename} ({e.strerror}); "
+                                  "fix its permissions or move it out of --dataroot")):
+        skip = [s for s in dirs if os.path.islink(os.path.join(d, s)) or os.path.realpath(os.path.join(d, s))
+                == own]  # a symlinked folder may loop; the run's own pictures are no data
+        for s in skip:
+            print(f"note: skipping {os.path.join(d, s)} (a symlinked folder, or --outf)")
+        dirs[:] = sorted(s for s in dirs if s not in skip and not s.startswith("."))
+        for f in sorted(n for n in names if n.lower().endswith(IMAGE_EXT) and not n.startswith(".")):
+            if not os.path.exists(os.path.join(d, f)):
+                print(f"note: skipping {os.path.join(d, f)} (a link to nothing)")
+            else:
+                files.append(os.path.join(d, f))
+    return files
 
-def load_folder(root, size, channels, workers):
-    """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
+def load_folder(root, size, channels, workers, outf=None):
+    """A folder of images, classes from its top-level sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=walk_error) for f in fs
-                   if f.lower().endswith(IMAGE_EXT))
+    files = list_images(root, outf)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
-    stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
-    cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    try:
+    tops = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else "."
+            for f in files]  # an image in a nested folder belongs to its top-level folder's class
+    classes = sorted(set(tops))
+    print(f"{len(files)} images in {root}; classes (its top-level folders): {', '.join(classes)}")
+    stamp = hashlib.md5(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode())
+    cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp.hexdigest()[:12]}.npz")
+    try:  # a cache cut short by a crash or a full disk counts as absent
         with np.load(cache) as z:
             return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
-    except Exception:  # absent, truncated or unreadable: decode the images again
+    except Exception:
         pass
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -810,12 +881,10 @@ def load_folder(root, size, channels, workers):
     if mode is None and any(im.ndim == 3 for im in ims):  # colour kept as found; greys join as RGB
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
-    y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:  # a read-only folder skips the cache
+    y = np.array([classes.index(t) for t in tops], np.int64)
+    if os.access(root, os.W_OK):  # a read-only dataset still works, it is just decoded again next time
         write_atomic(cache, lambda f: np.savez(f, x=x, y=y))
-    except OSError:
-        pass
-    return torch.from_numpy(x), torch.from_numpy(y), classes
+    return check_split(torch.from_numpy(x), torch.from_numpy(y), classes, root)
 
 def make_shapes(n, size, seed):
     """The built-in synthetic set, in seeded chunks of 1000, so `--limit` takes a prefix of the same set."""
@@ -846,7 +915,8 @@ def load_dataset(args, split):
         n = min(10000, args.limit or 10000) if split == "train" else 2000
         x, y, classes = make_shapes(n, args.image_size or 32, 0 if split == "train" else 1)
     else:
-        x, y, classes = load_folder(args.dataroot, args.image_size or 64, args.channels, args.workers)
+        size = args.image_size or 64
+        x, y, classes = load_folder(args.dataroot, size, args.channels, args.workers, args.outf)
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
@@ -912,38 +982,23 @@ def batches(run, epoch):
     perm = perm[run.rank::run.world].to(run.images.device)
     return perm[: len(perm) // half * half].view(-1, half)
 # Checkpoints and resume: checkpoint() and restore() mirror each other
-def write_atomic(path, save):
-    """save(f) into PATH.tmp, synced, then renamed: a crash or a full disk keeps the last file."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
-
-def save_checkpoint(obj, path):
-    try:
-        write_atomic(path, lambda f: torch.save(obj, f))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
-                 f"the last checkpoint is kept")
-        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
-
-def load_checkpoint(path, script=SCRIPT):
-    if not os.path.exists(path):
+def load_checkpoint(path, training=False):
+    """A lapgan.py checkpoint (a training one, with optimisers, for --resume), older ones in today's layout"""
+    if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete or replace it")
     other = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if other != script:
-        fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
+    if other != SCRIPT:
+        fail(f"{path} was written by {other or 'another program'}.py, not {SCRIPT}.py; use that script")
+    keys = [k for k in KEYS + TRAINING_KEYS * training if k not in ckpt]
+    levels = ckpt.get("levels", {}).values()
+    keys += [k for k in ("optG", "optD") if training and any(k not in nets for nets in levels)]
+    if keys:
+        fail(f"{path} is not a {SCRIPT}.py training checkpoint (it lacks {', '.join(keys)}); use DIR/ckpt.pt "
+             "of a run folder")
     return ckpt if "paper_levels" in ckpt else paper_levels(ckpt)
 
 def paper_levels(ck):
@@ -971,7 +1026,8 @@ def checkpoint(run, ks=None, opts=True):
     return {"script": SCRIPT, "args": args, "classes": run.classes, "sizes": run.sizes,
             "mean": run.mean.cpu(), "std": run.std.cpu(), "epoch": run.epoch, "step": run.step,
             "balance": {"best": dict(run.best)}, "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
-            "levels": levels, "paper_levels": True}  # level k, sizes[k]: the paper's I_k, 0 the full image
+            "levels": levels, "world": run.world,
+            "paper_levels": True}  # level k, sizes[k]: the paper's I_k, 0 the full image
 
 def restore(run, ckpt):
     for k, lv in run.levels.items():
@@ -986,6 +1042,9 @@ def restore(run, ckpt):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt.get("world", 1) != run.world and run.rank == 0:
+        print(f"note: trained on {ckpt.get('world', 1)} processes, resumed on {run.world}: each one's share "
+              "of the data changes, so the run does not continue bit for bit")
     if run.rank == 0:  # rows written after the checkpoint, before a crash, are written again
         flip = ckpt.get("flipped")  # a run from before the paper's numbering: its logs are renumbered too
         trim_log(os.path.join(run.args.outf, "log.csv"), "step", ckpt["step"], flip)
@@ -994,6 +1053,8 @@ def restore(run, ckpt):
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
+KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
+TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
 MACHINE = ["cuda", "amp", "compile", "workers", "log_every"]  # this session's, as typed or by default
 SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch",
@@ -1002,7 +1063,7 @@ SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upsc
 def resume_args(args, typed):
     """--resume: the checkpoint's flags, but --dataroot and --epochs as typed, the machine's flags (MACHINE)
     from this command line, typed or not (a GPU run resumes on a CPU), and the run stays in --outf."""
-    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
+    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), training=True)
     differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY
               and getattr(args, k) != ckpt["args"].get(k)]
     if differ:
@@ -1016,6 +1077,25 @@ def resume_args(args, typed):
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
     return args, ckpt
+
+def start_run(args, typed, device, rank, world):
+    """The Run that `train` continues: a fresh one, or OUTF/ckpt.pt's with --resume. A folder with no
+    ckpt.pt holds no run: the logs of a run that never saved one are started anew."""
+    path = os.path.join(args.outf, "ckpt.pt")
+    if args.resume and not os.path.exists(path):
+        fail(f"nothing to resume: {args.outf} holds no checkpoint (ckpt.pt); run without --resume to start")
+    if not args.resume and os.path.exists(path):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    ckpt = None
+    if args.resume:  # the checkpoint's flags, less this machine's
+        args, ckpt = resume_args(args, typed)
+    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
+    if ckpt:
+        restore(run, ckpt)
+    for name in ("log.csv", "select.csv", "best.pt"):
+        if not ckpt and rank == 0 and os.path.exists(os.path.join(args.outf, name)):
+            os.remove(os.path.join(args.outf, name))
+    return run
 
 def n_classes(ck):
     return len(ck["classes"]) if ck["args"]["conditional"] else 0
@@ -1076,7 +1156,33 @@ def sampling_source(args, dev):
         fail(f"{last} was trained without --conditional; drop --label")
     if ncls and args.label is not None and not 0 <= args.label < ncls:
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
+    check_room(args, src)
     return src
+
+def check_room(args, src):
+    """--sample's output folders prepared, and the bytes of its level sheet (and --npz) checked against
+    free disk and memory before anything is drawn."""
+    run = src.run
+    levels = len(run.sizes) + (len(src.before.run.sizes) if src.before else 0)
+    need = args.n * run.mean.shape[1] * run.sizes[0] ** 2 * (levels + 1)  # uint8 images, the npz's too
+    for path in [src.stem] + ([args.npz] if args.npz else []):
+        folder = os.path.dirname(os.path.abspath(path))
+        prepare_output(folder)
+        if shutil.disk_usage(folder).free < need:
+            fail(f"--n {args.n} needs about {need / 1e9:.2f} GB on {folder}, more than is free; lower --n")
+    if 2 * need > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        fail(f"--n {args.n} needs about {2 * need / 1e9:.2f} GB of memory, more than is free; lower --n")
+
+def draw_chunks(src, n, y, chunk=500):
+    """Fig. 1's chains for --sample, `chunk` at a time, as uint8: -> (the level sheet's images, the finest
+    level's images, the number of levels)."""
+    sheet, finest = [], []
+    for i in range(0, n, chunk):
+        asked = None if y is None else y[i:i + chunk]
+        images = draw(src, min(chunk, n - i), asked)
+        sheet.append(to_uint8(level_sheet(images, src.run)))
+        finest.append(to_uint8(to_display(images[0], src.run.mean, src.run.std)))
+    return np.concatenate(sheet), np.concatenate(finest), len(images)
 
 def full_split(args, split):
     """The whole split of a run's dataset (--limit applies to training only)."""
@@ -1092,6 +1198,8 @@ def selection_images(run):
     centre-cropped and normalised. -> (x, y) on the device."""
     x, y, _ = load_dataset(run.args, "test")
     dev, n = run.images.device, run.args.select
+    if n > len(x):
+        fail(f"--select {n} is more than the {len(x)} test images of {run.args.dataset}; lower --select")
     held = Run(run.sizes, 0, run.mean, run.std, images=x[-n:].to(dev), labels=y[-n:].to(dev))
     return get_batch(held, torch.arange(len(held.images), device=dev), False)
 
@@ -1108,7 +1216,8 @@ def write_selection(run, scores, better):
         path = f"{outf}/best.pt"
         old = load_checkpoint(path)["levels"] if os.path.exists(path) else {}
         best = checkpoint(run, better, opts=False)
-        save_checkpoint({**best, "levels": {**old, **best["levels"]}}, path)
+        best["levels"] = {**old, **best["levels"]}
+        write_atomic(path, lambda f: torch.save(best, f))
 
 def sample_sheet(run, gen):
     """samples_eNNN.png: every level of the chain of Fig. 1 (conditional: 3 per class, a row each); one
@@ -1123,6 +1232,41 @@ def sample_sheet(run, gen):
     save_grid(level_sheet(chain, run), path, 3 * len(chain))
 
 # Logs and pictures
+def end_of_epoch(run, val):
+    """Rank 0: model selection with noise of its own, the same every epoch (the training RNG untouched);
+    the sample sheet, ckpt.pt and curves.png."""
+    args, dev = run.args, run.images.device
+    gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
+    check_finite(run)
+    for lv in run.levels.values():
+        lv.G.eval()
+    if val is not None:
+        scores, better = select_models(run, val, gen)
+        write_selection(run, scores, better)
+    sample_sheet(run, gen)
+    for lv in run.levels.values():
+        lv.G.train()
+    ckpt = checkpoint(run)
+    write_atomic(f"{args.outf}/ckpt.pt", lambda f: torch.save(ckpt, f))
+    plot_curves(f"{args.outf}/log.csv", f"{args.outf}/curves.png")
+
+@torch.no_grad()
+def nearest_sheet(Gs, run, y, path):
+    """Fig. 3's check that samples are not copies: 32 samples (of y's classes), each beside its L2-nearest
+    training image (centre crops of the samples' size)."""
+    dev, s = run.images.device, run.sizes[0]
+    asked = y[torch.arange(32, device=dev) % len(y)]
+    made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
+    fake = to_display(made, run.mean, run.std).cpu()  # in [-1, 1]
+    train = full_split(run.args, "train")[0]
+    m = (train.shape[-1] - s) // 2
+    train = train[..., m:m + s, m:m + s]
+    fake_pixels = (fake.flatten(1) + 1) * 127.5  # uint8 units, as the training images
+    d = [torch.cdist(fake_pixels, part.flatten(1).float()) for part in train.split(4096)]
+    nearest = train[torch.cat(d, 1).argmin(1)].permute(0, 2, 3, 1).numpy()
+    pairs = np.stack([to_uint8(fake), nearest], 1)  # each sample beside its nearest
+    save_grid(pairs.reshape(-1, *pairs.shape[2:]), path, 8)
+
 def append_log(path, row):
     """A row of a csv log, under the header the file already has (or the row's own)."""
     fields = list(row)
@@ -1136,13 +1280,18 @@ def append_log(path, row):
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 def trim_log(path, key, last, flip=None):
-    """Keep the rows whose column `key` is at most `last`; flip=K: renumber level columns j as K - j."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r[key]) <= last]
-        os.remove(path)
-        for r in rows:
-            append_log(path, {renumber(c, flip): v for c, v in r.items()})
+    """Rewrites a csv log (never deleting it first) with the whole rows whose column `key` is at most
+    `last`; flip=K: renumber level columns j as K - j."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if None not in r.values() and int(r[key]) <= last]  # none torn
+    text = io.StringIO()
+    out = csv.writer(text)
+    out.writerow([renumber(c, flip) for c in reader.fieldnames or []])
+    out.writerows(r.values() for r in rows)
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 def renumber(column, flip):
     """err_d0 -> err_dK for flip=K (a log from before the paper's numbering); other columns as they are."""
@@ -1190,7 +1339,7 @@ def plot_curves(csv_path, png_path, width=640, panel=80):
                (i + 1) * panel - 8 - (x - lo) / span * (panel - 24)) for s, x in zip(steps, v)]
         draw.line(xy, fill="navy")
         draw.text((4, i * panel + 2), f"{col}: {lo:.3g} to {lo + span:.3g}", fill="black")
-    img.save(png_path)
+    write_atomic(png_path, lambda f: img.save(f, "PNG"))
 
 def to_display(x, mean, std):
     """Normalised images -> [-1, 1] in true colours (save_grid's and save_npz's convention)."""
@@ -1207,12 +1356,13 @@ def save_grid(images, path, nrow=8, pad=2):
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    img = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    write_atomic(path, lambda f: img.save(f, "PNG"))
 
-def save_npz(path, images, y, run):
+def save_npz(path, images, y):
     """--npz: uint8 N x H x W x C images, and the class asked for each (conditional models)."""
     asked = {} if y is None else {"labels": y.cpu().numpy()}
-    np.savez(path, images=to_uint8(to_display(images, run.mean, run.std)), **asked)
+    write_atomic(path, lambda f: np.savez(f, images=images, **asked))
 
 def level_sheet(chain, run):
     """Every level of each sample side by side, coarse to fine (the order of sampling), enlarged (nearest)
@@ -1229,8 +1379,6 @@ def setup_run(args, device, data, rank=0, world=1):
     if args.level is not None and not 0 <= args.level <= K:
         fail(f"--level {args.level} is out of range; this pyramid has levels 0..{K} (0 the full image, {K} "
              f"the base)")
-    if args.batch_size % 2:
-        fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
     if len(images) < args.batch_size * world:
         fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
              f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
@@ -1296,50 +1444,55 @@ def d_lr(args):
     """D's learning rate: --lr-d, else --lr."""
     return args.lr_d or args.lr
 
-# Command line
+# Command line. Every numeric flag: its type, default, valid interval ("[" closed, "(" open, inf: none) and
+# help; get_args checks them all in one loop before anything is allocated (NaN and inf fail too).
+NUMBERS = {
+    "image_size": (int, None, "[1, 1024]", "native size unless given; 64 for folder"),
+    "limit": (int, None, "[1, inf)", "use only the first N training images"),
+    "level": (int, None, "[0, 16]", "train level K alone (0: the full image; the base: levels - 1)"),
+    "width_g": (int, 128, "[1, 4096]", "G_k feature maps: 128 (paper's models) or 64 (code)"),
+    "width_d": (int, 64, "[1, 4096]", "D_k feature maps"),
+    "dropout_d": (float, 0.5, "[0, 1)", "D's dropout (the paper's 0.5)"),
+    "nz": (int, 100, "[1, 4096]", "noise size at the base"),
+    "epochs": (int, 25, "[1, 100000]", "epochs to train"),
+    "batch_size": (int, 128, "[2, 65536]", "even: half real for D"),
+    "lr": (float, None, "(0, 10]", "learning rate (default 0.02; --model large: 0.01)"),
+    "lr_d": (float, None, "(0, 10]", "D's learning rate (default: --lr)"),
+    "momentum": (float, None, "[0, 1)", "initial momentum (0.5; --model large: 0), +0.0008/epoch"),
+    "select": (int, 200, "[0, inf)", "validation images for model selection (0: off)"),
+    "seed": (int, 1, "[0, 4294967295]", "everything is seeded from it"),
+    "log_every": (int, 100, "[1, inf)", "steps between log rows and progress lines"),
+    "workers": (int, 4, "[0, 256]", "threads decoding a folder of images"),
+    "n": (int, 64, "[1, inf)", "samples (checked against free memory and disk)"),
+    "label": (int, None, "[0, inf)", "the class to sample"),
+    "resample": (int, 0, "[0, 64]", "N samples from each of 8 real coarse images"),
+    "upscale": (int, 0, "[0, 5]", "run the finest G N more times past its size"),
+    "switch": (int, None, "[0, 16]", "the coarsest level B draws (default K - 1: A draws the base)"),
+    "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
+    "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
+    "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
+TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
+SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
+
 def make_parser():
     p = argparse.ArgumentParser(description="LAPGAN: a Laplacian pyramid of GANs (README.md lists the flags)")
     add = p.add_argument
     add("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
     add("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    add("--image-size", type=int, help="native size unless given; 64 for folder")
     add("--channels", type=int, choices=[1, 3])
-    add("--conditional", action="store_true")
-    add("--limit", type=int, help="use only the first N training images")
     add("--levels", help="pyramid sizes coarse to fine, as the paper writes them, e.g. 8,14,28")
-    add("--level", type=int, help="train level K alone (0: the full image; the base: levels - 1)")
     add("--model", choices=["small", "large"], default="small", help="large: the paper's LSUN nets")
-    add("--width-g", type=int, default=128, help="G_k feature maps: 128 (paper's models) or 64 (code)")
-    add("--width-d", type=int, default=64)
-    add("--dropout-d", type=float, default=0.5, help="D's dropout (the paper's 0.5)")
-    add("--nz", type=int, default=100, help="noise size at the base")
-    add("--epochs", type=int, default=25)
-    add("--batch-size", type=int, default=128, help="half real for D")
-    add("--lr", type=float, help="learning rate (default 0.02; --model large: 0.01)")
-    add("--lr-d", type=float, help="D's learning rate (default: --lr), e.g. faster than G's at small widths")
-    add("--momentum", type=float, help="initial momentum (0.5; --model large: 0), +0.0008/epoch")
     add("--optim", choices=["sgd", "adam"], default="sgd", help="adam (beta1 0.5): quick runs, not the paper")
     add("--balance", action="store_true", help="the LSUN code's rule: update D or G (or both)")
-    add("--select", type=int, default=200, help="validation images for model selection (0: off)")
-    add("--seed", type=int, default=1)
     add("--outf", help="output folder (out/lapgan-DATASET)")
-    add("--log-every", type=int, default=100)
-    add("--workers", type=int, default=4)
-    for switch in ("--resume", "--cuda", "--amp", "--compile", "--sample"):
+    for switch in ("--conditional", "--resume", "--cuda", "--amp", "--compile", "--sample", "--eval"):
         add(switch, action="store_true")
     add("--ckpt", nargs="+", help="several join levels trained apart")
-    add("--n", type=int, default=64)
-    add("--label", type=int)
     add("--npz")
     add("--out", help="grid PNG (default: beside the checkpoint)")
-    add("--resample", type=int, default=0, help="N samples from each of 8 real coarse images")
-    add("--upscale", type=int, default=0, help="run the finest G N more times past its size")
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
-    add("--switch", type=int, help="the coarsest level B draws (default K - 1: A draws the base)")
-    add("--eval", action="store_true", help="Parzen log-likelihood, neighbours")
-    add("--eval-images", type=int, default=1000, help="held-out test images to score")
-    add("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
-    add("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
+    for name, (kind, default, _, text) in NUMBERS.items():
+        add("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     return p
 
 def typed_flags(argv=None):
@@ -1350,12 +1503,29 @@ def typed_flags(argv=None):
     return set(vars(p.parse_args(argv)))
 
 def get_args(argv=None):
+    """The user's flags; every number checked against NUMBERS before anything is allocated."""
     p = make_parser()
     args = p.parse_args(argv)
     if not (args.dataset or args.sample or (args.resume and args.outf)):
         p.error("--dataset is required for training (or give --resume --outf DIR, or --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
         p.error("--sample needs --ckpt DIR/ckpt.pt (or --chain A.pt B.pt)")
+    for name, (_, _, interval, _) in NUMBERS.items():
+        v = getattr(args, name)
+        if v is None:  # optional, not given
+            continue
+        lo, hi = (float(s) for s in interval[1:-1].split(","))
+        inside = lo < v < hi or (v == lo and interval[0] == "[") or (v == hi and interval[-1] == "]")
+        if not (math.isfinite(v) and inside):  # NaN compares false with everything, so fails here too
+            fail(f"--{name.replace('_', '-')} {v} is out of range; it must lie in {interval}")
+    if args.batch_size % 2:
+        fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
+    if args.dataset == "shapes" and (args.image_size or 32) > SHAPES_MAX:
+        fail(f"--image-size {args.image_size} is too large for shapes; at most {SHAPES_MAX}")
+    test = TEST_SPLIT.get(args.dataset, math.inf)  # selection takes the last test images, --eval the first
+    if args.select > test - args.eval_images:
+        fail(f"--select {args.select} is more than the {test} test images of {args.dataset} less the "
+             f"--eval-images {args.eval_images} that --eval scores; lower --select")
     if args.eval and args.chain:
         fail("--eval scores one model's pyramid; drop --chain (or --eval)")
     large = args.model == "large"  # lsun/train.lua's lr and momentum for the large model
@@ -1364,40 +1534,51 @@ def get_args(argv=None):
     if args.momentum is None:
         args.momentum = 0.0 if large else 0.5
     args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
-    if args.image_size is not None and not 0 < args.image_size <= 1024:
-        fail(f"--image-size {args.image_size} must be between 1 and 1024")
-    for flag, least in (("epochs", 1), ("batch_size", 2), ("log_every", 1), ("n", 1)):
-        if getattr(args, flag) < least:
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least {least}")
-    if args.lr <= 0 or (args.lr_d is not None and args.lr_d <= 0):
-        fail(f"--lr {args.lr} and --lr-d {args.lr_d} must be positive (--lr-d: default --lr)")
-    if not 0 <= args.dropout_d < 1:
-        fail(f"--dropout-d {args.dropout_d} must be at least 0 and below 1")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        fail(f"the folder of --out {args.out} does not exist; create it or choose another path")
-    if os.path.isfile(args.outf):
-        fail(f"--outf {args.outf} is a file; give a folder")
     return args
 
 def main(argv=None):
-    args, ckpt = get_args(argv), None
-    if args.sample:
-        return sample(args)
-    if args.resume:  # before the device is picked: the checkpoint's flags, less this machine's
-        args, ckpt = resume_args(args, typed_flags(argv))
-    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
-        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    """Train (data-parallel under torchrun) or sample. Ctrl-C ends in one line: what is kept, how to go on."""
+    args, run, lock = get_args(argv), None, None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
-    if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world, ckpt)
+        if args.sample:
+            return sample(args)
+        device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
+        if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank == 0:
+            prepare_output(args.outf)
+            lock = lock_run(args.outf)
+        run = start_run(args, typed_flags(argv), device, rank, world)
+        return train(run)
+    except KeyboardInterrupt:
+        print(interrupted(args, run, argv), file=sys.stderr)
+        raise SystemExit(130)
     finally:
-        if world > 1:
+        if lock:
+            os.remove(lock)
+        if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+def interrupted(args, run, argv):
+    """Ctrl-C's one line: where it stopped, which checkpoint is kept, the command that goes on."""
+    argv = sys.argv[1:] if argv is None else argv
+    again = shlex.join(["python3", "lapgan.py", *argv])
+    if args.sample:
+        return f"interrupted; files already written are whole; to sample again: {again}"
+    where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
+    path = os.path.join(args.outf, "ckpt.pt")
+    if not os.path.exists(path):
+        return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
+    epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    flags = ["--resume", "--outf", args.outf]  # and this machine's flags as typed
+    for k in sorted(set(MACHINE) & typed_flags(argv)):
+        v = getattr(args, k)
+        flags += ["--" + k.replace("_", "-")] + ([] if isinstance(v, bool) else [str(v)])
+    return (f"interrupted {where}; {path} (epoch {epoch}) is kept; "
+            f"to continue: python3 lapgan.py {shlex.join(flags)}")
 
 if __name__ == "__main__":
     main()
