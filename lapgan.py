@@ -64,10 +64,9 @@ LEVELS = {"cifar10": [8, 14, 28],
 
 # ------------------------------------------------------------------------ Sec. 2.2: the Laplacian pyramid
 def area_matrix(n_in, n_out, device=None):
-    """Torch's image.scale when shrinking (n_out x n_in, rows summing to 1): output pixel i averages the
-    source interval [i r, (i+1) r), r = n_in / n_out, a pixel cut by an end counted by the fraction covered.
-    Average pooling fits whole ratios only (28 -> 14 -> 7): at CIFAR-10's 14 -> 8 (r = 1.75) pixels are
-    cut between two outputs, and adaptive pooling would count them whole in both."""
+    """Torch's image.scale when shrinking: output pixel i averages [i r, (i+1) r), r = n_in / n_out, a cut
+    pixel by the fraction covered. Average pooling fits whole ratios only; at CIFAR-10's 14 -> 8 (r = 1.75)
+    pixels are cut between two outputs, and adaptive pooling would count them whole in both."""
     r = n_in / n_out  # source pixels per output pixel
     start = torch.arange(n_out, dtype=torch.float64)[:, None] * r  # output pixel i: [start, end)
     end = start + r
@@ -128,8 +127,7 @@ def noise(shape, device, gen=None):
     return torch.rand(shape, device=device, generator=gen) * 2 - 1
 
 def generate(G, z, coarse, y=None):
-    """Level k's image: I~_K = G_K(z_K) at the base (coarse None); above it I~_k = l_k + G_k(z_k, l_k), the
-    residual added to its condition, so that D_k judges a whole image."""
+    """I~_K = G_K(z_K) at the base (coarse None), else I~_k = l_k + G_k(z_k, l_k): D_k judges whole images."""
     if coarse is None:
         return G([z], y)
     h = G([z, coarse], y)  # h~_k, the residual
@@ -144,8 +142,7 @@ def sample_level(G, coarser, size, y=None, gen=None):
 
 @torch.no_grad()
 def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
-    """Fig. 1 (generate.lua): I_K = G_K(z_K), then I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})) for k = K-1 down
-    to 0. Gs[k] = G_k. -> [I_0, ..., I_K]."""
+    """Fig. 1 (generate.lua): I_K = G_K(z_K), then sample_level for k = K-1 .. 0. -> [I_0, ..., I_K]."""
     K = len(sizes) - 1
     z = noise((n, nz), device, gen)
     images = [generate(Gs[K], z, None, y)]  # I_K
@@ -156,8 +153,7 @@ def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
 
 @torch.no_grad()
 def upscale_chain(chain, G, ratio, steps, y, gen=None):
-    """--upscale (the Eyescream blog's 'recursive' images): G_0 run `steps` more times past its training
-    size, each time enlarging by the finest ratio. -> the chain, finest first, `steps` levels longer."""
+    """--upscale (the Eyescream blog's 'recursive' images): G_0 run `steps` more times past its size."""
     for _ in range(steps):
         size = round(chain[0].shape[-1] * ratio)
         finer = sample_level(G, chain[0], size, y, gen)
@@ -165,15 +161,13 @@ def upscale_chain(chain, G, ratio, steps, y, gen=None):
     return chain
 
 def renormalise(x, mean_a, std_a, mean_b, std_b):
-    """--chain A B: A's normalised images in B's normalisation. Exact at every level, because `down` and
-    `up` commute with a per-channel affine map (the pyramid's residuals only scale)."""
+    """--chain A B: A's normalised images in B's; exact at every level (d and u commute with it)."""
     return (x * std_a + mean_a - mean_b) / std_b
 
 # ------------------------------------------------------------------------ Sec. 2.3: one level's training step
 @dataclass
 class Level:
-    """Level k: its nets, the forward passes its step calls (the nets themselves, or the data-parallel,
-    compiled or bf16 wrappers the Appendix's prepare_level makes), and the optimisers."""
+    """Level k: its nets, the forward passes its step calls (prepare_level's wrappers), the optimisers."""
     k: int                         # the paper's index: 0 the full image, K the base
     G: nn.Module                   # G_k, the module that is saved
     D: nn.Module                   # D_k
@@ -222,9 +216,8 @@ def update(opt, loss, params=None):
     opt.step()
 
 def level_step(lv, x, y, sizes, nz, balance=None):
-    """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real normalised images x
-    (B = --batch-size), never on a coarser G's samples. balance: None, or (err_real, err_fake) -> (update
-    D_k, update G_k). -> statistics."""
+    """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real images x, never
+    on a coarser G's samples. balance: None, or (err_real, err_fake) -> (update D_k, update G_k)."""
     k = lv.k
     half = len(x) // 4  # B/2
     B = 2 * half
@@ -260,8 +253,7 @@ def level_step(lv, x, y, sizes, nz, balance=None):
             "upd_g": float(upd_g)}
 
 def train_step(run, idx):
-    """One training step of every level: idx, 2B indices into run.images (B/2 real examples, then 3B/2
-    images whose coarse versions condition the fakes). -> {statistic name + level k: value}."""
+    """Every level's step on the images idx (2B indices). -> {statistic name + level k: value}."""
     x, y = get_batch(run, idx)
     stats = {}
     for k, lv in run.levels.items():
@@ -271,9 +263,8 @@ def train_step(run, idx):
 
 # ------------------------------------------------------------------------ Sec. 3: the networks
 class Conditioned(nn.Module):
-    """Feeds inputs and class to `body` (Eyescream's class-conditional CIFAR). Base: inputs flattened, one-hot
-    appended. Level k < K: a class plane, Linear(classes -> s*s) -> ReLU, after the first input plane: G_k
-    sees [noise, class, l_k], D_k [image, class]. Without classes y is ignored."""
+    """Eyescream's classes: one-hot after the base's flat inputs; above, a plane ReLU(Linear(one-hot)) after
+    the first input: G_k sees [noise, class, l_k], D_k [image, class]."""
 
     def __init__(self, body, ncls, size, flat):
         super().__init__()
@@ -298,19 +289,29 @@ class Conditioned(nn.Module):
 
     def plane(self, onehot, first):
         """The class as one plane, N x 1 x s x s, at the inputs' size (larger only past the training size)."""
-        plane = F.relu(self.embed(onehot)).view(-1, 1, self.size, self.size)
+        plane = F.relu(self.embed(onehot))
+        plane = plane.view(-1, 1, self.size, self.size)
         return up(plane, first.shape[-1])
 
 def mlp_nets(nz, nc, size, ncls, drop=0.5):
-    """Sec. 3.1, the base level K: G_K two ReLU layers of 1200 units, linear output; D_K two of 600 with
-    dropout 0.5."""
+    """Sec. 3.1, the base: G_K two ReLU layers of 1200 units, linear output; D_K two of 600, dropout."""
     pixels = nc * size * size
-    g = nn.Sequential(nn.Linear(nz + ncls, 1200), nn.ReLU(),
-                      nn.Linear(1200, 1200), nn.ReLU(),
-                      nn.Linear(1200, pixels), nn.Unflatten(1, (nc, size, size)))
-    d = nn.Sequential(nn.Linear(pixels + ncls, 600), nn.ReLU(), nn.Dropout(drop),
-                      nn.Linear(600, 600), nn.ReLU(), nn.Dropout(drop),
-                      nn.Linear(600, 1), nn.Flatten(0))
+    g = nn.Sequential(
+        nn.Linear(nz + ncls, 1200),
+        nn.ReLU(),
+        nn.Linear(1200, 1200),
+        nn.ReLU(),
+        nn.Linear(1200, pixels),
+        nn.Unflatten(1, (nc, size, size)))
+    d = nn.Sequential(
+        nn.Linear(pixels + ncls, 600),
+        nn.ReLU(),
+        nn.Dropout(drop),
+        nn.Linear(600, 600),
+        nn.ReLU(),
+        nn.Dropout(drop),
+        nn.Linear(600, 1),
+        nn.Flatten(0))
     return g, d
 
 def pads(size, kernels, strides):
@@ -325,16 +326,24 @@ def pads(size, kernels, strides):
     return [kern // 2 for kern in kernels], same
 
 def conv_nets(g_in, d_in, nc, size, wg, wd, drop=0.5):
-    """Sec. 3.1, a level k < K: G_k = conv7 wg, ReLU, conv7 wg, ReLU, conv5 C, linear output = h~_k;
-    D_k = conv5 wd, ReLU, conv5 stride 2 wd, ReLU, dropout 0.5, linear -> logit. No batch norm.
-    g_in, d_in: the input planes of G_k and D_k."""
-    g = nn.Sequential(nn.Conv2d(g_in, wg, 7, padding=3), nn.ReLU(),
-                      nn.Conv2d(wg, wg, 7, padding=3), nn.ReLU(),
-                      nn.Conv2d(wg, nc, 5, padding=2))
+    """Sec. 3.1, a level k < K: G_k's three convs (7, 7, 5) output h~_k; D_k two convs (5, 5 stride 2),
+    dropout, a linear logit. No batch norm. g_in, d_in: the input planes of G_k and D_k."""
+    g = nn.Sequential(
+        nn.Conv2d(g_in, wg, 7, padding=3),
+        nn.ReLU(),
+        nn.Conv2d(wg, wg, 7, padding=3),
+        nn.ReLU(),
+        nn.Conv2d(wg, nc, 5, padding=2))
     (p1, p2), n = pads(size, [5, 5], [1, 2])
-    d = nn.Sequential(nn.Conv2d(d_in, wd, 5, padding=p1), nn.ReLU(),
-                      nn.Conv2d(wd, wd, 5, 2, p2), nn.ReLU(),
-                      nn.Dropout(drop), nn.Flatten(), nn.Linear(wd * n * n, 1), nn.Flatten(0))
+    d = nn.Sequential(
+        nn.Conv2d(d_in, wd, 5, padding=p1),
+        nn.ReLU(),
+        nn.Conv2d(wd, wd, 5, 2, p2),
+        nn.ReLU(),
+        nn.Dropout(drop),
+        nn.Flatten(),
+        nn.Linear(wd * n * n, 1),
+        nn.Flatten(0))
     return g, d
 
 class PairL2Pool(nn.Module):
@@ -345,39 +354,55 @@ class PairL2Pool(nn.Module):
         return (pairs.pow(2).sum(2) + 1e-6).sqrt()
 
 def large_nets(g_in, d_in, nc, size):
-    """Sec. 3.2, lsun/model.lua 'large': G with {64, 368, 128, 224} maps, 7x7 grouped convs, each ReLU then
-    BN, spatial dropout, L2 pooling of channel pairs; D with {48, 448, 416} maps, grouped, no BN."""
+    """Sec. 3.2, lsun/model.lua 'large': grouped convs; G with ReLU then BN, spatial dropout, L2 pooling."""
     def bn(n):
         return nn.BatchNorm2d(n, affine=False)
-    g = nn.Sequential(nn.Conv2d(g_in, 64, 7, padding=3), nn.ReLU(), bn(64),
-                      nn.Conv2d(64, 368, 7, padding=3, groups=4), nn.ReLU(), bn(368),
-                      nn.Dropout2d(0.5),
-                      nn.Conv2d(368, 128, 7, padding=3, groups=4), nn.ReLU(), bn(128),
-                      PairL2Pool(),
-                      nn.Conv2d(64, 224, 5, padding=2, groups=2), nn.ReLU(), bn(224),
-                      nn.Dropout2d(0.5),
-                      nn.Conv2d(224, nc, 7, padding=3), bn(nc))
-    (p1, p2, p3), n = pads(size, [3, 5, 7], [1, 1, 1])
-    d = nn.Sequential(nn.Conv2d(d_in, 48, 3, padding=p1), nn.ReLU(),
-                      nn.Conv2d(48, 448, 5, padding=p2, groups=4), nn.ReLU(),
-                      nn.Conv2d(448, 416, 7, padding=p3, groups=16), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(416 * n * n, 1), nn.Flatten(0))
+    g = nn.Sequential(
+        nn.Conv2d(g_in, 64, 7, padding=3),
+        nn.ReLU(),
+        bn(64),
+        nn.Conv2d(64, 368, 7, padding=3, groups=4),
+        nn.ReLU(),
+        bn(368),
+        nn.Dropout2d(0.5),
+        nn.Conv2d(368, 128, 7, padding=3, groups=4),
+        nn.ReLU(),
+        bn(128),
+        PairL2Pool(),
+        nn.Conv2d(64, 224, 5, padding=2, groups=2),
+        nn.ReLU(),
+        bn(224),
+        nn.Dropout2d(0.5),
+        nn.Conv2d(224, nc, 7, padding=3),
+        bn(nc))
+    pad, n = pads(size, [3, 5, 7], [1, 1, 1])
+    d = nn.Sequential(
+        nn.Conv2d(d_in, 48, 3, padding=pad[0]),
+        nn.ReLU(),
+        nn.Conv2d(48, 448, 5, padding=pad[1], groups=4),
+        nn.ReLU(),
+        nn.Conv2d(448, 416, 7, padding=pad[2], groups=16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(416 * n * n, 1),
+        nn.Flatten(0))
     return g, d
 
 def build_level(targs, k, sizes, nc, ncls):
-    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags as a dict): MLPs at the base (k = K),
-    conv nets above. G_k's input planes: noise, the class plane if any, l_k; D_k's: the image, the class."""
+    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags, a dict): MLPs at the base."""
     size = sizes[k]
     base = k == len(sizes) - 1
     class_planes = 1 if ncls else 0
     g_in = 1 + class_planes + nc
     d_in = nc + class_planes
+    drop = targs["dropout_d"]
     if base:
-        g, d = mlp_nets(targs["nz"], nc, size, ncls, targs["dropout_d"])
+        g, d = mlp_nets(targs["nz"], nc, size, ncls, drop)
     elif targs["model"] == "large":
         g, d = large_nets(g_in, d_in, nc, size)
     else:
-        g, d = conv_nets(g_in, d_in, nc, size, targs["width_g"], targs["width_d"], targs["dropout_d"])
+        wg, wd = targs["width_g"], targs["width_d"]
+        g, d = conv_nets(g_in, d_in, nc, size, wg, wd, drop)
     return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, base)
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
@@ -388,8 +413,7 @@ def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):
     return lr, momentum
 
 def set_sgd(opt, lr, momentum):
-    # Torch's optim.sgd damps the new gradient by the momentum (buf = m buf + (1 - m) grad); PyTorch's
-    # default dampening is 0, so it is set alongside
+    # Torch's optim.sgd damps the gradient by the momentum (buf = m buf + (1 - m) grad); PyTorch's does not
     for group in opt.param_groups:
         group.update(lr=lr, momentum=momentum, dampening=momentum)
 
@@ -405,8 +429,8 @@ def set_schedule(run, epoch):
         set_sgd(lv.opt_D, lr_d, run.momentum)
 
 def balance_rule(err_real, err_fake, margin=0.3, real_max=0.7):
-    """lsun/train.lua (--balance): if D's error on fakes exceeds its error on reals by more than the margin,
-    update D only, else G only; and update D whenever its real error exceeds 0.7. -> (update_d, update_g)."""
+    """lsun/train.lua (--balance): D alone if its fake error exceeds its real error by the margin, else G
+    alone; D too whenever its real error exceeds 0.7. -> (update_d, update_g)."""
     d_only = err_fake > err_real + margin
     return d_only or err_real > real_max, not d_only
 
@@ -432,8 +456,7 @@ def selection_score(G, k, x, y, sizes, nz, gen, n=128):
     return torch.stack(dists).mean().item()
 
 def select_models(run, val, gen):
-    """Model selection after each epoch (the cifar/ code) on `val` (normalised images, labels): each level's
-    score, and the levels that beat their best so far. -> ({k: score}, [better k])."""
+    """Model selection (the cifar/ code) on `val`: -> ({k: score}, [the levels that beat their best])."""
     x, y = val
     scores, better = {}, []
     for k, lv in run.levels.items():
@@ -444,8 +467,7 @@ def select_models(run, val, gen):
     return scores, better
 
 def parzen_ll(d2, dim, sigma):
-    """Gaussian Parzen window (Goodfellow et al. 2014): log (1/N) sum_j N(x_i; s_j, sigma^2 I) from the
-    squared distances d2 (images x N samples). -> (images,), in nats."""
+    """Gaussian Parzen window: log (1/N) sum_j N(x_i; s_j, sigma^2 I) from d2 (images x N), in nats."""
     log_n = math.log(d2.shape[1])
     log_gauss = dim / 2 * math.log(2 * math.pi * sigma ** 2)  # the normaliser of N(.; s, sigma^2 I)
     return torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - log_n - log_gauss
@@ -453,18 +475,20 @@ def parzen_ll(d2, dim, sigma):
 def val_test_ll(d2, n_val, dim):
     """sigma chosen on the first n_val (validation) images, then applied to the rest (test)."""
     sigmas = torch.logspace(-2.5, 0, 26).tolist()
-    sigma = max(sigmas, key=lambda s: parzen_ll(d2[:n_val], dim, s).mean().item())
-    return parzen_ll(d2[n_val:], dim, sigma), sigma
+    val, test = d2[:n_val], d2[n_val:]
+    sigma = max(sigmas, key=lambda s: parzen_ll(val, dim, s).mean().item())
+    return parzen_ll(test, dim, sigma), sigma
 
 @torch.no_grad()
 def base_d2(G, base, y, nz, m, pix):
-    """Squared distances (pixel units) of each true base image I_K to m samples of G_K (images x m); with
-    classes, the samples of each image's own class, so the base is scored as log q_K(I_K | y) too."""
+    """Squared distances (pixel units) of each true I_K to m samples of G_K (of its own class, if any)."""
     dev = base.device
     d2 = torch.empty(len(base), m, dtype=torch.float64, device=dev)
     classes = [None] if y is None else y.unique().tolist()
     for c in classes:
-        rows = torch.ones(len(base), dtype=torch.bool, device=dev) if c is None else y == c
+        rows = torch.ones(len(base), dtype=torch.bool, device=dev)  # the images of class c
+        if c is not None:
+            rows = y == c
         made = []
         for part in torch.arange(m).split(1000):  # m samples, 1000 at a time
             yc = None if c is None else torch.full((len(part),), c, device=dev)
@@ -475,11 +499,11 @@ def base_d2(G, base, y, nz, m, pix):
 
 @torch.no_grad()
 def residual_d2(G, coarse, h, y, std, m):
-    """Squared distances of each image's true residual h_k to m residuals drawn from its own l_k (and
-    class), in pixel units ([0, 1], as the base's). -> images x m."""
+    """Squared distances (pixel units) of each true h_k to m residuals drawn from its own l_k and class."""
     rows = []
     for i in range(len(h)):
-        z = noise((m, 1, h.shape[-1], h.shape[-1]), h.device)
+        s = h.shape[-1]
+        z = noise((m, 1, s, s), h.device)
         made = G([z, row_of(coarse, i, m)], row_of(y, i, m))  # m residuals h~_k
         diff = (made - h[i:i + 1]) * std  # normalised -> pixel units
         rows.append(diff.flatten(1).pow(2).sum(1))
@@ -507,8 +531,8 @@ def parzen_levels(args, Gs, x, y, run, n_val):
 
 @torch.no_grad()
 def evaluate(args, Gs, run, stem):
-    """--eval on the first test images (model selection takes the last ones): Sec. 4.1's Parzen log-likelihood
-    per level and in total; log p(I | y) for a conditional model (every level given the true label)."""
+    """--eval on the first test images: Sec. 4.1's Parzen log-likelihood, per level and in total (for a
+    conditional model log p(I | y), every level given the true label)."""
     dev = run.images.device
     n_val = min(1000, len(run.images) // 2)  # as gan.py: sigma on test[:1000], scores on test[1000:2000]
     n = min(len(run.images), n_val + args.eval_images)
@@ -527,21 +551,23 @@ def evaluate(args, Gs, run, stem):
     nearest_sheet(Gs, run, y, stem + "_nn.png")
 
 def resample_sheet(G, k, run, n, path, gen=None):
-    """Sec. 4.2: per row a real image, its l_k, then n samples of level k drawn from that l_k (at the base,
-    a blank in its place and n samples of G_K)."""
+    """Sec. 4.2: per row a real image, its l_k (blank at the base), then n samples drawn from that l_k."""
     dev = run.images.device
-    x, y = get_batch(run, torch.arange(8, device=dev) % len(run.images), False)
+    idx = torch.arange(8, device=dev) % len(run.images)
+    x, y = get_batch(run, idx, False)
     fine = down(x, run.sizes[k])  # I_k
     coarse = condition(x, run.sizes, k)  # l_k; None at the base, shown blank
     shown = torch.zeros_like(fine) if coarse is None else coarse
     if coarse is not None:
         coarse = coarse.repeat_interleave(n, 0)  # each l_k n times
-    z = noise(noise_shape(k, run.sizes, 8 * n, run.args.nz), dev, gen)
+    shape = noise_shape(k, run.sizes, 8 * n, run.args.nz)
+    z = noise(shape, dev, gen)
     with torch.no_grad():
         made = generate(G, z, coarse, y.repeat_interleave(n))
     samples = made.float().view(8, n, *fine.shape[1:])
     rows = torch.cat([fine[:, None], shown[:, None], samples], 1)
-    save_grid(to_display(rows.flatten(0, 1), run.mean, run.std), path, n + 2)
+    sheet = to_display(rows.flatten(0, 1), run.mean, run.std)
+    save_grid(sheet, path, n + 2)
 
 # ------------------------------------------------------------------------ the training loop, sampling
 def train(run):
@@ -549,31 +575,24 @@ def train(run):
     val = None  # model selection's images, on rank 0
     if run.rank == 0 and run.args.select:
         val = selection_images(run)
-    clock = Clock(run.step, time.time())
+    log = Log(run.step, time.time())
     for epoch in range(run.epoch + 1, run.args.epochs + 1):
         set_schedule(run, epoch)
-        train_epoch(run, epoch, clock)
+        train_epoch(run, epoch, log)
         run.epoch = epoch
         if run.rank == 0:
             end_of_epoch(run, val)
     return run
 
-def train_epoch(run, epoch, clock):
-    """One shuffled pass: B/2 real images per step, and 3B/2 others drawn at random whose coarse versions
-    condition the fakes (as the code does); a log row of the means every --log-every steps."""
+def train_epoch(run, epoch, log):
+    """One shuffled pass: B/2 real images a step, 3B/2 drawn at random to condition the fakes (the code)."""
     idx = batches(run, epoch)
     n_cond = run.args.batch_size * 3 // 2
-    total, count = {}, 0
     for i, real in enumerate(idx):
         cond = torch.randint(len(run.images), (n_cond,), device=real.device)
         stats = train_step(run, torch.cat([real, cond]))
-        total = {name: total.get(name, 0) + v for name, v in stats.items()}
         run.step += 1
-        count += 1
-        if run.step % run.args.log_every == 0 or i == len(idx) - 1:
-            means = {name: v / count for name, v in total.items()}
-            log_step(run, epoch, i, len(idx), means, clock)
-            total, count = {}, 0
+        log_step(run, log, stats, epoch, i, len(idx))
 
 @dataclass
 class Source:
@@ -583,17 +602,8 @@ class Source:
     stem: str = ""          # output path without ".png"
     before: "Source" = None  # --chain A B: A, drawing the levels coarser than B's switch
 
-def asked_labels(src, n, label):
-    """The class asked for each sample: --label, or drawn uniformly; None for an unconditional model."""
-    if not src.run.ncls:
-        return None
-    if label is not None:
-        return torch.full((n,), label, device=src.run.mean.device)
-    return torch.randint(src.run.ncls, (n,)).to(src.run.mean.device)
-
 def draw(src, n, y):
-    """Fig. 1's chain, finest first. --chain A B: A draws the coarse levels; its last image, mapped into B's
-    normalisation, is I_{S+1} of B's chain, and B's G_S .. G_0 draw the rest."""
+    """Fig. 1's chain, finest first. --chain A B: A's last image, in B's normalisation, is I_{S+1} of B's."""
     run = src.run
     if src.before is None:
         return sample_chain(src.Gs, run.sizes, n, run.args.nz, y, run.mean.device)
@@ -607,8 +617,7 @@ def draw(src, n, y):
     return images
 
 def sample(args):
-    """--sample: Fig. 1's chain from --ckpt (several join levels trained apart) or --chain A B; the level
-    sheet, --npz, and the --upscale, --resample and --eval pictures."""
+    """--sample: the level sheet and --npz of Fig. 1's chain, and the --upscale, --resample, --eval ones."""
     src = sampling_source(args, pick_device(args))
     run, stem = src.run, src.stem
     torch.manual_seed(args.seed)
@@ -620,7 +629,8 @@ def sample(args):
     if args.upscale:
         y = asked_labels(src, 8, args.label)
         ratio = run.sizes[0] / run.sizes[1]  # the finest level's
-        big = upscale_chain(draw(src, 8, y), src.Gs[0], ratio, args.upscale, y)[0]
+        chain = draw(src, 8, y)
+        big = upscale_chain(chain, src.Gs[0], ratio, args.upscale, y)[0]
         save_grid(to_display(big, run.mean, run.std), stem + "_upscale.png", 4)
     if args.resample or args.eval:
         use_test_images(run)
@@ -636,8 +646,7 @@ def fail(msg):
 
 # Files: each one written whole or not at all, into a folder proven writable, by one run at a time
 def write_atomic(path, write):
-    """write(f) into PATH.tmp in the same folder, fsync, rename: PATH is the old file or the new one, whole.
-    On any exception (Ctrl-C too) the .tmp goes; a disk error becomes one line naming the path and cause."""
+    """write(f) into PATH.tmp, fsync, rename; on any exception the .tmp goes, a disk error is one line."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -943,8 +952,7 @@ def channel_stats(images):
     return m[0].float().view(1, -1, 1, 1), (m[1] - m[0] ** 2).clamp(min=1e-8).sqrt().float().view(1, -1, 1, 1)
 
 def pyramid_sizes(args, size):
-    """--levels, or the paper's pyramid for the dataset (otherwise size/16 ... size, from 4 px), both written
-    coarse to fine. -> sizes finest first: sizes[k] is the size of the paper's I_k."""
+    """--levels, or the dataset's pyramid (else size/16 .. size), coarse to fine. -> sizes[k], I_k's size."""
     halvings = sorted({size >> i for i in range(5) if size >> i >= 4})
     default = LEVELS.get(args.dataset) or halvings
     try:
@@ -963,8 +971,7 @@ def pyramid_sizes(args, size):
     return sizes[::-1]
 
 def get_batch(run, idx, train=True):
-    """Gather uint8 images on the device, crop to the finest level (random crops in training, Sec. 3.1: 28x28
-    crops of CIFAR's 32x32; centred otherwise), normalise per channel. -> (x, labels)."""
+    """Images idx cropped to the finest size (random in training, Sec. 3.1), normalised. -> (x, labels)."""
     x, size, dev = run.images[idx], run.sizes[0], run.images.device
     if x.shape[-1] > size:
         m, n = x.shape[-1] - size, len(idx)
@@ -1002,8 +1009,7 @@ def load_checkpoint(path, training=False):
     return ckpt if "paper_levels" in ckpt else paper_levels(ckpt)
 
 def paper_levels(ck):
-    """A checkpoint from before the paper's numbering (level 0 the base, sizes coarse to fine, no marker) in
-    today's layout: its level j is level K - j; flags added since take the values those runs had."""
+    """A checkpoint from before the paper's numbering (level 0 the base) in today's: level j is K - j."""
     K = len(ck["sizes"]) - 1
     args = {"dropout_d": 0.5, "lr_d": None, **ck["args"]}
     if args.get("level") is not None:
@@ -1061,8 +1067,7 @@ SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upsc
                  "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
 
 def resume_args(args, typed):
-    """--resume: the checkpoint's flags, but --dataroot and --epochs as typed, the machine's flags (MACHINE)
-    from this command line, typed or not (a GPU run resumes on a CPU), and the run stays in --outf."""
+    """--resume: the checkpoint's flags, --dataroot and --epochs where typed, MACHINE's from this command."""
     ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), training=True)
     differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY
               and getattr(args, k) != ckpt["args"].get(k)]
@@ -1079,8 +1084,7 @@ def resume_args(args, typed):
     return args, ckpt
 
 def start_run(args, typed, device, rank, world):
-    """The Run that `train` continues: a fresh one, or OUTF/ckpt.pt's with --resume. A folder with no
-    ckpt.pt holds no run: the logs of a run that never saved one are started anew."""
+    """The Run that `train` continues: a fresh one, or OUTF/ckpt.pt's; a folder with no ckpt.pt is no run."""
     path = os.path.join(args.outf, "ckpt.pt")
     if args.resume and not os.path.exists(path):
         fail(f"nothing to resume: {args.outf} holds no checkpoint (ckpt.pt); run without --resume to start")
@@ -1125,8 +1129,7 @@ def source(ck, Gs, dev, first=0):
     return Source([G.to(dev) for G in Gs], run)
 
 def chain_source(a, b, switch, dev):
-    """--chain A B (the blog's cats made horses): B's G_S .. G_0 (S = --switch, by default K - 1) finish the
-    images A draws down to B's size s_{S+1}."""
+    """--chain A B (the blog's cats made horses): B's G_S .. G_0 finish A's images of B's size s_{S+1}."""
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     K = len(cb["sizes"]) - 1
     S = K - 1 if switch is None else switch
@@ -1159,9 +1162,17 @@ def sampling_source(args, dev):
     check_room(args, src)
     return src
 
+def asked_labels(src, n, label):
+    """The class asked for each sample: --label, or drawn uniformly; None for an unconditional model."""
+    dev = src.run.mean.device
+    if not src.run.ncls:
+        return None
+    if label is not None:
+        return torch.full((n,), label, device=dev)
+    return torch.randint(src.run.ncls, (n,)).to(dev)
+
 def check_room(args, src):
-    """--sample's output folders prepared, and the bytes of its level sheet (and --npz) checked against
-    free disk and memory before anything is drawn."""
+    """--sample's folders prepared, its bytes checked against free disk and memory before drawing."""
     run = src.run
     levels = len(run.sizes) + (len(src.before.run.sizes) if src.before else 0)
     need = args.n * run.mean.shape[1] * run.sizes[0] ** 2 * (levels + 1)  # uint8 images, the npz's too
@@ -1174,8 +1185,7 @@ def check_room(args, src):
         fail(f"--n {args.n} needs about {2 * need / 1e9:.2f} GB of memory, more than is free; lower --n")
 
 def draw_chunks(src, n, y, chunk=500):
-    """Fig. 1's chains for --sample, `chunk` at a time, as uint8: -> (the level sheet's images, the finest
-    level's images, the number of levels)."""
+    """--sample's chains, `chunk` at a time: -> uint8 (level sheet images, finest images), levels."""
     sheet, finest = [], []
     for i in range(0, n, chunk):
         asked = None if y is None else y[i:i + chunk]
@@ -1194,8 +1204,7 @@ def use_test_images(run):
     run.images, run.labels = x.to(run.mean.device), y.to(run.mean.device)
 
 def selection_images(run):
-    """Model selection's validation images: the LAST --select test images (--eval scores the first ones),
-    centre-cropped and normalised. -> (x, y) on the device."""
+    """Model selection's images: the LAST --select test images (--eval scores the first). -> (x, y)."""
     x, y, _ = load_dataset(run.args, "test")
     dev, n = run.images.device, run.args.select
     if n > len(x):
@@ -1220,8 +1229,7 @@ def write_selection(run, scores, better):
         write_atomic(path, lambda f: torch.save(best, f))
 
 def sample_sheet(run, gen):
-    """samples_eNNN.png: every level of the chain of Fig. 1 (conditional: 3 per class, a row each); one
-    level trained alone: its samples from real coarse images."""
+    """samples_eNNN.png: Fig. 1's chain at every level (3 per class); a level alone: resample_sheet."""
     path, dev = f"{run.args.outf}/samples_e{run.epoch:03d}.png", run.images.device
     if len(run.levels) < len(run.sizes):
         k, lv = next(iter(run.levels.items()))
@@ -1233,8 +1241,7 @@ def sample_sheet(run, gen):
 
 # Logs and pictures
 def end_of_epoch(run, val):
-    """Rank 0: model selection with noise of its own, the same every epoch (the training RNG untouched);
-    the sample sheet, ckpt.pt and curves.png."""
+    """Rank 0: model selection (noise of its own, the same every epoch), samples, ckpt.pt, curves.png."""
     args, dev = run.args, run.images.device
     gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
     check_finite(run)
@@ -1252,8 +1259,7 @@ def end_of_epoch(run, val):
 
 @torch.no_grad()
 def nearest_sheet(Gs, run, y, path):
-    """Fig. 3's check that samples are not copies: 32 samples (of y's classes), each beside its L2-nearest
-    training image (centre crops of the samples' size)."""
+    """Fig. 3's check that samples are not copies: 32 samples, each beside its L2-nearest training image."""
     dev, s = run.images.device, run.sizes[0]
     asked = y[torch.arange(32, device=dev) % len(y)]
     made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
@@ -1280,8 +1286,7 @@ def append_log(path, row):
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 def trim_log(path, key, last, flip=None):
-    """Rewrites a csv log (never deleting it first) with the whole rows whose column `key` is at most
-    `last`; flip=K: renumber level columns j as K - j."""
+    """A csv log rewritten (never deleted first) to its whole rows with `key` <= last; flip=K: renumber."""
     if not os.path.exists(path):
         return
     with open(path, newline="") as f:
@@ -1299,16 +1304,24 @@ def renumber(column, flip):
     return column if flip is None or name == column else f"{name}{flip - int(column[len(name):])}"
 
 @dataclass
-class Clock:
+class Log:
     step: int      # where the progress line's rate counts from: a step and the time it was done
     time: float
+    sums: dict = field(default_factory=dict)  # each statistic summed over the steps since the last row
+    count: int = 0
 
-def log_step(run, epoch, i, n_steps, means, clock):
-    """A log.csv row (rank 0) and the progress line: each level's statistics averaged over the last steps,
-    and their mean over the levels. A NaN stops training and keeps the last good checkpoint."""
+def log_step(run, log, stats, epoch, i, n_steps):
+    """Every --log-every steps and at the epoch's end, the averages since the last row into log.csv (rank 0)
+    and the progress line. A NaN stops training and keeps the last good checkpoint."""
+    for name, v in stats.items():
+        log.sums[name] = log.sums.get(name, 0) + v
+    log.count += 1
+    if run.step % run.args.log_every and i < n_steps - 1:
+        return
     args = run.args
     row = {"step": run.step, "epoch": epoch, "lr": run.lr, "momentum": run.momentum}
-    per = {name: float(v) for name, v in means.items()}  # one host sync per log row
+    per = {name: float(v) / log.count for name, v in log.sums.items()}  # one host sync per log row
+    log.sums, log.count = {}, 0
     for m in ("err_d", "err_g", "d_x", "d_gz"):  # the mean over levels, for the progress line
         row[m] = sum(per[f"{m}{k}"] for k in run.levels) / len(run.levels)
     row.update(per)
@@ -1317,7 +1330,7 @@ def log_step(run, epoch, i, n_steps, means, clock):
              f"checkpoint in {args.outf} is kept (try a lower --lr or --balance)")
     if run.rank == 0:
         append_log(os.path.join(args.outf, "log.csv"), row)
-        rate = (run.step - clock.step) * args.batch_size * run.world / (time.time() - clock.time)
+        rate = (run.step - log.step) * args.batch_size * run.world / (time.time() - log.time)
         eta = ((args.epochs - epoch) * n_steps + n_steps - i - 1) * args.batch_size * run.world / rate
         eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
         print(f"[e {epoch}/{args.epochs} it {i + 1}/{n_steps}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
@@ -1365,8 +1378,7 @@ def save_npz(path, images, y):
     write_atomic(path, lambda f: np.savez(f, images=images, **asked))
 
 def level_sheet(chain, run):
-    """Every level of each sample side by side, coarse to fine (the order of sampling), enlarged (nearest)
-    to the finest size. chain: [I_0, ..., I_K]."""
+    """Each sample's levels side by side, coarse to fine, enlarged (nearest). chain: [I_0, ..., I_K]."""
     big = [F.interpolate(x, chain[0].shape[-2:], mode="nearest") for x in reversed(chain)]
     return to_display(torch.stack(big, 1).flatten(0, 1), run.mean, run.std)
 
@@ -1419,8 +1431,7 @@ def in_bf16(f):
     return forward
 
 def balance_over_ranks(err_real, err_fake):
-    """--balance: the rule decided on D's errors averaged over the data-parallel ranks, so that every rank
-    takes the same branch."""
+    """--balance on D's errors averaged over the ranks, so that every rank takes the same branch."""
     t = torch.stack([err_real.detach().float(), err_fake.detach().float()])
     if dist.is_initialized():
         dist.all_reduce(t)

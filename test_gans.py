@@ -4031,9 +4031,11 @@ LAP_KILL_DRIVER = KILL_DRIVER.replace("vaegan", "lapgan")
 
 
 def lap_start(*argv):
-    """lapgan.py in a real subprocess, one thread (the same arithmetic as this process's runs)."""
+    """lapgan.py in a real subprocess, one thread (the same arithmetic as this process's runs), with Ctrl-C's
+    default action even where this process runs in the background (which ignores SIGINT)."""
     return subprocess.Popen([sys.executable, os.path.join(HERE, "lapgan.py"), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def lap_same_run(a, b):
