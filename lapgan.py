@@ -988,6 +988,7 @@ def batches(run, epoch):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(run.args.seed * 100003 + epoch))
     perm = perm[run.rank::run.world].to(run.images.device)
     return perm[: len(perm) // half * half].view(-1, half)
+
 # Checkpoints and resume: checkpoint() and restore() mirror each other
 def load_checkpoint(path, training=False):
     """A lapgan.py checkpoint (a training one, with optimisers, for --resume), older ones in today's layout"""

@@ -3769,7 +3769,7 @@ def test_web_export_refuses_what_it_cannot_convert(tmp_path):
     that is no checkpoint, and layers outside the page's set: one line each, no traceback."""
     export = web_export()
     run = lap_tiny_run(["--model", "large", "--level", "1"])
-    lapgan.save_checkpoint(lapgan.checkpoint(run, opts=False), str(tmp_path / "large.pt"))
+    torch.save(lapgan.checkpoint(run, opts=False), str(tmp_path / "large.pt"))
     r = subprocess.run([sys.executable, os.path.join(HERE, "web", "export.py"), str(tmp_path / "large.pt"),
                         "--out", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "--model large" in r.stderr, r.stderr
