@@ -42,7 +42,8 @@ rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: q
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
     python lapgan.py --sample --ckpt out/lapgan-cifar10/ckpt.pt --resample 8 --upscale 3 --eval
 """
-import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, tarfile, time, urllib.request, zlib
+import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, shlex, shutil, sys, tarfile, time, zlib
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 SCRIPT = "lapgan"
 # Sec. 3.1: CIFAR-10 8 -> 14 -> 28 on 28 x 28 crops; the others: the same ratios on their own sizes.
@@ -63,10 +64,9 @@ LEVELS = {"cifar10": [8, 14, 28],
 
 # ------------------------------------------------------------------------ Sec. 2.2: the Laplacian pyramid
 def area_matrix(n_in, n_out, device=None):
-    """Torch's image.scale when shrinking (n_out x n_in, rows summing to 1): output pixel i averages the
-    source interval [i r, (i+1) r), r = n_in / n_out, a pixel cut by an end counted by the fraction covered.
-    Average pooling fits whole ratios only (28 -> 14 -> 7): at CIFAR-10's 14 -> 8 (r = 1.75) pixels are
-    cut between two outputs, and adaptive pooling would count them whole in both."""
+    """Torch's image.scale when shrinking: output pixel i averages [i r, (i+1) r), r = n_in / n_out, a cut
+    pixel by the fraction covered. Average pooling fits whole ratios only; at CIFAR-10's 14 -> 8 (r = 1.75)
+    pixels are cut between two outputs, and adaptive pooling would count them whole in both."""
     r = n_in / n_out  # source pixels per output pixel
     start = torch.arange(n_out, dtype=torch.float64)[:, None] * r  # output pixel i: [start, end)
     end = start + r
@@ -127,8 +127,7 @@ def noise(shape, device, gen=None):
     return torch.rand(shape, device=device, generator=gen) * 2 - 1
 
 def generate(G, z, coarse, y=None):
-    """Level k's image: I~_K = G_K(z_K) at the base (coarse None); above it I~_k = l_k + G_k(z_k, l_k), the
-    residual added to its condition, so that D_k judges a whole image."""
+    """I~_K = G_K(z_K) at the base (coarse None), else I~_k = l_k + G_k(z_k, l_k): D_k judges whole images."""
     if coarse is None:
         return G([z], y)
     h = G([z, coarse], y)  # h~_k, the residual
@@ -143,8 +142,7 @@ def sample_level(G, coarser, size, y=None, gen=None):
 
 @torch.no_grad()
 def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
-    """Fig. 1 (generate.lua): I_K = G_K(z_K), then I_k = u(I_{k+1}) + G_k(z_k, u(I_{k+1})) for k = K-1 down
-    to 0. Gs[k] = G_k. -> [I_0, ..., I_K]."""
+    """Fig. 1 (generate.lua): I_K = G_K(z_K), then sample_level for k = K-1 .. 0. -> [I_0, ..., I_K]."""
     K = len(sizes) - 1
     z = noise((n, nz), device, gen)
     images = [generate(Gs[K], z, None, y)]  # I_K
@@ -155,8 +153,7 @@ def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
 
 @torch.no_grad()
 def upscale_chain(chain, G, ratio, steps, y, gen=None):
-    """--upscale (the Eyescream blog's 'recursive' images): G_0 run `steps` more times past its training
-    size, each time enlarging by the finest ratio. -> the chain, finest first, `steps` levels longer."""
+    """--upscale (the Eyescream blog's 'recursive' images): G_0 run `steps` more times past its size."""
     for _ in range(steps):
         size = round(chain[0].shape[-1] * ratio)
         finer = sample_level(G, chain[0], size, y, gen)
@@ -164,15 +161,13 @@ def upscale_chain(chain, G, ratio, steps, y, gen=None):
     return chain
 
 def renormalise(x, mean_a, std_a, mean_b, std_b):
-    """--chain A B: A's normalised images in B's normalisation. Exact at every level, because `down` and
-    `up` commute with a per-channel affine map (the pyramid's residuals only scale)."""
+    """--chain A B: A's normalised images in B's; exact at every level (d and u commute with it)."""
     return (x * std_a + mean_a - mean_b) / std_b
 
 # ------------------------------------------------------------------------ Sec. 2.3: one level's training step
 @dataclass
 class Level:
-    """Level k: its nets, the forward passes its step calls (the nets themselves, or the data-parallel,
-    compiled or bf16 wrappers the Appendix's prepare_level makes), and the optimisers."""
+    """Level k: its nets, the forward passes its step calls (prepare_level's wrappers), the optimisers."""
     k: int                         # the paper's index: 0 the full image, K the base
     G: nn.Module                   # G_k, the module that is saved
     D: nn.Module                   # D_k
@@ -221,9 +216,8 @@ def update(opt, loss, params=None):
     opt.step()
 
 def level_step(lv, x, y, sizes, nz, balance=None):
-    """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real normalised images x
-    (B = --batch-size), never on a coarser G's samples. balance: None, or (err_real, err_fake) -> (update
-    D_k, update G_k). -> statistics."""
+    """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real images x, never
+    on a coarser G's samples. balance: None, or (err_real, err_fake) -> (update D_k, update G_k)."""
     k = lv.k
     half = len(x) // 4  # B/2
     B = 2 * half
@@ -259,8 +253,7 @@ def level_step(lv, x, y, sizes, nz, balance=None):
             "upd_g": float(upd_g)}
 
 def train_step(run, idx):
-    """One training step of every level: idx, 2B indices into run.images (B/2 real examples, then 3B/2
-    images whose coarse versions condition the fakes). -> {statistic name + level k: value}."""
+    """Every level's step on the images idx (2B indices). -> {statistic name + level k: value}."""
     x, y = get_batch(run, idx)
     stats = {}
     for k, lv in run.levels.items():
@@ -270,9 +263,8 @@ def train_step(run, idx):
 
 # ------------------------------------------------------------------------ Sec. 3: the networks
 class Conditioned(nn.Module):
-    """Feeds inputs and class to `body` (Eyescream's class-conditional CIFAR). Base: inputs flattened, one-hot
-    appended. Level k < K: a class plane, Linear(classes -> s*s) -> ReLU, after the first input plane: G_k
-    sees [noise, class, l_k], D_k [image, class]. Without classes y is ignored."""
+    """Eyescream's classes: one-hot after the base's flat inputs; above, a plane ReLU(Linear(one-hot)) after
+    the first input: G_k sees [noise, class, l_k], D_k [image, class]."""
 
     def __init__(self, body, ncls, size, flat):
         super().__init__()
@@ -297,19 +289,29 @@ class Conditioned(nn.Module):
 
     def plane(self, onehot, first):
         """The class as one plane, N x 1 x s x s, at the inputs' size (larger only past the training size)."""
-        plane = F.relu(self.embed(onehot)).view(-1, 1, self.size, self.size)
+        plane = F.relu(self.embed(onehot))
+        plane = plane.view(-1, 1, self.size, self.size)
         return up(plane, first.shape[-1])
 
 def mlp_nets(nz, nc, size, ncls, drop=0.5):
-    """Sec. 3.1, the base level K: G_K two ReLU layers of 1200 units, linear output; D_K two of 600 with
-    dropout 0.5."""
+    """Sec. 3.1, the base: G_K two ReLU layers of 1200 units, linear output; D_K two of 600, dropout."""
     pixels = nc * size * size
-    g = nn.Sequential(nn.Linear(nz + ncls, 1200), nn.ReLU(),
-                      nn.Linear(1200, 1200), nn.ReLU(),
-                      nn.Linear(1200, pixels), nn.Unflatten(1, (nc, size, size)))
-    d = nn.Sequential(nn.Linear(pixels + ncls, 600), nn.ReLU(), nn.Dropout(drop),
-                      nn.Linear(600, 600), nn.ReLU(), nn.Dropout(drop),
-                      nn.Linear(600, 1), nn.Flatten(0))
+    g = nn.Sequential(
+        nn.Linear(nz + ncls, 1200),
+        nn.ReLU(),
+        nn.Linear(1200, 1200),
+        nn.ReLU(),
+        nn.Linear(1200, pixels),
+        nn.Unflatten(1, (nc, size, size)))
+    d = nn.Sequential(
+        nn.Linear(pixels + ncls, 600),
+        nn.ReLU(),
+        nn.Dropout(drop),
+        nn.Linear(600, 600),
+        nn.ReLU(),
+        nn.Dropout(drop),
+        nn.Linear(600, 1),
+        nn.Flatten(0))
     return g, d
 
 def pads(size, kernels, strides):
@@ -324,16 +326,24 @@ def pads(size, kernels, strides):
     return [kern // 2 for kern in kernels], same
 
 def conv_nets(g_in, d_in, nc, size, wg, wd, drop=0.5):
-    """Sec. 3.1, a level k < K: G_k = conv7 wg, ReLU, conv7 wg, ReLU, conv5 C, linear output = h~_k;
-    D_k = conv5 wd, ReLU, conv5 stride 2 wd, ReLU, dropout 0.5, linear -> logit. No batch norm.
-    g_in, d_in: the input planes of G_k and D_k."""
-    g = nn.Sequential(nn.Conv2d(g_in, wg, 7, padding=3), nn.ReLU(),
-                      nn.Conv2d(wg, wg, 7, padding=3), nn.ReLU(),
-                      nn.Conv2d(wg, nc, 5, padding=2))
+    """Sec. 3.1, a level k < K: G_k's three convs (7, 7, 5) output h~_k; D_k two convs (5, 5 stride 2),
+    dropout, a linear logit. No batch norm. g_in, d_in: the input planes of G_k and D_k."""
+    g = nn.Sequential(
+        nn.Conv2d(g_in, wg, 7, padding=3),
+        nn.ReLU(),
+        nn.Conv2d(wg, wg, 7, padding=3),
+        nn.ReLU(),
+        nn.Conv2d(wg, nc, 5, padding=2))
     (p1, p2), n = pads(size, [5, 5], [1, 2])
-    d = nn.Sequential(nn.Conv2d(d_in, wd, 5, padding=p1), nn.ReLU(),
-                      nn.Conv2d(wd, wd, 5, 2, p2), nn.ReLU(),
-                      nn.Dropout(drop), nn.Flatten(), nn.Linear(wd * n * n, 1), nn.Flatten(0))
+    d = nn.Sequential(
+        nn.Conv2d(d_in, wd, 5, padding=p1),
+        nn.ReLU(),
+        nn.Conv2d(wd, wd, 5, 2, p2),
+        nn.ReLU(),
+        nn.Dropout(drop),
+        nn.Flatten(),
+        nn.Linear(wd * n * n, 1),
+        nn.Flatten(0))
     return g, d
 
 class PairL2Pool(nn.Module):
@@ -344,39 +354,55 @@ class PairL2Pool(nn.Module):
         return (pairs.pow(2).sum(2) + 1e-6).sqrt()
 
 def large_nets(g_in, d_in, nc, size):
-    """Sec. 3.2, lsun/model.lua 'large': G with {64, 368, 128, 224} maps, 7x7 grouped convs, each ReLU then
-    BN, spatial dropout, L2 pooling of channel pairs; D with {48, 448, 416} maps, grouped, no BN."""
+    """Sec. 3.2, lsun/model.lua 'large': grouped convs; G with ReLU then BN, spatial dropout, L2 pooling."""
     def bn(n):
         return nn.BatchNorm2d(n, affine=False)
-    g = nn.Sequential(nn.Conv2d(g_in, 64, 7, padding=3), nn.ReLU(), bn(64),
-                      nn.Conv2d(64, 368, 7, padding=3, groups=4), nn.ReLU(), bn(368),
-                      nn.Dropout2d(0.5),
-                      nn.Conv2d(368, 128, 7, padding=3, groups=4), nn.ReLU(), bn(128),
-                      PairL2Pool(),
-                      nn.Conv2d(64, 224, 5, padding=2, groups=2), nn.ReLU(), bn(224),
-                      nn.Dropout2d(0.5),
-                      nn.Conv2d(224, nc, 7, padding=3), bn(nc))
-    (p1, p2, p3), n = pads(size, [3, 5, 7], [1, 1, 1])
-    d = nn.Sequential(nn.Conv2d(d_in, 48, 3, padding=p1), nn.ReLU(),
-                      nn.Conv2d(48, 448, 5, padding=p2, groups=4), nn.ReLU(),
-                      nn.Conv2d(448, 416, 7, padding=p3, groups=16), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(416 * n * n, 1), nn.Flatten(0))
+    g = nn.Sequential(
+        nn.Conv2d(g_in, 64, 7, padding=3),
+        nn.ReLU(),
+        bn(64),
+        nn.Conv2d(64, 368, 7, padding=3, groups=4),
+        nn.ReLU(),
+        bn(368),
+        nn.Dropout2d(0.5),
+        nn.Conv2d(368, 128, 7, padding=3, groups=4),
+        nn.ReLU(),
+        bn(128),
+        PairL2Pool(),
+        nn.Conv2d(64, 224, 5, padding=2, groups=2),
+        nn.ReLU(),
+        bn(224),
+        nn.Dropout2d(0.5),
+        nn.Conv2d(224, nc, 7, padding=3),
+        bn(nc))
+    pad, n = pads(size, [3, 5, 7], [1, 1, 1])
+    d = nn.Sequential(
+        nn.Conv2d(d_in, 48, 3, padding=pad[0]),
+        nn.ReLU(),
+        nn.Conv2d(48, 448, 5, padding=pad[1], groups=4),
+        nn.ReLU(),
+        nn.Conv2d(448, 416, 7, padding=pad[2], groups=16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(416 * n * n, 1),
+        nn.Flatten(0))
     return g, d
 
 def build_level(targs, k, sizes, nc, ncls):
-    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags as a dict): MLPs at the base (k = K),
-    conv nets above. G_k's input planes: noise, the class plane if any, l_k; D_k's: the image, the class."""
+    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags, a dict): MLPs at the base."""
     size = sizes[k]
     base = k == len(sizes) - 1
     class_planes = 1 if ncls else 0
     g_in = 1 + class_planes + nc
     d_in = nc + class_planes
+    drop = targs["dropout_d"]
     if base:
-        g, d = mlp_nets(targs["nz"], nc, size, ncls, targs["dropout_d"])
+        g, d = mlp_nets(targs["nz"], nc, size, ncls, drop)
     elif targs["model"] == "large":
         g, d = large_nets(g_in, d_in, nc, size)
     else:
-        g, d = conv_nets(g_in, d_in, nc, size, targs["width_g"], targs["width_d"], targs["dropout_d"])
+        wg, wd = targs["width_g"], targs["width_d"]
+        g, d = conv_nets(g_in, d_in, nc, size, wg, wd, drop)
     return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, base)
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
@@ -387,8 +413,7 @@ def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):
     return lr, momentum
 
 def set_sgd(opt, lr, momentum):
-    # Torch's optim.sgd damps the new gradient by the momentum (buf = m buf + (1 - m) grad); PyTorch's
-    # default dampening is 0, so it is set alongside
+    # Torch's optim.sgd damps the gradient by the momentum (buf = m buf + (1 - m) grad); PyTorch's does not
     for group in opt.param_groups:
         group.update(lr=lr, momentum=momentum, dampening=momentum)
 
@@ -404,8 +429,8 @@ def set_schedule(run, epoch):
         set_sgd(lv.opt_D, lr_d, run.momentum)
 
 def balance_rule(err_real, err_fake, margin=0.3, real_max=0.7):
-    """lsun/train.lua (--balance): if D's error on fakes exceeds its error on reals by more than the margin,
-    update D only, else G only; and update D whenever its real error exceeds 0.7. -> (update_d, update_g)."""
+    """lsun/train.lua (--balance): D alone if its fake error exceeds its real error by the margin, else G
+    alone; D too whenever its real error exceeds 0.7. -> (update_d, update_g)."""
     d_only = err_fake > err_real + margin
     return d_only or err_real > real_max, not d_only
 
@@ -431,8 +456,7 @@ def selection_score(G, k, x, y, sizes, nz, gen, n=128):
     return torch.stack(dists).mean().item()
 
 def select_models(run, val, gen):
-    """Model selection after each epoch (the cifar/ code) on `val` (normalised images, labels): each level's
-    score, and the levels that beat their best so far. -> ({k: score}, [better k])."""
+    """Model selection (the cifar/ code) on `val`: -> ({k: score}, [the levels that beat their best])."""
     x, y = val
     scores, better = {}, []
     for k, lv in run.levels.items():
@@ -443,8 +467,7 @@ def select_models(run, val, gen):
     return scores, better
 
 def parzen_ll(d2, dim, sigma):
-    """Gaussian Parzen window (Goodfellow et al. 2014): log (1/N) sum_j N(x_i; s_j, sigma^2 I) from the
-    squared distances d2 (images x N samples). -> (images,), in nats."""
+    """Gaussian Parzen window: log (1/N) sum_j N(x_i; s_j, sigma^2 I) from d2 (images x N), in nats."""
     log_n = math.log(d2.shape[1])
     log_gauss = dim / 2 * math.log(2 * math.pi * sigma ** 2)  # the normaliser of N(.; s, sigma^2 I)
     return torch.logsumexp(-d2 / (2 * sigma ** 2), 1) - log_n - log_gauss
@@ -452,18 +475,20 @@ def parzen_ll(d2, dim, sigma):
 def val_test_ll(d2, n_val, dim):
     """sigma chosen on the first n_val (validation) images, then applied to the rest (test)."""
     sigmas = torch.logspace(-2.5, 0, 26).tolist()
-    sigma = max(sigmas, key=lambda s: parzen_ll(d2[:n_val], dim, s).mean().item())
-    return parzen_ll(d2[n_val:], dim, sigma), sigma
+    val, test = d2[:n_val], d2[n_val:]
+    sigma = max(sigmas, key=lambda s: parzen_ll(val, dim, s).mean().item())
+    return parzen_ll(test, dim, sigma), sigma
 
 @torch.no_grad()
 def base_d2(G, base, y, nz, m, pix):
-    """Squared distances (pixel units) of each true base image I_K to m samples of G_K (images x m); with
-    classes, the samples of each image's own class, so the base is scored as log q_K(I_K | y) too."""
+    """Squared distances (pixel units) of each true I_K to m samples of G_K (of its own class, if any)."""
     dev = base.device
     d2 = torch.empty(len(base), m, dtype=torch.float64, device=dev)
     classes = [None] if y is None else y.unique().tolist()
     for c in classes:
-        rows = torch.ones(len(base), dtype=torch.bool, device=dev) if c is None else y == c
+        rows = torch.ones(len(base), dtype=torch.bool, device=dev)  # the images of class c
+        if c is not None:
+            rows = y == c
         made = []
         for part in torch.arange(m).split(1000):  # m samples, 1000 at a time
             yc = None if c is None else torch.full((len(part),), c, device=dev)
@@ -474,11 +499,11 @@ def base_d2(G, base, y, nz, m, pix):
 
 @torch.no_grad()
 def residual_d2(G, coarse, h, y, std, m):
-    """Squared distances of each image's true residual h_k to m residuals drawn from its own l_k (and
-    class), in pixel units ([0, 1], as the base's). -> images x m."""
+    """Squared distances (pixel units) of each true h_k to m residuals drawn from its own l_k and class."""
     rows = []
     for i in range(len(h)):
-        z = noise((m, 1, h.shape[-1], h.shape[-1]), h.device)
+        s = h.shape[-1]
+        z = noise((m, 1, s, s), h.device)
         made = G([z, row_of(coarse, i, m)], row_of(y, i, m))  # m residuals h~_k
         diff = (made - h[i:i + 1]) * std  # normalised -> pixel units
         rows.append(diff.flatten(1).pow(2).sum(1))
@@ -506,8 +531,8 @@ def parzen_levels(args, Gs, x, y, run, n_val):
 
 @torch.no_grad()
 def evaluate(args, Gs, run, stem):
-    """--eval on the first test images (model selection takes the last ones): Sec. 4.1's Parzen log-likelihood
-    per level and in total; log p(I | y) for a conditional model (every level given the true label)."""
+    """--eval on the first test images: Sec. 4.1's Parzen log-likelihood, per level and in total (for a
+    conditional model log p(I | y), every level given the true label)."""
     dev = run.images.device
     n_val = min(1000, len(run.images) // 2)  # as gan.py: sigma on test[:1000], scores on test[1000:2000]
     n = min(len(run.images), n_val + args.eval_images)
@@ -525,92 +550,49 @@ def evaluate(args, Gs, run, stem):
     print(f"Parzen log-likelihood: {nats} on {len(total)} test images ({levels})")
     nearest_sheet(Gs, run, y, stem + "_nn.png")
 
-@torch.no_grad()
-def nearest_sheet(Gs, run, y, path):
-    """Fig. 3's check that samples are not copies: 32 samples (of y's classes), each beside its L2-nearest
-    training image (centre crops of the samples' size)."""
-    dev, s = run.images.device, run.sizes[0]
-    asked = y[torch.arange(32, device=dev) % len(y)]
-    made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
-    fake = to_display(made, run.mean, run.std).cpu()  # in [-1, 1]
-    train = load_dataset(argparse.Namespace(**{**vars(run.args), "limit": None}), "train")[0]
-    m = (train.shape[-1] - s) // 2
-    train = train[..., m:m + s, m:m + s]
-    fake_pixels = (fake.flatten(1) + 1) * 127.5  # uint8 units, as the training images
-    d = [torch.cdist(fake_pixels, part.flatten(1).float()) for part in train.split(4096)]
-    nearest = train[torch.cat(d, 1).argmin(1)].permute(0, 2, 3, 1).numpy()
-    pairs = np.stack([to_uint8(fake), nearest], 1)  # each sample beside its nearest
-    save_grid(pairs.reshape(-1, *pairs.shape[2:]), path, 8)
-
 def resample_sheet(G, k, run, n, path, gen=None):
-    """Sec. 4.2: per row a real image, its l_k, then n samples of level k drawn from that l_k (at the base,
-    a blank in its place and n samples of G_K)."""
+    """Sec. 4.2: per row a real image, its l_k (blank at the base), then n samples drawn from that l_k."""
     dev = run.images.device
-    x, y = get_batch(run, torch.arange(8, device=dev) % len(run.images), False)
+    idx = torch.arange(8, device=dev) % len(run.images)
+    x, y = get_batch(run, idx, False)
     fine = down(x, run.sizes[k])  # I_k
     coarse = condition(x, run.sizes, k)  # l_k; None at the base, shown blank
     shown = torch.zeros_like(fine) if coarse is None else coarse
     if coarse is not None:
         coarse = coarse.repeat_interleave(n, 0)  # each l_k n times
-    z = noise(noise_shape(k, run.sizes, 8 * n, run.args.nz), dev, gen)
+    shape = noise_shape(k, run.sizes, 8 * n, run.args.nz)
+    z = noise(shape, dev, gen)
     with torch.no_grad():
         made = generate(G, z, coarse, y.repeat_interleave(n))
     samples = made.float().view(8, n, *fine.shape[1:])
     rows = torch.cat([fine[:, None], shown[:, None], samples], 1)
-    save_grid(to_display(rows.flatten(0, 1), run.mean, run.std), path, n + 2)
+    sheet = to_display(rows.flatten(0, 1), run.mean, run.std)
+    save_grid(sheet, path, n + 2)
 
 # ------------------------------------------------------------------------ the training loop, sampling
-def train(args, device, rank=0, world=1, ckpt=None):
-    """Epochs of shuffled steps, then model selection, pictures and checkpoint (rank 0). ckpt: --resume's."""
-    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
-    if ckpt:
-        restore(run, ckpt)
-    os.makedirs(args.outf, exist_ok=True)
+def train(run):
+    """Epochs of shuffled steps; after each, rank 0 selects models and writes pictures and the checkpoint."""
     val = None  # model selection's images, on rank 0
-    if rank == 0 and args.select:
+    if run.rank == 0 and run.args.select:
         val = selection_images(run)
-    clock = Clock(run.step, time.time())
-    for epoch in range(run.epoch + 1, args.epochs + 1):
+    log = Log(run.step, time.time())
+    for epoch in range(run.epoch + 1, run.args.epochs + 1):
         set_schedule(run, epoch)
-        train_epoch(run, epoch, clock)
+        train_epoch(run, epoch, log)
         run.epoch = epoch
-        if rank == 0:
+        if run.rank == 0:
             end_of_epoch(run, val)
     return run
 
-def train_epoch(run, epoch, clock):
-    """One shuffled pass: B/2 real images per step, and 3B/2 others drawn at random whose coarse versions
-    condition the fakes (as the code does); a log row of the means every --log-every steps."""
+def train_epoch(run, epoch, log):
+    """One shuffled pass: B/2 real images a step, 3B/2 drawn at random to condition the fakes (the code)."""
     idx = batches(run, epoch)
     n_cond = run.args.batch_size * 3 // 2
-    total, count = {}, 0
     for i, real in enumerate(idx):
         cond = torch.randint(len(run.images), (n_cond,), device=real.device)
         stats = train_step(run, torch.cat([real, cond]))
-        total = {name: total.get(name, 0) + v for name, v in stats.items()}
         run.step += 1
-        count += 1
-        if run.step % run.args.log_every == 0 or i == len(idx) - 1:
-            means = {name: v / count for name, v in total.items()}
-            log_step(run, epoch, i, len(idx), means, clock)
-            total, count = {}, 0
-
-def end_of_epoch(run, val):
-    """Rank 0: model selection with noise of its own, the same every epoch (the training RNG untouched);
-    the sample sheet, ckpt.pt and curves.png."""
-    args, dev = run.args, run.images.device
-    gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
-    check_finite(run)
-    for lv in run.levels.values():
-        lv.G.eval()
-    if val is not None:
-        scores, better = select_models(run, val, gen)
-        write_selection(run, scores, better)
-    sample_sheet(run, gen)
-    for lv in run.levels.values():
-        lv.G.train()
-    save_checkpoint(checkpoint(run), f"{args.outf}/ckpt.pt")
-    plot_curves(f"{args.outf}/log.csv", f"{args.outf}/curves.png")
+        log_step(run, log, stats, epoch, i, len(idx))
 
 @dataclass
 class Source:
@@ -620,17 +602,8 @@ class Source:
     stem: str = ""          # output path without ".png"
     before: "Source" = None  # --chain A B: A, drawing the levels coarser than B's switch
 
-def asked_labels(src, n, label):
-    """The class asked for each sample: --label, or drawn uniformly; None for an unconditional model."""
-    if not src.run.ncls:
-        return None
-    if label is not None:
-        return torch.full((n,), label, device=src.run.mean.device)
-    return torch.randint(src.run.ncls, (n,)).to(src.run.mean.device)
-
 def draw(src, n, y):
-    """Fig. 1's chain, finest first. --chain A B: A draws the coarse levels; its last image, mapped into B's
-    normalisation, is I_{S+1} of B's chain, and B's G_S .. G_0 draw the rest."""
+    """Fig. 1's chain, finest first. --chain A B: A's last image, in B's normalisation, is I_{S+1} of B's."""
     run = src.run
     if src.before is None:
         return sample_chain(src.Gs, run.sizes, n, run.args.nz, y, run.mean.device)
@@ -644,20 +617,20 @@ def draw(src, n, y):
     return images
 
 def sample(args):
-    """--sample: Fig. 1's chain from --ckpt (several join levels trained apart) or --chain A B; the level
-    sheet, --npz, and the --upscale, --resample and --eval pictures."""
+    """--sample: the level sheet and --npz of Fig. 1's chain, and the --upscale, --resample, --eval ones."""
     src = sampling_source(args, pick_device(args))
     run, stem = src.run, src.stem
     torch.manual_seed(args.seed)
     y = asked_labels(src, args.n, args.label)
-    images = draw(src, args.n, y)
-    save_grid(level_sheet(images, run), stem + ".png", len(images) * 4)
+    sheet, finest, levels = draw_chunks(src, args.n, y)
+    save_grid(sheet, stem + ".png", levels * 4)
     if args.npz:
-        save_npz(args.npz, images[0], y, run)
+        save_npz(args.npz, finest, y)
     if args.upscale:
         y = asked_labels(src, 8, args.label)
         ratio = run.sizes[0] / run.sizes[1]  # the finest level's
-        big = upscale_chain(draw(src, 8, y), src.Gs[0], ratio, args.upscale, y)[0]
+        chain = draw(src, 8, y)
+        big = upscale_chain(chain, src.Gs[0], ratio, args.upscale, y)[0]
         save_grid(to_display(big, run.mean, run.std), stem + "_upscale.png", 4)
     if args.resample or args.eval:
         use_test_images(run)
@@ -665,11 +638,76 @@ def sample(args):
         resample_sheet(src.Gs[0], 0, run, args.resample, stem + "_resample.png")
     if args.eval:
         evaluate(args, src.Gs, run, stem)
-    print(f"wrote {stem}*.png" + (f" and {args.npz}" if args.npz else ""))
+    print(f"wrote {stem}*.png {args.npz or ''}")
 
 # ------------------------------------------------------------------------ Appendix: plumbing, not the paper
 def fail(msg):
     raise SystemExit(f"error: {msg}")
+
+# Files: each one written whole or not at all, into a folder proven writable, by one run at a time
+def write_atomic(path, write):
+    """write(f) into PATH.tmp, fsync, rename; on any exception the .tmp goes, a disk error is one line."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        failed = isinstance(e, (OSError, RuntimeError))  # torch.save on a full disk: RuntimeError, no errno
+        full = failed and disk_full(e, path)  # asked while the .tmp still fills the disk
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if full:
+            fail(f"no space left on device writing {path}; the previous file is kept: free some space")
+        if failed:
+            why = getattr(e, "strerror", None) or str(e).split("\n")[0]
+            fail(f"could not write {path} ({why}); the previous file is kept")
+        raise
+
+def disk_full(e, path):
+    if getattr(e, "errno", None) == errno.ENOSPC:
+        return True
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(folder) and shutil.disk_usage(folder).free < 1 << 16
+
+def prepare_output(folder):
+    """Create `folder` and prove it writable with a probe file, or fail with one line saying why not."""
+    probe = os.path.join(folder, f".probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY))
+        os.remove(probe)
+    except OSError as e:
+        why = {errno.EEXIST: "it is a file", errno.ENOTDIR: "a folder on its path is a file"}
+        fail(f"cannot write into {folder} ({why.get(e.errno) or e.strerror}); give another folder")
+
+def lock_run(outf):
+    """OUTF/.lock holds this process's id for the run's life: a second run into OUTF is refused."""
+    path = os.path.join(outf, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = open(path).read().strip()
+        if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
+            fail(f"{outf} is in use by another run (process {text or 'starting'}); wait for it to end, "
+                 "or choose another --outf")
+        os.remove(path)  # its process is gone: a stale lock
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return path
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 # Data: each split as one uint8 tensor N x C x H x W, decoded once; batches are gathered by index on device
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -700,19 +738,21 @@ def md5_of(path):
         return hashlib.md5(f.read()).hexdigest()
 
 def find_or_download(candidates, url, md5):
-    """The first of the candidate paths that exists, else the file downloaded to candidates[0]."""
-    path = next((c for c in candidates if os.path.exists(c)), None) or candidates[0]
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        print(f"downloading {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
-                f.write(r.read())
-        except OSError as e:
-            fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {os.path.dirname(path)}")
-        if md5_of(path + ".part") != md5:
-            fail(f"checksum mismatch for {url}; delete {path}.part and try again")
-        os.replace(path + ".part", path)
+    """The first of the candidate paths that exists, else the file downloaded to candidates[0], checked."""
+    found = [c for c in candidates if os.path.exists(c)]
+    if found:
+        return found[0]
+    path, folder = candidates[0], os.path.dirname(candidates[0]) or "."
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
+    except OSError as e:
+        fail(f"could not download {url} ({e}); put {os.path.basename(path)} in {folder}")
+    if hashlib.md5(data).hexdigest() != md5:
+        fail(f"the download of {url} does not match its checksum; try again")
+    prepare_output(folder)
+    write_atomic(path, lambda f: f.write(data))
     return path
 
 class BatchUnpickler(pickle.Unpickler):
@@ -731,6 +771,7 @@ def read_cifar10(root, split):
     folder, tar = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-python.tar.gz")
     files = [os.path.join(folder, n) for n in names] if os.path.isdir(folder) else \
         [find_or_download([tar], CIFAR_URL, CIFAR_MD5["cifar-10-python.tar.gz"])]
+    where = files[0] if len(files) == 1 else folder  # the file (or folder) named in errors
     try:
         for path in files:  # checked before anything is unpickled
             if md5_of(path) != CIFAR_MD5[os.path.basename(path)]:
@@ -744,8 +785,9 @@ def read_cifar10(root, split):
         x = np.concatenate([d[b"data"] for d in b[:-1]]).reshape(-1, 3, 32, 32)
         y = np.concatenate([d[b"labels"] for d in b[:-1]])
     except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.PickleError, zlib.error) as e:
-        damaged(files[0] if len(files) == 1 else folder, e)
-    return torch.from_numpy(x), torch.from_numpy(y).long(), [c.decode() for c in b[-1][b"label_names"]]
+        damaged(where, e)
+    x, y = torch.from_numpy(x), torch.from_numpy(y).long()
+    return check_split(x, y, [c.decode() for c in b[-1][b"label_names"]], where)
 
 def read_idx(path):
     """IDX format (LeCun): 2 zero bytes, a type byte (0x08 = uint8), a rank byte, big-endian int32 sizes."""
@@ -754,7 +796,7 @@ def read_idx(path):
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:
         damaged(path, e)
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8 or len(data) < 4 + 4 * data[3]:
         fail(f"{path} is not a uint8 IDX file")
     dims, start = np.frombuffer(data, ">i4", data[3], 4), 4 + 4 * data[3]
     if len(data) != start + int(np.prod(dims)):
@@ -768,41 +810,79 @@ def load_mnist(root, name, split):
         dirs = (os.path.join(root, name), root, os.path.join(SYSTEM_DATA, name))
         found = [os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])]
         paths.append(find_or_download(found, IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
-    x, y = read_idx(paths[0]), read_idx(paths[1])
-    return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), CLASSES[name]
+    x, y = (torch.from_numpy(read_idx(p).copy()) for p in paths)
+    return check_split(x[:, None], y.long(), CLASSES[name], " and ".join(paths))
+
+def check_split(x, y, classes, path):
+    """Every reader's output, checked once: uint8 N x C x H x W images and N labels in 0..len(classes)-1."""
+    if x.dim() != 4 or y.dim() != 1:
+        fail(f"{path} holds images of shape {tuple(x.shape)[1:]} and labels of shape {tuple(y.shape)}, "
+             "not N x H x W images and N labels; replace the file")
+    if len(x) != len(y):
+        fail(f"{path} holds {len(x)} images but {len(y)} labels; replace the damaged file")
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes):
+        fail(f"{path} holds labels {int(y.min())}..{int(y.max())}, outside the {len(classes)} classes "
+             f"0..{len(classes) - 1}; replace the damaged file")
+    return x, y, classes
+
+# Every Pillow mode to 8 bits: greys to L, colour to RGB (alpha dropped); integer and float greys (I;16*,
+# I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) when they lie in it, else their min..max.
+TO_8BIT = {"1": "L", "L": "L", "LA": "L", "La": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB",
+           "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB"}
 
 def decode_image(path, size, mode):
-    """Resize the shorter side to `size`, then centre-crop, as DCGAN's LSUN/CelebA preprocessing."""
+    """EXIF orientation applied, 8 bits, the shorter side resized to `size`, then a centre crop (DCGAN)."""
     try:
-        im = Image.open(path)
-        if im.mode.startswith("I"):  # 16-bit greyscale: keep the top 8 bits (Pillow's convert would clip)
-            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
-        im = im.convert(mode or ("L" if im.mode in ("L", "LA", "1") else "RGB"))
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode.startswith("I") or im.mode == "F":
+            v = np.nan_to_num(np.asarray(im, np.float64))
+            top = 1.0 if im.mode == "F" else 65535.0
+            lo, hi = (0.0, top) if 0 <= v.min() and v.max() <= top else (v.min(), v.max())
+            im = Image.fromarray(np.round((v - lo) * (255 / (hi - lo or 1))).astype(np.uint8))
+        if im.mode not in TO_8BIT:
+            fail(f"{path} has the Pillow mode {im.mode}, which is not read; save it as 8-bit RGB or grey")
+        im = im.convert(mode or TO_8BIT[im.mode])
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
-    im = im.resize([max(size, round(n * scale)) for n in im.size], Image.BICUBIC)
+    im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
-def walk_error(e):
-    fail(f"cannot read {e.filename} ({e.strerror}); fix its permissions or move it out of --dataroot")
+def list_images(root, outf):
+    """Image files under root: hidden entries, symlinked folders, dangling links and --outf skipped."""
+    files, own = [], os.path.realpath(outf or os.devnull)
+    for d, dirs, names in os.walk(root, onerror=lambda e: fail(f"cannot read {e.filename} ({e.strerror}); "
+                                  "fix its permissions or move it out of --dataroot")):
+        skip = [s for s in dirs if os.path.islink(os.path.join(d, s)) or os.path.realpath(os.path.join(d, s))
+                == own]  # a symlinked folder may loop; the run's own pictures are no data
+        for s in skip:
+            print(f"note: skipping {os.path.join(d, s)} (a symlinked folder, or --outf)")
+        dirs[:] = sorted(s for s in dirs if s not in skip and not s.startswith("."))
+        for f in sorted(n for n in names if n.lower().endswith(IMAGE_EXT) and not n.startswith(".")):
+            if not os.path.exists(os.path.join(d, f)):
+                print(f"note: skipping {os.path.join(d, f)} (a link to nothing)")
+            else:
+                files.append(os.path.join(d, f))
+    return files
 
-def load_folder(root, size, channels, workers):
-    """A folder of images, class labels from sub-folders; decoded once and cached beside the data."""
+def load_folder(root, size, channels, workers, outf=None):
+    """A folder of images, classes from its top-level sub-folders; decoded once and cached beside the data."""
     if not os.path.isdir(root):
         fail(f"--dataroot {root} is not a folder; point it at a folder of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=walk_error) for f in fs
-                   if f.lower().endswith(IMAGE_EXT))
+    files = list_images(root, outf)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    classes = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
-    stamp = hashlib.md5(repr([(f, os.path.getmtime(f)) for f in files]).encode()).hexdigest()[:12]
-    cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    try:
+    tops = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else "."
+            for f in files]  # an image in a nested folder belongs to its top-level folder's class
+    classes = sorted(set(tops))
+    print(f"{len(files)} images in {root}; classes (its top-level folders): {', '.join(classes)}")
+    stamp = hashlib.md5(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode())
+    cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp.hexdigest()[:12]}.npz")
+    try:  # a cache cut short by a crash or a full disk counts as absent
         with np.load(cache) as z:
             return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
-    except Exception:  # absent, truncated or unreadable: decode the images again
+    except Exception:
         pass
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -810,12 +890,10 @@ def load_folder(root, size, channels, workers):
     if mode is None and any(im.ndim == 3 for im in ims):  # colour kept as found; greys join as RGB
         ims = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in ims]
     x = np.stack([im if im.ndim == 3 else im[..., None] for im in ims]).transpose(0, 3, 1, 2).copy()
-    y = np.array([classes.index(os.path.relpath(os.path.dirname(f), root)) for f in files], np.int64)
-    try:  # a read-only folder skips the cache
+    y = np.array([classes.index(t) for t in tops], np.int64)
+    if os.access(root, os.W_OK):  # a read-only dataset still works, it is just decoded again next time
         write_atomic(cache, lambda f: np.savez(f, x=x, y=y))
-    except OSError:
-        pass
-    return torch.from_numpy(x), torch.from_numpy(y), classes
+    return check_split(torch.from_numpy(x), torch.from_numpy(y), classes, root)
 
 def make_shapes(n, size, seed):
     """The built-in synthetic set, in seeded chunks of 1000, so `--limit` takes a prefix of the same set."""
@@ -846,7 +924,8 @@ def load_dataset(args, split):
         n = min(10000, args.limit or 10000) if split == "train" else 2000
         x, y, classes = make_shapes(n, args.image_size or 32, 0 if split == "train" else 1)
     else:
-        x, y, classes = load_folder(args.dataroot, args.image_size or 64, args.channels, args.workers)
+        size = args.image_size or 64
+        x, y, classes = load_folder(args.dataroot, size, args.channels, args.workers, args.outf)
         keep = (torch.arange(len(x)) % 10 == 9) == (split == "test")
         x, y = x[keep], y[keep]
     if args.channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma
@@ -873,8 +952,7 @@ def channel_stats(images):
     return m[0].float().view(1, -1, 1, 1), (m[1] - m[0] ** 2).clamp(min=1e-8).sqrt().float().view(1, -1, 1, 1)
 
 def pyramid_sizes(args, size):
-    """--levels, or the paper's pyramid for the dataset (otherwise size/16 ... size, from 4 px), both written
-    coarse to fine. -> sizes finest first: sizes[k] is the size of the paper's I_k."""
+    """--levels, or the dataset's pyramid (else size/16 .. size), coarse to fine. -> sizes[k], I_k's size."""
     halvings = sorted({size >> i for i in range(5) if size >> i >= 4})
     default = LEVELS.get(args.dataset) or halvings
     try:
@@ -893,8 +971,7 @@ def pyramid_sizes(args, size):
     return sizes[::-1]
 
 def get_batch(run, idx, train=True):
-    """Gather uint8 images on the device, crop to the finest level (random crops in training, Sec. 3.1: 28x28
-    crops of CIFAR's 32x32; centred otherwise), normalise per channel. -> (x, labels)."""
+    """Images idx cropped to the finest size (random in training, Sec. 3.1), normalised. -> (x, labels)."""
     x, size, dev = run.images[idx], run.sizes[0], run.images.device
     if x.shape[-1] > size:
         m, n = x.shape[-1] - size, len(idx)
@@ -911,44 +988,29 @@ def batches(run, epoch):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(run.args.seed * 100003 + epoch))
     perm = perm[run.rank::run.world].to(run.images.device)
     return perm[: len(perm) // half * half].view(-1, half)
+
 # Checkpoints and resume: checkpoint() and restore() mirror each other
-def write_atomic(path, save):
-    """save(f) into PATH.tmp, synced, then renamed: a crash or a full disk keeps the last file."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
-
-def save_checkpoint(obj, path):
-    try:
-        write_atomic(path, lambda f: torch.save(obj, f))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            fail(f"no space left on {os.path.dirname(os.path.abspath(path))} writing {path}; "
-                 f"the last checkpoint is kept")
-        fail(f"could not write {path} ({e.strerror}); the last checkpoint is kept")
-
-def load_checkpoint(path, script=SCRIPT):
-    if not os.path.exists(path):
+def load_checkpoint(path, training=False):
+    """A lapgan.py checkpoint (a training one, with optimisers, for --resume), older ones in today's layout"""
+    if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train first or point --ckpt/--outf at a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete or replace it")
     other = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if other != script:
-        fail(f"{path} was written by {other or 'another program'}.py, not {script}.py; use that script")
+    if other != SCRIPT:
+        fail(f"{path} was written by {other or 'another program'}.py, not {SCRIPT}.py; use that script")
+    keys = [k for k in KEYS + TRAINING_KEYS * training if k not in ckpt]
+    levels = ckpt.get("levels", {}).values()
+    keys += [k for k in ("optG", "optD") if training and any(k not in nets for nets in levels)]
+    if keys:
+        fail(f"{path} is not a {SCRIPT}.py training checkpoint (it lacks {', '.join(keys)}); use DIR/ckpt.pt "
+             "of a run folder")
     return ckpt if "paper_levels" in ckpt else paper_levels(ckpt)
 
 def paper_levels(ck):
-    """A checkpoint from before the paper's numbering (level 0 the base, sizes coarse to fine, no marker) in
-    today's layout: its level j is level K - j; flags added since take the values those runs had."""
+    """A checkpoint from before the paper's numbering (level 0 the base) in today's: level j is K - j."""
     K = len(ck["sizes"]) - 1
     args = {"dropout_d": 0.5, "lr_d": None, **ck["args"]}
     if args.get("level") is not None:
@@ -971,7 +1033,8 @@ def checkpoint(run, ks=None, opts=True):
     return {"script": SCRIPT, "args": args, "classes": run.classes, "sizes": run.sizes,
             "mean": run.mean.cpu(), "std": run.std.cpu(), "epoch": run.epoch, "step": run.step,
             "balance": {"best": dict(run.best)}, "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
-            "levels": levels, "paper_levels": True}  # level k, sizes[k]: the paper's I_k, 0 the full image
+            "levels": levels, "world": run.world,
+            "paper_levels": True}  # level k, sizes[k]: the paper's I_k, 0 the full image
 
 def restore(run, ckpt):
     for k, lv in run.levels.items():
@@ -986,6 +1049,9 @@ def restore(run, ckpt):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt.get("world", 1) != run.world and run.rank == 0:
+        print(f"note: trained on {ckpt.get('world', 1)} processes, resumed on {run.world}: each one's share "
+              "of the data changes, so the run does not continue bit for bit")
     if run.rank == 0:  # rows written after the checkpoint, before a crash, are written again
         flip = ckpt.get("flipped")  # a run from before the paper's numbering: its logs are renumbered too
         trim_log(os.path.join(run.args.outf, "log.csv"), "step", ckpt["step"], flip)
@@ -994,15 +1060,16 @@ def restore(run, ckpt):
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
+KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
+TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
 MACHINE = ["cuda", "amp", "compile", "workers", "log_every"]  # this session's, as typed or by default
 SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch",
                  "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
 
 def resume_args(args, typed):
-    """--resume: the checkpoint's flags, but --dataroot and --epochs as typed, the machine's flags (MACHINE)
-    from this command line, typed or not (a GPU run resumes on a CPU), and the run stays in --outf."""
-    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"))
+    """--resume: the checkpoint's flags, --dataroot and --epochs where typed, MACHINE's from this command."""
+    ckpt = load_checkpoint(os.path.join(args.outf, "ckpt.pt"), training=True)
     differ = [k for k in sorted(typed) if k not in MAY_CHANGE + SAMPLING_ONLY
               and getattr(args, k) != ckpt["args"].get(k)]
     if differ:
@@ -1016,6 +1083,24 @@ def resume_args(args, typed):
         fail(f"the checkpoint has already trained {ckpt['epoch']} epochs; give --epochs larger than "
              f"{ckpt['epoch']} to train more")
     return args, ckpt
+
+def start_run(args, typed, device, rank, world):
+    """The Run that `train` continues: a fresh one, or OUTF/ckpt.pt's; a folder with no ckpt.pt is no run."""
+    path = os.path.join(args.outf, "ckpt.pt")
+    if args.resume and not os.path.exists(path):
+        fail(f"nothing to resume: {args.outf} holds no checkpoint (ckpt.pt); run without --resume to start")
+    if not args.resume and os.path.exists(path):
+        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    ckpt = None
+    if args.resume:  # the checkpoint's flags, less this machine's
+        args, ckpt = resume_args(args, typed)
+    run = setup_run(args, device, load_dataset(args, "train"), rank, world)
+    if ckpt:
+        restore(run, ckpt)
+    for name in ("log.csv", "select.csv", "best.pt"):
+        if not ckpt and rank == 0 and os.path.exists(os.path.join(args.outf, name)):
+            os.remove(os.path.join(args.outf, name))
+    return run
 
 def n_classes(ck):
     return len(ck["classes"]) if ck["args"]["conditional"] else 0
@@ -1045,8 +1130,7 @@ def source(ck, Gs, dev, first=0):
     return Source([G.to(dev) for G in Gs], run)
 
 def chain_source(a, b, switch, dev):
-    """--chain A B (the blog's cats made horses): B's G_S .. G_0 (S = --switch, by default K - 1) finish the
-    images A draws down to B's size s_{S+1}."""
+    """--chain A B (the blog's cats made horses): B's G_S .. G_0 finish A's images of B's size s_{S+1}."""
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     K = len(cb["sizes"]) - 1
     S = K - 1 if switch is None else switch
@@ -1076,7 +1160,40 @@ def sampling_source(args, dev):
         fail(f"{last} was trained without --conditional; drop --label")
     if ncls and args.label is not None and not 0 <= args.label < ncls:
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
+    check_room(args, src)
     return src
+
+def asked_labels(src, n, label):
+    """The class asked for each sample: --label, or drawn uniformly; None for an unconditional model."""
+    dev = src.run.mean.device
+    if not src.run.ncls:
+        return None
+    if label is not None:
+        return torch.full((n,), label, device=dev)
+    return torch.randint(src.run.ncls, (n,)).to(dev)
+
+def check_room(args, src):
+    """--sample's folders prepared, its bytes checked against free disk and memory before drawing."""
+    run = src.run
+    levels = len(run.sizes) + (len(src.before.run.sizes) if src.before else 0)
+    need = args.n * run.mean.shape[1] * run.sizes[0] ** 2 * (levels + 1)  # uint8 images, the npz's too
+    for path in [src.stem] + ([args.npz] if args.npz else []):
+        folder = os.path.dirname(os.path.abspath(path))
+        prepare_output(folder)
+        if shutil.disk_usage(folder).free < need:
+            fail(f"--n {args.n} needs about {need / 1e9:.2f} GB on {folder}, more than is free; lower --n")
+    if 2 * need > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        fail(f"--n {args.n} needs about {2 * need / 1e9:.2f} GB of memory, more than is free; lower --n")
+
+def draw_chunks(src, n, y, chunk=500):
+    """--sample's chains, `chunk` at a time: -> uint8 (level sheet images, finest images), levels."""
+    sheet, finest = [], []
+    for i in range(0, n, chunk):
+        asked = None if y is None else y[i:i + chunk]
+        images = draw(src, min(chunk, n - i), asked)
+        sheet.append(to_uint8(level_sheet(images, src.run)))
+        finest.append(to_uint8(to_display(images[0], src.run.mean, src.run.std)))
+    return np.concatenate(sheet), np.concatenate(finest), len(images)
 
 def full_split(args, split):
     """The whole split of a run's dataset (--limit applies to training only)."""
@@ -1088,10 +1205,11 @@ def use_test_images(run):
     run.images, run.labels = x.to(run.mean.device), y.to(run.mean.device)
 
 def selection_images(run):
-    """Model selection's validation images: the LAST --select test images (--eval scores the first ones),
-    centre-cropped and normalised. -> (x, y) on the device."""
+    """Model selection's images: the LAST --select test images (--eval scores the first). -> (x, y)."""
     x, y, _ = load_dataset(run.args, "test")
     dev, n = run.images.device, run.args.select
+    if n > len(x):
+        fail(f"--select {n} is more than the {len(x)} test images of {run.args.dataset}; lower --select")
     held = Run(run.sizes, 0, run.mean, run.std, images=x[-n:].to(dev), labels=y[-n:].to(dev))
     return get_batch(held, torch.arange(len(held.images), device=dev), False)
 
@@ -1108,11 +1226,11 @@ def write_selection(run, scores, better):
         path = f"{outf}/best.pt"
         old = load_checkpoint(path)["levels"] if os.path.exists(path) else {}
         best = checkpoint(run, better, opts=False)
-        save_checkpoint({**best, "levels": {**old, **best["levels"]}}, path)
+        best["levels"] = {**old, **best["levels"]}
+        write_atomic(path, lambda f: torch.save(best, f))
 
 def sample_sheet(run, gen):
-    """samples_eNNN.png: every level of the chain of Fig. 1 (conditional: 3 per class, a row each); one
-    level trained alone: its samples from real coarse images."""
+    """samples_eNNN.png: Fig. 1's chain at every level (3 per class); a level alone: resample_sheet."""
     path, dev = f"{run.args.outf}/samples_e{run.epoch:03d}.png", run.images.device
     if len(run.levels) < len(run.sizes):
         k, lv = next(iter(run.levels.items()))
@@ -1123,6 +1241,39 @@ def sample_sheet(run, gen):
     save_grid(level_sheet(chain, run), path, 3 * len(chain))
 
 # Logs and pictures
+def end_of_epoch(run, val):
+    """Rank 0: model selection (noise of its own, the same every epoch), samples, ckpt.pt, curves.png."""
+    args, dev = run.args, run.images.device
+    gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
+    check_finite(run)
+    for lv in run.levels.values():
+        lv.G.eval()
+    if val is not None:
+        scores, better = select_models(run, val, gen)
+        write_selection(run, scores, better)
+    sample_sheet(run, gen)
+    for lv in run.levels.values():
+        lv.G.train()
+    ckpt = checkpoint(run)
+    write_atomic(f"{args.outf}/ckpt.pt", lambda f: torch.save(ckpt, f))
+    plot_curves(f"{args.outf}/log.csv", f"{args.outf}/curves.png")
+
+@torch.no_grad()
+def nearest_sheet(Gs, run, y, path):
+    """Fig. 3's check that samples are not copies: 32 samples, each beside its L2-nearest training image."""
+    dev, s = run.images.device, run.sizes[0]
+    asked = y[torch.arange(32, device=dev) % len(y)]
+    made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
+    fake = to_display(made, run.mean, run.std).cpu()  # in [-1, 1]
+    train = full_split(run.args, "train")[0]
+    m = (train.shape[-1] - s) // 2
+    train = train[..., m:m + s, m:m + s]
+    fake_pixels = (fake.flatten(1) + 1) * 127.5  # uint8 units, as the training images
+    d = [torch.cdist(fake_pixels, part.flatten(1).float()) for part in train.split(4096)]
+    nearest = train[torch.cat(d, 1).argmin(1)].permute(0, 2, 3, 1).numpy()
+    pairs = np.stack([to_uint8(fake), nearest], 1)  # each sample beside its nearest
+    save_grid(pairs.reshape(-1, *pairs.shape[2:]), path, 8)
+
 def append_log(path, row):
     """A row of a csv log, under the header the file already has (or the row's own)."""
     fields = list(row)
@@ -1136,13 +1287,17 @@ def append_log(path, row):
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 def trim_log(path, key, last, flip=None):
-    """Keep the rows whose column `key` is at most `last`; flip=K: renumber level columns j as K - j."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r[key]) <= last]
-        os.remove(path)
-        for r in rows:
-            append_log(path, {renumber(c, flip): v for c, v in r.items()})
+    """A csv log rewritten (never deleted first) to its whole rows with `key` <= last; flip=K: renumber."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if None not in r.values() and int(r[key]) <= last]  # none torn
+    text = io.StringIO()
+    out = csv.writer(text)
+    out.writerow([renumber(c, flip) for c in reader.fieldnames or []])
+    out.writerows(r.values() for r in rows)
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 def renumber(column, flip):
     """err_d0 -> err_dK for flip=K (a log from before the paper's numbering); other columns as they are."""
@@ -1150,16 +1305,24 @@ def renumber(column, flip):
     return column if flip is None or name == column else f"{name}{flip - int(column[len(name):])}"
 
 @dataclass
-class Clock:
+class Log:
     step: int      # where the progress line's rate counts from: a step and the time it was done
     time: float
+    sums: dict = field(default_factory=dict)  # each statistic summed over the steps since the last row
+    count: int = 0
 
-def log_step(run, epoch, i, n_steps, means, clock):
-    """A log.csv row (rank 0) and the progress line: each level's statistics averaged over the last steps,
-    and their mean over the levels. A NaN stops training and keeps the last good checkpoint."""
+def log_step(run, log, stats, epoch, i, n_steps):
+    """Every --log-every steps and at the epoch's end, the averages since the last row into log.csv (rank 0)
+    and the progress line. A NaN stops training and keeps the last good checkpoint."""
+    for name, v in stats.items():
+        log.sums[name] = log.sums.get(name, 0) + v
+    log.count += 1
+    if run.step % run.args.log_every and i < n_steps - 1:
+        return
     args = run.args
     row = {"step": run.step, "epoch": epoch, "lr": run.lr, "momentum": run.momentum}
-    per = {name: float(v) for name, v in means.items()}  # one host sync per log row
+    per = {name: float(v) / log.count for name, v in log.sums.items()}  # one host sync per log row
+    log.sums, log.count = {}, 0
     for m in ("err_d", "err_g", "d_x", "d_gz"):  # the mean over levels, for the progress line
         row[m] = sum(per[f"{m}{k}"] for k in run.levels) / len(run.levels)
     row.update(per)
@@ -1168,7 +1331,7 @@ def log_step(run, epoch, i, n_steps, means, clock):
              f"checkpoint in {args.outf} is kept (try a lower --lr or --balance)")
     if run.rank == 0:
         append_log(os.path.join(args.outf, "log.csv"), row)
-        rate = (run.step - clock.step) * args.batch_size * run.world / (time.time() - clock.time)
+        rate = (run.step - log.step) * args.batch_size * run.world / (time.time() - log.time)
         eta = ((args.epochs - epoch) * n_steps + n_steps - i - 1) * args.batch_size * run.world / rate
         eta = f"{eta / 60:.0f}m" if eta >= 60 else f"{eta:.0f}s"
         print(f"[e {epoch}/{args.epochs} it {i + 1}/{n_steps}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
@@ -1190,7 +1353,7 @@ def plot_curves(csv_path, png_path, width=640, panel=80):
                (i + 1) * panel - 8 - (x - lo) / span * (panel - 24)) for s, x in zip(steps, v)]
         draw.line(xy, fill="navy")
         draw.text((4, i * panel + 2), f"{col}: {lo:.3g} to {lo + span:.3g}", fill="black")
-    img.save(png_path)
+    write_atomic(png_path, lambda f: img.save(f, "PNG"))
 
 def to_display(x, mean, std):
     """Normalised images -> [-1, 1] in true colours (save_grid's and save_npz's convention)."""
@@ -1207,16 +1370,16 @@ def save_grid(images, path, nrow=8, pad=2):
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    img = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    write_atomic(path, lambda f: img.save(f, "PNG"))
 
-def save_npz(path, images, y, run):
+def save_npz(path, images, y):
     """--npz: uint8 N x H x W x C images, and the class asked for each (conditional models)."""
     asked = {} if y is None else {"labels": y.cpu().numpy()}
-    np.savez(path, images=to_uint8(to_display(images, run.mean, run.std)), **asked)
+    write_atomic(path, lambda f: np.savez(f, images=images, **asked))
 
 def level_sheet(chain, run):
-    """Every level of each sample side by side, coarse to fine (the order of sampling), enlarged (nearest)
-    to the finest size. chain: [I_0, ..., I_K]."""
+    """Each sample's levels side by side, coarse to fine, enlarged (nearest). chain: [I_0, ..., I_K]."""
     big = [F.interpolate(x, chain[0].shape[-2:], mode="nearest") for x in reversed(chain)]
     return to_display(torch.stack(big, 1).flatten(0, 1), run.mean, run.std)
 
@@ -1229,8 +1392,6 @@ def setup_run(args, device, data, rank=0, world=1):
     if args.level is not None and not 0 <= args.level <= K:
         fail(f"--level {args.level} is out of range; this pyramid has levels 0..{K} (0 the full image, {K} "
              f"the base)")
-    if args.batch_size % 2:
-        fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
     if len(images) < args.batch_size * world:
         fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
              f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
@@ -1271,8 +1432,7 @@ def in_bf16(f):
     return forward
 
 def balance_over_ranks(err_real, err_fake):
-    """--balance: the rule decided on D's errors averaged over the data-parallel ranks, so that every rank
-    takes the same branch."""
+    """--balance on D's errors averaged over the ranks, so that every rank takes the same branch."""
     t = torch.stack([err_real.detach().float(), err_fake.detach().float()])
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -1296,50 +1456,55 @@ def d_lr(args):
     """D's learning rate: --lr-d, else --lr."""
     return args.lr_d or args.lr
 
-# Command line
+# Command line. Every numeric flag: its type, default, valid interval ("[" closed, "(" open, inf: none) and
+# help; get_args checks them all in one loop before anything is allocated (NaN and inf fail too).
+NUMBERS = {
+    "image_size": (int, None, "[1, 1024]", "native size unless given; 64 for folder"),
+    "limit": (int, None, "[1, inf)", "use only the first N training images"),
+    "level": (int, None, "[0, 16]", "train level K alone (0: the full image; the base: levels - 1)"),
+    "width_g": (int, 128, "[1, 4096]", "G_k feature maps: 128 (paper's models) or 64 (code)"),
+    "width_d": (int, 64, "[1, 4096]", "D_k feature maps"),
+    "dropout_d": (float, 0.5, "[0, 1)", "D's dropout (the paper's 0.5)"),
+    "nz": (int, 100, "[1, 4096]", "noise size at the base"),
+    "epochs": (int, 25, "[1, 100000]", "epochs to train"),
+    "batch_size": (int, 128, "[2, 65536]", "even: half real for D"),
+    "lr": (float, None, "(0, 10]", "learning rate (default 0.02; --model large: 0.01)"),
+    "lr_d": (float, None, "(0, 10]", "D's learning rate (default: --lr)"),
+    "momentum": (float, None, "[0, 1)", "initial momentum (0.5; --model large: 0), +0.0008/epoch"),
+    "select": (int, 200, "[0, inf)", "validation images for model selection (0: off)"),
+    "seed": (int, 1, "[0, 4294967295]", "everything is seeded from it"),
+    "log_every": (int, 100, "[1, inf)", "steps between log rows and progress lines"),
+    "workers": (int, 4, "[0, 256]", "threads decoding a folder of images"),
+    "n": (int, 64, "[1, inf)", "samples (checked against free memory and disk)"),
+    "label": (int, None, "[0, inf)", "the class to sample"),
+    "resample": (int, 0, "[0, 64]", "N samples from each of 8 real coarse images"),
+    "upscale": (int, 0, "[0, 5]", "run the finest G N more times past its size"),
+    "switch": (int, None, "[0, 16]", "the coarsest level B draws (default K - 1: A draws the base)"),
+    "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
+    "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
+    "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
+TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
+SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
+
 def make_parser():
     p = argparse.ArgumentParser(description="LAPGAN: a Laplacian pyramid of GANs (README.md lists the flags)")
     add = p.add_argument
     add("--dataset", choices=["cifar10", "mnist", "fashion-mnist", "folder", "shapes"])
     add("--dataroot", default="./data", help="where the data lives or is downloaded to")
-    add("--image-size", type=int, help="native size unless given; 64 for folder")
     add("--channels", type=int, choices=[1, 3])
-    add("--conditional", action="store_true")
-    add("--limit", type=int, help="use only the first N training images")
     add("--levels", help="pyramid sizes coarse to fine, as the paper writes them, e.g. 8,14,28")
-    add("--level", type=int, help="train level K alone (0: the full image; the base: levels - 1)")
     add("--model", choices=["small", "large"], default="small", help="large: the paper's LSUN nets")
-    add("--width-g", type=int, default=128, help="G_k feature maps: 128 (paper's models) or 64 (code)")
-    add("--width-d", type=int, default=64)
-    add("--dropout-d", type=float, default=0.5, help="D's dropout (the paper's 0.5)")
-    add("--nz", type=int, default=100, help="noise size at the base")
-    add("--epochs", type=int, default=25)
-    add("--batch-size", type=int, default=128, help="half real for D")
-    add("--lr", type=float, help="learning rate (default 0.02; --model large: 0.01)")
-    add("--lr-d", type=float, help="D's learning rate (default: --lr), e.g. faster than G's at small widths")
-    add("--momentum", type=float, help="initial momentum (0.5; --model large: 0), +0.0008/epoch")
     add("--optim", choices=["sgd", "adam"], default="sgd", help="adam (beta1 0.5): quick runs, not the paper")
     add("--balance", action="store_true", help="the LSUN code's rule: update D or G (or both)")
-    add("--select", type=int, default=200, help="validation images for model selection (0: off)")
-    add("--seed", type=int, default=1)
     add("--outf", help="output folder (out/lapgan-DATASET)")
-    add("--log-every", type=int, default=100)
-    add("--workers", type=int, default=4)
-    for switch in ("--resume", "--cuda", "--amp", "--compile", "--sample"):
+    for switch in ("--conditional", "--resume", "--cuda", "--amp", "--compile", "--sample", "--eval"):
         add(switch, action="store_true")
     add("--ckpt", nargs="+", help="several join levels trained apart")
-    add("--n", type=int, default=64)
-    add("--label", type=int)
     add("--npz")
     add("--out", help="grid PNG (default: beside the checkpoint)")
-    add("--resample", type=int, default=0, help="N samples from each of 8 real coarse images")
-    add("--upscale", type=int, default=0, help="run the finest G N more times past its size")
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
-    add("--switch", type=int, help="the coarsest level B draws (default K - 1: A draws the base)")
-    add("--eval", action="store_true", help="Parzen log-likelihood, neighbours")
-    add("--eval-images", type=int, default=1000, help="held-out test images to score")
-    add("--eval-samples", type=int, default=10000, help="samples for the base level's Parzen window")
-    add("--eval-cond", type=int, default=100, help="samples per test image at each residual level")
+    for name, (kind, default, _, text) in NUMBERS.items():
+        add("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     return p
 
 def typed_flags(argv=None):
@@ -1350,12 +1515,29 @@ def typed_flags(argv=None):
     return set(vars(p.parse_args(argv)))
 
 def get_args(argv=None):
+    """The user's flags; every number checked against NUMBERS before anything is allocated."""
     p = make_parser()
     args = p.parse_args(argv)
     if not (args.dataset or args.sample or (args.resume and args.outf)):
         p.error("--dataset is required for training (or give --resume --outf DIR, or --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
         p.error("--sample needs --ckpt DIR/ckpt.pt (or --chain A.pt B.pt)")
+    for name, (_, _, interval, _) in NUMBERS.items():
+        v = getattr(args, name)
+        if v is None:  # optional, not given
+            continue
+        lo, hi = (float(s) for s in interval[1:-1].split(","))
+        inside = lo < v < hi or (v == lo and interval[0] == "[") or (v == hi and interval[-1] == "]")
+        if not (math.isfinite(v) and inside):  # NaN compares false with everything, so fails here too
+            fail(f"--{name.replace('_', '-')} {v} is out of range; it must lie in {interval}")
+    if args.batch_size % 2:
+        fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
+    if args.dataset == "shapes" and (args.image_size or 32) > SHAPES_MAX:
+        fail(f"--image-size {args.image_size} is too large for shapes; at most {SHAPES_MAX}")
+    test = TEST_SPLIT.get(args.dataset, math.inf)  # selection takes the last test images, --eval the first
+    if args.select > test - args.eval_images:
+        fail(f"--select {args.select} is more than the {test} test images of {args.dataset} less the "
+             f"--eval-images {args.eval_images} that --eval scores; lower --select")
     if args.eval and args.chain:
         fail("--eval scores one model's pyramid; drop --chain (or --eval)")
     large = args.model == "large"  # lsun/train.lua's lr and momentum for the large model
@@ -1364,40 +1546,51 @@ def get_args(argv=None):
     if args.momentum is None:
         args.momentum = 0.0 if large else 0.5
     args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
-    if args.image_size is not None and not 0 < args.image_size <= 1024:
-        fail(f"--image-size {args.image_size} must be between 1 and 1024")
-    for flag, least in (("epochs", 1), ("batch_size", 2), ("log_every", 1), ("n", 1)):
-        if getattr(args, flag) < least:
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least {least}")
-    if args.lr <= 0 or (args.lr_d is not None and args.lr_d <= 0):
-        fail(f"--lr {args.lr} and --lr-d {args.lr_d} must be positive (--lr-d: default --lr)")
-    if not 0 <= args.dropout_d < 1:
-        fail(f"--dropout-d {args.dropout_d} must be at least 0 and below 1")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        fail(f"the folder of --out {args.out} does not exist; create it or choose another path")
-    if os.path.isfile(args.outf):
-        fail(f"--outf {args.outf} is a file; give a folder")
     return args
 
 def main(argv=None):
-    args, ckpt = get_args(argv), None
-    if args.sample:
-        return sample(args)
-    if args.resume:  # before the device is picked: the checkpoint's flags, less this machine's
-        args, ckpt = resume_args(args, typed_flags(argv))
-    elif any(os.path.exists(os.path.join(args.outf, f)) for f in ("ckpt.pt", "log.csv")):
-        fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    """Train (data-parallel under torchrun) or sample. Ctrl-C ends in one line: what is kept, how to go on."""
+    args, run, lock = get_args(argv), None, None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
-    if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(args, device, rank, world, ckpt)
+        if args.sample:
+            return sample(args)
+        device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
+        if world > 1:  # launched by torchrun: one process per GPU (or CPU worker)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank == 0:
+            prepare_output(args.outf)
+            lock = lock_run(args.outf)
+        run = start_run(args, typed_flags(argv), device, rank, world)
+        return train(run)
+    except KeyboardInterrupt:
+        print(interrupted(args, run, argv), file=sys.stderr)
+        raise SystemExit(130)
     finally:
-        if world > 1:
+        if lock:
+            os.remove(lock)
+        if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+def interrupted(args, run, argv):
+    """Ctrl-C's one line: where it stopped, which checkpoint is kept, the command that goes on."""
+    argv = sys.argv[1:] if argv is None else argv
+    again = shlex.join(["python3", "lapgan.py", *argv])
+    if args.sample:
+        return f"interrupted; files already written are whole; to sample again: {again}"
+    where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
+    path = os.path.join(args.outf, "ckpt.pt")
+    if not os.path.exists(path):
+        return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
+    epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    flags = ["--resume", "--outf", args.outf]  # and this machine's flags as typed
+    for k in sorted(set(MACHINE) & typed_flags(argv)):
+        v = getattr(args, k)
+        flags += ["--" + k.replace("_", "-")] + ([] if isinstance(v, bool) else [str(v)])
+    return (f"interrupted {where}; {path} (epoch {epoch}) is kept; "
+            f"to continue: python3 lapgan.py {shlex.join(flags)}")
 
 if __name__ == "__main__":
     main()

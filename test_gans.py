@@ -1097,8 +1097,9 @@ def test_lapgan_lr_d_is_ds_rate_under_the_same_schedule(tmp_path, optim):
     for k in range(3):
         g, d = (ck["levels"][k][opt]["param_groups"][0]["lr"] for opt in ("optG", "optD"))
         assert g == pytest.approx(0.01 * decay, rel=1e-12) and d == pytest.approx(0.04 * decay, rel=1e-12)
-    for flags, fragment in ((["--lr-d", "0"], "must be positive"), (["--lr", "-1"], "must be positive"),
-                            (["--dropout-d", "1"], "--dropout-d 1.0 must be at least 0 and below 1")):
+    for flags, fragment in ((["--lr-d", "0"], "--lr-d 0.0 is out of range; it must lie in (0, 10]"),
+                            (["--lr", "-1"], "--lr -1.0 is out of range"),
+                            (["--dropout-d", "1"], "--dropout-d 1.0 is out of range; it must lie in [0, 1)")):
         with pytest.raises(SystemExit) as e:
             lapgan.main(LAPGAN_TINY + flags + ["--outf", str(tmp_path / "bad")])
         lap_one_line_error(e, fragment)
@@ -1242,7 +1243,7 @@ def test_lapgan_bad_inputs_give_one_line_errors(lapgan_runs, tmp_path, monkeypat
     lap_one_line_error(e, "--level 3 is out of range", "0..2")
     with pytest.raises(SystemExit) as e:
         lapgan.main(small + ["--resume"])
-    lap_one_line_error(e, "no checkpoint at")
+    lap_one_line_error(e, "nothing to resume", "holds no checkpoint (ckpt.pt); run without --resume")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit) as e:
         lapgan.main(["--sample", "--ckpt", str(tmp_path / "junk.pt")])
@@ -1536,7 +1537,8 @@ def test_lapgan_folder_16_bit_unreadable_and_cache(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "a" / "deep.png").mode.startswith("I")
     Image.fromarray(np.full((20, 20), 90, np.uint8)).save(tmp_path / "b" / "flat.png")
     x, y, _ = lapgan.load_folder(str(tmp_path), 20, None, 1)
-    assert x.shape == (2, 1, 20, 20) and x[0, 0, 15, 5].item() == 40000 >> 8 and x[0, 0, 2, 5].item() == 1000 >> 8
+    assert x.shape == (2, 1, 20, 20)  # 16 bits scaled by their range, 0..65535 -> 0..255
+    assert x[0, 0, 15, 5].item() == round(40000 / 257) and x[0, 0, 2, 5].item() == round(1000 / 257)
     # a truncated cache is decoded again and rewritten, without a traceback
     cache = next(tmp_path.glob(".cache-*.npz"))
     cache.write_bytes(cache.read_bytes()[:100])
@@ -1556,31 +1558,34 @@ def test_lapgan_folder_16_bit_unreadable_and_cache(tmp_path, monkeypatch):
     lap_one_line_error(e, f"cannot read {tmp_path / 'b'} (Permission denied); fix its permissions or move it out")
 
 
-def test_lapgan_checkpoint_write_on_a_full_disk(tmp_path, monkeypatch):
+def test_lapgan_checkpoint_write_interrupted_or_into_a_missing_folder(tmp_path):
+    """A write stopped half way (Ctrl-C inside torch.save's stream) keeps the previous file and no .tmp; a
+    folder that is gone is one line."""
     path = str(tmp_path / "ckpt.pt")
-    lapgan.save_checkpoint({"script": "lapgan", "w": torch.arange(5)}, path)
+    lapgan.write_atomic(path, lambda f: torch.save({"script": "lapgan", "w": torch.arange(5)}, f))
     before = open(path, "rb").read()
-    for err, words in ((errno.ENOSPC, "no space left on"), (errno.EIO, "could not write")):
-        def broken(obj, f, err=err):
-            f.write(b"abc")
-            raise OSError(err, os.strerror(err))
-        monkeypatch.setattr(torch, "save", broken)
-        with pytest.raises(SystemExit) as e:
-            lapgan.save_checkpoint({"script": "lapgan", "w": torch.zeros(5)}, path)
-        lap_one_line_error(e, words, path, "the last checkpoint is kept")
-        assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+    def stopped(f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        lapgan.write_atomic(path, stopped)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+    gone = str(tmp_path / "gone" / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        lapgan.write_atomic(gone, lambda f: torch.save({}, f))
+    lap_one_line_error(e, f"could not write {gone} (No such file or directory); the previous file is kept")
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--image-size", "0"], "--image-size 0 must be between 1 and 1024"),
-    (["--image-size", "-4"], "--image-size -4 must be between 1 and 1024"),
-    (["--image-size", "5000"], "--image-size 5000 must be between 1 and 1024"),
-    (["--epochs", "0"], "--epochs 0 must be at least 1"),
-    (["--batch-size", "1"], "--batch-size 1 must be at least 2"),
-    (["--log-every", "0"], "--log-every 0 must be at least 1"),
-    (["--n", "0"], "--n 0 must be at least 1"),
-    (["--out", "/nonexistent-folder/x.png"], "the folder of --out /nonexistent-folder/x.png does not exist"),
-], ids=["size0", "size-4", "size5000", "epochs0", "batch1", "log0", "n0", "out"])
+    (["--image-size", "0"], "--image-size 0 is out of range; it must lie in [1, 1024]"),
+    (["--image-size", "-4"], "--image-size -4 is out of range; it must lie in [1, 1024]"),
+    (["--image-size", "5000"], "--image-size 5000 is out of range; it must lie in [1, 1024]"),
+    (["--epochs", "0"], "--epochs 0 is out of range"),
+    (["--batch-size", "1"], "--batch-size 1 is out of range"),
+    (["--log-every", "0"], "--log-every 0 is out of range"),
+    (["--n", "0"], "--n 0 is out of range"),
+], ids=["size0", "size-4", "size5000", "epochs0", "batch1", "log0", "n0"])
 def test_lapgan_numbers_checked_after_parsing(flags, words):
     with pytest.raises(SystemExit) as e:
         lapgan.get_args(["--dataset", "shapes", *flags])
@@ -1590,8 +1595,8 @@ def test_lapgan_numbers_checked_after_parsing(flags, words):
 def test_lapgan_run_level_checks(lapgan_runs, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as e:
-        lapgan.get_args(["--dataset", "shapes", "--outf", str(tmp_path / "file")])
-    lap_one_line_error(e, "--outf", "is a file")
+        lapgan.main(["--dataset", "shapes", "--outf", str(tmp_path / "file")])
+    lap_one_line_error(e, f"cannot write into {tmp_path / 'file'} (it is a file)")
     with pytest.raises(SystemExit) as e:  # too little data
         lapgan.main(["--dataset", "shapes", "--limit", "6", "--batch-size", "8", "--outf", str(tmp_path / "o")])
     lap_one_line_error(e, "only 6 training images, fewer than one batch of --batch-size 8; lower --batch-size")
@@ -3761,7 +3766,7 @@ def test_web_export_refuses_what_it_cannot_convert(tmp_path):
     that is no checkpoint, and layers outside the page's set: one line each, no traceback."""
     export = web_export()
     run = lap_tiny_run(["--model", "large", "--level", "1"])
-    lapgan.save_checkpoint(lapgan.checkpoint(run, opts=False), str(tmp_path / "large.pt"))
+    torch.save(lapgan.checkpoint(run, opts=False), str(tmp_path / "large.pt"))
     r = subprocess.run([sys.executable, os.path.join(HERE, "web", "export.py"), str(tmp_path / "large.pt"),
                         "--out", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "--model large" in r.stderr, r.stderr
@@ -4315,3 +4320,306 @@ def test_vaegan_gan_terms_sum_over_every_fake_and_average_over_the_batch():
         want_d = 0.5 * (math.log(8 / 3) / 2 + math.log(64 / 3) / 4)
         assert out["gan_d"].item() == pytest.approx(want_d, rel=1e-6)
     assert seen == [6, 6]
+
+
+# ---- reliability: lapgan.py (each cause handled once: main, write_atomic, prepare_output, lock_run,
+# decode_image, list_images, check_split, NUMBERS, check_room and draw_chunks, load_checkpoint, restore)
+LAP_KILL_DRIVER = KILL_DRIVER.replace("vaegan", "lapgan")
+
+
+def lap_start(*argv):
+    """lapgan.py in a real subprocess, one thread (the same arithmetic as this process's runs), with Ctrl-C's
+    default action even where this process runs in the background (which ignores SIGINT)."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "lapgan.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def lap_same_run(a, b):
+    """Two run folders hold the same weights, log rows and model-selection rows."""
+    ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
+    assert ca["step"] == cb["step"] and ca["epoch"] == cb["epoch"]
+    for k in ca["levels"]:
+        for net in ("G", "D"):
+            sa, sb = ca["levels"][k][net], cb["levels"][k][net]
+            assert all(torch.equal(sa[n], sb[n]) for n in sa), (k, net)
+    for name in ("log.csv", "select.csv"):
+        assert read_log(os.path.join(a, name)) == read_log(os.path.join(b, name)), name
+
+
+def lap_epoch_one(lapgan_runs, outf):
+    """A run folder as LAPGAN_TINY leaves it after epoch 1 of 2: lapgan_runs' epoch-1 checkpoint and the
+    rows of epoch 1."""
+    os.makedirs(outf)
+    shutil.copy(lapgan_runs["e1"], os.path.join(outf, "ckpt.pt"))
+    for name in ("log.csv", "select.csv"):
+        rows = [r for r in read_log(os.path.join(lapgan_runs["full"], name)) if r["epoch"] == "1"]
+        with open(os.path.join(outf, name), "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def test_lapgan_sigint_keeps_the_checkpoint_and_resume_continues_exactly(lapgan_runs, tmp_path):
+    """A real SIGINT in epoch 2: one line, status 130, ckpt.pt of epoch 1 kept, no .tmp or lock; the command
+    it prints ends the run exactly where the uninterrupted one ended."""
+    cut = str(tmp_path / "cut")
+    proc = lap_start(*LAPGAN_TINY, "--epochs", "2", "--outf", cut)
+    wait_for(os.path.join(cut, "ckpt.pt"), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("interrupted at step") and f"{cut}/ckpt.pt (epoch 1) is kept" in line, line
+    assert line.endswith(f"to continue: python3 lapgan.py --resume --outf {cut} --log-every 2"), line
+    assert not [f for f in os.listdir(cut) if f.endswith(".tmp") or f == ".lock"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(shlex.split(line.split("to continue: python3 lapgan.py ")[1]))
+    lap_same_run(lapgan_runs["full"], cut)
+
+
+def test_lapgan_sigint_before_any_checkpoint_then_the_same_command_starts_again(tmp_path):
+    outf = str(tmp_path / "run")
+    argv = LAPGAN_TINY + ["--limit", "160", "--select", "0", "--epochs", "1", "--outf", outf]
+    proc = lap_start(*argv)
+    wait_for(os.path.join(outf, "log.csv"), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    assert "no checkpoint was written yet; to start again: python3 lapgan.py --dataset shapes" in err
+    assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--resume", "--outf", outf])
+    lap_one_line_error(e, f"nothing to resume: {outf} holds no checkpoint (ckpt.pt); run without --resume")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(shlex.split(err.split("to start again: python3 lapgan.py ")[1]))  # as printed
+    assert [int(r["step"]) for r in read_log(os.path.join(outf, "log.csv"))] == list(range(2, 41, 2))
+
+
+def test_lapgan_sigkill_during_checkpoint_and_log_trim_loses_nothing(lapgan_runs, tmp_path):
+    """SIGKILL while ckpt.pt (17 MB) is written, then while --resume rewrites log.csv: the previous files
+    stay whole and load, the dead run's lock is stale, and the run ends exactly as the uninterrupted one."""
+    part = str(tmp_path / "part")
+    lap_epoch_one(lapgan_runs, part)
+    ckpt = os.path.join(part, "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    kill_while_writing("ckpt.pt", "--resume", "--outf", part, "--epochs", "2", "--log-every", "2",
+                       driver=LAP_KILL_DRIVER)
+    assert open(ckpt, "rb").read() == before and lapgan.load_checkpoint(ckpt, training=True)["epoch"] == 1
+    log_before = open(os.path.join(part, "log.csv")).read()
+    assert [r["epoch"] for r in read_log(os.path.join(part, "log.csv"))] == ["1", "1", "2", "2"]
+    kill_while_writing("log.csv", "--resume", "--outf", part, "--epochs", "2", driver=LAP_KILL_DRIVER)
+    assert open(os.path.join(part, "log.csv")).read() == log_before  # the trim never deletes first
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--resume", "--outf", part, "--epochs", "2", "--log-every", "2"])
+    lap_same_run(lapgan_runs["full"], part)
+    assert not [f for f in os.listdir(part) if f.endswith(".tmp") or f == ".lock"]
+
+
+def test_lapgan_sigkill_during_a_cache_write_keeps_the_older_cache(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root, n=2)
+    x_old = lapgan.load_folder(str(root), 16, None, 1)[0]
+    (old,) = root.glob(".cache-*.npz")
+    old_bytes = old.read_bytes()
+    Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(root / "cats" / "more.png")
+    driver = LAP_KILL_DRIVER.replace("lapgan.main(sys.argv[2:])", "lapgan.load_folder(sys.argv[2], 16, None, 1)")
+    kill_while_writing(".npz", str(root), driver=driver)
+    assert list(root.glob(".cache-*.npz")) == [old] and old.read_bytes() == old_bytes  # no torn new cache
+    x, y, _ = lapgan.load_folder(str(root), 16, None, 1)
+    assert len(x) == 5 and torch.equal(x[[0, 1, 3, 4]], x_old) and (x[2] == 7).all()
+
+
+def test_lapgan_two_real_processes_race_for_one_outf(tmp_path):
+    outf = str(tmp_path / "run")
+    argv = LAPGAN_TINY + ["--select", "0", "--epochs", "1", "--outf", outf]
+    procs = [lap_start(*argv) for _ in range(2)]
+    results = [(p.pid, p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    ok = [r for r in results if r[1] == 0]
+    refused = [r for r in results if r[1] != 0]
+    assert len(ok) == 1 and len(refused) == 1, results
+    assert refused[0][2].strip() == (f"error: {outf} is in use by another run (process {ok[0][0]}); wait for "
+                                     "it to end, or choose another --outf")
+    assert torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)["epoch"] == 1
+    assert not os.path.exists(os.path.join(outf, ".lock"))
+
+
+def test_lapgan_output_folders_are_prepared_or_refused_in_one_line(lapgan_runs, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for outf, why in ((tmp_path / "file" / "run", "a folder on its path is a file"),
+                      (tmp_path / "file", "it is a file"), (tmp_path / ("x" * 300), "File name too long")):
+        with pytest.raises(SystemExit) as e:
+            lapgan.main(LAPGAN_TINY + ["--outf", str(outf)])
+        lap_one_line_error(e, f"cannot write into {outf} ({why}); give another folder")
+    with small_tmpfs(tmp_path / "ro", options=",ro") as ro:
+        with pytest.raises(SystemExit) as e:
+            lapgan.main(LAPGAN_TINY + ["--outf", f"{ro}/run"])
+        lap_one_line_error(e, f"cannot write into {ro}/run (Read-only file system)")
+    npz, out = tmp_path / "new" / "deeper" / "s.npz", tmp_path / "other" / "g.png"
+    ckpt = os.path.join(lapgan_runs["full"], "ckpt.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--sample", "--ckpt", ckpt, "--n", "5", "--npz", str(npz), "--out", str(out)])
+    assert np.load(npz)["images"].shape == (5, 32, 32, 3) and out.exists()
+
+
+def test_lapgan_a_real_full_disk_is_one_line_and_keeps_the_previous_file(lapgan_runs, tmp_path):
+    with small_tmpfs(tmp_path / "disk") as disk:
+        path = os.path.join(disk, "ckpt.pt")
+        lapgan.write_atomic(path, lambda f: torch.save({"script": "lapgan", "step": 1}, f))
+        before = open(path, "rb").read()
+        with pytest.raises(SystemExit) as e:  # torch.save's RuntimeError on a full disk
+            lapgan.write_atomic(path, lambda f: torch.save({"w": torch.zeros(2 ** 19)}, f))
+        lap_one_line_error(e, f"no space left on device writing {path}; the previous file is kept")
+        assert open(path, "rb").read() == before and os.listdir(disk) == ["ckpt.pt"]
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):  # a run's 17 MB ckpt.pt
+            lapgan.main(LAPGAN_TINY + ["--select", "0", "--epochs", "1", "--outf", f"{disk}/run"])
+        lap_one_line_error(e, f"no space left on device writing {disk}/run/ckpt.pt")
+        assert not [f for f in os.listdir(f"{disk}/run") if f.endswith(".tmp") or f == ".lock"]
+        ckpt = os.path.join(lapgan_runs["full"], "ckpt.pt")
+        with pytest.raises(SystemExit) as e:  # sampling: its size checked against the free disk first
+            lapgan.main(["--sample", "--ckpt", ckpt, "--n", "4096", "--out", f"{disk}/s.png"])
+        lap_one_line_error(e, "--n 4096 needs about", f"GB on {disk}, more than is free; lower --n")
+
+
+def test_lapgan_every_numeric_flag_is_checked_against_its_interval_before_allocating():
+    """Walk the table: a value just outside each finite end of each interval, and NaN and inf for floats."""
+    assert {"lr", "lr_d", "momentum", "dropout_d", "nz", "width_g", "width_d", "epochs", "batch_size", "select",
+            "limit", "n", "resample", "upscale", "switch", "eval_images", "eval_samples", "eval_cond",
+            "image_size", "log_every", "workers", "level", "seed", "label"} <= set(lapgan.NUMBERS)
+    tried = 0
+    for name, (kind, _, interval, _) in lapgan.NUMBERS.items():
+        flag = "--" + name.replace("_", "-")
+        lo, hi = (float(s) for s in interval[1:-1].split(","))
+        bad = ["nan", "inf", "-inf"] if kind is float else []
+        for end, open_end, step in ((lo, interval[0] == "(", -1), (hi, interval[-1] == ")", 1)):
+            if math.isfinite(end):
+                bad.append(str(kind(end if open_end else end + step * (1 if kind is int else 1e-3))))
+        for v in bad:
+            with pytest.raises(SystemExit) as e:
+                lapgan.get_args(["--dataset", "folder", f"{flag}={v}"])
+            lap_one_line_error(e, f"{flag} {kind(float(v)) if kind is float else v} is out of range; it must "
+                               f"lie in {interval}")
+            tried += 1
+    assert tried >= 45
+    for argv, words in ((["--limit", "0"], "--limit 0 is out of range"),
+                        (["--batch-size", "7"], "--batch-size 7 must be even"),
+                        (["--image-size", "1000"], "--image-size 1000 is too large for shapes; at most 128"),
+                        (["--select", "1001"], "--select 1001 is more than the 2000 test images of shapes less "
+                                               "the --eval-images 1000")):
+        with pytest.raises(SystemExit) as e:
+            lapgan.get_args(["--dataset", "shapes", *argv])
+        lap_one_line_error(e, words)
+
+
+def test_lapgan_sampling_checks_room_before_drawing_and_draws_in_chunks(lapgan_runs, tmp_path, monkeypatch):
+    ckpt = os.path.join(lapgan_runs["full"], "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--sample", "--ckpt", ckpt, "--n", "100000000", "--out", str(tmp_path / "s.png")])
+    lap_one_line_error(e, "--n 100000000 needs about", "more than is free; lower --n")
+    assert not list(tmp_path.iterdir())
+    seen, real = [], lapgan.draw
+    monkeypatch.setattr(lapgan, "draw", lambda src, n, y: (seen.append((n, len(y))), real(src, n, y))[1])
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--sample", "--ckpt", ckpt, "--n", "1200", "--npz", str(tmp_path / "s.npz"), "--out",
+                     str(tmp_path / "s.png")])
+    z = np.load(tmp_path / "s.npz")
+    assert seen == [(500, 500), (500, 500), (200, 200)] and z["images"].shape == (1200, 32, 32, 3)
+    assert Image.open(tmp_path / "s.png").size == (2 + 12 * 34, 2 + 300 * 34)  # 4 samples x 3 levels a row
+
+
+def test_lapgan_checkpoint_checks_best_pt_other_scripts_and_a_changed_number_of_ranks(lapgan_runs, tmp_path):
+    outf = str(tmp_path / "r")
+    lap_epoch_one(lapgan_runs, outf)
+    path = os.path.join(outf, "ckpt.pt")
+    real = open(path, "rb").read()
+    shutil.copy(os.path.join(lapgan_runs["full"], "best.pt"), path)  # best.pt where ckpt.pt is expected
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--resume", "--outf", outf, "--epochs", "2"])
+    lap_one_line_error(e, f"{path} is not a lapgan.py training checkpoint (it lacks optG, optD); use DIR/ckpt.pt")
+    torch.save({"script": "vaegan", "args": {}}, path)
+    with pytest.raises(SystemExit) as e:
+        lapgan.main(["--resume", "--outf", outf, "--epochs", "2"])
+    lap_one_line_error(e, f"{path} was written by vaegan.py, not lapgan.py")
+    with open(path, "wb") as f:
+        f.write(real)
+    torch.save({**torch.load(path, weights_only=True), "world": 2}, path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        lapgan.main(["--resume", "--outf", outf, "--epochs", "2"])
+    assert "note: trained on 2 processes, resumed on 1: each one's share of the data changes" in out.getvalue()
+
+
+def test_lapgan_dataset_files_are_checked_after_each_reader(tmp_path, monkeypatch):
+    """Wrong rank, fewer labels than images, labels outside the classes: one line naming the file."""
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 256, (6, 28 * 28)), rng.integers(0, 10, 6), "not N x H x W images"),
+             (rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 10, 5), "holds 6 images but 5 labels"),
+             (rng.integers(0, 256, (6, 28, 28)), np.array([0, 1, 2, 3, 4, 12]), "labels 0..12, outside the 10")]
+    for x, y, words in cases:
+        write_idx(tmp_path / "train-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y)
+        with pytest.raises(SystemExit) as e:
+            lapgan.load_mnist(str(tmp_path), "mnist", "train")
+        lap_one_line_error(e, words, "train-images-idx3-ubyte.gz")
+    cifar = tmp_path / "c"
+    cifar.mkdir()
+    x, y = write_cifar_tarball(cifar, protocol=4)["test_batch"]
+    with tarfile.open(cifar / "cifar-10-python.tar.gz") as t:
+        t.extractall(cifar, filter="data")
+    with open(cifar / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": x, b"labels": y[:-1] + [10]}, f, protocol=4)
+    lap_patch_cifar_md5(monkeypatch, cifar)
+    monkeypatch.setitem(lapgan.CIFAR_MD5, "test_batch",
+                        hashlib.md5((cifar / "cifar-10-batches-py" / "test_batch").read_bytes()).hexdigest())
+    with pytest.raises(SystemExit) as e:
+        lapgan.read_cifar10(str(cifar), "test")
+    lap_one_line_error(e, "test_batch holds labels", "outside the 10 classes 0..9")
+
+
+def test_lapgan_image_modes_exif_and_float_tiffs_decode_to_their_pixels(tmp_path):
+    arr = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3) * 2  # 8 rows, 12 columns, distinct
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "turned.png", exif=exif)
+    assert np.array_equal(lapgan.decode_image(str(tmp_path / "turned.png"), 8, None), np.rot90(arr, -1)[2:10])
+    grey = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    for values in (grey, grey * 1000 - 200):  # in [0, 1]: as they are; beyond: their min..max
+        Image.fromarray(values, "F").save(tmp_path / "f.tif")
+        assert Image.open(tmp_path / "f.tif").mode == "F"
+        assert np.abs(lapgan.decode_image(str(tmp_path / "f.tif"), 8, None) - grey * 255).max() <= 0.5 + 1e-6
+    rgb = Image.fromarray(arr[:, :8])
+    for mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "I;16", "I"):
+        im = rgb.convert(mode) if mode[0] != "I" else Image.fromarray(np.asarray(rgb.convert("L")).astype(
+            np.uint16 if mode == "I;16" else np.int32) * 257)
+        assert im.mode == mode
+        name = tmp_path / f"m_{mode.replace(';', '')}.{'png' if mode in ('1', 'L', 'P', 'RGB', 'RGBA', 'LA') else 'tif'}"
+        im.save(name)
+        out = lapgan.decode_image(str(name), 8, None)
+        assert out.dtype == np.uint8 and out.max() > 100, (mode, out.max())  # not truncated to black
+    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")
+    with pytest.raises(SystemExit) as e:
+        lapgan.decode_image(str(tmp_path / "lab.tif"), 8, None)
+    lap_one_line_error(e, "lab.tif has the Pillow mode LAB", "save it as 8-bit RGB or grey")
+
+
+def test_lapgan_folder_walk_hidden_symlinks_nested_cache_key_and_outf(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_image_folder(root, n=2)
+    for p in ("cats/kittens/tiny/k.png", ".thumbs/t.png", "run/pics/samples_e001.png"):
+        os.makedirs(root / os.path.dirname(p), exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / p)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "dogs" / ".hidden.png")
+    os.symlink(root, root / "loop")  # a folder linking to its parent: a loop
+    os.symlink(root / "gone.png", root / "dogs" / "dangling.png")
+    x, y, classes = lapgan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))
+    out = capsys.readouterr().out
+    assert classes == ["cats", "dogs"] and len(x) == 5 and y.tolist() == [0, 0, 0, 1, 1]
+    assert "classes (its top-level folders): cats, dogs" in out and f"skipping {root / 'loop'}" in out
+    assert f"skipping {root / 'dogs' / 'dangling.png'} (a link to nothing)" in out
+    assert f"skipping {root / 'run'}" in out
+    f = root / "dogs" / "0.jpg"  # replaced with its modification time kept, but another size: decoded again
+    st = f.stat()
+    Image.fromarray(np.full((40, 50, 3), 255, np.uint8)).save(f, format="JPEG", quality=50)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size != st.st_size
+    assert lapgan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))[0][3].min() > 240
