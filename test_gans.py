@@ -2776,11 +2776,17 @@ GAN_SMALL = ["--dataset", "shapes", "--image-size", "16", "--limit", "128", "--b
              "--ndf", "8", "--nz", "8", "--log-every", "2", "--workers", "1"]
 
 
+def default_sigint():
+    """In a child before it starts: Ctrl-C's default action, also where the suite runs in the background
+    (a background job ignores SIGINT, its children inherit that, and Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def gan_start(*argv):
     """gan.py in a real subprocess (its own process group is not needed: signals go to its pid)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, os.path.join(HERE, "gan.py"), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+                            stderr=subprocess.PIPE, text=True, cwd=HERE, env=env, preexec_fn=default_sigint)
 
 
 def wait_for(path, proc, timeout=120):
@@ -3215,7 +3221,8 @@ def vae_popen(*args, driver=None):
     """vaegan.py in a real subprocess with one thread (or a driver script that imports it)."""
     cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, os.path.join(HERE, "vaegan.py"), *args]
     return subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE},
+                            preexec_fn=default_sigint)
 
 
 def wait_until(predicate, proc, timeout=120):
@@ -4332,7 +4339,7 @@ def lap_start(*argv):
     default action even where this process runs in the background (which ignores SIGINT)."""
     return subprocess.Popen([sys.executable, os.path.join(HERE, "lapgan.py"), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_sigint)
 
 
 def lap_same_run(a, b):
