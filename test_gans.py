@@ -2798,6 +2798,15 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.002)
 
 
+def sigint_line(proc, path):
+    """A real SIGINT (Ctrl-C) once PATH exists -> the one line the script printed; exit status 130."""
+    wait_for(path, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
 def gan_final(outf):
     ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
     return ck, read_log(os.path.join(outf, "log.csv"))
@@ -2808,11 +2817,7 @@ def test_gan_sigint_keeps_the_checkpoint_and_resume_continues_exactly(tmp_path):
     printed command continues the run to exactly the weights and log of an uninterrupted run."""
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     proc = gan_start(*GAN_SMALL, "--epochs", "3", "--outf", cut)
-    wait_for(os.path.join(cut, "ckpt.pt"), proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    (line,) = err.strip().splitlines()
+    line = sigint_line(proc, os.path.join(cut, "ckpt.pt"))
     assert line.startswith("interrupted at step") and f"{cut}/ckpt.pt (epoch" in line, line
     assert line.endswith(f"to continue: python3 gan.py --resume --outf {cut} --workers 1 --log-every 2"), line
     assert not [f for f in os.listdir(cut) if f.endswith(".tmp") or f == ".lock"]
@@ -2830,10 +2835,7 @@ def test_gan_sigint_before_any_checkpoint_then_the_same_command_starts_again(tmp
     outf = str(tmp_path / "run")
     argv = GAN_SMALL + ["--limit", "640", "--epochs", "1", "--outf", outf]
     proc = gan_start(*argv)
-    wait_for(os.path.join(outf, "log.csv"), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    err = sigint_line(proc, os.path.join(outf, "log.csv"))
     assert "no checkpoint was written yet; to start again: python3 gan.py --dataset shapes" in err
     assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
     gan_one_line_error(f"nothing to resume: {outf} holds no checkpoint (ckpt.pt); run without --resume",
@@ -4372,11 +4374,7 @@ def test_lapgan_sigint_keeps_the_checkpoint_and_resume_continues_exactly(lapgan_
     it prints ends the run exactly where the uninterrupted one ended."""
     cut = str(tmp_path / "cut")
     proc = lap_start(*LAPGAN_TINY, "--epochs", "2", "--outf", cut)
-    wait_for(os.path.join(cut, "ckpt.pt"), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    (line,) = err.strip().splitlines()
+    line = sigint_line(proc, os.path.join(cut, "ckpt.pt"))
     assert line.startswith("interrupted at step") and f"{cut}/ckpt.pt (epoch 1) is kept" in line, line
     assert line.endswith(f"to continue: python3 lapgan.py --resume --outf {cut} --log-every 2"), line
     assert not [f for f in os.listdir(cut) if f.endswith(".tmp") or f == ".lock"]
@@ -4389,10 +4387,7 @@ def test_lapgan_sigint_before_any_checkpoint_then_the_same_command_starts_again(
     outf = str(tmp_path / "run")
     argv = LAPGAN_TINY + ["--limit", "160", "--select", "0", "--epochs", "1", "--outf", outf]
     proc = lap_start(*argv)
-    wait_for(os.path.join(outf, "log.csv"), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    err = sigint_line(proc, os.path.join(outf, "log.csv"))
     assert "no checkpoint was written yet; to start again: python3 lapgan.py --dataset shapes" in err
     assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
     with pytest.raises(SystemExit) as e:
