@@ -19,7 +19,7 @@ Paper to code:
     Sec. 2.3  Fig. 1, the sampling chain; blog: --upscale   noise, generate, sample_level, sample_chain,
                                                             upscale_chain
     Sec. 2.3  one level's training step (Fig. 2)            Level, level_step, train_step
-    Sec. 3    the networks (CIFAR-10, LSUN), conditioning   mlp_nets, conv_nets, large_nets, Conditioned
+    Sec. 3    the networks (CIFAR-10, LSUN), conditioning   mlp_nets, conv_g, conv_d, large_nets, Conditioned
     Sec. 3    SGD schedule; lsun/train.lua's balance rule   sgd_schedule, set_sgd, balance_rule
     Sec. 4.1  Parzen log-likelihood; cifar/ model selection parzen_levels, parzen_ll, base_d2, residual_d2,
                                                             selection_score, select_models
@@ -42,7 +42,7 @@ rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: q
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
     python lapgan.py --sample --ckpt out/lapgan-cifar10/ckpt.pt --resample 8 --upscale 3 --eval
 """
-import argparse, csv, errno, gzip, hashlib, io, math, os, pickle, shlex, shutil, sys, tarfile, time, zlib
+import argparse, copy, csv, errno, gzip, hashlib, io, math, os, pickle, shlex, shutil, sys, tarfile, time, zlib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -176,6 +176,15 @@ class Level:
     D_fwd_for_G: Callable          # D_k's in G_k's step: never data-parallel, only G_k's gradients are wanted
     opt_G: torch.optim.Optimizer   # G_k's optimiser (SGD as the paper, or Adam)
     opt_D: torch.optim.Optimizer   # D_k's optimiser
+    steps: int = 1                 # --level-steps: the level's updates per training step (the paper: 1)
+    G_avg: nn.Module = None        # --ema: the running average of G_k's weights; None: off (the paper)
+
+    @property
+    def sampler(self):
+        """The G_k that draws samples and is selected: the average with --ema, else G_k itself."""
+        if self.G_avg is None:
+            return self.G
+        return self.G_avg
 
 @dataclass
 class Run:
@@ -252,12 +261,28 @@ def level_step(lv, x, y, sizes, nz, balance=None):
             "upd_d": float(upd_d),
             "upd_g": float(upd_g)}
 
+@torch.no_grad()
+def average_weights(G_avg, G, beta):
+    """--ema (Yazici et al. 2019, a deviation): after each step G_avg <- beta G_avg + (1 - beta) G. The
+    average smooths the step-to-step noise of the weights; batch-norm statistics are copied, not averaged."""
+    for avg, p in zip(G_avg.parameters(), G.parameters()):
+        avg.lerp_(p, 1 - beta)
+    for avg, b in zip(G_avg.buffers(), G.buffers()):
+        avg.copy_(b)
+
 def train_step(run, idx):
-    """Every level's step on the images idx (2B indices). -> {statistic name + level k: value}."""
-    x, y = get_batch(run, idx)
+    """Every level's step on the images idx (2B indices); with --level-steps, level k takes lv.steps steps,
+    each extra one on 2B images drawn at random. -> {statistic name + level k: value}."""
+    batch = get_batch(run, idx)
     stats = {}
     for k, lv in run.levels.items():
-        out = level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
+        x, y = batch
+        for t in range(lv.steps):
+            if t > 0:  # a batch of its own
+                x, y = get_batch(run, torch.randint(len(run.images), idx.shape, device=idx.device))
+            out = level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
+            if lv.G_avg is not None:
+                average_weights(lv.G_avg, lv.G, run.args.ema)
         stats.update({f"{name}{k}": v for name, v in out.items()})
     return stats
 
@@ -325,17 +350,22 @@ def pads(size, kernels, strides):
         return [0] * len(kernels), valid
     return [kern // 2 for kern in kernels], same
 
-def conv_nets(g_in, d_in, nc, size, wg, wd, drop=0.5):
-    """Sec. 3.1, a level k < K: G_k's three convs (7, 7, 5) output h~_k; D_k two convs (5, 5 stride 2),
-    dropout, a linear logit. No batch norm. g_in, d_in: the input planes of G_k and D_k."""
-    g = nn.Sequential(
-        nn.Conv2d(g_in, wg, 7, padding=3),
-        nn.ReLU(),
-        nn.Conv2d(wg, wg, 7, padding=3),
-        nn.ReLU(),
-        nn.Conv2d(wg, nc, 5, padding=2))
+def conv_g(g_in, nc, wg, bn=False):
+    """Sec. 3.1, G_k at a level k < K: three convs (7, 7, 5) output h~_k from g_in input planes. No batch
+    norm in the paper's small model; --bn-g adds it after each ReLU, as the LSUN large model (never in D)."""
+    layers = [nn.Conv2d(g_in, wg, 7, padding=3), nn.ReLU()]
+    if bn:
+        layers.append(nn.BatchNorm2d(wg, affine=False))
+    layers += [nn.Conv2d(wg, wg, 7, padding=3), nn.ReLU()]
+    if bn:
+        layers.append(nn.BatchNorm2d(wg, affine=False))
+    layers.append(nn.Conv2d(wg, nc, 5, padding=2))
+    return nn.Sequential(*layers)
+
+def conv_d(d_in, size, wd, drop=0.5):
+    """Sec. 3.1, D_k: two convs (5, 5 stride 2), dropout, a linear logit, from d_in input planes."""
     (p1, p2), n = pads(size, [5, 5], [1, 2])
-    d = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(d_in, wd, 5, padding=p1),
         nn.ReLU(),
         nn.Conv2d(wd, wd, 5, 2, p2),
@@ -344,7 +374,22 @@ def conv_nets(g_in, d_in, nc, size, wg, wd, drop=0.5):
         nn.Flatten(),
         nn.Linear(wd * n * n, 1),
         nn.Flatten(0))
-    return g, d
+
+def conv_base_g(nz, ncls, nc, size, wg):
+    """--base conv (a deviation): G_K as a small DCGAN generator (Radford et al. 2015) in place of Sec. 3.1's
+    MLP, whose D_K hardly learns at a CPU's widths. z and the one-hot class are projected to 2w maps of
+    ceil(s/2) px, then one stride-2 transposed conv to s px and a 5x5 conv to the image, batch norm in G."""
+    h = (size + 1) // 2
+    kernel = 4 - size % 2  # the transposed conv makes 2h px (s even) or 2h - 1 (s odd)
+    return nn.Sequential(
+        nn.Linear(nz + ncls, 2 * wg * h * h),
+        nn.Unflatten(1, (2 * wg, h, h)),  # N x 2w x h x h
+        nn.BatchNorm2d(2 * wg),
+        nn.ReLU(),
+        nn.ConvTranspose2d(2 * wg, wg, kernel, 2, 1),  # N x w x s x s
+        nn.BatchNorm2d(wg),
+        nn.ReLU(),
+        nn.Conv2d(wg, nc, 5, padding=2))
 
 class PairL2Pool(nn.Module):
     """fbcunn's FeatureLPPooling(2, 2, 2): sqrt(a^2 + b^2) over channel pairs, halving the channels."""
@@ -389,21 +434,28 @@ def large_nets(g_in, d_in, nc, size):
     return g, d
 
 def build_level(targs, k, sizes, nc, ncls):
-    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags, a dict): MLPs at the base."""
+    """-> (G_k, D_k) of the pyramid `sizes` (targs: the training flags, a dict): MLPs at the base (or,
+    --base conv, a DCGAN-like G_K and a conv D_K). Widths and D's dropout may differ per level."""
     size = sizes[k]
     base = k == len(sizes) - 1
     class_planes = 1 if ncls else 0
-    g_in = 1 + class_planes + nc
+    g_in = 1 + class_planes + nc  # noise plane, class plane, l_k
     d_in = nc + class_planes
-    drop = targs["dropout_d"]
-    if base:
+    wg = at_level(targs["width_g"], k)
+    wd = at_level(targs["width_d"], k)
+    drop = at_level(targs["dropout_d"], k)
+    if base and targs["base"] == "mlp":
         g, d = mlp_nets(targs["nz"], nc, size, ncls, drop)
-    elif targs["model"] == "large":
+        return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, True)
+    d = conv_d(d_in, size, wd, drop)
+    if base:  # --base conv: G_K takes the flat noise vector and one-hot class, D_K a class plane
+        g = conv_base_g(targs["nz"], ncls, nc, size, wg)
+        return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, False)
+    if targs["model"] == "large":
         g, d = large_nets(g_in, d_in, nc, size)
     else:
-        wg, wd = targs["width_g"], targs["width_d"]
-        g, d = conv_nets(g_in, d_in, nc, size, wg, wd, drop)
-    return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, base)
+        g = conv_g(g_in, nc, wg, targs["bn_g"])
+    return Conditioned(g, ncls, size, False), Conditioned(d, ncls, size, False)
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
 def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):
@@ -423,8 +475,8 @@ def set_schedule(run, epoch):
     run.lr, run.momentum = sgd_schedule(epoch, args.lr, args.momentum)
     if args.optim != "sgd":
         return
-    lr_d = run.lr * d_lr(args) / args.lr
-    for lv in run.levels.values():
+    for k, lv in run.levels.items():
+        lr_d = run.lr * d_lr(args, k) / args.lr
         set_sgd(lv.opt_G, run.lr, run.momentum)
         set_sgd(lv.opt_D, lr_d, run.momentum)
 
@@ -460,7 +512,7 @@ def select_models(run, val, gen):
     x, y = val
     scores, better = {}, []
     for k, lv in run.levels.items():
-        scores[k] = selection_score(lv.G, k, x, y, run.sizes, run.args.nz, gen)
+        scores[k] = selection_score(lv.sampler, k, x, y, run.sizes, run.args.nz, gen)
         if scores[k] < run.best.get(k, math.inf):
             better.append(k)
             run.best[k] = scores[k]
@@ -1007,6 +1059,7 @@ def load_checkpoint(path, training=False):
     if keys:
         fail(f"{path} is not a {SCRIPT}.py training checkpoint (it lacks {', '.join(keys)}); use DIR/ckpt.pt "
              "of a run folder")
+    ckpt["args"] = {**ADDED, **ckpt["args"]}  # flags added since the checkpoint was written: the paper's
     return ckpt if "paper_levels" in ckpt else paper_levels(ckpt)
 
 def paper_levels(ck):
@@ -1027,6 +1080,8 @@ def checkpoint(run, ks=None, opts=True):
     for k in run.levels if ks is None else ks:
         lv = run.levels[k]
         levels[k] = {"G": lv.G.state_dict(), "D": lv.D.state_dict()}
+        if lv.G_avg is not None:  # --ema: sampling loads the average
+            levels[k]["G_avg"] = lv.G_avg.state_dict()
         if opts:
             levels[k].update(optG=lv.opt_G.state_dict(), optD=lv.opt_D.state_dict())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -1043,6 +1098,8 @@ def restore(run, ckpt):
         saved = ckpt["levels"][k]
         lv.G.load_state_dict(saved["G"])
         lv.D.load_state_dict(saved["D"])
+        if lv.G_avg is not None:
+            lv.G_avg.load_state_dict(saved["G_avg"])
         lv.opt_G.load_state_dict(saved["optG"])
         lv.opt_D.load_state_dict(saved["optD"])
     run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], dict(ckpt["balance"]["best"])
@@ -1060,6 +1117,7 @@ def restore(run, ckpt):
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
+ADDED = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "recipe": None}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
@@ -1116,7 +1174,7 @@ def load_levels(paths, need=None):
         first = first or (ck, (ck["sizes"], ck["args"]["nc"], n_classes(ck)))
         for k, st in ck["levels"].items():
             Gs[k] = build_level(ck["args"], k, ck["sizes"], ck["args"]["nc"], n_classes(ck))[0]
-            Gs[k].load_state_dict(st["G"])
+            Gs[k].load_state_dict(st.get("G_avg", st["G"]))  # --ema: the average draws
     need = range(len(first[0]["sizes"])) if need is None else need
     if any(k not in Gs for k in need):
         fail(f"level {min(set(need) - set(Gs))} is in none of {' '.join(paths)}; add the checkpoint of the "
@@ -1214,7 +1272,7 @@ def selection_images(run):
     return get_batch(held, torch.arange(len(held.images), device=dev), False)
 
 def check_finite(run):
-    if not all(torch.isfinite(p).all() for lv in run.levels.values() for p in lv.G.parameters()):
+    if not all(torch.isfinite(p).all() for lv in run.levels.values() for p in lv.sampler.parameters()):
         fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {run.args.outf} "
              f"is kept")
 
@@ -1234,9 +1292,9 @@ def sample_sheet(run, gen):
     path, dev = f"{run.args.outf}/samples_e{run.epoch:03d}.png", run.images.device
     if len(run.levels) < len(run.sizes):
         k, lv = next(iter(run.levels.items()))
-        return resample_sheet(lv.G, k, run, 6, path, gen)
+        return resample_sheet(lv.sampler, k, run, 6, path, gen)
     n = 3 * run.ncls or 24
-    Gs = [run.levels[k].G for k in range(len(run.sizes))]
+    Gs = [run.levels[k].sampler for k in range(len(run.sizes))]
     chain = sample_chain(Gs, run.sizes, n, run.args.nz, torch.arange(n, device=dev) // 3, dev, gen)
     save_grid(level_sheet(chain, run), path, 3 * len(chain))
 
@@ -1389,6 +1447,7 @@ def setup_run(args, device, data, rank=0, world=1):
     images, labels, classes = data
     sizes, ncls = pyramid_sizes(args, images.shape[-1]), len(classes) if args.conditional else 0
     K = len(sizes) - 1
+    check_per_level(args, K)
     if args.level is not None and not 0 <= args.level <= K:
         fail(f"--level {args.level} is out of range; this pyramid has levels 0..{K} (0 the full image, {K} "
              f"the base)")
@@ -1422,7 +1481,11 @@ def prepare_level(args, k, sizes, nc, ncls, device, rank, world):
     if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
         ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
         print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
-    return Level(k, G, D, *fwd, optimiser(G, args, args.lr), optimiser(D, args, d_lr(args)))
+    G_avg = None
+    if args.ema:  # --ema: a copy of G_k whose weights follow G_k's average (average_weights)
+        G_avg = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_G, opt_D = optimiser(G, args, args.lr), optimiser(D, args, d_lr(args, k))
+    return Level(k, G, D, *fwd, opt_G, opt_D, at_level(args.level_steps, k), G_avg)
 
 def in_bf16(f):
     """--amp on CUDA: f's forward pass under bf16 autocast, its output back in fp32 for the losses."""
@@ -1452,9 +1515,33 @@ def optimiser(net, args, lr):
         return torch.optim.Adam(net.parameters(), lr, betas=(0.5, 0.999))
     return torch.optim.SGD(net.parameters(), lr, momentum=args.momentum, dampening=args.momentum)
 
-def d_lr(args):
-    """D's learning rate: --lr-d, else --lr."""
-    return args.lr_d or args.lr
+def d_lr(args, k):
+    """D_k's learning rate: --lr-d (level k's), else --lr."""
+    return at_level(args.lr_d, k) or args.lr
+
+def at_level(value, k):
+    """Level k's value of a PER_LEVEL flag: one number (a default, an older checkpoint's) or a list."""
+    if not isinstance(value, list):
+        return value
+    if len(value) == 1:
+        return value[0]
+    return value[k]
+
+def level_values(kind):
+    """The argparse type of a PER_LEVEL flag: '16' or '16,32,64' (level 0, the finest, first) -> a list."""
+    def parse(text):
+        return [kind(v) for v in text.split(",")]
+    parse.__name__ = kind.__name__  # argparse's message: "invalid int value: ..."
+    return parse
+
+def check_per_level(args, K):
+    """Each PER_LEVEL flag holds one value or one per level (K + 1)."""
+    for name in PER_LEVEL:
+        value = getattr(args, name)
+        if isinstance(value, list) and len(value) not in (1, K + 1):
+            flag = "--" + name.replace("_", "-")
+            fail(f"{flag} gives {len(value)} values for {K + 1} levels; give one, or one per level, level 0 "
+                 f"(the finest) first, e.g. {flag} {','.join(['1'] * (K + 1))}")
 
 # Command line. Every numeric flag: its type, default, valid interval ("[" closed, "(" open, inf: none) and
 # help; get_args checks them all in one loop before anything is allocated (NaN and inf fail too).
@@ -1465,6 +1552,8 @@ NUMBERS = {
     "width_g": (int, 128, "[1, 4096]", "G_k feature maps: 128 (paper's models) or 64 (code)"),
     "width_d": (int, 64, "[1, 4096]", "D_k feature maps"),
     "dropout_d": (float, 0.5, "[0, 1)", "D's dropout (the paper's 0.5)"),
+    "level_steps": (int, 1, "[1, 64]", "updates of each level per training step (the paper: 1)"),
+    "ema": (float, 0.0, "[0, 1)", "G's weights averaged with this decay for sampling (0: off)"),
     "nz": (int, 100, "[1, 4096]", "noise size at the base"),
     "epochs": (int, 25, "[1, 100000]", "epochs to train"),
     "batch_size": (int, 128, "[2, 65536]", "even: half real for D"),
@@ -1483,7 +1572,11 @@ NUMBERS = {
     "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
     "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
     "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
+PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps"]  # one value, or one per level
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
+# --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
+RECIPES = {"cpu": {"conditional": True, "optim": "adam", "lr": 0.0002, "lr_d": [0.001], "batch_size": 32,
+                   "width_g": [16], "width_d": [16], "limit": 20000, "select": 20}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
 
 def make_parser():
@@ -1503,7 +1596,12 @@ def make_parser():
     add("--npz")
     add("--out", help="grid PNG (default: beside the checkpoint)")
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
+    add("--base", choices=["mlp", "conv"], default="mlp", help="G_K, D_K: the paper's MLPs or conv nets")
+    add("--bn-g", action="store_true", help="batch norm in G_k above the base (the LSUN large model's)")
+    add("--recipe", choices=sorted(RECIPES), help="a named set of flags (typed flags win); cpu: README's")
     for name, (kind, default, _, text) in NUMBERS.items():
+        if name in PER_LEVEL:  # a comma list, level 0 (the finest) first
+            kind = level_values(kind)
         add("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     return p
 
@@ -1522,14 +1620,14 @@ def get_args(argv=None):
         p.error("--dataset is required for training (or give --resume --outf DIR, or --sample --ckpt FILE)")
     if args.sample and not (args.ckpt or args.chain):
         p.error("--sample needs --ckpt DIR/ckpt.pt (or --chain A.pt B.pt)")
+    if args.recipe:
+        apply_recipe(args, typed_flags(argv))
     for name, (_, _, interval, _) in NUMBERS.items():
-        v = getattr(args, name)
-        if v is None:  # optional, not given
-            continue
-        lo, hi = (float(s) for s in interval[1:-1].split(","))
-        inside = lo < v < hi or (v == lo and interval[0] == "[") or (v == hi and interval[-1] == "]")
-        if not (math.isfinite(v) and inside):  # NaN compares false with everything, so fails here too
-            fail(f"--{name.replace('_', '-')} {v} is out of range; it must lie in {interval}")
+        values = getattr(args, name)
+        if not isinstance(values, list):  # PER_LEVEL flags hold lists
+            values = [values]
+        for v in values:
+            check_number(name, v, interval)
     if args.batch_size % 2:
         fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
     if args.dataset == "shapes" and (args.image_size or 32) > SHAPES_MAX:
@@ -1547,6 +1645,32 @@ def get_args(argv=None):
         args.momentum = 0.0 if large else 0.5
     args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
     return args
+
+def check_number(name, v, interval):
+    if v is None:  # optional, not given
+        return
+    lo, hi = (float(s) for s in interval[1:-1].split(","))
+    inside = lo < v < hi or (v == lo and interval[0] == "[") or (v == hi and interval[-1] == "]")
+    if not (math.isfinite(v) and inside):  # NaN compares false with everything, so fails here too
+        fail(f"--{name.replace('_', '-')} {v} is out of range; it must lie in {interval}")
+
+def apply_recipe(args, typed):
+    """--recipe NAME: its flags where not typed, printed; the run's checkpoint keeps them as flags."""
+    chosen = {k: v for k, v in RECIPES[args.recipe].items() if k not in typed}
+    vars(args).update(chosen)
+    shown = []
+    for k, v in chosen.items():
+        shown.append(flag_text(k, v))
+    print(f"--recipe {args.recipe} sets: {' '.join(shown)}")
+
+def flag_text(name, value):
+    """A flag as it would be typed: --name, --name VALUE or --name 1,2,3."""
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if isinstance(value, list):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value}"
 
 def main(argv=None):
     """Train (data-parallel under torchrun) or sample. Ctrl-C ends in one line: what is kept, how to go on."""
