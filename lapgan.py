@@ -24,6 +24,7 @@ Paper to code:
     Sec. 4.1  Parzen log-likelihood; cifar/ model selection parzen_levels, parzen_ll, base_d2, residual_d2,
                                                             selection_score, select_models
     Sec. 4.2  samples drawn from one real coarse image      resample_sheet (--resample)
+    additions for short runs (below)                        average_weights, conv_base_g, Level.steps
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (= sigmoid + BCE); images are normalised per
 channel with the training split's mean/std (the CIFAR code: per pixel), which commutes with d and u (--chain
@@ -36,7 +37,12 @@ crops, horizontal flips or one model per class. --eval on a class-conditional mo
 level, the base included, conditioned on the test image's true label. `--optim adam` is an addition for short
 runs; the defaults are the paper's SGD setting. `--lr-d` (D's own learning rate, the two time-scale rule of
 Heusel et al. 2017) and `--dropout-d` are additions too: at the narrow widths of a CPU run D_k's learning
-rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality).
+rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality). For short runs, also
+additions, all off by default: `--level-steps` (level k's updates per step, as the code's separate jobs gave
+each level its own length), one value per level for `--width-g`, `--width-d`, `--dropout-d` and `--lr-d`
+(comma lists, level 0 first), `--ema` (sampling and selection with an average of G_k's weights, Yazici et
+al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place of the MLPs), `--bn-g` (batch norm in
+G_k, as the LSUN large model) and `--recipe cpu`, the set-up command's flags by name.
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)

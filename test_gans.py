@@ -4625,3 +4625,146 @@ def test_lapgan_folder_walk_hidden_symlinks_nested_cache_key_and_outf(tmp_path, 
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_size != st.st_size
     assert lapgan.load_folder(str(root), 8, None, 1, outf=str(root / "run"))[0][3].min() > 240
+
+
+# ----------------------------------------------------------------------------- lapgan.py: per-level budgets and
+# the deviations that a short run may add (--level-steps, per-level lists, --ema, --base conv, --bn-g, --recipe)
+def test_lapgan_paper_defaults_are_pinned():
+    """Without flags, lapgan.py is the paper's CIFAR-10 setting: nothing added switches itself on."""
+    args = lapgan.get_args(["--dataset", "cifar10"])
+    paper = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "width_g": 128, "width_d": 64,
+             "dropout_d": 0.5, "lr_d": None, "lr": 0.02, "momentum": 0.5, "optim": "sgd", "batch_size": 128,
+             "nz": 100, "model": "small", "balance": False, "recipe": None, "conditional": False, "limit": None,
+             "select": 200}
+    assert {k: getattr(args, k) for k in paper} == paper
+    assert lapgan.pyramid_sizes(args, 32) == [28, 14, 8]
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = lap_tiny_run([], ncls=1)
+    assert all(lv.steps == 1 and lv.G_avg is None and lv.sampler is lv.G for lv in run.levels.values())
+
+
+def test_lapgan_level_steps_give_each_level_its_own_count(monkeypatch):
+    """--level-steps 1,1,2: the base (k = 2) takes two optimiser steps per training step, the second on a
+    batch of its own; the finer levels one, on the step's batch."""
+    run = lap_tiny_run(["--optim", "adam", "--level-steps", "1,1,2"], n=64)
+    seen = []
+    real_step = lapgan.level_step
+
+    def record(lv, x, y, *rest):
+        seen.append((lv.k, x.clone()))
+        return real_step(lv, x, y, *rest)
+    monkeypatch.setattr(lapgan, "level_step", record)
+    lapgan.train_step(run, torch.arange(16))
+    assert [k for k, _ in seen] == [2, 2, 1, 0]
+    assert torch.equal(seen[0][1], seen[2][1]) and torch.equal(seen[0][1], seen[3][1])
+    assert not torch.equal(seen[0][1], seen[1][1])  # the base's second step: other images
+    for k, lv in run.levels.items():  # Adam counts its steps
+        assert lv.opt_G.state[next(lv.G.parameters())]["step"].item() == (2 if k == 2 else 1)
+        assert lv.opt_D.state[next(lv.D.parameters())]["step"].item() == (2 if k == 2 else 1)
+
+
+def test_lapgan_per_level_lists_reach_each_level():
+    """Comma lists, level 0 (the finest) first: widths, D's dropout and D's learning rate per level."""
+    flags = ["--base", "conv", "--width-g", "6,10,12", "--width-d", "4,6,8", "--dropout-d", "0,0.25,0.5",
+             "--lr-d", "0.1,0.2,0.3", "--optim", "sgd", "--lr", "0.05"]
+    run = lap_tiny_run(flags)
+    lapgan.set_schedule(run, 1)
+    for k, (wg, wd, p, lr_d) in enumerate(zip([6, 10, 12], [4, 6, 8], [0, 0.25, 0.5], [0.1, 0.2, 0.3])):
+        lv = run.levels[k]
+        first_g = next(m for m in lv.G.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+        assert first_g.out_channels == wg  # at the conv base: the transposed conv
+        assert next(m for m in lv.D.modules() if isinstance(m, nn.Conv2d)).out_channels == wd
+        assert {m.p for m in lv.D.modules() if isinstance(m, nn.Dropout)} == {p}
+        assert lv.opt_D.param_groups[0]["lr"] == pytest.approx(lr_d)
+        assert lv.opt_G.param_groups[0]["lr"] == pytest.approx(0.05)
+    with pytest.raises(SystemExit) as e:
+        lap_tiny_run(["--level-steps", "1,2"])
+    lap_one_line_error(e, "--level-steps gives 2 values for 3 levels", "one per level")
+    with pytest.raises(SystemExit) as e:
+        lapgan.get_args(["--dataset", "shapes", "--width-d", "8,0,8"])
+    lap_one_line_error(e, "--width-d 0 is out of range")
+
+
+def test_lapgan_ema_is_the_hand_computed_average_and_what_samples(tmp_path):
+    """--ema 0.5 after two steps: avg = 0.5 (0.5 p0 + 0.5 p1) + 0.5 p2 of G's weights p0, p1, p2; the
+    checkpoint keeps it, --sample draws with it, and a resume continues it exactly."""
+    run = lap_tiny_run(["--ema", "0.5", "--optim", "sgd", "--lr", "0.1"], n=32)
+    lv = run.levels[0]
+    p = [[t.detach().clone() for t in lv.G.parameters()]]
+    for i in range(2):
+        lapgan.train_step(run, torch.arange(16) + 8 * i)
+        p.append([t.detach().clone() for t in lv.G.parameters()])
+    for j, avg in enumerate(lv.G_avg.parameters()):
+        want = 0.5 * (0.5 * p[0][j] + 0.5 * p[1][j]) + 0.5 * p[2][j]
+        assert torch.allclose(avg, want, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(lv.G_avg.parameters(), lv.G.parameters()))
+    flags = LAPGAN_TINY + ["--ema", "0.9", "--select", "0"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(flags + ["--epochs", "2", "--outf", str(tmp_path / "full")])
+        lapgan.main(flags + ["--epochs", "1", "--outf", str(tmp_path / "part")])
+        lapgan.main(["--resume", "--outf", str(tmp_path / "part"), "--epochs", "2"])
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["levels"]
+    part = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["levels"]
+    for k in full:
+        for name in ("G", "G_avg"):
+            assert all(torch.equal(full[k][name][t], part[k][name][t]) for t in full[k][name]), (k, name)
+        assert any(not torch.equal(full[k]["G"][t], full[k]["G_avg"][t]) for t in full[k]["G"])
+    Gs, _ = lapgan.load_levels([str(tmp_path / "full" / "ckpt.pt")])
+    for k, G in enumerate(Gs):
+        assert all(torch.equal(G.state_dict()[t], full[k]["G_avg"][t]) for t in full[k]["G_avg"])
+
+
+@pytest.mark.parametrize("sizes,ncls", [([28, 14, 7], 10), ([28, 14], 0), ([32, 16, 8], 3)])
+def test_lapgan_conv_base_is_a_dcgan_generator_of_the_stated_shape(sizes, ncls):
+    """--base conv: G_K projects z (and the one-hot class) to 2w maps of ceil(s/2) px, batch norm, one
+    stride-2 transposed conv to s px, a 5x5 conv to the image; D_K is a conv D with the class plane."""
+    args = vars(lapgan.get_args(["--dataset", "shapes", "--base", "conv", "--width-g", "6", "--width-d", "5",
+                                 "--nz", "7"]))
+    K, nc = len(sizes) - 1, 1
+    s, h = sizes[K], (sizes[K] + 1) // 2
+    G, D = lapgan.build_level(args, K, sizes, nc, ncls)
+    linear = [m for m in G.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(7 + ncls, 2 * 6 * h * h)]
+    assert len([m for m in G.modules() if isinstance(m, nn.BatchNorm2d)]) == 2
+    assert not [m for m in D.modules() if isinstance(m, (nn.BatchNorm2d, nn.Linear)) and not
+                isinstance(m, nn.Linear)]
+    convT = next(m for m in G.modules() if isinstance(m, nn.ConvTranspose2d))
+    assert (convT.in_channels, convT.out_channels, convT.stride) == (12, 6, (2, 2))
+    y = torch.arange(4) % ncls if ncls else None
+    out = G.eval()([lapgan.noise((4, 7), "cpu")], y)
+    assert out.shape == (4, nc, s, s)
+    assert next(m for m in D.modules() if isinstance(m, nn.Conv2d)).in_channels == nc + (1 if ncls else 0)
+    assert D([out], y).shape == (4,)
+
+
+def test_lapgan_bn_g_puts_batch_norm_after_each_relu_of_g_only():
+    sizes = [16, 8]
+    plain = lapgan.build_level(vars(lapgan.get_args(["--dataset", "shapes", "--width-g", "4"])), 0, sizes, 3, 0)
+    bn = lapgan.build_level(vars(lapgan.get_args(["--dataset", "shapes", "--width-g", "4", "--bn-g"])), 0,
+                            sizes, 3, 0)
+    kinds = [type(m).__name__ for m in bn[0].body]
+    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "Conv2d"]
+    assert not any(m.affine for m in bn[0].modules() if isinstance(m, nn.BatchNorm2d))  # lsun/model.lua's
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in [*bn[1].modules(), *plain[0].modules()])
+    # without --bn-g the layers keep their places, so checkpoints written before the flag still load
+    assert list(plain[0].state_dict()) == [f"body.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
+
+
+def test_lapgan_recipe_sets_prints_and_stores_its_flags(tmp_path, capsys):
+    args = lapgan.get_args(["--dataset", "fashion-mnist", "--recipe", "cpu", "--epochs", "2"])
+    printed = capsys.readouterr().out
+    for name, value in lapgan.RECIPES["cpu"].items():
+        assert getattr(args, name) == value, name
+        assert lapgan.flag_text(name, value) in printed
+    assert args.epochs == 2
+    typed = lapgan.get_args(["--dataset", "fashion-mnist", "--recipe", "cpu", "--batch-size", "8"])
+    assert typed.batch_size == 8 and "--batch-size" not in capsys.readouterr().out  # typed flags win
+    small = ["--limit", "16", "--batch-size", "8", "--width-g", "4", "--width-d", "4", "--nz", "8",
+             "--select", "0", "--levels", "4,8,16", "--image-size", "16"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(["--dataset", "shapes", "--recipe", "cpu", *small, "--epochs", "1", "--outf", str(tmp_path)])
+        stored = lapgan.load_checkpoint(str(tmp_path / "ckpt.pt"))["args"]
+        lapgan.main(["--resume", "--outf", str(tmp_path), "--epochs", "2"])
+    assert stored["recipe"] == "cpu" and stored["optim"] == lapgan.RECIPES["cpu"]["optim"]
+    assert stored["batch_size"] == 8
+    assert lapgan.load_checkpoint(str(tmp_path / "ckpt.pt"))["epoch"] == 2
