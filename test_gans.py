@@ -3771,8 +3771,8 @@ def page_controls(browser):
 
 
 def test_web_export_refuses_what_it_cannot_convert(tmp_path):
-    """A --model large LAPGAN (grouped convs, L2 pooling, BN after ReLU; from the real command line), a file
-    that is no checkpoint, and layers outside the page's set: one line each, no traceback."""
+    """A --model large LAPGAN (grouped convs, L2 pooling; from the real command line), a file that is no
+    checkpoint, and layers outside the page's set (BN without running statistics): one line each."""
     export = web_export()
     run = lap_tiny_run(["--model", "large", "--level", "1"])
     torch.save(lapgan.checkpoint(run, opts=False), str(tmp_path / "large.pt"))
@@ -3784,9 +3784,9 @@ def test_web_export_refuses_what_it_cannot_convert(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*notes.txt is not a checkpoint of gan.py, lapgan.py"):
         export.main([str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x.html")])
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    late_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    batch_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     elu = nn.Sequential(nn.ELU())
-    for body, words in [(grouped, "ungrouped"), (late_bn, "does not follow"), (elu, "ELU")]:
+    for body, words in [(grouped, "ungrouped"), (batch_bn, "keeps no running statistics"), (elu, "ELU")]:
         with pytest.raises(SystemExit, match=words):
             export.layer_ops(body, "G")
 
@@ -4768,3 +4768,168 @@ def test_lapgan_recipe_sets_prints_and_stores_its_flags(tmp_path, capsys):
     assert stored["recipe"] == "cpu" and stored["optim"] == lapgan.RECIPES["cpu"]["optim"]
     assert stored["batch_size"] == 8
     assert lapgan.load_checkpoint(str(tmp_path / "ckpt.pt"))["epoch"] == 2
+
+
+# ---- web: conv base, --bn-g and --ema models
+def page_layer(x, L, W):
+    """One layer of export.py's list run by torch's own functions on the page's weights W (a flat float32
+    tensor; L's "w", "b", "scale", "shift" are offsets into it, "b" -1 when there is no bias)."""
+    def take(at, *shape):
+        return W[at:at + math.prod(shape)].view(shape)
+    if L["op"] == "linear":
+        return F.linear(x, take(L["w"], L["out"], L["in"]), take(L["b"], L["out"]) if L["b"] >= 0 else None)
+    if L["op"] in ("conv", "convT"):
+        shape = (L["cout"], L["cin"], L["k"], L["k"])
+        bias = take(L["b"], L["cout"]) if L["b"] >= 0 else None
+        if L["op"] == "conv":
+            return F.conv2d(x, take(L["w"], *shape), bias, L["stride"], L["pad"])
+        w = take(L["w"], shape[1], shape[0], *shape[2:])  # in x out x k x k
+        return F.conv_transpose2d(x, w, bias, L["stride"], L["pad"], L["outpad"])
+    if L["op"] == "affine":
+        c = x.shape[1]
+        return x * take(L["scale"], c).view(1, c, 1, 1) + take(L["shift"], c).view(1, c, 1, 1)
+    if L["op"] == "unflatten":
+        return x.view(len(x), *L["shape"])
+    assert L["op"] == "relu", L["op"]
+    return F.relu(x)
+
+
+class PageBody(nn.Module):
+    """A network of the page (export.py's layers and weights) as a torch module."""
+
+    def __init__(self, layers, W):
+        super().__init__()
+        self.layers, self.W = layers, W
+
+    def forward(self, x):
+        for L in self.layers:
+            x = page_layer(x, L, self.W)
+        return x
+
+
+def page_weights(page, dtype):
+    """The page's weights decoded from its base64, as sampler.js decodeWeights does (float16 widened)."""
+    raw = base64.b64decode(page.weights.encoded(dtype))
+    return torch.from_numpy(np.frombuffer(raw, "<f2" if dtype == "float16" else "<f4").astype(np.float32))
+
+
+def page_generators(page, dtype):
+    """lapgan.Conditioned generators made of the page's layers and weights, the paper's order (G_0 first):
+    torch given exactly the numbers the page holds (its folded, rounded weights)."""
+    W, ncls, Gs = page_weights(page, dtype), len(page.classes or []), []
+    for net in page.nets:
+        G = lapgan.Conditioned(PageBody(net["layers"], W), ncls, net["size"], net["input"] == "flat")
+        if net["embed"]:
+            n = net["size"] ** 2
+            G.embed.weight.data = W[net["embed"]["w"]:net["embed"]["w"] + n * ncls].view(n, ncls)
+            G.embed.bias.data = W[net["embed"]["b"]:net["embed"]["b"] + n]
+        Gs.insert(0, G)
+    return Gs
+
+
+def random_batch_norm(body):
+    """Running statistics (and affine weights) far from their initial values, distinct per channel, so that
+    a fold into the wrong channels or positions shows."""
+    for m in body.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 3)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 2)
+                m.bias.data.uniform_(-1, 1)
+    return body.eval()
+
+
+@pytest.mark.parametrize("size", [5, 6])
+def test_web_export_folds_conv_base_and_bn_g_into_exact_ops(size):
+    """Without a browser: export.py's ops, run by torch on the exported float32 weights, equal the module's
+    output (eval mode, random running statistics) for --base conv's G_K (BN after Linear + Unflatten folded
+    into the Linear; BN after the transposed conv folded into it; s odd and even: kernels 3 and 4) and a
+    --bn-g G_k (BN after each ReLU: a per-channel scale and shift, since the next conv pads with zeros)."""
+    export = web_export()
+    base = random_batch_norm(lapgan.conv_base_g(6, 3, 3, size, 4))
+    finer = random_batch_norm(lapgan.conv_g(5, 3, 4, bn=True))
+    page = export.Page("lapgan", "", "", None, [], [], "uniform")
+    export.add_net(page, base, size, "G_K", nz=9)
+    export.add_net(page, finer, size, "G_k")
+    ops = [[L["op"] for L in net["layers"]] for net in page.nets]
+    assert ops[0] == ["linear", "unflatten", "relu", "convT", "relu", "conv"]  # no BN left: both folded
+    assert ops[1] == ["conv", "relu", "affine", "conv", "relu", "affine", "conv"]
+    W = page_weights(page, "float32")
+    x = [torch.rand(4, 9) * 2 - 1, torch.rand(4, 5, size, size) * 2 - 1]
+    for net, body, inp in zip(page.nets, [base, finer], x):
+        with torch.no_grad():
+            want = body(inp)
+            no_bn = nn.Sequential(*[m for m in body if not isinstance(m, nn.BatchNorm2d)])(inp)
+        got = PageBody(net["layers"], W)(inp)
+        assert want.shape[-1] == size and got.shape == want.shape
+        assert (got - want).abs().max() < 1e-5 * (1 + want.abs().max())
+        assert (no_bn - want).abs().max() > 0.1  # the statistics matter: a wrong fold would show
+
+
+@pytest.fixture(scope="module")
+def web_bn_run(tmp_path_factory):
+    """A tiny trained class-conditional LAPGAN with --base conv, --bn-g and --ema, 5 -> 8 -> 16 px."""
+    root = tmp_path_factory.mktemp("webbn")
+    flags = ["--dataset", "shapes", "--image-size", "16", "--levels", "5,8,16", "--limit", "16",
+             "--batch-size", "8", "--width-g", "4", "--width-d", "4", "--nz", "6", "--select", "0",
+             "--conditional", "--optim", "adam", "--lr", "0.01", "--epochs", "1", "--base", "conv", "--bn-g",
+             "--ema", "0.9", "--outf", str(root)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(flags)
+    return root / "ckpt.pt"
+
+
+def chain_display(Gs, page, ck):
+    """lapgan.sample_chain of Gs on the page's fixed noise (3 samples, seed 4), base first, in [-1, 1]."""
+    labels, _ = web_export().fixed_noise(page, 3, 4)
+    gen = torch.Generator().manual_seed(4)  # sample_chain draws from it as export.fixed_noise did
+    sizes = [net["size"] for net in page.nets][::-1]
+    chain = lapgan.sample_chain(Gs, sizes, 3, ck["args"]["nz"], labels, "cpu", gen)[::-1]
+    return [lapgan.to_display(x, ck["mean"], ck["std"]) for x in chain]
+
+
+def test_web_export_of_conv_base_bn_g_ema_run_is_torchs_average(web_bn_run):
+    """Without a browser: torch on the page's float32 ops equals lapgan.sample_chain with the checkpoint's
+    generators as --sample loads them, which are --ema's averages (G_avg): the chain of the last trained G
+    differs. The run's BN statistics have moved from their initial 0 and 1."""
+    export = web_export()
+    page = export.load_page([str(web_bn_run)])
+    ck = lapgan.load_checkpoint(str(web_bn_run))
+    Gs = [G for G, _ in export.lapgan_chain([str(web_bn_run)])[0][::-1]]
+    raw = []
+    for k, G in enumerate(copy.deepcopy(Gs)):
+        G.load_state_dict(ck["levels"][k]["G"])  # the last trained G_k, not the average
+        raw.append(G)
+        avg = ck["levels"][k]["G_avg"]
+        assert all(torch.equal(v, avg[name]) for name, v in Gs[k].state_dict().items())
+    bns = [m for G in Gs for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 6 and all((m.running_var - 1).abs().max() > 0.05 for m in bns)
+    want, got = chain_display(Gs, page, ck), chain_display(page_generators(page, "float32"), page, ck)
+    other = chain_display(raw, page, ck)
+    for k, (x, js, g) in enumerate(zip(want, got, other)):
+        assert (js - x).abs().max() < 1e-5, k
+        assert (g - x).abs().max() > 1e-2, k  # the average draws other images than the last G
+    assert [L["op"] for L in page.nets[1]["layers"]].count("affine") == 2
+
+
+@needs_chromium
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_web_page_draws_conv_base_bn_g_ema_lapgan_as_torch(web_bn_run, tmp_path, dtype):
+    """The page's JavaScript on fixed noise equals lapgan.sample_chain, every level, to 1e-3 in display
+    units, for a --base conv --bn-g --ema run: float32, the checkpoint's averaged generators themselves;
+    float16, torch given the page's rounded (folded) weights, and the generators themselves to 1e-2."""
+    export = web_export()
+    flags = ["--float32"] if dtype == "float32" else []
+    page, got = page_output(export, [web_bn_run], tmp_path / "p.html", flags)
+    ck = lapgan.load_checkpoint(str(web_bn_run))
+    exact = chain_display([G for G, _ in export.lapgan_chain([str(web_bn_run)])[0][::-1]], page, ck)
+    want = exact
+    if dtype == "float16":
+        want = chain_display(page_generators(page, dtype), page, ck)
+    assert len(got) == 3 and all(len(levels) == 3 for levels in got)
+    for k, x in enumerate(want):
+        js = lapgan.to_display(torch.tensor([levels[k] for levels in got]).view_as(x), ck["mean"], ck["std"])
+        assert (js - x).abs().max() < 1e-3, (k, (js - x).abs().max())
+        assert (js - exact[k]).abs().max() < 1e-2
+        assert x.std() > 1e-3  # the images hold something to compare

@@ -10,8 +10,10 @@ works from file:// with no network and no server. A Web Worker draws the samples
 responsive. LAPGAN checkpoints (one, or several from --level K runs, joined as lapgan.py --sample joins
 them) get the chain of Fig. 1, a class picker (also ?class=K), each sample's levels side by side and,
 on a click, Sec. 4.2's resampling from the sample's own coarse image; gan.py and vaegan.py checkpoints
-get prior samples and a slerp walk. Batch norm is folded into the layer before it here, so the page
-needs only linear, ReLU, tanh, (transposed) convolution, nearest x2 and bilinear u(.).
+get prior samples and a slerp walk. Batch norm is folded into the layer before it here, or, after a
+ReLU (lapgan.py --bn-g), becomes a per-channel scale and shift, so the page needs only linear, ReLU,
+tanh, (transposed) convolution, that scale and shift, nearest x2 and bilinear u(.). A LAPGAN trained with
+--ema draws with its averaged generators, as lapgan.py --sample does (lapgan.load_levels).
 `--test-noise N` embeds N samples' noise (seeded by --seed) that the page runs when opened with ?test=1,
 writing every level's numbers into <pre id="test-output">; the tests compare them with PyTorch.
 This file imports the three scripts to read their checkpoints; they import nothing of it.
@@ -75,7 +77,7 @@ class Page:
                 "noise": self.noise, "nets": self.nets, "dtype": dtype}
 
 
-# ----------------------------------------------------------------------------- layers, batch norm folded
+# --------------------------------------------------------------------- layers, batch norm folded or affine
 def conv_op(m, where):
     """nn.Conv2d or nn.ConvTranspose2d -> its description, if the page can run it."""
     k, stride, pad = m.kernel_size, m.stride, m.padding
@@ -91,19 +93,36 @@ def conv_op(m, where):
     return op
 
 
-def fold_batch_norm(op, bn, where):
-    """Sampling uses BN's running statistics, an affine map per channel: fold it into the weights and bias
-    of the linear or convolution layer just before it, so that the page needs no batch norm."""
+def batch_norm(ops, bn, where):
+    """Sampling uses BN's running statistics, an affine map per channel, x scale + shift. Fold it into the
+    weights and bias of the linear or convolution layer just before it (through an Unflatten after a
+    Linear: lapgan.py --base conv), so that the page runs no batch norm there. After a ReLU (lapgan.py
+    --bn-g) no fold is exact, since the next convolution pads with zeros after BN: the page scales and
+    shifts each channel itself (sampler.js affine)."""
     if bn.running_var is None:
         fail(f"{where}: {bn} keeps no running statistics, so sampling depends on the batch; the page "
              f"draws one sample at a time and cannot run it")
-    if op is None or op["op"] not in ("linear", "conv", "convT"):
-        fail(f"{where}: {bn} does not follow a linear or convolution layer, so it cannot be folded; "
-             f"the page cannot run this model (e.g. lapgan.py --model large)")
     scale = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
-    scale = scale * bn.weight.double() if bn.affine else scale
-    shift = -bn.running_mean.double() * scale + (bn.bias.double() if bn.affine else 0)
-    bias = op["b"].double() if op["b"] is not None else torch.zeros_like(scale)
+    if bn.affine:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.affine:
+        shift = shift + bn.bias.double()
+    before = ops[-1]["op"] if ops else None
+    if before == "unflatten" and len(ops) > 1 and ops[-2]["op"] == "linear":
+        pixels = ops[-1]["shape"][1] * ops[-1]["shape"][2]  # C, H, W: the Linear's outputs channel by channel
+        fold(ops[-2], scale.repeat_interleave(pixels), shift.repeat_interleave(pixels))
+    elif before in ("linear", "conv", "convT"):
+        fold(ops[-1], scale, shift)
+    else:
+        ops.append({"op": "affine", "scale": scale, "shift": shift})
+
+
+def fold(op, scale, shift):
+    """op's outputs times scale plus shift, as op's own weights and bias: w scale, b scale + shift."""
+    bias = torch.zeros_like(scale)
+    if op["b"] is not None:
+        bias = op["b"].double()
     if op["op"] == "convT":  # its weights are in x out x k x k: the output channels come second
         per_output = scale.view(1, -1, 1, 1)
     else:  # out x in (x k x k)
@@ -125,7 +144,7 @@ def layer_ops(body, where):
         elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             ops.append(conv_op(m, where))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            fold_batch_norm(ops[-1] if ops else None, m, where)
+            batch_norm(ops, m, where)
         elif isinstance(m, (nn.ReLU, nn.Tanh)):
             ops.append({"op": "relu" if isinstance(m, nn.ReLU) else "tanh"})
         elif isinstance(m, nn.Unflatten) and m.dim == 1 and len(m.unflattened_size) == 3:
@@ -134,7 +153,7 @@ def layer_ops(body, where):
             ops.append({"op": "upnearest", "factor": int(m.scale_factor)})
         elif not isinstance(m, (nn.Dropout, nn.Dropout2d)):
             fail(f"{where}: the page cannot run the layer {m}; it runs linear, ReLU, tanh, convolutions, "
-                 f"batch norm after them and nearest x2 enlarging")
+                 f"batch norm and nearest x2 enlarging")
     return ops
 
 
@@ -144,7 +163,7 @@ def add_net(page, body, size, where, nz=None, embed=None):
     image)."""
     ops = layer_ops(body, where)
     for op in ops:
-        op.update({k: page.weights.add(op[k]) for k in ("w", "b") if k in op})
+        op.update({k: page.weights.add(op[k]) for k in ("w", "b", "scale", "shift") if k in op})
     net = {"size": size, "input": "flat" if nz else "planes", "nz": nz, "layers": ops, "embed": None}
     if embed is not None:
         net["embed"] = {"w": page.weights.add(embed.weight), "b": page.weights.add(embed.bias)}
@@ -163,7 +182,7 @@ def lapgan_chain(paths):
 
 def lapgan_page(paths):
     """A LAPGAN's generators (one checkpoint, or --level K runs joined) as the page's chain."""
-    for path in paths:  # the LSUN model's grouped convs, L2 pooling and BN after ReLU are not in the page
+    for path in paths:  # the LSUN model's grouped convs and L2 pooling are not in the page
         if peek(path)["args"].get("model") == "large":
             fail(f"{path} is a lapgan.py --model large checkpoint; the page runs the default --model small")
     chain, ck = lapgan_chain(paths)

@@ -4,9 +4,10 @@
 // a Web Worker made from the same text (a Blob URL, since a page opened from file:// may not load a
 // worker file) runs the networks, so that drawing never blocks the page. The layers are
 // the few that the exported generators use: linear, ReLU, tanh, convolution with zero padding,
-// transposed convolution, nearest x2 enlarging (gan.py --arch upsample), and for LAPGAN the class plane
-// and the bilinear u(.) of the chain. Batch norm is not here: export.py folds it into the weights of the
-// layer before it. Every value is a float32, as in PyTorch.
+// transposed convolution, nearest x2 enlarging (gan.py --arch upsample), a per-channel scale and shift,
+// and for LAPGAN the class plane and the bilinear u(.) of the chain. Batch norm is not here: export.py
+// folds it into the weights of the layer before it, or, where it follows a ReLU (lapgan.py --bn-g),
+// writes it as the scale and shift. Every value is a float32, as in PyTorch.
 "use strict";
 
 // A tensor is one image (or vector) of C x H x W floats, row-major as PyTorch stores it; a vector is
@@ -93,6 +94,16 @@ function map(x, f) {  // an elementwise layer
   return y;
 }
 
+// Batch norm after a ReLU, with its running statistics: x scale[c] + shift[c] in every channel c.
+function affine(x, L, W) {
+  const y = tensor(x.c, x.h, x.w), n = x.h * x.w;
+  for (let c = 0; c < x.c; c++) {
+    const a = W[L.scale + c], b = W[L.shift + c];
+    for (let i = c * n; i < (c + 1) * n; i++) y.data[i] = x.data[i] * a + b;
+  }
+  return y;
+}
+
 function upNearest(x, f) {  // nn.Upsample(scale_factor=f): every pixel repeated f x f times
   const y = tensor(x.c, x.h * f, x.w * f);
   for (let c = 0; c < y.c; c++)
@@ -151,6 +162,7 @@ function forward(layers, x, W) {
     else if (L.op === "convT") x = convTranspose2d(x, L, W);
     else if (L.op === "relu") x = map(x, v => (v > 0 ? v : 0));
     else if (L.op === "tanh") x = map(x, Math.tanh);
+    else if (L.op === "affine") x = affine(x, L, W);
     else if (L.op === "upnearest") x = upNearest(x, L.factor);
     else if (L.op === "unflatten") x = tensor(...L.shape, x.data);  // a view: the same floats
     else throw new Error("unknown layer " + L.op);
