@@ -48,7 +48,8 @@ G_k, as the LSUN large model) and `--recipe cpu`, the set-up command's flags by 
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
     python lapgan.py --sample --ckpt out/lapgan-cifar10/ckpt.pt --resample 8 --upscale 3 --eval
 """
-import argparse, copy, csv, errno, gzip, hashlib, io, math, os, pickle, shlex, shutil, sys, tarfile, time, zlib
+import argparse, copy, csv, errno, gzip, hashlib, io, math, os, pickle, shlex, shutil, sys, tarfile, time
+import zlib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
