@@ -85,7 +85,7 @@ def chains_from_real(ckpt_path, n, seed=1, dataroot=None):
     return out
 
 
-# ----------------------------------------------------------------------------- a: each level's step time
+# ----------------------------------------------------------------------------- each level's share of a step
 def training_args(ck):
     """The checkpoint's training flags on this CPU; lapgan.py's defaults for any it lacks (older runs)."""
     args = {**vars(lapgan.make_parser().parse_args([])), **ck["args"]}
@@ -154,7 +154,7 @@ def set_shares(views, counts):
         v.share = v.seconds * v.updates / total
 
 
-# ----------------------------------------------------------------------------- b: D over training
+# ----------------------------------------------------------------------------- each D over training
 def read_log(ckpt_path):
     """The rows of log.csv beside the checkpoint ([] with a note when there is none)."""
     path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "log.csv")
@@ -181,7 +181,7 @@ def add_d_columns(views, rows, flip=None):
         v.d_gz = d_summary(rows, lapgan.renumber(f"d_gz{v.k}", flip))
 
 
-# ----------------------------------------------------------------------------- c: each level's own output
+# ---------------------------------------------------------------------- each level's own output (--score)
 def score_dataset(args, ck):
     """--score's dataset: --dataset, else the checkpoint's; one that bench/quality.py's classifier knows."""
     dataset = args.dataset or ck["args"]["dataset"]
