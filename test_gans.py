@@ -2515,7 +2515,7 @@ def test_levels_starts_the_chain_from_real_test_images(lapgan_runs, tmp_path, mo
     ck = torch.load(ckpt, weights_only=True)
     test = lapgan.load_dataset(argparse.Namespace(**{**ck["args"], "limit": None}), "test")
     x = (test[0][:20].float() / 255 - ck["mean"]) / ck["std"]
-    assert sorted(out) == ["from_1", "from_2", "full"] and ck["sizes"] == [32, 16, 8]
+    assert sorted(out) == ["from_1", "from_2", "full", "real"] and ck["sizes"] == [32, 16, 8]
     for k in (1, 2):  # from the real I_1 (16 px) and from the real base I_2 (8 px)
         images, labels = out[f"from_{k}"]
         want = lapgan.down(x, ck["sizes"][k])
@@ -2527,7 +2527,7 @@ def test_levels_starts_the_chain_from_real_test_images(lapgan_runs, tmp_path, mo
     assert not np.array_equal(out["full"][0], out["from_2"][0])  # the full chain draws its own base
     monkeypatch.setattr(lapgan, "load_levels", real_load)
     levels_tool.main([ckpt, "--out", str(tmp_path / "lv"), "--n", "8"])
-    assert sorted(os.listdir(tmp_path / "lv")) == ["from_1.npz", "from_2.npz", "full.npz"]
+    assert sorted(os.listdir(tmp_path / "lv")) == ["from_1.npz", "from_2.npz", "full.npz", "real.npz"]
     assert np.load(tmp_path / "lv" / "full.npz")["images"].shape == (8, 32, 32, 3)
 
 
@@ -4933,3 +4933,173 @@ def test_web_page_draws_conv_base_bn_g_ema_lapgan_as_torch(web_bn_run, tmp_path,
         assert (js - x).abs().max() < 1e-3, (k, (js - x).abs().max())
         assert (js - exact[k]).abs().max() < 1e-2
         assert x.std() > 1e-3  # the images hold something to compare
+
+
+# ---- bench: per-level view and nearest-in-features sheet
+import levels as levels_tool  # noqa: E402  (bench/ is on sys.path above)
+
+
+def lap_ckpt_with(run_dir, folder, **flags):
+    """A copy of a run's ckpt.pt, with training flags set by hand, alone in `folder` (no log.csv)."""
+    ck = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    ck["args"].update(flags)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(ck, os.path.join(folder, "ckpt.pt"))
+    return os.path.join(folder, "ckpt.pt")
+
+
+def net_size(state):
+    """Parameters in a state dict (batch-norm statistics are buffers, not parameters)."""
+    return sum(t.numel() for n, t in state.items() if "running_" not in n and "num_batches" not in n)
+
+
+def test_levels_times_each_levels_real_step_and_weighs_it_by_level_steps(lapgan_runs, tmp_path, monkeypatch,
+                                                                         capsys):
+    ckpt = lap_ckpt_with(lapgan_runs["full"], tmp_path / "run", level_steps="1,1,3")
+    ck = torch.load(ckpt, weights_only=True)
+    calls, trained = [], {}
+    real_step = lapgan.level_step
+
+    def watched(lv, x, *a, **kw):  # the real step, watched: which level, what batch, which weights
+        calls.append((lv.k, tuple(x.shape)))
+        saved = ck["levels"][lv.k]["G"]
+        trained.setdefault(lv.k, all(torch.equal(t, saved[n]) for n, t in lv.G.state_dict().items()))
+        return real_step(lv, x, *a, **kw)
+
+    monkeypatch.setattr(lapgan, "level_step", watched)
+    views, real = levels_tool.main([ckpt, "--out", str(tmp_path / "lv"), "--n", "8"])
+    out = capsys.readouterr().out
+    assert [v.k for v in views] == [2, 1, 0] and [v.updates for v in views] == [3, 1, 1] and real is None
+    assert sorted(calls) == sorted([(k, (16, 3, 32, 32)) for k in range(3)] * 5)  # 2 warm-up + 3 timed, 2B
+    assert trained == {0: True, 1: True, 2: True}  # the checkpoint's own nets, before the first timed step
+    for v in views:
+        nets = ck["levels"][v.k]
+        assert v.d_over_g == pytest.approx(net_size(nets["D"]) / net_size(nets["G"]))
+        assert v.seconds > 0 and v.d_x is None and v.d_gz is None  # no log.csv beside this checkpoint
+    t = {v.k: v.seconds for v in views}
+    assert sum(v.share for v in views) == pytest.approx(1, abs=1e-12)
+    assert views[0].share == pytest.approx(3 * t[2] / (3 * t[2] + t[1] + t[0]))
+    assert f"| 2 | 8 px | 3 | {views[0].share:.1%} |" in out and "feature FID" not in out
+    assert f"note: no {tmp_path / 'run' / 'log.csv'}" in out
+    three = views[0].share
+    levels_tool.set_shares(views, levels_tool.level_counts({"level_steps": "1,1,1"}, 2))  # the same times
+    assert views[0].share == pytest.approx(t[2] / (t[2] + t[1] + t[0])) and views[0].share < three
+    assert levels_tool.level_counts({}, 2) == levels_tool.level_counts({"level_steps": None}, 2) == [1, 1, 1]
+    assert levels_tool.level_counts({"level_steps": [4, 2, 1]}, 2) == [4, 2, 1]
+    for bad in ("1,2", "1,0,1", "1,x,1"):
+        with pytest.raises(SystemExit, match=f"level_steps '{bad}' is not one count >= 1 for each of its 3"):
+            levels_tool.main([lap_ckpt_with(lapgan_runs["full"], tmp_path / bad, level_steps=bad), "--out",
+                              str(tmp_path / "bad")])
+    assert not os.path.exists(tmp_path / "bad")  # refused before any file was written
+    with pytest.raises(SystemExit, match="--score needs a dataset bench/quality.py knows .* not shapes"):
+        levels_tool.main([ckpt, "--out", str(tmp_path / "bad"), "--score"])
+
+
+def test_levels_reads_each_levels_d_from_the_runs_log(lapgan_runs, tmp_path, capsys):
+    ckpt = lap_ckpt_with(lapgan_runs["full"], tmp_path / "run")
+    rows = []
+    for i in range(8):  # D(x) of level k at row i: 0.5 + 0.05 i + 0.01 k; D(G(z)): 0.4 - 0.05 i + 0.01 k
+        row = {"step": 2 * i + 2, "epoch": 1, "d_x": 0.0, "d_gz": 0.0}  # the means over levels: not read
+        row.update({f"d_x{k}": round(0.5 + 0.05 * i + 0.01 * k, 4) for k in range(3)})
+        row.update({f"d_gz{k}": round(0.4 - 0.05 * i + 0.01 * k, 4) for k in range(2)})  # none for level 2
+        rows.append(row)
+    with open(tmp_path / "run" / "log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    views, _ = levels_tool.main([ckpt, "--out", str(tmp_path / "lv"), "--n", "4"])
+    out = capsys.readouterr().out
+    by_k = {v.k: v for v in views}
+    # first row, middle row (the 5th of 8), last row, the mean of the last quarter (rows 7 and 8)
+    assert by_k[0].d_x == pytest.approx([0.50, 0.70, 0.85, 0.825])
+    assert by_k[2].d_x == pytest.approx([0.52, 0.72, 0.87, 0.845])
+    assert by_k[1].d_gz == pytest.approx([0.41, 0.21, 0.06, 0.085])
+    assert by_k[2].d_gz is None
+    assert "| 0.50, 0.70, 0.85, 0.8" in out and "| 0.52, 0.72, 0.87, 0.8" in out and "| n/a |" in out
+    levels_tool.add_d_columns(views, read_log(tmp_path / "run" / "log.csv"), flip=2)  # an old run's log
+    assert by_k[0].d_x == pytest.approx([0.52, 0.72, 0.87, 0.845]) and by_k[2].d_gz[0] == pytest.approx(0.4)
+
+
+def test_levels_score_puts_each_levels_chain_and_its_cost_in_one_table(quality_data, tmp_path, capsys):
+    root, cache, _, (xt, yt) = quality_data
+    outf, lv = str(tmp_path / "run"), str(tmp_path / "lv")
+    with contextlib.redirect_stdout(io.StringIO()):  # a LAPGAN of the quality data, one short epoch
+        lapgan.main(["--dataset", "mnist", "--dataroot", root, "--limit", "16", "--batch-size", "8",
+                     "--width-g", "8", "--width-d", "8", "--nz", "8", "--select", "0", "--conditional",
+                     "--epochs", "1", "--outf", outf])
+    capsys.readouterr()
+    views, real = levels_tool.main([os.path.join(outf, "ckpt.pt"), "--out", lv, "--n", "40", "--score",
+                                    "--cache", cache])
+    printed = capsys.readouterr()
+    assert "training" not in printed.err  # the cached classifier
+    assert [(v.k, v.chain) for v in views] == [(2, "full"), (1, "from_2"), (0, "from_1")]
+    stored = np.load(os.path.join(lv, "real.npz"))
+    assert np.array_equal(stored["images"][..., 0], xt[:40]) and np.array_equal(stored["labels"], yt[:40])
+    scores = {}
+    for name in ("full", "from_2", "from_1", "real"):
+        path = os.path.join(lv, name + ".npz")
+        scores[name] = quality.evaluate(path, "mnist", root, cache, log=lambda m: None)
+    for v in views:
+        assert v.fid == pytest.approx(scores[v.chain]["fid"]), v.k
+        assert v.asked == pytest.approx(scores[v.chain]["class_acc"]), v.k
+    assert views[0].fid_added == pytest.approx(scores["full"]["fid"] - scores["from_2"]["fid"])
+    assert views[2].fid_added == pytest.approx(scores["from_1"]["fid"] - scores["real"]["fid"])
+    assert real == pytest.approx(scores["real"]) and real["class_acc"] > 0.9
+    assert real["fid"] < views[0].fid  # real test images against a pyramid trained for four steps
+    lines = printed.out.splitlines()
+    assert lines[-6].startswith("| level k |") and "| FID added by G_k |" in lines[-6]
+    assert lines[-4].startswith("| 2 | 7 px |") and f"| full.npz | {views[0].fid:.1f} |" in lines[-4]
+    assert lines[-1].startswith("| real |") and f"| real.npz | {real['fid']:.1f} |" in lines[-1]
+
+
+def nn_sheet_pairs(png, n, size):
+    """The pairs of a --nn-sheet cut out again, one pixel per 3 x 3 block: [(sample, its neighbour)]."""
+    sheet = np.asarray(Image.open(png))
+    s, pad, per = quality.SHEET_SCALE, quality.SHEET_PAD, quality.SHEET_PER_ROW
+    h, w = size * s, 2 * size * s  # a pair: the sample, then its neighbour, no gap
+    assert sheet.shape == (pad + -(-n // per) * (h + pad), pad + per * (w + pad))
+    pairs = []
+    for i in range(n):
+        top, left = pad + i // per * (h + pad), pad + i % per * (w + pad)
+        cell = sheet[top:top + h, left:left + w]
+        small = cell[::s, ::s]
+        assert np.array_equal(np.repeat(np.repeat(small, s, 0), s, 1), cell)  # enlarged by nearest neighbour
+        pairs.append((small[:, :size], small[:, size:]))
+    return pairs
+
+
+def test_quality_nn_sheet_pairs_samples_with_their_nearest_training_image_in_features(tmp_path, quality_data,
+                                                                                     capsys):
+    root, cache, (x, y), (xt, yt) = quality_data
+    net, state = quality.get_classifier("mnist", root, cache, log=lambda m: None)
+    f_train = quality.features_and_logits(net, state, x[:, None])[0]
+    argv = ["--dataset", "mnist", "--dataroot", root, "--cache", cache, "--nn-sheet"]
+    np.savez(tmp_path / "copies.npz", images=x[:40], labels=y[:40])  # samples that ARE training images
+    r = quality.main([str(tmp_path / "copies.npz")] + argv + [str(tmp_path / "copies.png")])
+    for i, (sample, neighbour) in enumerate(nn_sheet_pairs(tmp_path / "copies.png", 32, 28)):
+        assert np.array_equal(sample, x[i]) and np.array_equal(neighbour, sample), i
+    assert r["feature_copy_ratio"] < 0.05 and r["copy_ratio"] < 0.1
+    np.savez(tmp_path / "new.npz", images=xt[:40], labels=yt[:40])  # test images: new by construction
+    r = quality.main([str(tmp_path / "new.npz")] + argv + [str(tmp_path / "new.png")])
+    f_32 = quality.features_and_logits(net, state, xt[:32, None])[0]
+    nearest = ((f_32[:, None] - f_train[None]) ** 2).sum(-1).argmin(1)  # in float64, by hand
+    pixel_nearest = ((xt[:32, None].astype(float) - x[None].astype(float)) ** 2).sum((-1, -2)).argmin(1)
+    for i, (sample, neighbour) in enumerate(nn_sheet_pairs(tmp_path / "new.png", 32, 28)):
+        assert np.array_equal(sample, xt[i]) and np.array_equal(neighbour, x[nearest[i]]), i
+    assert (nearest != pixel_nearest).any()  # feature space, not pixels
+
+    def lower_median_nearest(f):  # torch's median of an even count is the lower middle value
+        d = np.sqrt(((f[:, None] - f_train[None]) ** 2).sum(-1)).min(1)
+        return np.sort(d)[(len(d) - 1) // 2]
+
+    f_test = quality.features_and_logits(net, state, xt[:, None])[0]  # all 200 (fewer than 2000: all taken)
+    f_new = quality.features_and_logits(net, state, xt[:40, None])[0]
+    ratio = lower_median_nearest(f_new) / lower_median_nearest(f_test)
+    assert r["feature_copy_ratio"] == pytest.approx(ratio, rel=1e-3)
+    assert 0.7 < r["feature_copy_ratio"] < 1.4 and 0.7 < r["copy_ratio"] < 1.4
+    out = capsys.readouterr()
+    assert "| feature copy ratio |" in out.out and json.loads(out.out.splitlines()[-1]) == pytest.approx(r)
+    with pytest.raises(SystemExit, match=r"^error: --nn-sheet .* is in no existing folder"):
+        quality.main([str(tmp_path / "new.npz")] + argv[:-3] + ["--cache", str(tmp_path / "c"), "--nn-sheet",
+                                                                 str(tmp_path / "no" / "s.png")])
+    assert not os.path.exists(tmp_path / "c")  # refused before anything was made

@@ -1,10 +1,10 @@
 """Sample quality for any script's `--sample --npz` output, judged by a classifier trained on the real data.
 
-    python3 bench/quality.py SAMPLES.npz --dataset fashion-mnist [--dataroot DIR]
+    python3 bench/quality.py SAMPLES.npz --dataset fashion-mnist [--dataroot DIR] [--nn-sheet PNG]
 
 A small CNN is trained once on the dataset's train split (3 epochs, 92.6% test accuracy on Fashion-MNIST,
 14 CPU-minutes; its weights are then cached under ~/.cache/gans-quality, keyed by the data files) and then
-reports, in under a minute for 10,000 samples:
+reports (in under a minute for 10,000 samples, plus a pass over the training images for the last one):
 
 - fid: the Frechet distance between Gaussians fitted to the classifier's penultimate features (256 numbers
   per image) of the samples and of the test split. Heusel et al.'s FID with a dataset-specific network in
@@ -14,22 +14,33 @@ reports, in under a minute for 10,000 samples:
 - coverage: how many classes receive at least 5% of the samples (10 for a model that covers the data).
 - copy_ratio: the median L2 distance from a sample to its nearest training image, over the same for test
   images (which are new by construction). About 1 for new images; near 0 when G copies training images.
+- feature_copy_ratio: the same ratio in the classifier's feature space (the 256 penultimate features), the
+  Eyescream blog's second check: a training image drawn again a pixel or two off is far from it in pixels
+  but near in features. It needs the features of every training image (one more pass of the classifier).
 
-The last line printed is one JSON object with these keys (and n, the sample count, and classifier_acc, the
-classifier's accuracy on the test split). Standard library, torch and numpy only; nothing of the three
-scripts is imported, so the measure stays independent of what it measures.
+`--nn-sheet PNG` writes the first 32 samples, each beside its nearest training image in feature space, 4 such
+pairs a row, enlarged 3 times (nearest-neighbour): a sheet where every pair is twice the same image is a G
+that copies. The last line printed is one JSON object with these keys (and n, the sample count, and
+classifier_acc, the classifier's accuracy on the test split). Standard library, torch, numpy and Pillow
+(for the sheet) only; nothing of the three scripts is imported, so the measure stays independent of what
+it measures.
 """
 import argparse, gzip, hashlib, io, json, os, pickle, sys, tarfile, tempfile
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset packages install, as the scripts look
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 DEFAULT_CACHE = "~/.cache/gans-quality"
+SHEET_PAIRS = 32  # --nn-sheet: the first 32 samples, each beside its nearest training image
+SHEET_SCALE = 3  # enlarged 3 times (nearest neighbour), so that 28 px images can be seen
+SHEET_PER_ROW = 4  # pairs a row
+SHEET_PAD = 2  # white pixels between pairs
 NUMBER_CHECKS = [("epochs", lambda v: v >= 1, "at least 1")]  # every numeric flag: name, valid (NaN: no), why
 
 
@@ -219,19 +230,55 @@ def fid_from_features(f1, f2):
     return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
 
 
-def nearest_distance(x, ref, chunk=1024):
-    """Each row of x's L2 distance to its nearest row of ref (pixels in [0, 1])."""
+def nearest(x, ref, chunk=1024):
+    """Each row of x (float): the L2 distance to its nearest row of ref, and that row's index."""
+    found = [torch.cdist(c, ref).min(1) for c in x.split(chunk)]
+    return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
+
+
+def nearest_distance(x, ref):
+    """Each image of x's L2 distance to its nearest image of ref (pixels in [0, 1])."""
     x, ref = torch.as_tensor(x).flatten(1).float() / 255, torch.as_tensor(ref).flatten(1).float() / 255
-    return torch.cat([torch.cdist(c, ref).min(1).values for c in x.split(chunk)])
+    return nearest(x, ref)[0]
 
 
-def copy_ratio(samples, train, test, n=2000, seed=0):
+def nearest_feature_distance(f, ref):
+    """Each feature row of f's L2 distance to its nearest row of ref (the classifier's 256 features)."""
+    return nearest(torch.as_tensor(f).float(), torch.as_tensor(ref).float())[0]
+
+
+def copy_ratio(samples, train, test, n=2000, seed=0, distance=nearest_distance):
     """Median nearest-training-image distance of samples over that of test images (new by construction).
-    At most n of each, drawn with a fixed seed, keep it to seconds on a CPU."""
+    At most n of each, drawn with a fixed seed, keep it to seconds on a CPU. distance: in pixels, or
+    nearest_feature_distance on the features of the three sets."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda a: torch.as_tensor(a)[torch.randperm(len(a), generator=g)[:n]]  # noqa: E731
-    new = nearest_distance(pick(test), train).median()
-    return float(nearest_distance(pick(samples), train).median() / new)
+    new = distance(pick(test), train).median()
+    return float(distance(pick(samples), train).median() / new)
+
+
+def nn_sheet(samples, train, f_s, f_train, path):
+    """--nn-sheet: the first samples (uint8 N x C x H x W), each with its nearest training image in feature
+    space on its right, enlarged SHEET_SCALE times, SHEET_PER_ROW pairs a row on a white ground."""
+    f_s = torch.as_tensor(f_s[:SHEET_PAIRS]).float()
+    _, idx = nearest(f_s, torch.as_tensor(f_train).float())
+    pairs = torch.cat([samples[:len(idx)], torch.as_tensor(train)[idx]], -1)  # sample | its nearest
+    pairs = pairs.repeat_interleave(SHEET_SCALE, -2).repeat_interleave(SHEET_SCALE, -1)
+    n, c, h, w = pairs.shape
+    rows = -(-n // SHEET_PER_ROW)
+    pad = SHEET_PAD
+    sheet = torch.full((c, pad + rows * (h + pad), pad + SHEET_PER_ROW * (w + pad)), 255, dtype=torch.uint8)
+    for i, pair in enumerate(pairs):
+        top = pad + i // SHEET_PER_ROW * (h + pad)
+        left = pad + i % SHEET_PER_ROW * (w + pad)
+        sheet[:, top:top + h, left:left + w] = pair
+    image = sheet.permute(1, 2, 0).numpy()
+    if c == 1:
+        image = image[..., 0]  # Pillow's greyscale is H x W
+    try:
+        Image.fromarray(image).save(path, "PNG")
+    except OSError as e:
+        fail(f"cannot write --nn-sheet {path} ({e.strerror or e}); give a path in a folder you can write")
 
 
 def checked_samples(images, labels, path):
@@ -269,8 +316,8 @@ def as_nchw(x, nc, size):
     return x
 
 
-def evaluate(npz_path, name, root, cache, epochs=3, log=print):
-    """All measures for one npz, as a dict."""
+def evaluate(npz_path, name, root, cache, epochs=3, log=print, sheet=None):
+    """All measures for one npz, as a dict (sheet: a PNG path for --nn-sheet)."""
     try:
         z = np.load(npz_path)
         images, labels = z["images"], (z["labels"] if "labels" in z.files else None)
@@ -285,13 +332,18 @@ def evaluate(npz_path, name, root, cache, epochs=3, log=print):
     samples = as_nchw(images, state["nc"], state["size"])
     f_s, logits = features_and_logits(net, state, samples)
     f_t, logits_t = features_and_logits(net, state, test_x)
+    f_train, _ = features_and_logits(net, state, train_x)
     pred = logits.argmax(1)
     share = torch.bincount(pred, minlength=state["ncls"]).double() / len(pred)
     out = {"n": len(samples), "fid": fid_from_features(f_s, f_t), "coverage": int((share >= 0.05).sum()),
            "copy_ratio": copy_ratio(samples, train_x, test_x),
+           "feature_copy_ratio": copy_ratio(f_s, f_train, f_t, distance=nearest_feature_distance),
            "classifier_acc": float((logits_t.argmax(1) == torch.as_tensor(test_y)).double().mean())}
     if labels is not None:
         out["class_acc"] = float((pred == torch.as_tensor(labels)).double().mean())
+    if sheet:
+        nn_sheet(samples, train_x, f_s, f_train, sheet)
+        log(f"wrote {sheet}: each sample beside its nearest training image in feature space")
     return out
 
 
@@ -323,16 +375,21 @@ def main(argv=None):
     p.add_argument("--dataroot", default="./data", help="where the dataset's files are (as for the scripts)")
     p.add_argument("--cache", help=f"where the classifier's weights are kept (default {DEFAULT_CACHE})")
     p.add_argument("--epochs", type=int, default=3, help="classifier training epochs (when not cached)")
+    p.add_argument("--nn-sheet", metavar="PNG", help="write samples beside their nearest training images")
     args = p.parse_args(argv)
     for name, ok, need in NUMBER_CHECKS:
         if not ok(getattr(args, name)):
             fail(f"--{name} {getattr(args, name)} is out of range; it must be {need}")
+    if args.nn_sheet and not os.path.isdir(os.path.dirname(os.path.abspath(args.nn_sheet))):
+        fail(f"--nn-sheet {args.nn_sheet} is in no existing folder; make the folder or give another path")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    r = evaluate(args.npz, args.dataset, args.dataroot, cache_folder(args.cache, log), args.epochs, log=log)
+    cache = cache_folder(args.cache, log)
+    r = evaluate(args.npz, args.dataset, args.dataroot, cache, args.epochs, log=log, sheet=args.nn_sheet)
     asked = f"{r['class_acc']:.1%}" if "class_acc" in r else "n/a"
-    print("| samples | feature FID | asked class | classes >= 5% | copy ratio | classifier on test |")
+    print("| samples | feature FID | asked class | classes >= 5% | copy ratio | feature copy ratio "
+          "| classifier on test |")
     print(f"| {r['n']} | {r['fid']:.1f} | {asked} | {r['coverage']} | {r['copy_ratio']:.2f} | "
-          f"{r['classifier_acc']:.1%} |")
+          f"{r['feature_copy_ratio']:.2f} | {r['classifier_acc']:.1%} |")
     print(json.dumps(r))
     return r
 
