@@ -298,7 +298,7 @@ class Conditioned(nn.Module):
     """Eyescream's classes: one-hot after the base's flat inputs; above, a plane ReLU(Linear(one-hot)) after
     the first input: G_k sees [noise, class, l_k], D_k [image, class]."""
 
-    def __init__(self, body, ncls, size, flat):
+    def __init__(self, body, ncls, size, flat, project=False):
         super().__init__()
         self.body = body
         self.ncls = ncls  # 0: unconditional
@@ -307,6 +307,9 @@ class Conditioned(nn.Module):
         self.embed = None
         if ncls and not flat:
             self.embed = nn.Linear(ncls, size * size)
+        self.project = None  # --proj-d: a class embedding for D's projection term
+        if ncls and project:
+            self.project = nn.Embedding(ncls, body[-2].in_features)
 
     def forward(self, xs, y=None):
         if self.flat:
@@ -317,7 +320,16 @@ class Conditioned(nn.Module):
                 xs = xs + [onehot]
             else:  # after the first input plane
                 xs = [xs[0], self.plane(onehot, xs[0]), *xs[1:]]
-        return self.body(torch.cat(xs, 1))
+        if self.project is None:
+            return self.body(torch.cat(xs, 1))
+        return self.projected(torch.cat(xs, 1), y)
+
+    def projected(self, x, y):
+        """--proj-d (Miyato & Koyama 2018, a deviation): D's logit plus <embed(y), phi(x)>, phi(x) the input
+        of D's last linear layer, so that D must judge each image against its own class."""
+        phi = self.body[:-2](x)  # N x features
+        logit = self.body[-2:](phi)  # N
+        return logit + (self.project(y) * phi).sum(1)
 
     def plane(self, onehot, first):
         """The class as one plane, N x 1 x s x s, at the inputs' size (larger only past the training size)."""
@@ -451,18 +463,19 @@ def build_level(targs, k, sizes, nc, ncls):
     wg = at_level(targs["width_g"], k)
     wd = at_level(targs["width_d"], k)
     drop = at_level(targs["dropout_d"], k)
+    proj = targs["proj_d"]
     if base and targs["base"] == "mlp":
         g, d = mlp_nets(targs["nz"], nc, size, ncls, drop)
-        return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, True)
+        return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, True, proj)
     d = conv_d(d_in, size, wd, drop)
     if base:  # --base conv: G_K takes the flat noise vector and one-hot class, D_K a class plane
         g = conv_base_g(targs["nz"], ncls, nc, size, wg)
-        return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, False)
+        return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, False, proj)
     if targs["model"] == "large":
         g, d = large_nets(g_in, d_in, nc, size)
     else:
         g = conv_g(g_in, nc, wg, targs["bn_g"])
-    return Conditioned(g, ncls, size, False), Conditioned(d, ncls, size, False)
+    return Conditioned(g, ncls, size, False), Conditioned(d, ncls, size, False, proj)
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
 def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):
@@ -1066,13 +1079,15 @@ def load_checkpoint(path, training=False):
     if keys:
         fail(f"{path} is not a {SCRIPT}.py training checkpoint (it lacks {', '.join(keys)}); use DIR/ckpt.pt "
              "of a run folder")
-    ckpt["args"] = {**ADDED, **ckpt["args"]}  # flags added since the checkpoint was written: the paper's
-    return ckpt if "paper_levels" in ckpt else paper_levels(ckpt)
+    if "paper_levels" not in ckpt:
+        ckpt = paper_levels(ckpt)
+    ckpt["args"] = {**ADDED, **ckpt["args"]}
+    return ckpt
 
 def paper_levels(ck):
     """A checkpoint from before the paper's numbering (level 0 the base) in today's: level j is K - j."""
     K = len(ck["sizes"]) - 1
-    args = {"dropout_d": 0.5, "lr_d": None, **ck["args"]}
+    args = dict(ck["args"])
     if args.get("level") is not None:
         args["level"] = K - args["level"]
     levels = {K - j: nets for j, nets in ck["levels"].items()}
@@ -1124,7 +1139,9 @@ def restore(run, ckpt):
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
-ADDED = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "recipe": None}
+# flags added after checkpoints were written: an older checkpoint gets their defaults, the paper's
+ADDED = {"dropout_d": 0.5, "lr_d": None, "base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1,
+         "proj_d": False, "recipe": None}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
@@ -1605,6 +1622,7 @@ def make_parser():
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
     add("--base", choices=["mlp", "conv"], default="mlp", help="G_K, D_K: the paper's MLPs or conv nets")
     add("--bn-g", action="store_true", help="batch norm in G_k above the base (the LSUN large model's)")
+    add("--proj-d", action="store_true", help="D_k's projection term for the class (Miyato & Koyama 2018)")
     add("--recipe", choices=sorted(RECIPES), help="a named set of flags (typed flags win); cpu: README's")
     for name, (kind, default, _, text) in NUMBERS.items():
         if name in PER_LEVEL:  # a comma list, level 0 (the finest) first

@@ -829,7 +829,7 @@ def test_lapgan_dropout_d_sets_every_d_dropout(k):
     # a checkpoint from before the flag loads with the paper's 0.5
     old = {"args": {n: v for n, v in targs.items() if n != "dropout_d"}, "sizes": sizes[::-1], "levels": {},
            "balance": {"best": {}}}
-    old = lapgan.paper_levels(old)["args"]
+    old = {**lapgan.ADDED, **lapgan.paper_levels(old)["args"]}  # what load_checkpoint gives
     assert {m.p for m in lapgan.build_level(old, k, sizes, 1, 0)[1].modules() if isinstance(m, nn.Dropout)} == {0.5}
 
 
@@ -4748,6 +4748,30 @@ def test_lapgan_bn_g_puts_batch_norm_after_each_relu_of_g_only():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in [*bn[1].modules(), *plain[0].modules()])
     # without --bn-g the layers keep their places, so checkpoints written before the flag still load
     assert list(plain[0].state_dict()) == [f"body.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
+
+
+@pytest.mark.parametrize("base,k", [("mlp", 2), ("conv", 2), ("mlp", 0)])
+def test_lapgan_proj_d_adds_the_class_projection_to_ds_logit(base, k):
+    """--proj-d: D_k(x, y) = psi(phi(x)) + <embed(y), phi(x)>, phi(x) the input of D_k's last linear layer."""
+    args = vars(lapgan.get_args(["--dataset", "shapes", "--base", base, "--width-d", "4", "--proj-d"]))
+    sizes = [16, 8, 4]
+    D = lapgan.build_level(args, k, sizes, 3, 5)[1].eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        D.project.weight.normal_()
+    x, y = torch.randn(6, 3, sizes[k], sizes[k]), torch.tensor([0, 1, 2, 3, 4, 0])
+    plain = copy.deepcopy(D)
+    plain.project = None  # the same D without the term
+    with torch.no_grad():
+        want = plain([x], y)
+        seen = {}
+        D.body[-2].register_forward_hook(lambda m, i, o: seen.update(phi=i[0]))
+        got = D([x], y)
+        want = want + (D.project.weight[y] * seen["phi"]).sum(1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, plain([x], y), atol=1e-3)
+    args_off = vars(lapgan.get_args(["--dataset", "shapes", "--base", base, "--width-d", "4"]))
+    assert lapgan.build_level(args_off, k, sizes, 3, 5)[1].project is None
 
 
 def test_lapgan_recipe_sets_prints_and_stores_its_flags(tmp_path, capsys):
