@@ -185,6 +185,7 @@ class Level:
     opt_D: torch.optim.Optimizer   # D_k's optimiser
     steps: int = 1                 # --level-steps: the level's updates per training step (the paper: 1)
     G_avg: nn.Module = None        # --ema: the running average of G_k's weights; None: off (the paper)
+    beta: float = 0.0              # --ema: its decay
 
     @property
     def sampler(self):
@@ -289,7 +290,7 @@ def train_step(run, idx):
                 x, y = get_batch(run, torch.randint(len(run.images), idx.shape, device=idx.device))
             out = level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
             if lv.G_avg is not None:
-                average_weights(lv.G_avg, lv.G, run.args.ema)
+                average_weights(lv.G_avg, lv.G, lv.beta)
         stats.update({f"{name}{k}": v for name, v in out.items()})
     return stats
 
@@ -1505,11 +1506,11 @@ def prepare_level(args, k, sizes, nc, ncls, device, rank, world):
     if rank == 0:  # the Eyescream rule of thumb: D with about 0.5 (or 0.125) of G's parameters
         ng, nd = (sum(p.numel() for p in m.parameters()) for m in (G, D))
         print(f"level {k}: G {ng:,} parameters, D {nd:,}, D/G = {nd / ng:.3f}")
-    G_avg = None
-    if args.ema:  # --ema: a copy of G_k whose weights follow G_k's average (average_weights)
+    G_avg, beta = None, at_level(args.ema, k)
+    if beta:  # --ema: a copy of G_k whose weights follow G_k's average (average_weights)
         G_avg = copy.deepcopy(G).eval().requires_grad_(False)
     opt_G, opt_D = optimiser(G, args, args.lr), optimiser(D, args, d_lr(args, k))
-    return Level(k, G, D, *fwd, opt_G, opt_D, at_level(args.level_steps, k), G_avg)
+    return Level(k, G, D, *fwd, opt_G, opt_D, at_level(args.level_steps, k), G_avg, beta)
 
 def in_bf16(f):
     """--amp on CUDA: f's forward pass under bf16 autocast, its output back in fp32 for the losses."""
@@ -1596,11 +1597,12 @@ NUMBERS = {
     "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
     "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
     "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
-PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps"]  # one value, or one per level
+PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema"]  # one value, or one per level
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
-RECIPES = {"cpu": {"conditional": True, "optim": "adam", "lr": 0.0002, "lr_d": [0.001], "batch_size": 32,
-                   "width_g": [16], "width_d": [16], "limit": 20000, "select": 20}}
+RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "width_g": [16, 32],
+                   "width_d": [16, 32], "level_steps": [1, 3], "optim": "adam", "lr": 0.0002,
+                   "lr_d": [0.001, 0.0002], "batch_size": 32, "limit": 16000, "epochs": 3, "select": 20}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
 
 def make_parser():

@@ -4698,6 +4698,8 @@ def test_lapgan_ema_is_the_hand_computed_average_and_what_samples(tmp_path):
         want = 0.5 * (0.5 * p[0][j] + 0.5 * p[1][j]) + 0.5 * p[2][j]
         assert torch.allclose(avg, want, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(lv.G_avg.parameters(), lv.G.parameters()))
+    one = lap_tiny_run(["--ema", "0.5,0,0"])  # a decay per level: the average at level 0 alone
+    assert one.levels[0].beta == 0.5 and [one.levels[k].G_avg for k in (1, 2)] == [None, None]
     flags = LAPGAN_TINY + ["--ema", "0.9", "--select", "0"]
     with contextlib.redirect_stdout(io.StringIO()):
         lapgan.main(flags + ["--epochs", "2", "--outf", str(tmp_path / "full")])
@@ -4778,19 +4780,21 @@ def test_lapgan_recipe_sets_prints_and_stores_its_flags(tmp_path, capsys):
     args = lapgan.get_args(["--dataset", "fashion-mnist", "--recipe", "cpu", "--epochs", "2"])
     printed = capsys.readouterr().out
     for name, value in lapgan.RECIPES["cpu"].items():
-        assert getattr(args, name) == value, name
-        assert lapgan.flag_text(name, value) in printed
-    assert args.epochs == 2
+        if name != "epochs":
+            assert getattr(args, name) == value, name
+            assert lapgan.flag_text(name, value) in printed
+    assert args.epochs == 2 and "--epochs" not in printed  # typed flags win
     typed = lapgan.get_args(["--dataset", "fashion-mnist", "--recipe", "cpu", "--batch-size", "8"])
-    assert typed.batch_size == 8 and "--batch-size" not in capsys.readouterr().out  # typed flags win
+    assert typed.batch_size == 8 and "--batch-size" not in capsys.readouterr().out
     small = ["--limit", "16", "--batch-size", "8", "--width-g", "4", "--width-d", "4", "--nz", "8",
-             "--select", "0", "--levels", "4,8,16", "--image-size", "16"]
+             "--select", "0", "--levels", "8,16", "--image-size", "16"]
     with contextlib.redirect_stdout(io.StringIO()):
         lapgan.main(["--dataset", "shapes", "--recipe", "cpu", *small, "--epochs", "1", "--outf", str(tmp_path)])
         stored = lapgan.load_checkpoint(str(tmp_path / "ckpt.pt"))["args"]
         lapgan.main(["--resume", "--outf", str(tmp_path), "--epochs", "2"])
     assert stored["recipe"] == "cpu" and stored["optim"] == lapgan.RECIPES["cpu"]["optim"]
-    assert stored["batch_size"] == 8
+    assert stored["batch_size"] == 8 and stored["level_steps"] == lapgan.RECIPES["cpu"]["level_steps"]
+    assert stored["base"] == lapgan.RECIPES["cpu"]["base"]
     assert lapgan.load_checkpoint(str(tmp_path / "ckpt.pt"))["epoch"] == 2
 
 
