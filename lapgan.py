@@ -39,10 +39,11 @@ runs; the defaults are the paper's SGD setting. `--lr-d` (D's own learning rate,
 Heusel et al. 2017) and `--dropout-d` are additions too: at the narrow widths of a CPU run D_k's learning
 rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality). For short runs, also
 additions, all off by default: `--level-steps` (level k's updates per step, as the code's separate jobs gave
-each level its own length), one value per level for `--width-g`, `--width-d`, `--dropout-d` and `--lr-d`
-(comma lists, level 0 first), `--ema` (sampling and selection with an average of G_k's weights, Yazici et
-al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place of the MLPs), `--bn-g` (batch norm in
-G_k, as the LSUN large model) and `--recipe cpu`, the set-up command's flags by name.
+each level its own length), one value per level for it, `--width-g`, `--width-d`, `--dropout-d`, `--lr-d`
+and `--ema` (comma lists, level 0 first), `--ema` (sampling and selection with an average of G_k's
+weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place of the MLPs),
+`--bn-g` (batch norm in G_k, as the LSUN large model), `--proj-d` (a class projection term in D_k, Miyato
+& Koyama 2018) and `--recipe cpu`, README's set-up command's flags by name.
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
@@ -1600,7 +1601,7 @@ NUMBERS = {
 PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema"]  # one value, or one per level
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
-RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "width_g": [16, 32],
+RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "bn_g": True, "width_g": [16, 32],
                    "width_d": [16, 32], "level_steps": [1, 3], "optim": "adam", "lr": 0.0002,
                    "lr_d": [0.001, 0.0002], "batch_size": 32, "limit": 16000, "epochs": 3, "select": 20}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
