@@ -469,15 +469,15 @@ def build_level(targs, k, sizes, nc, ncls):
     if base and targs["base"] == "mlp":
         g, d = mlp_nets(targs["nz"], nc, size, ncls, drop)
         return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, True, proj)
-    d = conv_d(d_in, size, wd, drop)
+    if targs["model"] == "large" and not base:
+        g, d = large_nets(g_in, d_in, nc, size)
+        return Conditioned(g, ncls, size, False), Conditioned(d, ncls, size, False, proj)
     if base:  # --base conv: G_K takes the flat noise vector and one-hot class, D_K a class plane
         g = conv_base_g(targs["nz"], ncls, nc, size, wg)
-        return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, False, proj)
-    if targs["model"] == "large":
-        g, d = large_nets(g_in, d_in, nc, size)
     else:
         g = conv_g(g_in, nc, wg, targs["bn_g"])
-    return Conditioned(g, ncls, size, False), Conditioned(d, ncls, size, False, proj)
+    d = conv_d(d_in, size, wd, drop)  # made after G: one seed gives the same weights as ever
+    return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, False, proj)
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
 def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):

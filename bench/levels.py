@@ -104,9 +104,13 @@ def level_counts(targs, K):
     if given is None:
         return [1] * (K + 1)
     parts = given.split(",") if isinstance(given, str) else given
+    if not isinstance(parts, list):  # one number for every level (lapgan.py's default, 1)
+        parts = [parts] * (K + 1)
+    if len(parts) == 1:  # one value in a list: every level's
+        parts = parts * (K + 1)
     try:
         counts = [int(c) for c in parts]
-    except ValueError:
+    except (TypeError, ValueError):
         counts = []
     if len(counts) != K + 1 or min(counts) < 1:
         lapgan.fail(f"the checkpoint's level_steps {given!r} is not one count >= 1 for each of its {K + 1} "
