@@ -4686,16 +4686,16 @@ def test_lapgan_per_level_lists_reach_each_level():
 
 
 def test_lapgan_ema_is_the_hand_computed_average_and_what_samples(tmp_path):
-    """--ema 0.5 after two steps: avg = 0.5 (0.5 p0 + 0.5 p1) + 0.5 p2 of G's weights p0, p1, p2; the
+    """--ema 0.75 after two steps: avg = 0.75 (0.75 p0 + 0.25 p1) + 0.25 p2 of G's weights p0, p1, p2; the
     checkpoint keeps it, --sample draws with it, and a resume continues it exactly."""
-    run = lap_tiny_run(["--ema", "0.5", "--optim", "sgd", "--lr", "0.1"], n=32)
+    run = lap_tiny_run(["--ema", "0.75", "--optim", "sgd", "--lr", "0.1"], n=32)
     lv = run.levels[0]
     p = [[t.detach().clone() for t in lv.G.parameters()]]
     for i in range(2):
         lapgan.train_step(run, torch.arange(16) + 8 * i)
         p.append([t.detach().clone() for t in lv.G.parameters()])
     for j, avg in enumerate(lv.G_avg.parameters()):
-        want = 0.5 * (0.5 * p[0][j] + 0.5 * p[1][j]) + 0.5 * p[2][j]
+        want = 0.75 * (0.75 * p[0][j] + 0.25 * p[1][j]) + 0.25 * p[2][j]
         assert torch.allclose(avg, want, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(lv.G_avg.parameters(), lv.G.parameters()))
     one = lap_tiny_run(["--ema", "0.5,0,0"])  # a decay per level: the average at level 0 alone
