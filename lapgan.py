@@ -24,7 +24,8 @@ Paper to code:
     Sec. 4.1  Parzen log-likelihood; cifar/ model selection parzen_levels, parzen_ll, base_d2, residual_d2,
                                                             selection_score, select_models
     Sec. 4.2  samples drawn from one real coarse image      resample_sheet (--resample)
-    additions for short runs (below)                        average_weights, conv_base_g, Level.steps
+    additions for short runs (below)                        average_weights, conv_base_g, ToData,
+                                                            Level.steps
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (= sigmoid + BCE); images are normalised per
 channel with the training split's mean/std (the CIFAR code: per pixel), which commutes with d and u (--chain
@@ -42,6 +43,7 @@ additions, all off by default: `--level-steps` (level k's updates per step, as t
 each level its own length), one value per level for it, `--width-g`, `--width-d`, `--dropout-d`, `--lr-d`
 and `--ema` (comma lists, level 0 first), `--ema` (sampling and selection with an average of G_k's
 weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place of the MLPs),
+`--tanh-base` (G_K's output through tanh into the pixel range, as DCGAN's G, in place of a linear one),
 `--bn-g` (batch norm in G_k, as the LSUN large model), `--proj-d` (a class projection term in D_k, Miyato
 & Koyama 2018) and `--recipe cpu`, README's set-up command's flags by name.
 
@@ -412,6 +414,20 @@ def conv_base_g(nz, ncls, nc, size, wg):
         nn.ReLU(),
         nn.Conv2d(wg, nc, 5, padding=2))
 
+class ToData(nn.Module):
+    """--tanh-base (a deviation): G_K's output through tanh into the pixel range [0, 1], as DCGAN's G ends,
+    then normalised as the data are. A linear output must hit the background's black exactly in every pixel
+    and leaves it speckled; tanh reaches it by saturating."""
+
+    def __init__(self, nc):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(nc, 1, 1))  # the training split's, per channel (the
+        self.register_buffer("std", torch.ones(nc, 1, 1))    # Appendix sets them; checkpoints keep them)
+
+    def forward(self, a):
+        pixels = (torch.tanh(a) + 1) / 2  # in [0, 1]
+        return (pixels - self.mean) / self.std
+
 class PairL2Pool(nn.Module):
     """fbcunn's FeatureLPPooling(2, 2, 2): sqrt(a^2 + b^2) over channel pairs, halving the channels."""
 
@@ -468,16 +484,23 @@ def build_level(targs, k, sizes, nc, ncls):
     proj = targs["proj_d"]
     if base and targs["base"] == "mlp":
         g, d = mlp_nets(targs["nz"], nc, size, ncls, drop)
+        bounded(g, targs, nc)
         return Conditioned(g, ncls, size, True), Conditioned(d, ncls, size, True, proj)
     if targs["model"] == "large" and not base:
         g, d = large_nets(g_in, d_in, nc, size)
         return Conditioned(g, ncls, size, False), Conditioned(d, ncls, size, False, proj)
     if base:  # --base conv: G_K takes the flat noise vector and one-hot class, D_K a class plane
         g = conv_base_g(targs["nz"], ncls, nc, size, wg)
+        bounded(g, targs, nc)
     else:
         g = conv_g(g_in, nc, wg, targs["bn_g"])
     d = conv_d(d_in, size, wd, drop)  # made after G: one seed gives the same weights as ever
     return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, False, proj)
+
+def bounded(g, targs, nc):
+    """--tanh-base: G_K's body ends in ToData (no parameters, so the initial weights stay the same)."""
+    if targs["tanh_base"]:
+        g.append(ToData(nc))
 
 # ------------------------------------------------------------------------ Sec. 3: the optimisation schedule
 def sgd_schedule(epoch, lr0, m0, m_max=0.8, m_step=0.0008, decay=4e-5):
@@ -1143,7 +1166,7 @@ def restore(run, ckpt):
 
 # flags added after checkpoints were written: an older checkpoint gets their defaults, the paper's
 ADDED = {"dropout_d": 0.5, "lr_d": None, "base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1,
-         "proj_d": False, "recipe": None}
+         "proj_d": False, "recipe": None, "tanh_base": False}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
@@ -1481,21 +1504,28 @@ def setup_run(args, device, data, rank=0, world=1):
         fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
              f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
     ks = range(K, -1, -1) if args.level is None else [args.level]  # the base first, as sampling runs
-    levels = {k: prepare_level(args, k, sizes, images.shape[1], ncls, device, rank, world) for k in ks}
-    torch.manual_seed(args.seed + rank)
     mean, std = channel_stats(images)
+    nc = images.shape[1]
+    levels = {k: prepare_level(args, k, sizes, nc, ncls, device, rank, world, (mean, std)) for k in ks}
+    torch.manual_seed(args.seed + rank)
     labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
     balance = balance_over_ranks if args.balance else None
     return Run(sizes, ncls, mean.to(device), std.to(device), classes, images.to(device), labels.to(device),
                args, levels, balance, rank, world, lr=args.lr, momentum=args.momentum)
 
-def prepare_level(args, k, sizes, nc, ncls, device, rank, world):
+def prepare_level(args, k, sizes, nc, ncls, device, rank, world, stats=None):
     """Level k's nets on the device, their optimisers, and the one place that wraps the forward passes the
     step calls: DistributedDataParallel under torchrun, torch.compile (--compile), bf16 (--amp on CUDA).
-    G's step calls D itself: only G's gradients are wanted there, so only they are computed and reduced."""
+    G's step calls D itself: only G's gradients are wanted there, so only they are computed and reduced.
+    stats: the training split's (mean, std) for --tanh-base's ToData; None leaves 0 and 1 (to be loaded)."""
     K = len(sizes) - 1  # level k starts from the same weights, alone or not; seeded from the base up
     torch.manual_seed(args.seed + 1000 * (K - k))
-    G, D = (m.to(device) for m in build_level(vars(args), k, sizes, nc, ncls))
+    G, D = build_level(vars(args), k, sizes, nc, ncls)
+    for m in G.modules():
+        if isinstance(m, ToData) and stats is not None:
+            m.mean.copy_(stats[0].view(-1, 1, 1))
+            m.std.copy_(stats[1].view(-1, 1, 1))
+    G, D = G.to(device), D.to(device)
     fwd = [G, D, D]  # Level's G_fwd, D_fwd, D_fwd_for_G
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -1601,9 +1631,10 @@ NUMBERS = {
 PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema"]  # one value, or one per level
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
-RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "bn_g": True, "width_g": [16, 32],
-                   "width_d": [16, 32], "level_steps": [1, 3], "optim": "adam", "lr": 0.0002,
-                   "lr_d": [0.001, 0.0002], "batch_size": 32, "limit": 16000, "epochs": 3, "select": 20}}
+RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,
+                   "width_g": [16, 32], "width_d": [16, 64], "dropout_d": [0.5, 0.0], "level_steps": [1, 4],
+                   "optim": "adam", "lr": 0.0002, "lr_d": [0.001, 0.0002], "batch_size": 32, "limit": 16000,
+                   "epochs": 2, "select": 20}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
 
 def make_parser():
@@ -1625,6 +1656,7 @@ def make_parser():
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
     add("--base", choices=["mlp", "conv"], default="mlp", help="G_K, D_K: the paper's MLPs or conv nets")
     add("--bn-g", action="store_true", help="batch norm in G_k above the base (the LSUN large model's)")
+    add("--tanh-base", action="store_true", help="G_K ends in tanh to the pixel range, as DCGAN's G")
     add("--proj-d", action="store_true", help="D_k's projection term for the class (Miyato & Koyama 2018)")
     add("--recipe", choices=sorted(RECIPES), help="a named set of flags (typed flags win); cpu: README's")
     for name, (kind, default, _, text) in NUMBERS.items():

@@ -4635,7 +4635,7 @@ def test_lapgan_paper_defaults_are_pinned():
     paper = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "width_g": 128, "width_d": 64,
              "dropout_d": 0.5, "lr_d": None, "lr": 0.02, "momentum": 0.5, "optim": "sgd", "batch_size": 128,
              "nz": 100, "model": "small", "balance": False, "recipe": None, "conditional": False, "limit": None,
-             "select": 200}
+             "select": 200, "tanh_base": False}
     assert {k: getattr(args, k) for k in paper} == paper
     assert lapgan.pyramid_sizes(args, 32) == [28, 14, 8]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -4739,6 +4739,32 @@ def test_lapgan_conv_base_is_a_dcgan_generator_of_the_stated_shape(sizes, ncls):
     assert D([out], y).shape == (4,)
 
 
+@pytest.mark.parametrize("base", ["mlp", "conv"])
+def test_lapgan_tanh_base_bounds_g_k_to_the_pixel_range_in_the_datas_units(base):
+    """--tanh-base: G_K's body ends in ToData, ((tanh(a) + 1) / 2 - mean) / std with the training split's
+    per-channel mean and std (set when the run is made, copied into --ema's average, kept by checkpoints), so
+    every base pixel lies in [0, 1] once the normalisation is undone; the finer G_k are untouched."""
+    run = lap_tiny_run(["--base", base, "--tanh-base", "--ema", "0.5", "--conditional"], nc=3)
+    K = len(run.sizes) - 1
+    G = run.levels[K].G
+    last = G.body[-1]
+    assert isinstance(last, lapgan.ToData) and isinstance(run.levels[K].G_avg.body[-1], lapgan.ToData)
+    assert torch.equal(last.mean, run.mean.view(-1, 1, 1)) and torch.equal(last.std, run.std.view(-1, 1, 1))
+    assert torch.equal(run.levels[K].G_avg.body[-1].std, last.std)
+    assert not any(isinstance(m, lapgan.ToData) for k in range(K) for m in run.levels[k].G.modules())
+    y = torch.arange(6) % run.ncls
+    z = lapgan.noise((6, run.args.nz), "cpu") * 50  # large inputs: the output saturates
+    G.eval()
+    with torch.no_grad():
+        a = G.body[:-1](torch.cat([z, F.one_hot(y, run.ncls).float()], 1))
+        out = G([z], y)
+    assert torch.allclose(out, ((torch.tanh(a) + 1) / 2 - run.mean) / run.std, atol=1e-6)
+    pixels = out * run.std + run.mean
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6 and (pixels < 1e-3).any()
+    plain = lap_tiny_run(["--base", base])
+    assert not any(isinstance(m, lapgan.ToData) for m in plain.levels[K].G.modules())
+
+
 def test_lapgan_bn_g_puts_batch_norm_after_each_relu_of_g_only():
     sizes = [16, 8]
     plain = lapgan.build_level(vars(lapgan.get_args(["--dataset", "shapes", "--width-g", "4"])), 0, sizes, 3, 0)
@@ -4818,6 +4844,8 @@ def page_layer(x, L, W):
         return x * take(L["scale"], c).view(1, c, 1, 1) + take(L["shift"], c).view(1, c, 1, 1)
     if L["op"] == "unflatten":
         return x.view(len(x), *L["shape"])
+    if L["op"] == "tanh":
+        return torch.tanh(x)
     assert L["op"] == "relu", L["op"]
     return F.relu(x)
 
@@ -4897,12 +4925,12 @@ def test_web_export_folds_conv_base_and_bn_g_into_exact_ops(size):
 
 @pytest.fixture(scope="module")
 def web_bn_run(tmp_path_factory):
-    """A tiny trained class-conditional LAPGAN with --base conv, --bn-g and --ema, 5 -> 8 -> 16 px."""
+    """A tiny trained class-conditional LAPGAN with --base conv, --tanh-base, --bn-g and --ema, 5 -> 8 -> 16 px."""
     root = tmp_path_factory.mktemp("webbn")
     flags = ["--dataset", "shapes", "--image-size", "16", "--levels", "5,8,16", "--limit", "16",
              "--batch-size", "8", "--width-g", "4", "--width-d", "4", "--nz", "6", "--select", "0",
              "--conditional", "--optim", "adam", "--lr", "0.01", "--epochs", "1", "--base", "conv", "--bn-g",
-             "--ema", "0.9", "--outf", str(root)]
+             "--ema", "0.9", "--tanh-base", "--outf", str(root)]
     with contextlib.redirect_stdout(io.StringIO()):
         lapgan.main(flags)
     return root / "ckpt.pt"

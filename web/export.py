@@ -11,8 +11,9 @@ responsive. LAPGAN checkpoints (one, or several from --level K runs, joined as l
 them) get the chain of Fig. 1, a class picker (also ?class=K), each sample's levels side by side and,
 on a click, Sec. 4.2's resampling from the sample's own coarse image; gan.py and vaegan.py checkpoints
 get prior samples and a slerp walk. Batch norm is folded into the layer before it here, or, after a
-ReLU (lapgan.py --bn-g), becomes a per-channel scale and shift, so the page needs only linear, ReLU,
-tanh, (transposed) convolution, that scale and shift, nearest x2 and bilinear u(.). A LAPGAN trained with
+ReLU (lapgan.py --bn-g), becomes a per-channel scale and shift, as does the data's normalisation after
+lapgan.py --tanh-base's tanh, so the page needs only linear, ReLU, tanh, (transposed) convolution, that
+scale and shift, nearest x2 and bilinear u(.). A LAPGAN trained with
 --ema draws with its averaged generators, as lapgan.py --sample does (lapgan.load_levels).
 `--test-noise N` embeds N samples' noise (seeded by --seed) that the page runs when opened with ?test=1,
 writing every level's numbers into <pre id="test-output">; the tests compare them with PyTorch.
@@ -145,6 +146,10 @@ def layer_ops(body, where):
             ops.append(conv_op(m, where))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             batch_norm(ops, m, where)
+        elif isinstance(m, lapgan.ToData):  # lapgan.py --tanh-base: tanh, then the data's normalisation
+            ops.append({"op": "tanh"})
+            std = m.std.flatten()
+            ops.append({"op": "affine", "scale": 0.5 / std, "shift": (0.5 - m.mean.flatten()) / std})
         elif isinstance(m, (nn.ReLU, nn.Tanh)):
             ops.append({"op": "relu" if isinstance(m, nn.ReLU) else "tanh"})
         elif isinstance(m, nn.Unflatten) and m.dim == 1 and len(m.unflattened_size) == 3:
