@@ -29,23 +29,25 @@ Paper to code:
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (= sigmoid + BCE); images are normalised per
 channel with the training split's mean/std (the CIFAR code: per pixel), which commutes with d and u (--chain
-maps one model's normalisation into another's); momentum is capped at 0.8 as in the paper (the code: 0.7);
-D_k pads its convs where the code's unpadded ones would leave no pixels (below 14 px); the large model's L2
-pooling adds 1e-6 under the root; each step's D and G updates share one G forward pass and all levels train
-on the same real images (the code: separate jobs); model selection uses the last --select test images and
---eval the first ones. --model large takes the LSUN code's lr 0.01 and momentum from 0 but not its 1.5x-scaled
-crops, horizontal flips or one model per class. --eval on a class-conditional model scores log p(I | y): every
-level, the base included, conditioned on the test image's true label. `--optim adam` is an addition for short
-runs; the defaults are the paper's SGD setting. `--lr-d` (D's own learning rate, the two time-scale rule of
-Heusel et al. 2017) and `--dropout-d` are additions too: at the narrow widths of a CPU run D_k's learning
-rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality). For short runs, also
-additions, all off by default: `--level-steps` (level k's updates per step, as the code's separate jobs gave
-each level its own length), one value per level for it, `--width-g`, `--width-d`, `--dropout-d`, `--lr-d`
-and `--ema` (comma lists, level 0 first), `--ema` (sampling and selection with an average of G_k's
-weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place of the MLPs),
-`--tanh-base` (G_K's output through tanh into the pixel range, as DCGAN's G, in place of a linear one),
-`--bn-g` (batch norm in G_k, as the LSUN large model), `--proj-d` (a class projection term in D_k, Miyato
-& Koyama 2018) and `--recipe cpu`, README's set-up command's flags by name.
+maps one model's normalisation into another's); momentum is capped at 0.8 as in the paper (the code: 0.7); D_k
+pads its convs where the code's unpadded ones would leave no pixels (below 14 px); the large model's L2
+pooling adds 1e-6 under the root; each step's D and G updates share one G forward pass, D judges the real and
+the drawn images in two passes (the code: one mixed batch; the same sums unless D has batch norm), and all
+levels train on the same real images (the code: separate jobs); model selection uses the last --select test
+images and --eval the first ones. --model large takes the LSUN code's lr 0.01 and momentum from 0 but not its
+1.5x-scaled crops, horizontal flips or one model per class. --eval on a class-conditional model scores log
+p(I|y): every level, the base included, conditioned on the test image's true label. `--optim adam` is an
+addition for short runs; the defaults are the paper's SGD setting. `--lr-d` (D's own learning rate, the two
+time-scale rule of Heusel et al. 2017) and `--dropout-d` are additions too: at the narrow widths of a CPU run
+D_k's learning rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality). For
+short runs, also additions, all off by default: `--level-steps` (level k's updates per step, as the code's
+separate jobs gave each level its own length), one value per level for it, `--width-g`, `--width-d`,
+`--dropout-d`, `--lr-d` and `--ema` (comma lists, level 0 first), `--ema` (sampling and selection with an
+average of G_k's weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place of the
+MLPs), `--tanh-base` (G_K's output through tanh into the pixel range, as DCGAN's G, in place of a linear one),
+`--bn-g` (batch norm in G_k, as the LSUN large model), `--bn-d` (batch norm in the conv D_k, as DCGAN's D; the
+Eyescream blog found that it broke training), `--proj-d` (a class projection term in D_k, Miyato & Koyama
+2018) and `--recipe cpu`, README's set-up command's flags by name.
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
@@ -250,10 +252,14 @@ def level_step(lv, x, y, sizes, nz, balance=None):
     fake_for_D = made[:half].detach()  # D_k's step leaves G_k alone
     fake_for_G = made[half:]
 
-    logits = lv.D_fwd([torch.cat([real, fake_for_D])], y[:B])  # B/2 real, then B/2 fake
-    err_real = bce(logits[:half], 1.0)  # -log D_k(I_k)
-    err_fake = bce(logits[half:], 0.0)  # -log(1 - D_k(I~_k))
-    err_d = (err_real + err_fake) / 2  # BCE averaged over the mixed batch, as the code
+    # D_k judges the B/2 real and the B/2 generated images in two passes (the code: one mixed batch; the
+    # same sums without batch norm). With --bn-d each batch is then normalised on its own, as G_k's batch
+    # is in G_k's step; on a mixed batch D_k learns a rule that G_k never faces and wins at once.
+    logit_real = lv.D_fwd([real], y[:half])
+    logit_fake = lv.D_fwd([fake_for_D], y[half:B])
+    err_real = bce(logit_real, 1.0)  # -log D_k(I_k)
+    err_fake = bce(logit_fake, 0.0)  # -log(1 - D_k(I~_k))
+    err_d = (err_real + err_fake) / 2  # BCE averaged over the two halves, as the code's mixed batch
     upd_d, upd_g = True, True
     if balance is not None:
         upd_d, upd_g = balance(err_real, err_fake)
@@ -264,11 +270,10 @@ def level_step(lv, x, y, sizes, nz, balance=None):
     err_g = bce(judged, 1.0)  # non-saturating: push log D_k(I~_k) up
     if upd_g:
         update(lv.opt_G, err_g, list(lv.G.parameters()))  # D's weights are not G's to change
-    p = torch.sigmoid(logits.detach())
     return {"err_d": err_d.detach(),
             "err_g": err_g.detach(),
-            "d_x": p[:half].mean(),
-            "d_gz": p[half:].mean(),
+            "d_x": torch.sigmoid(logit_real.detach()).mean(),
+            "d_gz": torch.sigmoid(logit_fake.detach()).mean(),
             "upd_d": float(upd_d),
             "upd_g": float(upd_g)}
 
@@ -375,7 +380,7 @@ def pads(size, kernels, strides):
 
 def conv_g(g_in, nc, wg, bn=False):
     """Sec. 3.1, G_k at a level k < K: three convs (7, 7, 5) output h~_k from g_in input planes. No batch
-    norm in the paper's small model; --bn-g adds it after each ReLU, as the LSUN large model (never in D)."""
+    norm in the paper's small model; --bn-g adds it after each ReLU, as the LSUN large model."""
     layers = [nn.Conv2d(g_in, wg, 7, padding=3), nn.ReLU()]
     if bn:
         layers.append(nn.BatchNorm2d(wg, affine=False))
@@ -385,13 +390,17 @@ def conv_g(g_in, nc, wg, bn=False):
     layers.append(nn.Conv2d(wg, nc, 5, padding=2))
     return nn.Sequential(*layers)
 
-def conv_d(d_in, size, wd, drop=0.5):
-    """Sec. 3.1, D_k: two convs (5, 5 stride 2), dropout, a linear logit, from d_in input planes."""
+def conv_d(d_in, size, wd, drop=0.5, bn=False):
+    """Sec. 3.1, D_k: two convs (5, 5 stride 2), dropout, a linear logit, from d_in input planes. --bn-d
+    adds batch norm after the strided conv, as DCGAN's D has it after its second (a deviation)."""
     (p1, p2), n = pads(size, [5, 5], [1, 2])
+    layers = [nn.Conv2d(d_in, wd, 5, padding=p1),
+              nn.ReLU(),
+              nn.Conv2d(wd, wd, 5, 2, p2)]
+    if bn:  # D only ever judges whole batches, so it keeps no running statistics
+        layers.append(nn.BatchNorm2d(wd, track_running_stats=False))
     return nn.Sequential(
-        nn.Conv2d(d_in, wd, 5, padding=p1),
-        nn.ReLU(),
-        nn.Conv2d(wd, wd, 5, 2, p2),
+        *layers,
         nn.ReLU(),
         nn.Dropout(drop),
         nn.Flatten(),
@@ -494,7 +503,7 @@ def build_level(targs, k, sizes, nc, ncls):
         bounded(g, targs, nc)
     else:
         g = conv_g(g_in, nc, wg, targs["bn_g"])
-    d = conv_d(d_in, size, wd, drop)  # made after G: one seed gives the same weights as ever
+    d = conv_d(d_in, size, wd, drop, targs["bn_d"])  # made after G: one seed gives the same weights as ever
     return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, False, proj)
 
 def bounded(g, targs, nc):
@@ -1166,7 +1175,7 @@ def restore(run, ckpt):
 
 # flags added after checkpoints were written: an older checkpoint gets their defaults, the paper's
 ADDED = {"dropout_d": 0.5, "lr_d": None, "base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1,
-         "proj_d": False, "recipe": None, "tanh_base": False}
+         "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": False}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
@@ -1632,9 +1641,9 @@ PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema"]  #
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
 RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,
-                   "width_g": [16, 32], "width_d": [16, 64], "dropout_d": [0.5, 0.0], "level_steps": [1, 4],
-                   "optim": "adam", "lr": 0.0002, "lr_d": [0.001, 0.0002], "batch_size": 32, "limit": 16000,
-                   "epochs": 2, "select": 20}}
+                   "bn_d": True, "width_g": [16, 32], "width_d": [16, 64], "dropout_d": [0.5, 0.0],
+                   "level_steps": [1, 4], "optim": "adam", "lr": 0.0002, "lr_d": [0.001, 0.0002],
+                   "batch_size": 32, "limit": 16000, "epochs": 2, "select": 20}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
 
 def make_parser():
@@ -1656,6 +1665,7 @@ def make_parser():
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
     add("--base", choices=["mlp", "conv"], default="mlp", help="G_K, D_K: the paper's MLPs or conv nets")
     add("--bn-g", action="store_true", help="batch norm in G_k above the base (the LSUN large model's)")
+    add("--bn-d", action="store_true", help="batch norm in each conv D_k, as DCGAN's D")
     add("--tanh-base", action="store_true", help="G_K ends in tanh to the pixel range, as DCGAN's G")
     add("--proj-d", action="store_true", help="D_k's projection term for the class (Miyato & Koyama 2018)")
     add("--recipe", choices=sorted(RECIPES), help="a named set of flags (typed flags win); cpu: README's")
@@ -1698,6 +1708,9 @@ def get_args(argv=None):
              f"--eval-images {args.eval_images} that --eval scores; lower --select")
     if args.eval and args.chain:
         fail("--eval scores one model's pyramid; drop --chain (or --eval)")
+    if args.bn_d and args.model == "large" and args.base == "mlp":
+        fail("--bn-d puts batch norm in the small model's conv D_k and --base conv's D_K; this pyramid has "
+             "neither (--model large, the MLP base): drop --bn-d or add --base conv")
     large = args.model == "large"  # lsun/train.lua's lr and momentum for the large model
     if args.lr is None:
         args.lr = 0.01 if large else 0.02

@@ -862,14 +862,15 @@ def lap_tiny_run(extra=(), n=16, size=32, nc=3, ncls=6):
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_lapgan_d_judges_coarse_plus_residual(k):
     """D_k's fakes are G_k's residual added to the upsampled coarse image (the whole fine image); its reals
-    are the fine real images; G_k is conditioned on other real images' coarse images, with their labels."""
+    are the fine real images, judged in a pass of their own; G_k is conditioned on other real images' coarse
+    images, with their labels."""
     run = lap_tiny_run(["--conditional"])
-    lv, calls = run.levels[k], {}
+    lv, calls = run.levels[k], {"G": [], "D": [], "DG": []}
 
     def record(name, net):
         def call(xs, y=None):
             out = net(xs, y)
-            calls[name] = ([t.detach().clone() for t in xs], y, out.detach().clone())
+            calls[name].append(([t.detach().clone() for t in xs], y, out.detach().clone()))
             return out
         return call
     lv.G_fwd, lv.D_fwd, lv.D_fwd_for_G = (record(n, f) for n, f in (("G", lv.G_fwd), ("D", lv.D_fwd),
@@ -879,24 +880,27 @@ def test_lapgan_d_judges_coarse_plus_residual(k):
     lapgan.level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
     h, B = 4, 8
     fine, coarse = lapgan.down(x, run.sizes[k]), lapgan.condition(x, run.sizes, k)
-    g_in, g_y, g_out = calls["G"]
-    d_in, d_y, _ = calls["D"]
-    dg_in, dg_y, _ = calls["DG"]
-    assert len(d_in) == 1 and len(dg_in) == 1 and g_out.shape == (B + h, 3, run.sizes[k], run.sizes[k])
-    assert torch.equal(d_y, y[:B]) and torch.equal(g_y, y[h:]) and torch.equal(dg_y, y[B:])
+    assert [len(calls[n]) for n in ("G", "D", "DG")] == [1, 2, 1]  # D_k: the reals, then the fakes
+    (g_in, g_y, g_out), = calls["G"]
+    (real_in, real_y, _), (fake_in, fake_y, _) = calls["D"]
+    (dg_in, dg_y, _), = calls["DG"]
+    assert [len(real_in), len(fake_in), len(dg_in)] == [1, 1, 1]
+    assert g_out.shape == (B + h, 3, run.sizes[k], run.sizes[k])
+    assert torch.equal(real_y, y[:h]) and torch.equal(fake_y, y[h:B])
+    assert torch.equal(g_y, y[h:]) and torch.equal(dg_y, y[B:])
     if k == 2:  # the base, I_2
         assert len(g_in) == 1 and g_in[0].shape == (B + h, 8) and coarse is None
-        assert torch.equal(d_in[0][h:], g_out[:h]) and torch.equal(dg_in[0], g_out[h:])
+        assert torch.equal(fake_in[0], g_out[:h]) and torch.equal(dg_in[0], g_out[h:])
     else:
         assert len(g_in) == 2 and torch.equal(g_in[1], coarse[h:])
-        assert torch.allclose(d_in[0][h:], g_out[:h] + coarse[h:B], atol=1e-6)
+        assert torch.allclose(fake_in[0], g_out[:h] + coarse[h:B], atol=1e-6)
         assert torch.allclose(dg_in[0], g_out[h:] + coarse[B:], atol=1e-6)
         # neither the coarse image alone nor the residual alone
-        assert (d_in[0][h:] - coarse[h:B]).abs().max() > 1e-3 and (d_in[0][h:] - g_out[:h]).abs().max() > 1e-3
+        assert (fake_in[0] - coarse[h:B]).abs().max() > 1e-3 and (fake_in[0] - g_out[:h]).abs().max() > 1e-3
         # the reals are the same sum for real images: l_k + the pyramid's true h_k = I_k - u(I_{k+1})
         h_k = lapgan.laplacian_pyramid(x[:h], run.sizes[k:])[0]
-        assert torch.allclose(d_in[0][:h], coarse[:h] + h_k, atol=1e-5)
-    assert torch.allclose(d_in[0][:h], fine[:h], atol=1e-6)
+        assert torch.allclose(real_in[0], coarse[:h] + h_k, atol=1e-5)
+    assert torch.allclose(real_in[0], fine[:h], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- lapgan.py: schedule, balancing
@@ -1303,31 +1307,31 @@ def test_lapgan_sample_chain_adds_each_residual_to_the_upsampled_image():
 
 
 def test_lapgan_one_step_gradients_match_the_papers_losses():
-    """D_k: BCE(D(real), 1) and BCE(D(coarse + G residual), 0), averaged over the mixed batch; G_k: the
+    """D_k: BCE(D(real), 1) and BCE(D(coarse + G residual), 0), each averaged, then halved; G_k: the
     non-saturating BCE(D(coarse + G residual), 1) through the D just updated. The first SGD step moves each
     weight by -lr times its gradient, compared with gradients computed here from the recorded inputs."""
     for k in (2, 1):  # the base, then a level above it
         run = lap_tiny_run(["--conditional", "--lr", "0.05"])
-        lv, calls = run.levels[k], {}
+        lv, calls = run.levels[k], {"G": [], "D": []}
         lv.D.eval()  # no dropout: the same function here and in the step
         D0, G0 = copy.deepcopy(lv.D), copy.deepcopy(lv.G)
 
         def record(name, net):
             def call(xs, y=None):
-                calls[name] = ([t.detach().clone() for t in xs], y)
+                calls[name].append(([t.detach().clone() for t in xs], y))
                 return net(xs, y)
             return call
         lv.G_fwd, lv.D_fwd = record("G", lv.G_fwd), record("D", lv.D_fwd)
         x, y = lapgan.get_batch(run, torch.randperm(16))
         lapgan.level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
         h = 4
-        d_in, d_y = calls["D"]
-        logits = D0(d_in, d_y)
-        loss_d = (F.softplus(-logits[:h]).mean() + F.softplus(logits[h:]).mean()) / 2
+        (real_in, real_y), (fake_in, fake_y) = calls["D"]  # the reals' pass, then the fakes'
+        logit_real, logit_fake = D0(real_in, real_y), D0(fake_in, fake_y)
+        loss_d = (F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()) / 2
         grads = torch.autograd.grad(loss_d, list(D0.parameters()))
         for p0, p1, g in zip(D0.parameters(), lv.D.parameters(), grads):
             assert torch.allclose((p0 - p1) / 0.05, g, atol=1e-5), k
-        g_in, g_y = calls["G"]
+        (g_in, g_y), = calls["G"]
         made = G0(g_in, g_y)[h:] + (g_in[1][h:] if k < 2 else 0)
         D1 = copy.deepcopy(lv.D)
         loss_g = F.softplus(-D1([made], y[8:])).mean()
@@ -2358,6 +2362,7 @@ def _ddp_run_worker(rank, port, script, argv, result):
 
 @pytest.mark.parametrize("script,argv", [
     ("lapgan", LAPGAN_TINY + ["--epochs", "2", "--balance"]),
+    ("lapgan", LAPGAN_TINY + ["--epochs", "2", "--bn-d"]),
     ("vaegan", VAEGAN_TINY + ["--limit", "64", "--epochs", "2", "--log-every", "2"])])
 def test_data_parallel_two_ranks_lapgan_vaegan(tmp_path, script, argv):
     """Two Gloo ranks: identical weights (and BN statistics) afterwards, and only rank 0 writes files."""
@@ -4155,7 +4160,7 @@ def test_lapgan_d_judges_each_image_under_its_own_class():
 
         def record(name, net):
             def call(xs, y=None):
-                seen[name] = y.tolist()
+                seen[name] = seen.get(name, []) + y.tolist()  # D_k: the reals' pass, then the fakes'
                 return net(xs, y)
             return call
         lv.G_fwd, lv.D_fwd = record("G", lv.G_fwd), record("D", lv.D_fwd)
@@ -4635,7 +4640,7 @@ def test_lapgan_paper_defaults_are_pinned():
     paper = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "width_g": 128, "width_d": 64,
              "dropout_d": 0.5, "lr_d": None, "lr": 0.02, "momentum": 0.5, "optim": "sgd", "batch_size": 128,
              "nz": 100, "model": "small", "balance": False, "recipe": None, "conditional": False, "limit": None,
-             "select": 200, "tanh_base": False}
+             "select": 200, "tanh_base": False, "bn_d": False}
     assert {k: getattr(args, k) for k in paper} == paper
     assert lapgan.pyramid_sizes(args, 32) == [28, 14, 8]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -4776,6 +4781,57 @@ def test_lapgan_bn_g_puts_batch_norm_after_each_relu_of_g_only():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in [*bn[1].modules(), *plain[0].modules()])
     # without --bn-g the layers keep their places, so checkpoints written before the flag still load
     assert list(plain[0].state_dict()) == [f"body.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
+
+
+@pytest.mark.parametrize("base", ["conv", "mlp"])
+def test_lapgan_bn_d_puts_batch_norm_after_the_strided_conv_of_each_conv_d(base):
+    """--bn-d: batch norm with a scale and shift (DCGAN's) right after the stride-2 conv of every conv D_k,
+    --base conv's D_K included; the MLP base's D_K and every G_k are untouched, and without the flag D_k's
+    layers keep their places, so checkpoints written before it still load."""
+    sizes = [16, 8, 4]
+
+    def nets(extra):
+        args = vars(lapgan.get_args(["--dataset", "shapes", "--base", base, "--width-d", "4", *extra]))
+        return [lapgan.build_level(args, k, sizes, 3, 5) for k in range(3)]
+    plain, bn = nets([]), nets(["--bn-d"])
+    for k in range(3):
+        (G, D), (G0, D0) = bn[k], plain[k]
+        assert list(G.state_dict()) == list(G0.state_dict())
+        norms = [i for i, m in enumerate(D.body) if isinstance(m, nn.BatchNorm2d)]
+        if k == 2 and base == "mlp":
+            assert norms == []
+            continue
+        assert norms == [3] and D.body[2].stride == (2, 2) and D.body[3].affine
+        assert not D.body[3].track_running_stats  # D judges batches only: no statistics to keep in step
+        assert D.body[3].num_features == D.body[2].out_channels
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in D0.modules())
+        assert list(D0.state_dict()) == [f"body.{i}.{w}" for i in (0, 2, 6) for w in ("weight", "bias")] + \
+            ["embed.weight", "embed.bias"]
+
+
+def test_lapgan_bn_d_judges_the_real_and_the_drawn_images_in_batches_of_their_own():
+    """With --bn-d, D_k's D(x) in a step is D_k on the real half alone, normalised on the reals' own batch
+    statistics, not on a batch mixed with drawn images: as G_k's step judges drawn images alone, G_k then
+    faces the D_k that was trained."""
+    run = lap_tiny_run(["--conditional", "--bn-d", "--dropout-d", "0", "--optim", "adam"])
+    lv, h = run.levels[0], 4
+    torch.manual_seed(1)
+    x, y = lapgan.get_batch(run, torch.randperm(16))
+    real = lapgan.down(x[:h], run.sizes[0])
+    D = copy.deepcopy(lv.D)
+    with torch.no_grad():
+        alone = torch.sigmoid(D([real], y[:h])).mean()
+        mixed = torch.sigmoid(D([torch.cat([real, real.flip(0) * 0.5])], y[:2 * h])[:h]).mean()
+    assert abs(alone - mixed) > 1e-3  # batch statistics matter here, so the check below can fail
+    out = lapgan.level_step(lv, x, y, run.sizes, run.args.nz)
+    assert torch.allclose(out["d_x"], alone, atol=1e-6)
+    assert out["d_x"] != out["d_gz"]
+
+
+def test_lapgan_bn_d_without_any_conv_d_is_refused():
+    with pytest.raises(SystemExit, match="--bn-d .* drop --bn-d or add --base conv"):
+        lapgan.get_args(["--dataset", "shapes", "--model", "large", "--bn-d"])
+    assert lapgan.get_args(["--dataset", "shapes", "--model", "large", "--base", "conv", "--bn-d"]).bn_d
 
 
 @pytest.mark.parametrize("base,k", [("mlp", 2), ("conv", 2), ("mlp", 0)])
