@@ -42,12 +42,12 @@ time-scale rule of Heusel et al. 2017) and `--dropout-d` are additions too: at t
 D_k's learning rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality). For
 short runs, also additions, all off by default: `--level-steps` (level k's updates per step, as the code's
 separate jobs gave each level its own length), one value per level for it, `--width-g`, `--width-d`,
-`--dropout-d`, `--lr-d` and `--ema` (comma lists, level 0 first), `--ema` (sampling and selection with an
-average of G_k's weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place of the
-MLPs), `--tanh-base` (G_K's output through tanh into the pixel range, as DCGAN's G, in place of a linear one),
-`--bn-g` (batch norm in G_k, as the LSUN large model), `--bn-d` (batch norm in the conv D_k, as DCGAN's D; the
-Eyescream blog found that it broke training), `--proj-d` (a class projection term in D_k, Miyato & Koyama
-2018) and `--recipe cpu`, README's set-up command's flags by name.
+`--dropout-d`, `--lr-d`, `--ema` and `--bn-d` (comma lists, level 0 first), `--ema` (sampling and selection
+with an average of G_k's weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place
+of the MLPs), `--tanh-base` (G_K's output through tanh into the pixel range, as DCGAN's G, in place of a
+linear one), `--bn-g` (batch norm in G_k, as the LSUN large model), `--bn-d 1` (batch norm in the conv D_k, as
+DCGAN's D; the Eyescream blog found that it broke training), `--proj-d` (a class projection term in D_k,
+Miyato & Koyama 2018) and `--recipe cpu`, README's set-up command's flags by name.
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
@@ -503,7 +503,8 @@ def build_level(targs, k, sizes, nc, ncls):
         bounded(g, targs, nc)
     else:
         g = conv_g(g_in, nc, wg, targs["bn_g"])
-    d = conv_d(d_in, size, wd, drop, targs["bn_d"])  # made after G: one seed gives the same weights as ever
+    bn = at_level(targs["bn_d"], k)
+    d = conv_d(d_in, size, wd, drop, bn)  # made after G: one seed gives the same weights as ever
     return Conditioned(g, ncls, size, base), Conditioned(d, ncls, size, False, proj)
 
 def bounded(g, targs, nc):
@@ -1175,7 +1176,7 @@ def restore(run, ckpt):
 
 # flags added after checkpoints were written: an older checkpoint gets their defaults, the paper's
 ADDED = {"dropout_d": 0.5, "lr_d": None, "base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1,
-         "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": False}
+         "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": 0}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
@@ -1619,6 +1620,7 @@ NUMBERS = {
     "dropout_d": (float, 0.5, "[0, 1)", "D's dropout (the paper's 0.5)"),
     "level_steps": (int, 1, "[1, 64]", "updates of each level per training step (the paper: 1)"),
     "ema": (float, 0.0, "[0, 1)", "G's weights averaged with this decay for sampling (0: off)"),
+    "bn_d": (int, 0, "[0, 1]", "batch norm in the conv D_k, as DCGAN's D: 1 on, 0 off (the paper)"),
     "nz": (int, 100, "[1, 4096]", "noise size at the base"),
     "epochs": (int, 25, "[1, 100000]", "epochs to train"),
     "batch_size": (int, 128, "[2, 65536]", "even: half real for D"),
@@ -1637,11 +1639,12 @@ NUMBERS = {
     "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
     "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
     "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
-PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema"]  # one value, or one per level
+# one value, or one per level
+PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema", "bn_d"]
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
 RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,
-                   "bn_d": True, "width_g": [16, 32], "width_d": [16, 64], "dropout_d": [0.5, 0.0],
+                   "bn_d": [0, 1], "width_g": [16, 32], "width_d": [16, 64], "dropout_d": [0.5, 0.0],
                    "level_steps": [1, 4], "optim": "adam", "lr": 0.0002, "lr_d": [0.001, 0.0002],
                    "batch_size": 32, "limit": 16000, "epochs": 2, "select": 20}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
@@ -1665,7 +1668,6 @@ def make_parser():
     add("--chain", nargs=2, metavar=("A", "B"), help="coarse levels from A, --switch S and finer from B")
     add("--base", choices=["mlp", "conv"], default="mlp", help="G_K, D_K: the paper's MLPs or conv nets")
     add("--bn-g", action="store_true", help="batch norm in G_k above the base (the LSUN large model's)")
-    add("--bn-d", action="store_true", help="batch norm in each conv D_k, as DCGAN's D")
     add("--tanh-base", action="store_true", help="G_K ends in tanh to the pixel range, as DCGAN's G")
     add("--proj-d", action="store_true", help="D_k's projection term for the class (Miyato & Koyama 2018)")
     add("--recipe", choices=sorted(RECIPES), help="a named set of flags (typed flags win); cpu: README's")
@@ -1708,7 +1710,7 @@ def get_args(argv=None):
              f"--eval-images {args.eval_images} that --eval scores; lower --select")
     if args.eval and args.chain:
         fail("--eval scores one model's pyramid; drop --chain (or --eval)")
-    if args.bn_d and args.model == "large" and args.base == "mlp":
+    if max(np.atleast_1d(args.bn_d)) and args.model == "large" and args.base == "mlp":
         fail("--bn-d puts batch norm in the small model's conv D_k and --base conv's D_K; this pyramid has "
              "neither (--model large, the MLP base): drop --bn-d or add --base conv")
     large = args.model == "large"  # lsun/train.lua's lr and momentum for the large model

@@ -2362,7 +2362,7 @@ def _ddp_run_worker(rank, port, script, argv, result):
 
 @pytest.mark.parametrize("script,argv", [
     ("lapgan", LAPGAN_TINY + ["--epochs", "2", "--balance"]),
-    ("lapgan", LAPGAN_TINY + ["--epochs", "2", "--bn-d"]),
+    ("lapgan", LAPGAN_TINY + ["--epochs", "2", "--bn-d", "1"]),
     ("vaegan", VAEGAN_TINY + ["--limit", "64", "--epochs", "2", "--log-every", "2"])])
 def test_data_parallel_two_ranks_lapgan_vaegan(tmp_path, script, argv):
     """Two Gloo ranks: identical weights (and BN statistics) afterwards, and only rank 0 writes files."""
@@ -4640,7 +4640,7 @@ def test_lapgan_paper_defaults_are_pinned():
     paper = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "width_g": 128, "width_d": 64,
              "dropout_d": 0.5, "lr_d": None, "lr": 0.02, "momentum": 0.5, "optim": "sgd", "batch_size": 128,
              "nz": 100, "model": "small", "balance": False, "recipe": None, "conditional": False, "limit": None,
-             "select": 200, "tanh_base": False, "bn_d": False}
+             "select": 200, "tanh_base": False, "bn_d": 0}
     assert {k: getattr(args, k) for k in paper} == paper
     assert lapgan.pyramid_sizes(args, 32) == [28, 14, 8]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -4793,7 +4793,7 @@ def test_lapgan_bn_d_puts_batch_norm_after_the_strided_conv_of_each_conv_d(base)
     def nets(extra):
         args = vars(lapgan.get_args(["--dataset", "shapes", "--base", base, "--width-d", "4", *extra]))
         return [lapgan.build_level(args, k, sizes, 3, 5) for k in range(3)]
-    plain, bn = nets([]), nets(["--bn-d"])
+    plain, bn = nets([]), nets(["--bn-d", "1"])
     for k in range(3):
         (G, D), (G0, D0) = bn[k], plain[k]
         assert list(G.state_dict()) == list(G0.state_dict())
@@ -4807,13 +4807,17 @@ def test_lapgan_bn_d_puts_batch_norm_after_the_strided_conv_of_each_conv_d(base)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in D0.modules())
         assert list(D0.state_dict()) == [f"body.{i}.{w}" for i in (0, 2, 6) for w in ("weight", "bias")] + \
             ["embed.weight", "embed.bias"]
+    # one value per level, level 0 first: --bn-d 0,0,1 puts it in the base's D_K alone
+    base_only = nets(["--bn-d", "0,0,1"])
+    with_bn = [any(isinstance(m, nn.BatchNorm2d) for m in D.modules()) for _, D in base_only]
+    assert with_bn == [False, False, base == "conv"]
 
 
 def test_lapgan_bn_d_judges_the_real_and_the_drawn_images_in_batches_of_their_own():
     """With --bn-d, D_k's D(x) in a step is D_k on the real half alone, normalised on the reals' own batch
     statistics, not on a batch mixed with drawn images: as G_k's step judges drawn images alone, G_k then
     faces the D_k that was trained."""
-    run = lap_tiny_run(["--conditional", "--bn-d", "--dropout-d", "0", "--optim", "adam"])
+    run = lap_tiny_run(["--conditional", "--bn-d", "1", "--dropout-d", "0", "--optim", "adam"])
     lv, h = run.levels[0], 4
     torch.manual_seed(1)
     x, y = lapgan.get_batch(run, torch.randperm(16))
@@ -4830,8 +4834,9 @@ def test_lapgan_bn_d_judges_the_real_and_the_drawn_images_in_batches_of_their_ow
 
 def test_lapgan_bn_d_without_any_conv_d_is_refused():
     with pytest.raises(SystemExit, match="--bn-d .* drop --bn-d or add --base conv"):
-        lapgan.get_args(["--dataset", "shapes", "--model", "large", "--bn-d"])
-    assert lapgan.get_args(["--dataset", "shapes", "--model", "large", "--base", "conv", "--bn-d"]).bn_d
+        lapgan.get_args(["--dataset", "shapes", "--model", "large", "--bn-d", "0,1,0"])
+    assert lapgan.get_args(["--dataset", "shapes", "--model", "large", "--bn-d", "0"]).bn_d == [0]
+    assert lapgan.get_args(["--dataset", "shapes", "--model", "large", "--base", "conv", "--bn-d", "1"]).bn_d
 
 
 @pytest.mark.parametrize("base,k", [("mlp", 2), ("conv", 2), ("mlp", 0)])
