@@ -1639,8 +1639,7 @@ NUMBERS = {
     "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
     "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
     "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
-# one value, or one per level
-PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema", "bn_d"]
+PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema", "bn_d"]  # or one per level
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
 RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,
