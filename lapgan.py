@@ -47,7 +47,8 @@ with an average of G_k's weights, Yazici et al. 2019), `--base conv` (a DCGAN-li
 of the MLPs), `--tanh-base` (G_K's output through tanh into the pixel range, as DCGAN's G, in place of a
 linear one), `--bn-g` (batch norm in G_k, as the LSUN large model), `--bn-d 1` (batch norm in the conv D_k, as
 DCGAN's D; the Eyescream blog found that it broke training), `--proj-d` (a class projection term in D_k,
-Miyato & Koyama 2018) and `--recipe cpu`, README's set-up command's flags by name.
+Miyato & Koyama 2018), `--gen-coarse` (a share of G_k's fakes grown from the coarser levels' own samples,
+not only from real coarse images) and `--recipe cpu`, README's set-up command's flags by name.
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
@@ -191,6 +192,7 @@ class Level:
     steps: int = 1                 # --level-steps: the level's updates per training step (the paper: 1)
     G_avg: nn.Module = None        # --ema: the running average of G_k's weights; None: off (the paper)
     beta: float = 0.0              # --ema: its decay
+    gen_coarse: float = 0.0        # --gen-coarse: the share of fakes grown from coarser levels' samples
 
     @property
     def sampler(self):
@@ -237,9 +239,9 @@ def update(opt, loss, params=None):
     loss.backward(inputs=params)
     opt.step()
 
-def level_step(lv, x, y, sizes, nz, balance=None):
-    """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real images x, never
-    on a coarser G's samples. balance: None, or (err_real, err_fake) -> (update D_k, update G_k)."""
+def level_step(lv, x, y, sizes, nz, balance=None, drawn=None):
+    """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real images x. balance:
+    None, or (err_real, err_fake) -> (update D_k, update G_k). drawn: --gen-coarse's I~_{k+1} for the fakes."""
     k = lv.k
     half = len(x) // 4  # B/2
     B = 2 * half
@@ -247,6 +249,7 @@ def level_step(lv, x, y, sizes, nz, balance=None):
     # condition the fakes, B/2 of them for D_k's step (x[B/2:B]) and B for G_k's (x[B:])
     real = down(x[:half], sizes[k])  # I_k
     coarse = condition(x[half:], sizes, k)  # l_k = u(I_{k+1}); None at the base
+    coarse = mixed_condition(coarse, drawn, lv.gen_coarse)  # the paper: drawn None, l_k unchanged
     z = noise(noise_shape(k, sizes, len(x) - half, nz), x.device)
     made = generate(lv.G_fwd, z, coarse, y[half:])  # I~_k, one forward pass of G_k for both steps
     fake_for_D = made[:half].detach()  # D_k's step leaves G_k alone
@@ -277,6 +280,31 @@ def level_step(lv, x, y, sizes, nz, balance=None):
             "upd_d": float(upd_d),
             "upd_g": float(upd_g)}
 
+def mixed_condition(coarse, drawn, share):
+    """--gen-coarse (a deviation): each fake's l_k = u(I_{k+1}) is, with probability `share`, swapped for
+    u(I~_{k+1}), a sample of the coarser levels for the same class. G_k then also learns on the coarse images
+    that sampling gives it, flaws included; D_k still sees only whole images, so the pairs need no match."""
+    if drawn is None:
+        return coarse
+    swap = torch.rand(len(coarse), device=coarse.device) < share  # N
+    l_drawn = up(drawn, coarse.shape[-1])  # u(I~_{k+1})
+    return torch.where(swap[:, None, None, None], l_drawn, coarse)
+
+@torch.no_grad()
+def coarser_samples(run, k, y):
+    """--gen-coarse: I~_{k+1} for the labels y, Fig. 1's chain run by the samplers of levels K .. k+1 in
+    eval mode, as --sample runs them."""
+    K = len(run.sizes) - 1
+    Gs = [run.levels[j].sampler for j in range(k + 1, K + 1)]  # Gs[0] = G_{k+1}
+    modes = [G.training for G in Gs]
+    for G in Gs:
+        G.eval()
+    sizes = run.sizes[k + 1:]  # sizes[0]: I_{k+1}'s
+    chain = sample_chain(Gs, sizes, len(y), run.args.nz, y, y.device)
+    for G, mode in zip(Gs, modes):
+        G.train(mode)
+    return chain[0]
+
 @torch.no_grad()
 def average_weights(G_avg, G, beta):
     """--ema (Yazici et al. 2019, a deviation): after each step G_avg <- beta G_avg + (1 - beta) G. The
@@ -296,7 +324,10 @@ def train_step(run, idx):
         for t in range(lv.steps):
             if t > 0:  # a batch of its own
                 x, y = get_batch(run, torch.randint(len(run.images), idx.shape, device=idx.device))
-            out = level_step(lv, x, y, run.sizes, run.args.nz, run.balance)
+            drawn = None
+            if lv.gen_coarse:  # for the 3B/2 fakes' labels
+                drawn = coarser_samples(run, k, y[len(y) // 4:])
+            out = level_step(lv, x, y, run.sizes, run.args.nz, run.balance, drawn)
             if lv.G_avg is not None:
                 average_weights(lv.G_avg, lv.G, lv.beta)
         stats.update({f"{name}{k}": v for name, v in out.items()})
@@ -1176,7 +1207,7 @@ def restore(run, ckpt):
 
 # flags added after checkpoints were written: an older checkpoint gets their defaults, the paper's
 ADDED = {"dropout_d": 0.5, "lr_d": None, "base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1,
-         "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": 0}
+         "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": 0, "gen_coarse": 0.0}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
@@ -1510,6 +1541,9 @@ def setup_run(args, device, data, rank=0, world=1):
     if args.level is not None and not 0 <= args.level <= K:
         fail(f"--level {args.level} is out of range; this pyramid has levels 0..{K} (0 the full image, {K} "
              f"the base)")
+    if args.level is not None and args.level < K and at_level(args.gen_coarse, args.level):
+        fail(f"--gen-coarse draws level {args.level}'s coarse images with the coarser levels, which --level "
+             f"{args.level} leaves out; drop --level (train all levels at once) or give --gen-coarse 0")
     if len(images) < args.batch_size * world:
         fail(f"only {len(images)} training images, fewer than one batch of --batch-size {args.batch_size}"
              f"{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size or add images")
@@ -1551,7 +1585,11 @@ def prepare_level(args, k, sizes, nc, ncls, device, rank, world, stats=None):
     if beta:  # --ema: a copy of G_k whose weights follow G_k's average (average_weights)
         G_avg = copy.deepcopy(G).eval().requires_grad_(False)
     opt_G, opt_D = optimiser(G, args, args.lr), optimiser(D, args, d_lr(args, k))
-    return Level(k, G, D, *fwd, opt_G, opt_D, at_level(args.level_steps, k), G_avg, beta)
+    share = 0.0  # --gen-coarse: the base has no coarser level to draw from
+    if k < K:
+        share = at_level(args.gen_coarse, k)
+    steps = at_level(args.level_steps, k)
+    return Level(k, G, D, *fwd, opt_G, opt_D, steps, G_avg, beta, share)
 
 def in_bf16(f):
     """--amp on CUDA: f's forward pass under bf16 autocast, its output back in fp32 for the losses."""
@@ -1621,6 +1659,7 @@ NUMBERS = {
     "level_steps": (int, 1, "[1, 64]", "updates of each level per training step (the paper: 1)"),
     "ema": (float, 0.0, "[0, 1)", "G's weights averaged with this decay for sampling (0: off)"),
     "bn_d": (int, 0, "[0, 1]", "batch norm in the conv D_k, as DCGAN's D: 1 on, 0 off (the paper)"),
+    "gen_coarse": (float, 0.0, "[0, 1]", "share of G_k's coarse images drawn by the coarser G (0: real)"),
     "nz": (int, 100, "[1, 4096]", "noise size at the base"),
     "epochs": (int, 25, "[1, 100000]", "epochs to train"),
     "batch_size": (int, 128, "[2, 65536]", "even: half real for D"),
@@ -1639,7 +1678,8 @@ NUMBERS = {
     "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
     "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
     "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
-PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema", "bn_d"]  # or one per level
+# the flags that take one value or one per level
+PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema", "bn_d", "gen_coarse"]
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
 RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,

@@ -4640,7 +4640,7 @@ def test_lapgan_paper_defaults_are_pinned():
     paper = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "width_g": 128, "width_d": 64,
              "dropout_d": 0.5, "lr_d": None, "lr": 0.02, "momentum": 0.5, "optim": "sgd", "batch_size": 128,
              "nz": 100, "model": "small", "balance": False, "recipe": None, "conditional": False, "limit": None,
-             "select": 200, "tanh_base": False, "bn_d": 0}
+             "select": 200, "tanh_base": False, "bn_d": 0, "gen_coarse": 0.0}
     assert {k: getattr(args, k) for k in paper} == paper
     assert lapgan.pyramid_sizes(args, 32) == [28, 14, 8]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -4719,6 +4719,64 @@ def test_lapgan_ema_is_the_hand_computed_average_and_what_samples(tmp_path):
     Gs, _ = lapgan.load_levels([str(tmp_path / "full" / "ckpt.pt")])
     for k, G in enumerate(Gs):
         assert all(torch.equal(G.state_dict()[t], full[k]["G_avg"][t]) for t in full[k]["G_avg"])
+
+
+def test_lapgan_gen_coarse_grows_the_fakes_from_the_coarser_levels_samples(tmp_path):
+    """--gen-coarse 1,0,0: every fake at level 0 grows from u(I~_1), the chain of G_2's and G_1's samplers
+    (eval mode, the fakes' own labels), not from a real image's l_0; level 1 still sees real coarse images;
+    the samplers come back in training mode; --level 0 alone cannot draw I~_1; resume continues exactly."""
+    run = lap_tiny_run(["--conditional", "--base", "conv", "--gen-coarse", "1,0,0", "--ema", "0,0.9,0"], n=32)
+    assert [run.levels[k].gen_coarse for k in (0, 1, 2)] == [1.0, 0.0, 0.0]
+    seen = {0: [], 1: []}
+    for k in seen:
+        def record(xs, y=None, net=run.levels[k].G, k=k):
+            seen[k].append((xs[1].clone(), y.clone()))  # [z, l_k]: the coarse images G_k is given
+            return net(xs, y)
+        run.levels[k].G_fwd = record
+    drawn = []
+    real_draw = lapgan.coarser_samples
+
+    def draw(run, k, y):
+        state = torch.get_rng_state()
+        out = real_draw(run, k, y)
+        drawn.append((state, k, y.clone(), out))
+        return out
+    lapgan.coarser_samples = draw
+    try:
+        idx = torch.arange(16)
+        lapgan.train_step(run, idx)
+    finally:
+        lapgan.coarser_samples = real_draw
+    x, y = lapgan.get_batch(run, idx)
+    assert [k for _, k, _, _ in drawn] == [0]  # only level 0 draws
+    state, _, y_drawn, I1 = drawn[0]
+    l0, y0 = seen[0][0]
+    assert torch.equal(y_drawn, y[4:]) and torch.equal(y0, y[4:])  # the fakes' labels, 3B/2 of them
+    assert torch.allclose(l0, lapgan.up(I1, 32)) and not torch.allclose(l0, lapgan.condition(x[4:], run.sizes, 0))
+    assert torch.allclose(seen[1][0][0], lapgan.condition(x[4:], run.sizes, 1))  # level 1: real l_1
+    assert run.levels[1].G.training and run.levels[2].G.training and not run.levels[1].G_avg.training
+    torch.set_rng_state(state)  # the same draw by hand (levels 2 and 1 stepped before level 0 drew)
+    G2 = copy.deepcopy(run.levels[2].G)
+    with torch.no_grad():
+        z = lapgan.noise((12, 8), "cpu")
+        I1_hand = lapgan.sample_level(run.levels[1].G_avg, G2.eval()([z], y[4:]), 16, y[4:])
+        I1_train_bn = lapgan.sample_level(run.levels[1].G_avg, G2.train()([z], y[4:]), 16, y[4:])
+    assert torch.allclose(I1_hand, I1) and not torch.allclose(I1_train_bn, I1)  # eval mode, as --sample
+    with pytest.raises(SystemExit) as e:
+        lap_tiny_run(["--gen-coarse", "0.5", "--level", "0"])
+    lap_one_line_error(e, "--gen-coarse draws level 0's coarse images with the coarser levels", "drop --level")
+    torch.manual_seed(0)
+    mixed = lapgan.mixed_condition(torch.zeros(400, 1, 4, 4), torch.ones(400, 1, 2, 2), 0.25).flatten(1)
+    assert (mixed.amax(1) - mixed.amin(1)).max() < 1e-6  # whole rows swapped
+    assert 0.15 < mixed[:, 0].mean().item() < 0.35  # about a quarter of them
+    flags = LAPGAN_TINY + ["--gen-coarse", "0.5", "--select", "0"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(flags + ["--epochs", "2", "--outf", str(tmp_path / "full")])
+        lapgan.main(flags + ["--epochs", "1", "--outf", str(tmp_path / "part")])
+        lapgan.main(["--resume", "--outf", str(tmp_path / "part"), "--epochs", "2"])
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["levels"][0]["G"]
+    part = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["levels"][0]["G"]
+    assert all(torch.equal(full[t], part[t]) for t in full)
 
 
 @pytest.mark.parametrize("sizes,ncls", [([28, 14, 7], 10), ([28, 14], 0), ([32, 16, 8], 3)])
