@@ -241,7 +241,7 @@ def update(opt, loss, params=None):
 
 def level_step(lv, x, y, sizes, nz, balance=None, drawn=None):
     """One round at level k (cifar/train/double_conditional_adversarial.lua) on 2B real images x. balance:
-    None, or (err_real, err_fake) -> (update D_k, update G_k). drawn: --gen-coarse's I~_{k+1} for the fakes."""
+    None, or (err_real, err_fake) -> (update D_k, update G_k). drawn: --gen-coarse's I~_{k+1}, or None."""
     k = lv.k
     half = len(x) // 4  # B/2
     B = 2 * half

@@ -2,8 +2,9 @@
 
     python3 bench/quality.py SAMPLES.npz --dataset fashion-mnist [--dataroot DIR] [--nn-sheet PNG]
 
-A small CNN is trained once on the dataset's train split (3 epochs, 92.6% test accuracy on Fashion-MNIST,
-14 CPU-minutes; its weights are then cached under ~/.cache/gans-quality, keyed by the data files) and then
+A small CNN is trained once on the dataset's train split (3 epochs, 92.5 to 92.6% test accuracy on
+Fashion-MNIST as the machine's arithmetic goes, 3 to 14 minutes on two cores; its weights are then cached
+under ~/.cache/gans-quality, keyed by the data files, so FIDs compare within one machine's cache) and then
 reports (in under a minute for 10,000 samples, plus a pass over the training images for the last one):
 
 - fid: the Frechet distance between Gaussians fitted to the classifier's penultimate features (256 numbers
