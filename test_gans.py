@@ -5146,6 +5146,8 @@ def test_levels_times_each_levels_real_step_and_weighs_it_by_level_steps(lapgan_
     out = capsys.readouterr().out
     assert [v.k for v in views] == [2, 1, 0] and [v.updates for v in views] == [3, 1, 1] and real is None
     assert sorted(calls) == sorted([(k, (16, 3, 32, 32)) for k in range(3)] * 5)  # 2 warm-up + 3 timed, 2B
+    # every level warms up before any is timed: the process's first steps are charged to no level
+    assert [k for k, _ in calls] == [2, 2, 1, 1, 0, 0] + [2] * 3 + [1] * 3 + [0] * 3
     assert trained == {0: True, 1: True, 2: True}  # the checkpoint's own nets, before the first timed step
     for v in views:
         nets = ck["levels"][v.k]

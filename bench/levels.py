@@ -15,8 +15,8 @@ Then one markdown table, a row per level k, the base first:
   level k; 1 each without it).
 - step time: level k's share of one training step. Each level is built as lapgan.py sets up a run (the
   checkpoint's flags and sizes, its weights loaded, on this machine's CPU) and `lapgan.level_step` is timed
-  on random data of the checkpoint's batch (2 warm-up steps, then 3); both D_k and G_k update (no
-  --balance). The share is that time times the level's updates, over the same summed over the levels: a
+  on random data of the checkpoint's batch (2 warm-up steps of every level first, then 3 timed steps, the
+  median kept); both D_k and G_k update (no --balance). The share is that time times the level's updates, over the same summed over the levels: a
   weak level with a small share can be given more updates cheaply.
 - D/G params: D_k's parameters over G_k's (the Eyescream blog's rule of thumb: 0.5 or 0.125).
 - D(x), D(G(z)): level k's columns d_x{k}, d_gz{k} in the run's log.csv (beside the checkpoint): the first,
@@ -118,33 +118,41 @@ def level_counts(targs, K):
     return counts
 
 
-def seconds_per_step(lv, x, y, sizes, nz, warmup=2, timed=3):
-    """Mean wall time of one lapgan.level_step (D_k's update, then G_k's) after a warm-up."""
-    for _ in range(warmup):
-        lapgan.level_step(lv, x, y, sizes, nz)
-    start = time.perf_counter()
+def seconds_per_step(lv, x, y, sizes, nz, timed=3):
+    """Median wall time of one lapgan.level_step (D_k's update, then G_k's): one slow step of a busy
+    machine does not move it."""
+    times = []
     for _ in range(timed):
+        start = time.perf_counter()
         lapgan.level_step(lv, x, y, sizes, nz)
-    return (time.perf_counter() - start) / timed
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
-def level_times(ck):
-    """[LevelView of k = K, ..., 0] with each level's step time, its nets built as a run sets them up."""
+def level_times(ck, warmup=2):
+    """[LevelView of k = K, ..., 0] with each level's step time, its nets built as a run sets them up.
+    Every level takes its warm-up steps before any is timed: the process's first steps pay for memory
+    and kernels once, and would otherwise be charged to whichever level was timed first."""
     args, sizes = training_args(ck), ck["sizes"]
     nc, ncls = args.nc, lapgan.n_classes(ck)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2 * args.batch_size, nc, sizes[0], sizes[0], generator=gen)  # B/2 real, 3B/2 conditions
     y = torch.randint(max(ncls, 1), (len(x),), generator=gen)
     K = len(sizes) - 1
-    views = []
+    built = []
     for k in reversed(range(K + 1)):
         lv = lapgan.prepare_level(args, k, sizes, nc, ncls, torch.device("cpu"), 0, 1)
         if k in ck["levels"]:  # the trained nets: a checkpoint whose flags build other nets fails here
             lv.G.load_state_dict(ck["levels"][k]["G"])
             lv.D.load_state_dict(ck["levels"][k]["D"])
+        for _ in range(warmup):
+            lapgan.level_step(lv, x, y, sizes, args.nz)
+        built.append(lv)
+    views = []
+    for lv in built:
         ng, nd = (sum(p.numel() for p in m.parameters()) for m in (lv.G, lv.D))
-        view = LevelView(k, sizes[k], seconds_per_step(lv, x, y, sizes, args.nz), nd / ng)
-        view.chain = "full" if k == K else f"from_{k + 1}"
+        view = LevelView(lv.k, sizes[lv.k], seconds_per_step(lv, x, y, sizes, args.nz), nd / ng)
+        view.chain = "full" if lv.k == K else f"from_{lv.k + 1}"
         views.append(view)
     return views
 
