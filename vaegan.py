@@ -37,7 +37,7 @@ Deviations (also in README.md):
     python vaegan.py --dataset fashion-mnist --recon pixel --no-gan --outf out/vae-fashion-mnist
     python vaegan.py --sample --ckpt out/vaegan-fashion-mnist/ckpt.pt --recon-grid --attribute 1
 """
-import argparse, contextlib, csv, errno, gzip, hashlib, io, math, os, pickle
+import argparse, contextlib, csv, errno, functools, gzip, hashlib, io, math, os, pickle
 import shlex, shutil, sys, tarfile, time, zlib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -529,10 +529,8 @@ def lock_run(outf):
     """OUTF/.lock holds this process's id for the run's life; a lock whose process is gone is taken over."""
     path = os.path.join(outf, ".lock")
     for _ in range(3):
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
+        with contextlib.suppress(FileExistsError), open(path, "x") as f:  # O_CREAT | O_EXCL: one process wins
+            f.write(str(os.getpid()))
             return path
         with open(path) as f:
             pid = f.read().strip()
@@ -545,10 +543,9 @@ def lock_run(outf):
 
 def process_alive(pid):
     try:
-        with contextlib.suppress(PermissionError):  # alive, another user's
-            os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+        os.kill(pid, 0)
+    except OSError as e:  # PermissionError: alive, another user's
+        return not isinstance(e, ProcessLookupError)
     return True
 
 def start_folder(args, ckpt):
@@ -564,8 +561,7 @@ def start_folder(args, ckpt):
     return lock
 
 # ----------------------------------------------------------------------------- data
-# Every loader returns a whole split as one uint8 tensor N x C x H x W, int64 labels and class names:
-# decoded once, then batches are gathered by index on the device, with no per-image Python in the loop.
+# Each split is decoded once, whole: batches are then gathered by index on the device, no per-image Python.
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28, "folder": 64, "shapes": 32}
 SHAPES_MAX_SIZE = 128  # shapes are drawn in float64 chunks of 1000 images: ~1 GB at 128 px
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -1016,16 +1012,14 @@ def prepare_forward(nets, opts, args, world):
     if world > 1:
         for opt in opts.values():
             opt.register_step_pre_hook(average_grads)  # DDP's hooks by hand: autograd.grad does not fire them
-    return Forward(**{k: autocast_call(m, args) for k, m in parts.items()}, batch_mean=global_mean)
+    if args.compile:
+        parts = {k: torch.compile(m, dynamic=False) for k, m in parts.items()}
+    calls = {k: functools.partial(autocast_call, m, args.amp and args.cuda) for k, m in parts.items()}
+    return Forward(**calls, batch_mean=global_mean)
 
-def autocast_call(module, args):
-    compiled = torch.compile(module, dynamic=False) if args.compile else module
-    device = "cuda" if args.cuda else "cpu"
-
-    def call(x):
-        with torch.autocast(device, torch.bfloat16, enabled=args.amp and args.cuda):
-            return compiled(x).float()
-    return call
+def autocast_call(module, amp, x):
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        return module(x).float()
 
 def pick_device(args, local_rank=0):
     if args.cuda and not torch.cuda.is_available():
@@ -1053,9 +1047,8 @@ def average_grads(opt, *_):
         g.copy_(part.view_as(g))
 
 # ----------------------------------------------------------------------------- command line
-# Every numeric flag: name, type, default, valid range, help. The ranges are checked in one loop
-# (`check_numbers`) before anything is allocated: "(" and ")" leave the end out, "[" and "]" take it in;
-# NaN and inf lie outside every range.
+# Every numeric flag: name, type, default, valid range ("(" or ")" leaves that end out, "[" or "]" takes it
+# in), help. `check_numbers` checks them before anything is allocated; NaN and inf lie outside every range.
 NUMBERS = [
     ("--image-size", int, None, "[16, 1024]", "the native size unless given; 64 for folder"),
     ("--limit", int, None, "[1, inf)", "use only the first N training images"),
