@@ -1012,9 +1012,9 @@ def draw_dhist(hist, path, cell=12):
     frac = hist / hist.sum(-1, keepdim=True).clamp(min=1)
     shade = 255 - (frac / frac.amax().clamp(min=1e-8) * 255).byte()  # E x 2 x 20, dark = many outputs
     rows = torch.cat([shade[:, 0], torch.full((len(shade), 1), 255, dtype=torch.uint8), shade[:, 1]], 1)
-    img = Image.new("L", (rows.shape[1] * cell, len(rows) * cell + 14), 255)
-    img.paste(Image.fromarray(rows.numpy()).resize((rows.shape[1] * cell, len(rows) * cell), Image.NEAREST),
-              (0, 14))
+    cells = Image.fromarray(rows.numpy()).resize((rows.shape[1] * cell, len(rows) * cell), Image.NEAREST)
+    img = Image.new("L", (cells.width, cells.height + 14), 255)  # a 14-pixel strip on top for the titles
+    img.paste(cells, (0, 14))
     ImageDraw.Draw(img).text((2, 1), "D(x) on real: 0 .. 1", fill=0)
     ImageDraw.Draw(img).text((21 * cell + 2, 1), "D(G(z)) on generated: 0 .. 1", fill=0)
     save_image(img, path)
@@ -1047,7 +1047,7 @@ def load_sampler(args):
     ncls = len(ckpt["classes"]) if targs.conditional else 0
     if args.label is not None and not ncls:
         fail(f"{args.ckpt} was trained without --conditional; drop --label")
-    if ncls and args.label is not None and args.label >= ncls:
+    if args.label is not None and args.label >= ncls:
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
     stem = os.path.splitext(args.out or os.path.join(os.path.dirname(args.ckpt), "samples.png"))[0]
     nc, size = ckpt["shape"]
@@ -1147,7 +1147,6 @@ def make_parser():
     return p
 
 def get_args(argv=None):
-    """The user's flags, checked; `typed` lists those typed, for --resume's check."""
     p = make_parser()
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: what is left is what the user typed
@@ -1212,12 +1211,11 @@ def interrupted(args, run, argv):
     if not os.path.exists(path):
         return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    flags = ["--resume", "--outf", args.outf]  # and this machine's flags as typed
+    flags = ["python3", "gan.py", "--resume", "--outf", args.outf]  # and this machine's flags as typed
     for k in [k for k in ("cuda", "amp", "compile", "workers", "log_every") if k in args.typed]:
         v = getattr(args, k)
         flags += ["--" + k.replace("_", "-")] + ([] if isinstance(v, bool) else [str(v)])
-    return (f"interrupted {where}; {path} (epoch {epoch}) is kept; "
-            f"to continue: python3 gan.py {shlex.join(flags)}")
+    return f"interrupted {where}; {path} (epoch {epoch}) is kept; to continue: {shlex.join(flags)}"
 
 if __name__ == "__main__":
     main()
