@@ -794,7 +794,9 @@ def write_atomic(path, write):
         os.replace(tmp, path)
     except BaseException as e:
         failed = isinstance(e, (OSError, RuntimeError))  # torch.save on a full disk: RuntimeError, no errno
-        full = failed and disk_full(e, path)  # asked while the .tmp still fills the disk
+        folder = os.path.dirname(os.path.abspath(path))  # asked while the .tmp still fills the disk
+        low = failed and os.path.isdir(folder) and shutil.disk_usage(folder).free < 1 << 16
+        full = getattr(e, "errno", None) == errno.ENOSPC or low
         if os.path.exists(tmp):
             os.remove(tmp)
         if full:
@@ -803,12 +805,6 @@ def write_atomic(path, write):
             why = getattr(e, "strerror", None) or str(e).split("\n")[0]
             fail(f"could not write {path} ({why}); the previous file is kept")
         raise
-
-def disk_full(e, path):
-    if getattr(e, "errno", None) == errno.ENOSPC:
-        return True
-    folder = os.path.dirname(os.path.abspath(path))
-    return os.path.isdir(folder) and shutil.disk_usage(folder).free < 1 << 16
 
 def prepare_output(folder):
     """Create `folder` and prove it writable with a probe file, or fail with one line saying why not."""
@@ -944,8 +940,8 @@ def read_idx(path):
 def load_mnist(root, name, split):
     """MNIST and Fashion-MNIST: DATAROOT/NAME, DATAROOT or a Debian dataset package, else downloaded."""
     paths = []
+    dirs = (os.path.join(root, name), root, os.path.join(SYSTEM_DATA, name))
     for i in [0, 1] if split == "train" else [2, 3]:
-        dirs = (os.path.join(root, name), root, os.path.join(SYSTEM_DATA, name))
         found = [os.path.join(d, f) for d in dirs for f in (IDX_FILES[i], IDX_FILES[i][:-3])]
         paths.append(find_or_download(found, IDX_URLS[name] + IDX_FILES[i], IDX_MD5[name][i]))
     x, y = (torch.from_numpy(read_idx(p).copy()) for p in paths)
@@ -1166,12 +1162,8 @@ def checkpoint(run, ks=None, opts=True):
     args = {**vars(run.args), "image_size": run.images.shape[-1], "nc": run.images.shape[1]}
     levels = {}
     for k in run.levels if ks is None else ks:
-        lv = run.levels[k]
-        levels[k] = {"G": lv.G.state_dict(), "D": lv.D.state_dict()}
-        if lv.G_avg is not None:  # --ema: sampling loads the average
-            levels[k]["G_avg"] = lv.G_avg.state_dict()
-        if opts:
-            levels[k].update(optG=lv.opt_G.state_dict(), optD=lv.opt_D.state_dict())
+        kept = saved_parts(run.levels[k]).items()
+        levels[k] = {name: m.state_dict() for name, m in kept if opts or not name.startswith("opt")}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"script": SCRIPT, "args": args, "classes": run.classes, "sizes": run.sizes,
             "mean": run.mean.cpu(), "std": run.std.cpu(), "epoch": run.epoch, "step": run.step,
@@ -1179,17 +1171,17 @@ def checkpoint(run, ks=None, opts=True):
             "levels": levels, "world": run.world,
             "paper_levels": True}  # level k, sizes[k]: the paper's I_k, 0 the full image
 
+def saved_parts(lv):
+    """Level lv's checkpoint entries: nets, the --ema average (sampling loads it) if any, optimisers."""
+    parts = {"G": lv.G, "D": lv.D, "G_avg": lv.G_avg, "optG": lv.opt_G, "optD": lv.opt_D}
+    return {name: m for name, m in parts.items() if m is not None}
+
 def restore(run, ckpt):
     for k, lv in run.levels.items():
         if k not in ckpt["levels"]:
             fail(f"the checkpoint does not hold level {k}; resume with the same --level")
-        saved = ckpt["levels"][k]
-        lv.G.load_state_dict(saved["G"])
-        lv.D.load_state_dict(saved["D"])
-        if lv.G_avg is not None:
-            lv.G_avg.load_state_dict(saved["G_avg"])
-        lv.opt_G.load_state_dict(saved["optG"])
-        lv.opt_D.load_state_dict(saved["optD"])
+        for name, m in saved_parts(lv).items():
+            m.load_state_dict(ckpt["levels"][k][name])
     run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], dict(ckpt["balance"]["best"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -1210,8 +1202,8 @@ ADDED = {"dropout_d": 0.5, "lr_d": None, "base": "mlp", "bn_g": False, "ema": 0.
          "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": 0, "gen_coarse": 0.0}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
-MAY_CHANGE = ["dataroot", "epochs", "outf", "cuda", "amp", "compile", "workers", "log_every"]
 MACHINE = ["cuda", "amp", "compile", "workers", "log_every"]  # this session's, as typed or by default
+MAY_CHANGE = ["dataroot", "epochs", "outf"] + MACHINE
 SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch",
                  "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
 
@@ -1222,9 +1214,9 @@ def resume_args(args, typed):
               and getattr(args, k) != ckpt["args"].get(k)]
     if differ:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in differ)
-        fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only --dataroot, "
-             f"--epochs, --outf, --cuda, --amp, --compile, --workers, --log-every may change): drop them, or "
-             f"start a new run with another --outf")
+        may = ", ".join(f"--{k.replace('_', '-')}" for k in MAY_CHANGE)
+        fail(f"--resume keeps the checkpoint's training flags; {flags} differ from it (only {may} may "
+             "change): drop them, or start a new run with another --outf")
     typed_values = {k: getattr(args, k) for k in MAY_CHANGE if k in typed or k in MACHINE}
     args = argparse.Namespace(**{**ckpt["args"], **typed_values, "outf": args.outf, "resume": True})
     if ckpt["epoch"] >= args.epochs:
@@ -1258,12 +1250,13 @@ def load_levels(paths, need=None):
     Gs, first = {}, None
     for path in paths:
         ck = load_checkpoint(path)
-        if first and (ck["sizes"], ck["args"]["nc"], n_classes(ck)) != first[1]:
+        pyramid = (ck["sizes"], ck["args"]["nc"], n_classes(ck))  # build_level's sizes, nc, ncls
+        first = first or (ck, pyramid)
+        if pyramid != first[1]:
             fail(f"{path} holds another pyramid (sizes, channels, classes) than {paths[0]}; use matching "
                  f"checkpoints")
-        first = first or (ck, (ck["sizes"], ck["args"]["nc"], n_classes(ck)))
         for k, st in ck["levels"].items():
-            Gs[k] = build_level(ck["args"], k, ck["sizes"], ck["args"]["nc"], n_classes(ck))[0]
+            Gs[k] = build_level(ck["args"], k, *pyramid)[0]
             Gs[k].load_state_dict(st.get("G_avg", st["G"]))  # --ema: the average draws
     need = range(len(first[0]["sizes"])) if need is None else need
     if any(k not in Gs for k in need):
@@ -1306,7 +1299,7 @@ def sampling_source(args, dev):
     ncls = src.run.ncls
     if args.label is not None and not ncls:
         fail(f"{last} was trained without --conditional; drop --label")
-    if ncls and args.label is not None and not 0 <= args.label < ncls:
+    if args.label is not None and args.label >= ncls:  # get_args has checked it is >= 0
         fail(f"--label {args.label} is out of range; this model has classes 0..{ncls - 1}")
     check_room(args, src)
     return src
@@ -1343,13 +1336,9 @@ def draw_chunks(src, n, y, chunk=500):
         finest.append(to_uint8(to_display(images[0], src.run.mean, src.run.std)))
     return np.concatenate(sheet), np.concatenate(finest), len(images)
 
-def full_split(args, split):
-    """The whole split of a run's dataset (--limit applies to training only)."""
-    return load_dataset(argparse.Namespace(**{**vars(args), "limit": None}), split)
-
 def use_test_images(run):
     """--resample and --eval: the model's test split, on the device, in place of its training images."""
-    x, y, _ = full_split(run.args, "test")
+    x, y, _ = load_dataset(run.args, "test")  # --limit cuts the training split only
     run.images, run.labels = x.to(run.mean.device), y.to(run.mean.device)
 
 def selection_images(run):
@@ -1360,11 +1349,6 @@ def selection_images(run):
         fail(f"--select {n} is more than the {len(x)} test images of {run.args.dataset}; lower --select")
     held = Run(run.sizes, 0, run.mean, run.std, images=x[-n:].to(dev), labels=y[-n:].to(dev))
     return get_batch(held, torch.arange(len(held.images), device=dev), False)
-
-def check_finite(run):
-    if not all(torch.isfinite(p).all() for lv in run.levels.values() for p in lv.sampler.parameters()):
-        fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {run.args.outf} "
-             f"is kept")
 
 def write_selection(run, scores, better):
     """select.csv's row; best.pt: every level's best weights so far, the levels `better` replaced."""
@@ -1393,7 +1377,9 @@ def end_of_epoch(run, val):
     """Rank 0: model selection (noise of its own, the same every epoch), samples, ckpt.pt, curves.png."""
     args, dev = run.args, run.images.device
     gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
-    check_finite(run)
+    if not all(torch.isfinite(p).all() for lv in run.levels.values() for p in lv.sampler.parameters()):
+        fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {args.outf} "
+             "is kept")
     for lv in run.levels.values():
         lv.G.eval()
     if val is not None:
@@ -1413,7 +1399,7 @@ def nearest_sheet(Gs, run, y, path):
     asked = y[torch.arange(32, device=dev) % len(y)]
     made = sample_chain(Gs, run.sizes, 32, run.args.nz, asked, dev)[0]
     fake = to_display(made, run.mean, run.std).cpu()  # in [-1, 1]
-    train = full_split(run.args, "train")[0]
+    train = load_dataset(argparse.Namespace(**{**vars(run.args), "limit": None}), "train")[0]  # all of it
     m = (train.shape[-1] - s) // 2
     train = train[..., m:m + s, m:m + s]
     fake_pixels = (fake.flatten(1) + 1) * 127.5  # uint8 units, as the training images
@@ -1585,9 +1571,7 @@ def prepare_level(args, k, sizes, nc, ncls, device, rank, world, stats=None):
     if beta:  # --ema: a copy of G_k whose weights follow G_k's average (average_weights)
         G_avg = copy.deepcopy(G).eval().requires_grad_(False)
     opt_G, opt_D = optimiser(G, args, args.lr), optimiser(D, args, d_lr(args, k))
-    share = 0.0  # --gen-coarse: the base has no coarser level to draw from
-    if k < K:
-        share = at_level(args.gen_coarse, k)
+    share = at_level(args.gen_coarse, k) if k < K else 0.0  # --gen-coarse: the base has no coarser level
     steps = at_level(args.level_steps, k)
     return Level(k, G, D, *fwd, opt_G, opt_D, steps, G_avg, beta, share)
 
@@ -1627,9 +1611,7 @@ def at_level(value, k):
     """Level k's value of a PER_LEVEL flag: one number (a default, an older checkpoint's) or a list."""
     if not isinstance(value, list):
         return value
-    if len(value) == 1:
-        return value[0]
-    return value[k]
+    return value[0] if len(value) == 1 else value[k]
 
 def level_values(kind):
     """The argparse type of a PER_LEVEL flag: '16' or '16,32,64' (level 0, the finest, first) -> a list."""
@@ -1736,9 +1718,7 @@ def get_args(argv=None):
         apply_recipe(args, typed_flags(argv))
     for name, (_, _, interval, _) in NUMBERS.items():
         values = getattr(args, name)
-        if not isinstance(values, list):  # PER_LEVEL flags hold lists
-            values = [values]
-        for v in values:
+        for v in values if isinstance(values, list) else [values]:  # PER_LEVEL flags hold lists
             check_number(name, v, interval)
     if args.batch_size % 2:
         fail(f"--batch-size {args.batch_size} must be even: D's batch is half real, half generated")
@@ -1773,10 +1753,8 @@ def apply_recipe(args, typed):
     """--recipe NAME: its flags where not typed, printed; the run's checkpoint keeps them as flags."""
     chosen = {k: v for k, v in RECIPES[args.recipe].items() if k not in typed}
     vars(args).update(chosen)
-    shown = []
-    for k, v in chosen.items():
-        shown.append(flag_text(k, v))
-    print(f"--recipe {args.recipe} sets: {' '.join(shown)}")
+    shown = " ".join(flag_text(k, v) for k, v in chosen.items())
+    print(f"--recipe {args.recipe} sets: {shown}")
 
 def flag_text(name, value):
     """A flag as it would be typed: --name, --name VALUE or --name 1,2,3."""
@@ -1824,12 +1802,10 @@ def interrupted(args, run, argv):
     if not os.path.exists(path):
         return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    flags = ["--resume", "--outf", args.outf]  # and this machine's flags as typed
-    for k in sorted(set(MACHINE) & typed_flags(argv)):
-        v = getattr(args, k)
-        flags += ["--" + k.replace("_", "-")] + ([] if isinstance(v, bool) else [str(v)])
-    return (f"interrupted {where}; {path} (epoch {epoch}) is kept; "
-            f"to continue: python3 lapgan.py {shlex.join(flags)}")
+    flags = [shlex.join(["--resume", "--outf", args.outf])]  # and this machine's flags as typed
+    flags += [flag_text(k, getattr(args, k)) for k in sorted(set(MACHINE) & typed_flags(argv))]
+    go_on = " ".join(flags)
+    return f"interrupted {where}; {path} (epoch {epoch}) is kept; to continue: python3 lapgan.py {go_on}"
 
 if __name__ == "__main__":
     main()
