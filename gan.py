@@ -801,13 +801,15 @@ def start_run(args, device, rank, world):
         fail(f"nothing to resume: {args.outf} holds no checkpoint (ckpt.pt); run without --resume to start")
     if not args.resume and os.path.exists(path):
         fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    log = os.path.join(args.outf, "log.csv")
+    if not args.resume and os.path.exists(log):  # a run that stopped before its first checkpoint
+        fail(f"{args.outf} already holds a run's log.csv but no checkpoint to resume; delete {log} to start "
+             "there again, or choose another --outf")
     ckpt = load_checkpoint(path, training=True) if args.resume else None
     args = resume_args(args, ckpt) if args.resume else args
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
     if args.resume:
         restore(run, ckpt)
-    elif rank == 0 and os.path.exists(os.path.join(args.outf, "log.csv")):  # a run that never saved
-        os.remove(os.path.join(args.outf, "log.csv"))
     return run
 
 def checkpoint(run):
@@ -913,15 +915,34 @@ def lock_run(outf):
                 f.write(str(os.getpid()))
             return path
         except FileExistsError:
-            text = open(path).read().strip()
+            text = lock_holder(path)
+        if text is None:  # the lock went between the two calls: try again
+            continue
         if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
             fail(f"{outf} is in use by another run (process {text or 'starting'}); wait for it to end, "
                  "or choose another --outf")
         os.remove(path)  # its process is gone: a stale lock
 
+def lock_holder(path, tries=20):
+    """The process id written in a lock, given a second to appear in one just taken; None when the lock has
+    gone since (its run ended) or points nowhere (a dangling link, removed here)."""
+    for _ in range(tries):
+        try:
+            text = open(path).read().strip()
+        except FileNotFoundError:
+            if os.path.islink(path):
+                os.remove(path)
+            return None
+        if text:
+            break
+        time.sleep(0.05)  # created, its id not yet written
+    return text
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
+    except OverflowError:  # no process has so large an id
+        return False
     except OSError as e:  # PermissionError: alive, another user's
         return not isinstance(e, ProcessLookupError)
     return True
@@ -1209,6 +1230,9 @@ def interrupted(args, run, argv):
     where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
     path = os.path.join(args.outf, "ckpt.pt")
     if not os.path.exists(path):
+        log = os.path.join(args.outf, "log.csv")
+        if run and run.rank == 0 and os.path.exists(log):  # nothing to resume; it would refuse a restart
+            os.remove(log)
         return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     flags = ["python3", "gan.py", "--resume", "--outf", args.outf]  # and this machine's flags as typed

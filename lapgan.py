@@ -825,7 +825,9 @@ def lock_run(outf):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            text = open(path).read().strip()
+            text = lock_holder(path)
+        if text is None:  # the lock went between the two calls: try again
+            continue
         if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
             fail(f"{outf} is in use by another run (process {text or 'starting'}); wait for it to end, "
                  "or choose another --outf")
@@ -834,10 +836,25 @@ def lock_run(outf):
     os.close(fd)
     return path
 
+def lock_holder(path, tries=20):
+    """The process id written in a lock, given a second to appear in one just taken; None when the lock has
+    gone since (its run ended) or points nowhere (a dangling link, removed here)."""
+    for _ in range(tries):
+        try:
+            text = open(path).read().strip()
+        except FileNotFoundError:
+            if os.path.islink(path):
+                os.remove(path)
+            return None
+        if text:
+            break
+        time.sleep(0.05)  # created, its id not yet written
+    return text
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; no process has so large an id
         return False
     except PermissionError:  # alive, another user's
         pass
@@ -1231,16 +1248,21 @@ def start_run(args, typed, device, rank, world):
         fail(f"nothing to resume: {args.outf} holds no checkpoint (ckpt.pt); run without --resume to start")
     if not args.resume and os.path.exists(path):
         fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
+    left = run_files(args.outf)  # a run that stopped before its first checkpoint
+    if not args.resume and left:
+        fail(f"{args.outf} already holds a run's {', '.join(left)} but no checkpoint to resume; delete them "
+             "to start there again, or choose another --outf")
     ckpt = None
     if args.resume:  # the checkpoint's flags, less this machine's
         args, ckpt = resume_args(args, typed)
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
     if ckpt:
         restore(run, ckpt)
-    for name in ("log.csv", "select.csv", "best.pt"):
-        if not ckpt and rank == 0 and os.path.exists(os.path.join(args.outf, name)):
-            os.remove(os.path.join(args.outf, name))
     return run
+
+def run_files(outf):
+    """The files a run writes beside its ckpt.pt that are in OUTF."""
+    return [name for name in ("log.csv", "select.csv", "best.pt") if os.path.exists(os.path.join(outf, name))]
 
 def n_classes(ck):
     return len(ck["classes"]) if ck["args"]["conditional"] else 0
@@ -1413,7 +1435,7 @@ def append_log(path, row):
     fields = list(row)
     if os.path.exists(path):
         with open(path) as f:
-            fields = next(csv.reader(f))
+            fields = next(csv.reader(f), None) or fields  # an empty file takes the row's
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         if f.tell() == 0:
@@ -1427,10 +1449,12 @@ def trim_log(path, key, last, flip=None):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = [r for r in reader if None not in r.values() and int(r[key]) <= last]  # none torn
+        header = reader.fieldnames  # None: the file is empty (its run stopped while creating it)
     text = io.StringIO()
-    out = csv.writer(text)
-    out.writerow([renumber(c, flip) for c in reader.fieldnames or []])
-    out.writerows(r.values() for r in rows)
+    if header:
+        out = csv.writer(text)
+        out.writerow([renumber(c, flip) for c in header])
+        out.writerows(r.values() for r in rows)
     write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 def renumber(column, flip):
@@ -1800,6 +1824,9 @@ def interrupted(args, run, argv):
     where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
     path = os.path.join(args.outf, "ckpt.pt")
     if not os.path.exists(path):
+        if run and run.rank == 0:  # this run's files: nothing to resume, and they would refuse a restart
+            for name in run_files(args.outf):
+                os.remove(os.path.join(args.outf, name))
         return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     flags = [shlex.join(["--resume", "--outf", args.outf])]  # and this machine's flags as typed

@@ -2835,14 +2835,15 @@ def test_gan_sigint_keeps_the_checkpoint_and_resume_continues_exactly(tmp_path):
 
 
 def test_gan_sigint_before_any_checkpoint_then_the_same_command_starts_again(tmp_path):
-    """Ctrl-C in epoch 1: nothing to resume, and the same command is not refused (a folder with no ckpt.pt
-    holds no run: the stale log.csv is started anew); --resume there says there is nothing to resume."""
+    """Ctrl-C in epoch 1: nothing to resume, so the run takes its log.csv away with it and the same command
+    is not refused; --resume there says there is nothing to resume."""
     outf = str(tmp_path / "run")
     argv = GAN_SMALL + ["--limit", "640", "--epochs", "1", "--outf", outf]
     proc = gan_start(*argv)
     err = sigint_line(proc, os.path.join(outf, "log.csv"))
     assert "no checkpoint was written yet; to start again: python3 gan.py --dataset shapes" in err
     assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
+    assert not os.path.exists(os.path.join(outf, "log.csv"))
     gan_one_line_error(f"nothing to resume: {outf} holds no checkpoint (ckpt.pt); run without --resume",
                        call=lambda: gan.main(["--resume", "--outf", outf]))
     gan.main(argv)  # the same command, as printed
@@ -3281,9 +3282,78 @@ def test_vaegan_ctrl_c_before_the_first_checkpoint_says_start_again(tmp_path):
     assert p.returncode == 130 and len(err.strip().splitlines()) == 1, err
     assert "no checkpoint was written yet; start again with: python3 vaegan.py --dataset shapes" in err
     assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
+    assert not os.path.exists(os.path.join(outf, "log.csv"))  # the run's own rows: nothing to resume
     vaegan_error(lambda: vaegan.main(["--resume", "--outf", outf]), "nothing to resume; run without --resume")
-    run = vaegan.main(VAE_SMALL + ["--limit", "16", "--epochs", "1", "--outf", outf])  # the folder is not a run
+    run = vaegan.main(VAE_SMALL + ["--limit", "16", "--epochs", "1", "--outf", outf])  # the same folder
     assert run.step == 2 and [r["step"] for r in read_log(os.path.join(outf, "log.csv"))] == ["1", "2"]
+
+
+def killed_before_checkpoint(start, outf):
+    """A real run into outf, SIGKILLed once its log.csv has rows and before any checkpoint."""
+    proc = start()
+    kill_when(os.path.join(outf, "log.csv"), proc, min_size=40)
+    assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
+    return open(os.path.join(outf, "log.csv"), "rb").read()
+
+
+def test_a_fresh_run_refuses_a_folder_whose_killed_run_left_only_its_log(tmp_path):
+    """CONVENTIONS: a fresh run refuses an --outf holding ckpt.pt or log.csv. A run killed before its first
+    checkpoint leaves a log.csv: each script refuses in one line naming it, changes nothing there, and runs
+    once it is deleted."""
+    gan_out, lap_out, vae_out = (str(tmp_path / name) for name in ("gan", "lap", "vae"))
+    gan_argv = GAN_SMALL + ["--limit", "640", "--epochs", "1", "--outf", gan_out]
+    lap_argv = LAPGAN_TINY + ["--limit", "160", "--select", "0", "--epochs", "1", "--outf", lap_out]
+    vae_argv = VAE_SMALL + ["--limit", "1000", "--epochs", "1", "--outf", vae_out]
+    cases = [(gan_out, lambda: gan_start(*gan_argv), lambda: gan.main(gan_argv)),
+             (lap_out, lambda: lap_start(*lap_argv), lambda: lapgan.main(lap_argv)),
+             (vae_out, lambda: vae_popen(*vae_argv), lambda: vaegan.main(vae_argv))]
+    for outf, start, again in cases:
+        log = os.path.join(outf, "log.csv")
+        before = killed_before_checkpoint(start, outf)
+        with pytest.raises(SystemExit) as e:
+            again()
+        msg = e.value.code
+        assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+        assert f"{outf} already holds a run's log.csv" in msg and "choose another --outf" in msg, msg
+        assert open(log, "rb").read() == before and not os.path.exists(os.path.join(outf, ".lock"))
+        os.remove(log)
+        with contextlib.redirect_stdout(io.StringIO()):
+            again()
+        assert os.path.exists(os.path.join(outf, "ckpt.pt"))
+
+
+def test_a_lock_that_points_nowhere_or_names_an_impossible_process_is_taken_over(tmp_path):
+    """A .lock that is a dangling link (its file gone, as when its run ends between the check and the read)
+    or holds a process id no system can have is stale: each script takes the lock instead of a traceback."""
+    for script in (gan, lapgan, vaegan):
+        for kind in ("dangling", "huge"):
+            outf = tmp_path / f"{script.__name__}-{kind}"
+            outf.mkdir()
+            lock = outf / ".lock"
+            if kind == "dangling":
+                os.symlink(tmp_path / "nowhere", lock)
+            else:
+                lock.write_text("9" * 30)
+            path = script.lock_run(str(outf))
+            assert path == str(lock) and not os.path.islink(path), (script.__name__, kind)
+            assert open(path).read() == str(os.getpid()), (script.__name__, kind)
+
+
+def test_resume_over_an_emptied_log_starts_it_again_with_its_header(tmp_path):
+    """A run whose log.csv was left empty (0 bytes) resumes: the log gets its header back and the resumed
+    rows, no traceback."""
+    cases = [(gan, GAN_SMALL + ["--limit", "32"]),
+             (lapgan, LAPGAN_TINY + ["--select", "0"]),
+             (vaegan, VAE_SMALL + ["--limit", "16"])]
+    for script, argv in cases:
+        outf = str(tmp_path / script.__name__)
+        log = os.path.join(outf, "log.csv")
+        with contextlib.redirect_stdout(io.StringIO()):
+            script.main(argv + ["--epochs", "1", "--outf", outf])
+            open(log, "w").close()
+            script.main(["--resume", "--outf", outf, "--epochs", "2"])
+        rows = read_log(log)
+        assert rows and "step" in rows[0] and all(r["epoch"] == "2" for r in rows), script.__name__
 
 
 KILL_DRIVER = """
@@ -4395,6 +4465,7 @@ def test_lapgan_sigint_before_any_checkpoint_then_the_same_command_starts_again(
     err = sigint_line(proc, os.path.join(outf, "log.csv"))
     assert "no checkpoint was written yet; to start again: python3 lapgan.py --dataset shapes" in err
     assert not os.path.exists(os.path.join(outf, "ckpt.pt"))
+    assert not os.path.exists(os.path.join(outf, "log.csv"))  # the run's own rows: nothing to resume
     with pytest.raises(SystemExit) as e:
         lapgan.main(["--resume", "--outf", outf])
     lap_one_line_error(e, f"nothing to resume: {outf} holds no checkpoint (ckpt.pt); run without --resume")

@@ -532,8 +532,9 @@ def lock_run(outf):
         with contextlib.suppress(FileExistsError), open(path, "x") as f:  # O_CREAT | O_EXCL: one process wins
             f.write(str(os.getpid()))
             return path
-        with open(path) as f:
-            pid = f.read().strip()
+        pid = lock_holder(path)
+        if pid is None:  # the lock went between the two calls: try again
+            continue
         if not pid.isdigit() or process_alive(int(pid)):
             fail(f"{outf} is in use by another run (process {pid or 'starting'}); wait for it to end, "
                  f"or choose another --outf (if no run uses it, delete {path})")
@@ -541,23 +542,42 @@ def lock_run(outf):
             os.remove(path)
     fail(f"could not take the lock {path}; try again")
 
+def lock_holder(path, tries=20):
+    """The process id written in a lock, given a second to appear in one just taken; None when the lock has
+    gone since (its run ended) or points nowhere (a dangling link, removed here)."""
+    for _ in range(tries):
+        try:
+            text = open(path).read().strip()
+        except FileNotFoundError:
+            if os.path.islink(path):
+                os.remove(path)
+            return None
+        if text:
+            break
+        time.sleep(0.05)  # created, its id not yet written
+    return text
+
 def process_alive(pid):
     try:
         os.kill(pid, 0)
+    except OverflowError:  # no process has so large an id
+        return False
     except OSError as e:  # PermissionError: alive, another user's
         return not isinstance(e, ProcessLookupError)
     return True
 
 def start_folder(args, ckpt):
-    """The run folder, locked; a fresh run refuses a folder with a ckpt.pt and replaces a stale log.csv."""
+    """The run folder, locked; a fresh run refuses a folder that holds a run (a ckpt.pt or a log.csv)."""
     prepare_output(args.outf)
     lock = lock_run(args.outf)
+    log = os.path.join(args.outf, "log.csv")
     if not ckpt and os.path.exists(os.path.join(args.outf, "ckpt.pt")):
         os.remove(lock)
         fail(f"{args.outf} already holds a run; add --resume to continue it, or choose another --outf")
-    if not ckpt:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(args.outf, "log.csv"))
+    if not ckpt and os.path.exists(log):  # a run that stopped before its first checkpoint
+        os.remove(lock)
+        fail(f"{args.outf} already holds a run's log.csv but no checkpoint to resume; delete {log} to start "
+             "there again, or choose another --outf")
     return lock
 
 # ----------------------------------------------------------------------------- data
@@ -846,8 +866,8 @@ def restore(run, ckpt):
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
     elif os.path.exists(log):  # rows logged past the checkpoint (a crash mid-epoch) are written again
         with open(log) as f:
-            header, *rows = f.readlines()
-        kept = [header] + [r for r in rows if int(r.split(",")[0]) <= run.step]  # the step comes first
+            lines = f.readlines()  # none: the run stopped while creating the file
+        kept = lines[:1] + [r for r in lines[1:] if int(r.split(",")[0]) <= run.step]  # the step comes first
         write_atomic(log, lambda f: f.write("".join(kept).encode()))  # never deleted first
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
@@ -922,7 +942,9 @@ def log_row(run, epoch, it, steps, means):
     if run.rank > 0:
         return
     log = os.path.join(args.outf, "log.csv")
-    header = "" if os.path.exists(log) else ",".join(row) + "\n"
+    header = ",".join(row) + "\n"  # for a new file, or one its run left empty
+    if os.path.exists(log) and os.path.getsize(log):
+        header = ""
     cells = [f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()]
     with open(log, "a") as f:  # one short line appended; a trim goes through write_atomic
         f.write(header + ",".join(cells) + "\n")
@@ -1179,6 +1201,9 @@ def stopped(args, run, argv):
         epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
         return f"{where}; {path} (epoch {epoch}) is kept; continue with: python3 vaegan.py --resume --outf " \
                f"{shlex.quote(args.outf)}"
+    log = os.path.join(args.outf, "log.csv")
+    if run and run.rank == 0 and os.path.exists(log):  # nothing to resume; it would refuse a restart
+        os.remove(log)
     return f"{where}; no checkpoint was written yet; start again with: python3 vaegan.py {shlex.join(argv)}"
 
 if __name__ == "__main__":
