@@ -1690,7 +1690,7 @@ TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes"
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
 RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,
                    "bn_d": [0, 1], "width_g": [16, 32], "width_d": [32, 64], "dropout_d": [0.5, 0.0],
-                   "ema": [0, 0.99], "gen_coarse": [0.5, 0], "level_steps": [1, 4], "optim": "adam",
+                   "ema": [0.995, 0.99], "gen_coarse": [0.5, 0], "level_steps": [1, 4], "optim": "adam",
                    "lr": 0.0002, "lr_d": [0.001, 0.0002], "batch_size": 32, "limit": 16000, "epochs": 2,
                    "select": 20}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
