@@ -980,8 +980,8 @@ class Log:
         row = {"step": run.step, "epoch": epoch, **{k: float(v) / self.count for k, v in self.sums.items()}}
         row["l2"], self.sums, self.count = run.l2, {}, 0
         if not all(math.isfinite(v) for v in row.values()):
-            fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
-                 f"checkpoint in {args.outf} is kept (try a lower --lr or a --balance rule)")
+            advice = "try a lower --lr or a --balance rule"
+            diverged(run, f"the losses became NaN/inf at step {run.step}", advice)
         if run.rank == 0:
             append_log(os.path.join(args.outf, "log.csv"), row)
             rate = (run.step - self.step0) * args.batch_size * run.world / (time.time() - self.t0)
@@ -989,6 +989,21 @@ class Log:
             eta = f"{left / 60:.0f}m" if left >= 60 else f"{left:.0f}s"
             print(f"[e {epoch}/{args.epochs} it {i + 1}/{n}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
                   f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | ETA {eta}")
+
+def diverged(run, what, advice):
+    """A NaN stops training in one line: the last good checkpoint is kept, or, if none was written yet, the
+    run's log goes."""
+    path = os.path.join(run.args.outf, "ckpt.pt")
+    if os.path.exists(path):
+        fail(f"{what}; training stopped and the last good checkpoint {path} is kept ({advice})")
+    forget_log(run)
+    fail(f"{what}; training stopped before any checkpoint was written; start again ({advice})")
+
+def forget_log(run):
+    """A run with no checkpoint yet leaves no log.csv: nothing to resume, and it would refuse a restart."""
+    log = os.path.join(run.args.outf, "log.csv")
+    if run.rank == 0 and os.path.exists(log):
+        os.remove(log)
 
 def end_epoch(run, epoch):
     """After each epoch every rank takes rank 0's BN statistics; rank 0 writes samples, checkpoint, curves."""
@@ -1002,7 +1017,7 @@ def end_epoch(run, epoch):
     outf, dev = run.args.outf, run.images.device
     n = 100 if run.ncls else 64  # conditional: a class a column
     if not all(torch.isfinite(p).all() for p in run.G.parameters()):
-        fail(f"G's weights became NaN/inf in epoch {epoch}; the last good checkpoint in {outf} is kept")
+        diverged(run, f"G's weights became NaN/inf in epoch {epoch}", "try a lower --lr or a --balance rule")
     z = torch.randn(n, run.args.nz, generator=torch.Generator().manual_seed(run.args.seed)).to(dev)
     grid = generate(run.G.eval(), z, torch.arange(n, device=dev) % run.ncls if run.ncls else None)
     save_grid(grid, os.path.join(outf, f"samples_e{epoch:03d}.png"), 10 if run.ncls else 8), run.G.train()
@@ -1230,9 +1245,8 @@ def interrupted(args, run, argv):
     where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
     path = os.path.join(args.outf, "ckpt.pt")
     if not os.path.exists(path):
-        log = os.path.join(args.outf, "log.csv")
-        if run and run.rank == 0 and os.path.exists(log):  # nothing to resume; it would refuse a restart
-            os.remove(log)
+        if run:
+            forget_log(run)
         return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     flags = ["python3", "gan.py", "--resume", "--outf", args.outf]  # and this machine's flags as typed

@@ -1264,6 +1264,22 @@ def run_files(outf):
     """The files a run writes beside its ckpt.pt that are in OUTF."""
     return [name for name in ("log.csv", "select.csv", "best.pt") if os.path.exists(os.path.join(outf, name))]
 
+def diverged(run, what, advice):
+    """A NaN stops training in one line: the last good checkpoint is kept, or, if none was written yet, the
+    run's own files go."""
+    path = os.path.join(run.args.outf, "ckpt.pt")
+    if os.path.exists(path):
+        fail(f"{what}; training stopped and the last good checkpoint {path} is kept ({advice})")
+    forget_run_files(run)
+    fail(f"{what}; training stopped before any checkpoint was written; start again ({advice})")
+
+def forget_run_files(run):
+    """A run with no checkpoint yet leaves none of its files: nothing to resume, and they would refuse a
+    restart."""
+    if run.rank == 0:
+        for name in run_files(run.args.outf):
+            os.remove(os.path.join(run.args.outf, name))
+
 def n_classes(ck):
     return len(ck["classes"]) if ck["args"]["conditional"] else 0
 
@@ -1400,8 +1416,7 @@ def end_of_epoch(run, val):
     args, dev = run.args, run.images.device
     gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
     if not all(torch.isfinite(p).all() for lv in run.levels.values() for p in lv.sampler.parameters()):
-        fail(f"G's weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {args.outf} "
-             "is kept")
+        diverged(run, f"G's weights became NaN/inf in epoch {run.epoch}", "try a lower --lr or --balance")
     for lv in run.levels.values():
         lv.G.eval()
     if val is not None:
@@ -1485,8 +1500,7 @@ def log_step(run, log, stats, epoch, i, n_steps):
         row[m] = sum(per[f"{m}{k}"] for k in run.levels) / len(run.levels)
     row.update(per)
     if not all(math.isfinite(v) for v in row.values()):
-        fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
-             f"checkpoint in {args.outf} is kept (try a lower --lr or --balance)")
+        diverged(run, f"the losses became NaN/inf at step {run.step}", "try a lower --lr or --balance")
     if run.rank == 0:
         append_log(os.path.join(args.outf, "log.csv"), row)
         rate = (run.step - log.step) * args.batch_size * run.world / (time.time() - log.time)
@@ -1824,9 +1838,8 @@ def interrupted(args, run, argv):
     where = f"at step {run.step} in epoch {run.epoch + 1}" if run else "before training began"
     path = os.path.join(args.outf, "ckpt.pt")
     if not os.path.exists(path):
-        if run and run.rank == 0:  # this run's files: nothing to resume, and they would refuse a restart
-            for name in run_files(args.outf):
-                os.remove(os.path.join(args.outf, name))
+        if run:
+            forget_run_files(run)
         return f"interrupted {where}; no checkpoint was written yet; to start again: {again}"
     epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     flags = [shlex.join(["--resume", "--outf", args.outf])]  # and this machine's flags as typed

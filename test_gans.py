@@ -396,9 +396,35 @@ def test_nan_stops_training_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         out["err_g"] = out["err_g"] * float("nan")
         return out
     monkeypatch.setattr(gan, "train_step", poisoned)
-    with pytest.raises(SystemExit, match="NaN"):
+    with pytest.raises(SystemExit, match="NaN") as e:
         gan.main(TINY + ["--epochs", "2", "--outf", outf, "--resume"])
+    assert f"checkpoint {os.path.join(outf, 'ckpt.pt')} is kept" in str(e.value)
     assert open(os.path.join(outf, "ckpt.pt"), "rb").read() == before
+
+
+def test_a_nan_before_the_first_checkpoint_says_so_and_leaves_a_folder_that_starts_again(tmp_path, monkeypatch):
+    """lapgan and vaegan diverge for real at --lr 10; gan's nets (BN, tanh) do not, so its loss is poisoned."""
+    real_step = gan.train_step
+
+    def poisoned(*a, **k):
+        out = real_step(*a, **k)
+        out["err_g"] = out["err_g"] * float("nan")
+        return out
+    runs = [(gan, TINY + ["--epochs", "1"], []),
+            (lapgan, LAPGAN_TINY + ["--epochs", "1"], ["--lr", "10"]),
+            (vaegan, VAEGAN_TINY + ["--limit", "64", "--epochs", "1"], ["--lr", "10"])]
+    for script, flags, diverging in runs:
+        outf = str(tmp_path / script.__name__)
+        torch.manual_seed(0)
+        with monkeypatch.context() as m:
+            if script is gan:
+                m.setattr(gan, "train_step", poisoned)
+            with pytest.raises(SystemExit, match="NaN") as e:
+                script.main(flags + diverging + ["--outf", outf])
+        assert "before any checkpoint was written" in str(e.value) and "is kept" not in str(e.value)
+        assert not os.path.exists(os.path.join(outf, "log.csv"))  # nothing to resume, nothing that refuses
+        script.main(flags + ["--outf", outf])  # the same folder starts again
+        assert os.path.exists(os.path.join(outf, "ckpt.pt"))
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

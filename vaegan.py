@@ -919,7 +919,7 @@ def end_of_epoch_files(run, fixed_z):
         return
     outf = run.args.outf
     if not all(torch.isfinite(p).all() for p in nets.parameters()):
-        fail(f"the weights became NaN/inf in epoch {run.epoch}; the last good checkpoint in {outf} is kept")
+        diverged(run, f"the weights became NaN/inf in epoch {run.epoch}", "try a lower --lr")
     nrow = min(8, len(run.images))
     x = get_batch(run, torch.arange(min(32, len(run.images)) // nrow * nrow, device=run.images.device))
     nets.eval()  # BN with its running statistics for pictures
@@ -931,14 +931,28 @@ def end_of_epoch_files(run, fixed_z):
     write_atomic(os.path.join(outf, "ckpt.pt"), lambda f: torch.save(checkpoint(run), f))
     plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
 
+def diverged(run, what, advice):
+    """A NaN stops training in one line: the last good checkpoint is kept, or, if none was written yet, the
+    run's log goes."""
+    path = os.path.join(run.args.outf, "ckpt.pt")
+    if os.path.exists(path):
+        fail(f"{what}; training stopped and the last good checkpoint {path} is kept ({advice})")
+    forget_log(run)
+    fail(f"{what}; training stopped before any checkpoint was written; start again ({advice})")
+
+def forget_log(run):
+    """A run with no checkpoint yet leaves no log.csv: nothing to resume, and it would refuse a restart."""
+    log = os.path.join(run.args.outf, "log.csv")
+    if run.rank == 0 and os.path.exists(log):
+        os.remove(log)
+
 def log_row(run, epoch, it, steps, means):
     """A log.csv row (rank 0 appends it) and a progress line; NaN/inf losses stop the run."""
     args, now = run.args, time.time()
     row = {"step": run.step, "epoch": epoch, **{k: float(v) for k, v in means.items()},
            "lr": run.opts["E"].param_groups[0]["lr"]}
     if not all(math.isfinite(v) for v in row.values()):
-        fail(f"the losses became NaN/inf at step {run.step}; training stopped and the last good "
-             f"checkpoint in {args.outf} is kept (try a lower --lr)")
+        diverged(run, f"the losses became NaN/inf at step {run.step}", "try a lower --lr")
     if run.rank > 0:
         return
     log = os.path.join(args.outf, "log.csv")
@@ -1201,9 +1215,8 @@ def stopped(args, run, argv):
         epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
         return f"{where}; {path} (epoch {epoch}) is kept; continue with: python3 vaegan.py --resume --outf " \
                f"{shlex.quote(args.outf)}"
-    log = os.path.join(args.outf, "log.csv")
-    if run and run.rank == 0 and os.path.exists(log):  # nothing to resume; it would refuse a restart
-        os.remove(log)
+    if run:
+        forget_log(run)
     return f"{where}; no checkpoint was written yet; start again with: python3 vaegan.py {shlex.join(argv)}"
 
 if __name__ == "__main__":
