@@ -980,8 +980,7 @@ class Log:
         row = {"step": run.step, "epoch": epoch, **{k: float(v) / self.count for k, v in self.sums.items()}}
         row["l2"], self.sums, self.count = run.l2, {}, 0
         if not all(math.isfinite(v) for v in row.values()):
-            advice = "try a lower --lr or a --balance rule"
-            diverged(run, f"the losses became NaN/inf at step {run.step}", advice)
+            diverged(run, f"the losses became NaN/inf at step {run.step}")
         if run.rank == 0:
             append_log(os.path.join(args.outf, "log.csv"), row)
             rate = (run.step - self.step0) * args.batch_size * run.world / (time.time() - self.t0)
@@ -990,14 +989,14 @@ class Log:
             print(f"[e {epoch}/{args.epochs} it {i + 1}/{n}] D {row['err_d']:.2f} G {row['err_g']:.2f} "
                   f"D(x) {row['d_x']:.2f} D(G(z)) {row['d_gz']:.2f} | {rate:.0f} img/s | ETA {eta}")
 
-def diverged(run, what, advice):
-    """A NaN stops training in one line: the last good checkpoint is kept, or, if none was written yet, the
-    run's log goes."""
+def diverged(run, what):
+    """A NaN stops training: the last good checkpoint is kept; with none yet, the run's files go."""
     path = os.path.join(run.args.outf, "ckpt.pt")
-    if os.path.exists(path):
-        fail(f"{what}; training stopped and the last good checkpoint {path} is kept ({advice})")
-    forget_log(run)
-    fail(f"{what}; training stopped before any checkpoint was written; start again ({advice})")
+    kept = f"the last good checkpoint {path} is kept"
+    if not os.path.exists(path):
+        forget_log(run)
+        kept = "no checkpoint was written yet; start again"
+    fail(f"{what}; training stopped: {kept} (try a lower --lr or a --balance rule)")
 
 def forget_log(run):
     """A run with no checkpoint yet leaves no log.csv: nothing to resume, and it would refuse a restart."""
@@ -1017,7 +1016,7 @@ def end_epoch(run, epoch):
     outf, dev = run.args.outf, run.images.device
     n = 100 if run.ncls else 64  # conditional: a class a column
     if not all(torch.isfinite(p).all() for p in run.G.parameters()):
-        diverged(run, f"G's weights became NaN/inf in epoch {epoch}", "try a lower --lr or a --balance rule")
+        diverged(run, f"G's weights became NaN/inf in epoch {epoch}")
     z = torch.randn(n, run.args.nz, generator=torch.Generator().manual_seed(run.args.seed)).to(dev)
     grid = generate(run.G.eval(), z, torch.arange(n, device=dev) % run.ncls if run.ncls else None)
     save_grid(grid, os.path.join(outf, f"samples_e{epoch:03d}.png"), 10 if run.ncls else 8), run.G.train()

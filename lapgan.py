@@ -1264,18 +1264,17 @@ def run_files(outf):
     """The files a run writes beside its ckpt.pt that are in OUTF."""
     return [name for name in ("log.csv", "select.csv", "best.pt") if os.path.exists(os.path.join(outf, name))]
 
-def diverged(run, what, advice):
-    """A NaN stops training in one line: the last good checkpoint is kept, or, if none was written yet, the
-    run's own files go."""
+def diverged(run, what):
+    """A NaN stops training: the last good checkpoint is kept; with none yet, the run's files go."""
     path = os.path.join(run.args.outf, "ckpt.pt")
-    if os.path.exists(path):
-        fail(f"{what}; training stopped and the last good checkpoint {path} is kept ({advice})")
-    forget_run_files(run)
-    fail(f"{what}; training stopped before any checkpoint was written; start again ({advice})")
+    kept = f"the last good checkpoint {path} is kept"
+    if not os.path.exists(path):
+        forget_run_files(run)
+        kept = "no checkpoint was written yet; start again"
+    fail(f"{what}; training stopped: {kept} (try a lower --lr or --balance)")
 
 def forget_run_files(run):
-    """A run with no checkpoint yet leaves none of its files: nothing to resume, and they would refuse a
-    restart."""
+    """No checkpoint yet: the run's files go (nothing to resume; they would refuse a restart)."""
     if run.rank == 0:
         for name in run_files(run.args.outf):
             os.remove(os.path.join(run.args.outf, name))
@@ -1416,7 +1415,7 @@ def end_of_epoch(run, val):
     args, dev = run.args, run.images.device
     gen = torch.Generator(dev).manual_seed(args.seed)  # the same noise every epoch
     if not all(torch.isfinite(p).all() for lv in run.levels.values() for p in lv.sampler.parameters()):
-        diverged(run, f"G's weights became NaN/inf in epoch {run.epoch}", "try a lower --lr or --balance")
+        diverged(run, f"G's weights became NaN/inf in epoch {run.epoch}")
     for lv in run.levels.values():
         lv.G.eval()
     if val is not None:
@@ -1500,7 +1499,7 @@ def log_step(run, log, stats, epoch, i, n_steps):
         row[m] = sum(per[f"{m}{k}"] for k in run.levels) / len(run.levels)
     row.update(per)
     if not all(math.isfinite(v) for v in row.values()):
-        diverged(run, f"the losses became NaN/inf at step {run.step}", "try a lower --lr or --balance")
+        diverged(run, f"the losses became NaN/inf at step {run.step}")
     if run.rank == 0:
         append_log(os.path.join(args.outf, "log.csv"), row)
         rate = (run.step - log.step) * args.batch_size * run.world / (time.time() - log.time)

@@ -919,7 +919,7 @@ def end_of_epoch_files(run, fixed_z):
         return
     outf = run.args.outf
     if not all(torch.isfinite(p).all() for p in nets.parameters()):
-        diverged(run, f"the weights became NaN/inf in epoch {run.epoch}", "try a lower --lr")
+        diverged(run, f"the weights became NaN/inf in epoch {run.epoch}")
     nrow = min(8, len(run.images))
     x = get_batch(run, torch.arange(min(32, len(run.images)) // nrow * nrow, device=run.images.device))
     nets.eval()  # BN with its running statistics for pictures
@@ -931,14 +931,14 @@ def end_of_epoch_files(run, fixed_z):
     write_atomic(os.path.join(outf, "ckpt.pt"), lambda f: torch.save(checkpoint(run), f))
     plot_curves(os.path.join(outf, "log.csv"), os.path.join(outf, "curves.png"))
 
-def diverged(run, what, advice):
-    """A NaN stops training in one line: the last good checkpoint is kept, or, if none was written yet, the
-    run's log goes."""
+def diverged(run, what):
+    """A NaN stops training: the last good checkpoint is kept; with none yet, the run's files go."""
     path = os.path.join(run.args.outf, "ckpt.pt")
-    if os.path.exists(path):
-        fail(f"{what}; training stopped and the last good checkpoint {path} is kept ({advice})")
-    forget_log(run)
-    fail(f"{what}; training stopped before any checkpoint was written; start again ({advice})")
+    kept = f"the last good checkpoint {path} is kept"
+    if not os.path.exists(path):
+        forget_log(run)
+        kept = "no checkpoint was written yet; start again"
+    fail(f"{what}; training stopped: {kept} (try a lower --lr)")
 
 def forget_log(run):
     """A run with no checkpoint yet leaves no log.csv: nothing to resume, and it would refuse a restart."""
@@ -952,7 +952,7 @@ def log_row(run, epoch, it, steps, means):
     row = {"step": run.step, "epoch": epoch, **{k: float(v) for k, v in means.items()},
            "lr": run.opts["E"].param_groups[0]["lr"]}
     if not all(math.isfinite(v) for v in row.values()):
-        diverged(run, f"the losses became NaN/inf at step {run.step}", "try a lower --lr")
+        diverged(run, f"the losses became NaN/inf at step {run.step}")
     if run.rank > 0:
         return
     log = os.path.join(args.outf, "log.csv")
