@@ -25,7 +25,7 @@ Paper to code:
                                                             selection_score, select_models
     Sec. 4.2  samples drawn from one real coarse image      resample_sheet (--resample)
     additions for short runs (below)                        average_weights, conv_base_g, ToData,
-                                                            Level.steps
+                                                            Level.steps, sample_chain's truncate
 
 Deviations: D outputs a logit and the loss is BCE-with-logits (= sigmoid + BCE); images are normalised per
 channel with the training split's mean/std (the CIFAR code: per pixel), which commutes with d and u (--chain
@@ -38,17 +38,17 @@ images and --eval the first ones. --model large takes the LSUN code's lr 0.01 an
 1.5x-scaled crops, horizontal flips or one model per class. --eval on a class-conditional model scores log
 p(I|y): every level, the base included, conditioned on the test image's true label. `--optim adam` is an
 addition for short runs; the defaults are the paper's SGD setting. `--lr-d` (D's own learning rate, the two
-time-scale rule of Heusel et al. 2017) and `--dropout-d` are additions too: at the narrow widths of a CPU run
-D_k's learning rate is raised, or D_k stays at chance and G_k's residuals stay noise (README: quality). For
-short runs, also additions, all off by default: `--level-steps` (level k's updates per step, as the code's
-separate jobs gave each level its own length), one value per level for it, `--width-g`, `--width-d`,
-`--dropout-d`, `--lr-d`, `--ema` and `--bn-d` (comma lists, level 0 first), `--ema` (sampling and selection
-with an average of G_k's weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv D_K in place
-of the MLPs), `--tanh-base` (G_K's output through tanh into the pixel range, as DCGAN's G, in place of a
-linear one), `--bn-g` (batch norm in G_k, as the LSUN large model), `--bn-d 1` (batch norm in the conv D_k, as
-DCGAN's D; the Eyescream blog found that it broke training), `--proj-d` (a class projection term in D_k,
-Miyato & Koyama 2018), `--gen-coarse` (a share of G_k's fakes grown from the coarser levels' own samples,
-not only from real coarse images) and `--recipe cpu`, README's set-up command's flags by name.
+time-scale rule of Heusel et al. 2017), `--lr-g` (G's) and `--dropout-d` are additions too: at a CPU run's
+widths D_k's rate is raised, or D_k stays at chance (README: quality), and the small base's G_K and D_K learn
+faster than the finer levels. For short runs, also additions, all off by default: `--level-steps` (level k's
+updates per step, as the code's separate jobs gave each level its own length), `--width-g`, `--width-d`,
+`--dropout-d`, `--lr-g`, `--lr-d`, `--ema` and `--bn-d` (comma lists, level 0 first), `--ema` (samples and
+selection from an average of G_k's weights, Yazici et al. 2019), `--base conv` (a DCGAN-like G_K and a conv
+D_K in place of the MLPs), `--tanh-base` (G_K ends in tanh to the pixel range, as DCGAN's G), `--bn-g` (batch
+norm in G_k, as the LSUN large model), `--bn-d 1` (batch norm in the conv D_k, as DCGAN's D; it broke training
+in the Eyescream blog), `--proj-d` (a class projection term in D_k, Miyato & Koyama 2018), `--gen-coarse` (a
+share of G_k's fakes grown from the coarser levels' samples, not real coarse images), `--truncate` (samples'
+z_K from U[-t, t], Brock et al. 2019's truncation) and `--recipe cpu`, README's set-up flags by name.
 
     python lapgan.py --dataset cifar10 --cuda                          # 8 -> 14 -> 28, all levels at once
     python lapgan.py --dataset cifar10 --cuda --level 0 --outf out/l0  # one level alone (0: the finest)
@@ -154,10 +154,11 @@ def sample_level(G, coarser, size, y=None, gen=None):
     return generate(G, z, coarse, y)
 
 @torch.no_grad()
-def sample_chain(Gs, sizes, n, nz, y, device, gen=None):
-    """Fig. 1 (generate.lua): I_K = G_K(z_K), then sample_level for k = K-1 .. 0. -> [I_0, ..., I_K]."""
+def sample_chain(Gs, sizes, n, nz, y, device, gen=None, truncate=1.0):
+    """Fig. 1 (generate.lua): I_K = G_K(z_K), then sample_level for k = K-1 .. 0. -> [I_0, ..., I_K].
+    truncate t < 1 (--truncate, a deviation): z_K from U[-1, 1] truncated to [-t, t], which is t U[-1, 1]."""
     K = len(sizes) - 1
-    z = noise((n, nz), device, gen)
+    z = noise((n, nz), device, gen) * truncate
     images = [generate(Gs[K], z, None, y)]  # I_K
     for k in reversed(range(K)):
         I_k = sample_level(Gs[k], images[0], sizes[k], y, gen)
@@ -556,14 +557,15 @@ def set_sgd(opt, lr, momentum):
         group.update(lr=lr, momentum=momentum, dampening=momentum)
 
 def set_schedule(run, epoch):
-    """This epoch's lr and momentum (Sec. 3) into every SGD optimiser, D's --lr-d on the same schedule."""
+    """This epoch's lr and momentum (Sec. 3) into every SGD optimiser; --lr-g, --lr-d on the same schedule."""
     args = run.args
     run.lr, run.momentum = sgd_schedule(epoch, args.lr, args.momentum)
     if args.optim != "sgd":
         return
     for k, lv in run.levels.items():
-        lr_d = run.lr * d_lr(args, k) / args.lr
-        set_sgd(lv.opt_G, run.lr, run.momentum)
+        lr_g = run.lr * level_lr(args.lr_g, k, args.lr) / args.lr
+        lr_d = run.lr * level_lr(args.lr_d, k, args.lr) / args.lr
+        set_sgd(lv.opt_G, lr_g, run.momentum)
         set_sgd(lv.opt_D, lr_d, run.momentum)
 
 def balance_rule(err_real, err_fake, margin=0.3, real_max=0.7):
@@ -739,12 +741,13 @@ class Source:
     run: Run                # the model's flags, sizes, classes, normalisation (and --resample's test images)
     stem: str = ""          # output path without ".png"
     before: "Source" = None  # --chain A B: A, drawing the levels coarser than B's switch
+    truncate: float = 1.0   # --truncate: z_K's range [-t, t] if this source draws the base (1: the paper's)
 
 def draw(src, n, y):
     """Fig. 1's chain, finest first. --chain A B: A's last image, in B's normalisation, is I_{S+1} of B's."""
     run = src.run
     if src.before is None:
-        return sample_chain(src.Gs, run.sizes, n, run.args.nz, y, run.mean.device)
+        return sample_chain(src.Gs, run.sizes, n, run.args.nz, y, run.mean.device, truncate=src.truncate)
     a = src.before.run
     images = []
     for I in draw(src.before, n, y):
@@ -1215,14 +1218,15 @@ def restore(run, ckpt):
     print(f"resumed from epoch {ckpt['epoch']}, step {ckpt['step']}")
 
 # flags added after checkpoints were written: an older checkpoint gets their defaults, the paper's
-ADDED = {"dropout_d": 0.5, "lr_d": None, "base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1,
-         "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": 0, "gen_coarse": 0.0}
+ADDED = {"dropout_d": 0.5, "lr_d": None, "lr_g": None, "base": "mlp", "bn_g": False, "ema": 0.0,
+         "level_steps": 1, "proj_d": False, "recipe": None, "tanh_base": False, "bn_d": 0, "gen_coarse": 0.0,
+         "truncate": None}
 KEYS = ["args", "classes", "sizes", "mean", "std", "levels"]  # every checkpoint's, best.pt's too
 TRAINING_KEYS = ["epoch", "step", "balance", "rng"]  # and a training one's (with optG, optD per level)
 MACHINE = ["cuda", "amp", "compile", "workers", "log_every"]  # this session's, as typed or by default
 MAY_CHANGE = ["dataroot", "epochs", "outf"] + MACHINE
 SAMPLING_ONLY = ["sample", "ckpt", "n", "label", "npz", "out", "resample", "upscale", "chain", "switch",
-                 "eval", "eval_images", "eval_samples", "eval_cond", "resume"]  # not used by training
+                 "eval", "eval_images", "eval_samples", "eval_cond", "resume", "truncate"]  # not by training
 
 def resume_args(args, typed):
     """--resume: the checkpoint's flags, --dataroot and --epochs where typed, MACHINE's from this command."""
@@ -1331,6 +1335,8 @@ def sampling_source(args, dev):
     else:
         Gs, ck = load_levels(args.ckpt)
         src = source(ck, Gs, dev)
+    base = src.before or src  # the source that draws z_K: --truncate as typed, else its run's, else 1
+    base.truncate = args.truncate or base.run.args.truncate or 1.0
     last = (args.chain or args.ckpt)[-1]
     src.stem = os.path.splitext(args.out or os.path.join(os.path.dirname(last), "samples"))[0]
     ncls = src.run.ncls
@@ -1406,7 +1412,8 @@ def sample_sheet(run, gen):
         return resample_sheet(lv.sampler, k, run, 6, path, gen)
     n = 3 * run.ncls or 24
     Gs = [run.levels[k].sampler for k in range(len(run.sizes))]
-    chain = sample_chain(Gs, run.sizes, n, run.args.nz, torch.arange(n, device=dev) // 3, dev, gen)
+    y = torch.arange(n, device=dev) // 3
+    chain = sample_chain(Gs, run.sizes, n, run.args.nz, y, dev, gen, run.args.truncate or 1.0)
     save_grid(level_sheet(chain, run), path, 3 * len(chain))
 
 # Logs and pictures
@@ -1607,7 +1614,8 @@ def prepare_level(args, k, sizes, nc, ncls, device, rank, world, stats=None):
     G_avg, beta = None, at_level(args.ema, k)
     if beta:  # --ema: a copy of G_k whose weights follow G_k's average (average_weights)
         G_avg = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_G, opt_D = optimiser(G, args, args.lr), optimiser(D, args, d_lr(args, k))
+    opt_G = optimiser(G, args, level_lr(args.lr_g, k, args.lr))
+    opt_D = optimiser(D, args, level_lr(args.lr_d, k, args.lr))
     share = at_level(args.gen_coarse, k) if k < K else 0.0  # --gen-coarse: the base has no coarser level
     steps = at_level(args.level_steps, k)
     return Level(k, G, D, *fwd, opt_G, opt_D, steps, G_avg, beta, share)
@@ -1640,9 +1648,9 @@ def optimiser(net, args, lr):
         return torch.optim.Adam(net.parameters(), lr, betas=(0.5, 0.999))
     return torch.optim.SGD(net.parameters(), lr, momentum=args.momentum, dampening=args.momentum)
 
-def d_lr(args, k):
-    """D_k's learning rate: --lr-d (level k's), else --lr."""
-    return at_level(args.lr_d, k) or args.lr
+def level_lr(rates, k, lr):
+    """Level k's learning rate from --lr-g or --lr-d (one number or one per level), else --lr."""
+    return at_level(rates, k) or lr
 
 def at_level(value, k):
     """Level k's value of a PER_LEVEL flag: one number (a default, an older checkpoint's) or a list."""
@@ -1683,6 +1691,7 @@ NUMBERS = {
     "epochs": (int, 25, "[1, 100000]", "epochs to train"),
     "batch_size": (int, 128, "[2, 65536]", "even: half real for D"),
     "lr": (float, None, "(0, 10]", "learning rate (default 0.02; --model large: 0.01)"),
+    "lr_g": (float, None, "(0, 10]", "G's learning rate (default: --lr)"),
     "lr_d": (float, None, "(0, 10]", "D's learning rate (default: --lr)"),
     "momentum": (float, None, "[0, 1)", "initial momentum (0.5; --model large: 0), +0.0008/epoch"),
     "select": (int, 200, "[0, inf)", "validation images for model selection (0: off)"),
@@ -1693,19 +1702,20 @@ NUMBERS = {
     "label": (int, None, "[0, inf)", "the class to sample"),
     "resample": (int, 0, "[0, 64]", "N samples from each of 8 real coarse images"),
     "upscale": (int, 0, "[0, 5]", "run the finest G N more times past its size"),
+    "truncate": (float, None, "(0, 1]", "samples' z_K from U[-T, T] (default: the run's, else 1: U[-1, 1])"),
     "switch": (int, None, "[0, 16]", "the coarsest level B draws (default K - 1: A draws the base)"),
     "eval_images": (int, 1000, "[1, inf)", "held-out test images to score"),
     "eval_samples": (int, 10000, "[1, inf)", "samples for the base level's Parzen window"),
     "eval_cond": (int, 100, "[1, inf)", "samples per test image at each residual level")}
 # the flags that take one value or one per level
-PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_d", "level_steps", "ema", "bn_d", "gen_coarse"]
+PER_LEVEL = ["width_g", "width_d", "dropout_d", "lr_g", "lr_d", "level_steps", "ema", "bn_d", "gen_coarse"]
 TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes": 2000}  # images
 # --recipe cpu: the set-up command's flags (README: "LAPGAN against the DCGAN"), level 0 first in lists
 RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,
                    "bn_d": [0, 1], "width_g": [16, 32], "width_d": [32, 64], "dropout_d": [0.5, 0.0],
                    "ema": [0.995, 0.99], "gen_coarse": [0.5, 0], "level_steps": [1, 4], "optim": "adam",
-                   "lr": 0.0002, "lr_d": [0.001, 0.0002], "batch_size": 32, "limit": 16000, "epochs": 2,
-                   "select": 20}}
+                   "lr": 0.0002, "lr_g": [0.0002, 0.0008], "lr_d": [0.001, 0.0008], "batch_size": 32,
+                   "limit": 16000, "epochs": 2, "select": 20, "truncate": 0.85}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
 
 def make_parser():

@@ -1119,14 +1119,15 @@ def test_lapgan_schedule_reaches_the_optimisers(lapgan_runs):
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
-def test_lapgan_lr_d_is_ds_rate_under_the_same_schedule(tmp_path, optim):
+def test_lapgan_lr_g_and_lr_d_are_the_nets_rates_under_the_same_schedule(tmp_path, optim):
     outf = str(tmp_path / "r")
-    lapgan.main(LAPGAN_TINY + ["--optim", optim, "--lr", "0.01", "--lr-d", "0.04", "--epochs", "2", "--outf", outf])
+    rates = ["--lr", "0.01", "--lr-g", "0.02", "--lr-d", "0.04"]
+    lapgan.main(LAPGAN_TINY + ["--optim", optim, *rates, "--epochs", "2", "--outf", outf])
     ck = torch.load(os.path.join(outf, "ckpt.pt"), weights_only=True)
     decay = 1 / (1 + 4e-5) if optim == "sgd" else 1.0  # epoch 2 of the paper's schedule; Adam keeps its rate
     for k in range(3):
         g, d = (ck["levels"][k][opt]["param_groups"][0]["lr"] for opt in ("optG", "optD"))
-        assert g == pytest.approx(0.01 * decay, rel=1e-12) and d == pytest.approx(0.04 * decay, rel=1e-12)
+        assert g == pytest.approx(0.02 * decay, rel=1e-12) and d == pytest.approx(0.04 * decay, rel=1e-12)
     for flags, fragment in ((["--lr-d", "0"], "--lr-d 0.0 is out of range; it must lie in (0, 10]"),
                             (["--lr", "-1"], "--lr -1.0 is out of range"),
                             (["--dropout-d", "1"], "--dropout-d 1.0 is out of range; it must lie in [0, 1)")):
@@ -4587,7 +4588,7 @@ def test_lapgan_a_real_full_disk_is_one_line_and_keeps_the_previous_file(lapgan_
 
 def test_lapgan_every_numeric_flag_is_checked_against_its_interval_before_allocating():
     """Walk the table: a value just outside each finite end of each interval, and NaN and inf for floats."""
-    assert {"lr", "lr_d", "momentum", "dropout_d", "nz", "width_g", "width_d", "epochs", "batch_size", "select",
+    assert {"lr", "lr_g", "lr_d", "momentum", "dropout_d", "nz", "width_g", "width_d", "epochs", "batch_size", "select",
             "limit", "n", "resample", "upscale", "switch", "eval_images", "eval_samples", "eval_cond",
             "image_size", "log_every", "workers", "level", "seed", "label"} <= set(lapgan.NUMBERS)
     tried = 0
@@ -4735,9 +4736,10 @@ def test_lapgan_paper_defaults_are_pinned():
     """Without flags, lapgan.py is the paper's CIFAR-10 setting: nothing added switches itself on."""
     args = lapgan.get_args(["--dataset", "cifar10"])
     paper = {"base": "mlp", "bn_g": False, "ema": 0.0, "level_steps": 1, "width_g": 128, "width_d": 64,
-             "dropout_d": 0.5, "lr_d": None, "lr": 0.02, "momentum": 0.5, "optim": "sgd", "batch_size": 128,
+             "dropout_d": 0.5, "lr_d": None, "lr_g": None, "lr": 0.02, "momentum": 0.5, "optim": "sgd",
+             "batch_size": 128,
              "nz": 100, "model": "small", "balance": False, "recipe": None, "conditional": False, "limit": None,
-             "select": 200, "tanh_base": False, "bn_d": 0, "gen_coarse": 0.0}
+             "select": 200, "tanh_base": False, "bn_d": 0, "gen_coarse": 0.0, "truncate": None}
     assert {k: getattr(args, k) for k in paper} == paper
     assert lapgan.pyramid_sizes(args, 32) == [28, 14, 8]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -4766,19 +4768,20 @@ def test_lapgan_level_steps_give_each_level_its_own_count(monkeypatch):
 
 
 def test_lapgan_per_level_lists_reach_each_level():
-    """Comma lists, level 0 (the finest) first: widths, D's dropout and D's learning rate per level."""
+    """Comma lists, level 0 (the finest) first: widths, D's dropout and G's and D's learning rates per level."""
     flags = ["--base", "conv", "--width-g", "6,10,12", "--width-d", "4,6,8", "--dropout-d", "0,0.25,0.5",
-             "--lr-d", "0.1,0.2,0.3", "--optim", "sgd", "--lr", "0.05"]
+             "--lr-d", "0.1,0.2,0.3", "--lr-g", "0.01,0.02,0.03", "--optim", "sgd", "--lr", "0.05"]
     run = lap_tiny_run(flags)
     lapgan.set_schedule(run, 1)
-    for k, (wg, wd, p, lr_d) in enumerate(zip([6, 10, 12], [4, 6, 8], [0, 0.25, 0.5], [0.1, 0.2, 0.3])):
+    rates = zip([0.01, 0.02, 0.03], [0.1, 0.2, 0.3])
+    for k, (wg, wd, p, (lr_g, lr_d)) in enumerate(zip([6, 10, 12], [4, 6, 8], [0, 0.25, 0.5], rates)):
         lv = run.levels[k]
         first_g = next(m for m in lv.G.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
         assert first_g.out_channels == wg  # at the conv base: the transposed conv
         assert next(m for m in lv.D.modules() if isinstance(m, nn.Conv2d)).out_channels == wd
         assert {m.p for m in lv.D.modules() if isinstance(m, nn.Dropout)} == {p}
         assert lv.opt_D.param_groups[0]["lr"] == pytest.approx(lr_d)
-        assert lv.opt_G.param_groups[0]["lr"] == pytest.approx(0.05)
+        assert lv.opt_G.param_groups[0]["lr"] == pytest.approx(lr_g)
     with pytest.raises(SystemExit) as e:
         lap_tiny_run(["--level-steps", "1,2"])
     lap_one_line_error(e, "--level-steps gives 2 values for 3 levels", "one per level")
@@ -5016,6 +5019,39 @@ def test_lapgan_proj_d_adds_the_class_projection_to_ds_logit(base, k):
     assert not torch.allclose(got, plain([x], y), atol=1e-3)
     args_off = vars(lapgan.get_args(["--dataset", "shapes", "--base", base, "--width-d", "4"]))
     assert lapgan.build_level(args_off, k, sizes, 3, 5)[1].project is None
+
+
+def test_lapgan_truncate_narrows_the_base_noise_and_sample_takes_the_runs_value(tmp_path):
+    """--truncate 0.5 at training is stored; --sample then draws z_K from U[-0.5, 0.5], exactly half of the
+    paper's U[-1, 1] draw under the same seed, unless --truncate is typed; a run without it samples U[-1, 1];
+    the web page's fixed noise is truncated the same way."""
+    outf = str(tmp_path / "r")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(LAPGAN_TINY + ["--truncate", "0.5", "--epochs", "1", "--outf", outf])
+    ckpt = os.path.join(outf, "ckpt.pt")
+    cpu = torch.device("cpu")
+    src = lapgan.sampling_source(lapgan.get_args(["--sample", "--ckpt", ckpt]), cpu)
+    typed = lapgan.sampling_source(lapgan.get_args(["--sample", "--ckpt", ckpt, "--truncate", "1"]), cpu)
+    assert (src.truncate, typed.truncate) == (0.5, 1.0)
+    seen, finest = [], []
+    for s in (src, typed):
+        s.Gs[-1].register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0][0]))  # z_K
+        torch.manual_seed(3)
+        finest.append(lapgan.draw(s, 12, torch.arange(12) % 3)[0])
+    assert seen[0].abs().max() <= 0.5 and seen[1].abs().max() > 0.9
+    assert torch.equal(seen[0], seen[1] * 0.5)
+    assert not torch.allclose(finest[0], finest[1])  # the samples change with it
+    ck = torch.load(ckpt, weights_only=False)
+    del ck["args"]["truncate"]  # a checkpoint from before the flag
+    torch.save(ck, os.path.join(outf, "old.pt"))
+    old = lapgan.sampling_source(lapgan.get_args(["--sample", "--ckpt", os.path.join(outf, "old.pt")]), cpu)
+    assert old.truncate == 1.0
+    export = web_export()
+    page = export.load_page([ckpt])
+    _, noise = export.fixed_noise(page, 3, 4)
+    _, paper = export.fixed_noise(export.load_page([os.path.join(outf, "old.pt")]), 3, 4)
+    assert page.truncate == 0.5 and torch.equal(noise[0], paper[0] * 0.5)  # z_K
+    assert all(torch.equal(a, b) for a, b in zip(noise[1:], paper[1:]))  # the finer levels' planes
 
 
 def test_lapgan_recipe_sets_prints_and_stores_its_flags(tmp_path, capsys):

@@ -70,7 +70,8 @@ def chains_from_real(ckpt_path, n, seed=1, dataroot=None):
     x, labels = (x - ck["mean"]) / ck["std"], test[1][:n]
     y = labels if ck["args"]["conditional"] else None
     torch.manual_seed(seed)
-    chains = {"full": lapgan.sample_chain(Gs, sizes, n, nz, y, "cpu")[0]}
+    truncate = ck["args"]["truncate"] or 1.0  # the base's noise range, as --sample draws it
+    chains = {"full": lapgan.sample_chain(Gs, sizes, n, nz, y, "cpu", truncate=truncate)[0]}
     for k in reversed(range(1, len(sizes))):
         torch.manual_seed(seed)  # the same noise for every start
         image = lapgan.down(x, sizes[k])  # the real I_k of the test images

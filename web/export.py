@@ -71,11 +71,12 @@ class Page:
     std: list          # (gan.py and vaegan.py: images in [-1, 1], so mean = std = 0.5)
     noise: str         # "uniform" (LAPGAN, Sec. 3: U[-1, 1]) or "normal" (gan.py, vaegan.py: N(0, I))
     nets: list = field(default_factory=list)  # one dict per network, in sampling order (base first)
+    truncate: float = 1.0  # LAPGAN's base noise from U[-t, t] (lapgan.py --truncate, as --sample draws)
     weights: Weights = field(default_factory=Weights)
 
     def description(self, dtype):
         return {"script": self.script, "classes": self.classes, "mean": self.mean, "std": self.std,
-                "noise": self.noise, "nets": self.nets, "dtype": dtype}
+                "noise": self.noise, "truncate": self.truncate, "nets": self.nets, "dtype": dtype}
 
 
 # --------------------------------------------------------------------- layers, batch norm folded or affine
@@ -196,6 +197,7 @@ def lapgan_page(paths):
     page = Page("lapgan", f"LAPGAN samples, {ck['args']['dataset']} {sizes} px", "",
                 ck["classes"] if ncls else None, ck["mean"].flatten().tolist(), ck["std"].flatten().tolist(),
                 "uniform")
+    page.truncate = ck["args"]["truncate"] or 1.0  # the value the run stored, as --sample takes it
     files = ", ".join(map(os.path.basename, paths))
     page.about = (f"Drawn by your browser from {files} (lapgan.py): the chain of Fig. 1. The base level's "
                   f"generator draws a {chain[0][1]} px image from noise; then each finer level's draws the "
@@ -275,10 +277,12 @@ def fixed_noise(page, n, seed):
     for net in page.nets:
         side = net["size"]
         shape = (n, net["nz"]) if net["input"] == "flat" else (n, 1, side, side)
-        if page.noise == "uniform":
-            noise.append(torch.rand(shape, generator=gen) * 2 - 1)
-        else:
+        if page.noise == "normal":
             noise.append(torch.randn(shape, generator=gen))
+        elif net["input"] == "flat":  # LAPGAN's z_K, truncated as sample_chain truncates it
+            noise.append((torch.rand(shape, generator=gen) * 2 - 1) * page.truncate)
+        else:
+            noise.append(torch.rand(shape, generator=gen) * 2 - 1)
     labels = torch.arange(n) % len(page.classes) if page.classes else None
     return labels, noise
 

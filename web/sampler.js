@@ -220,13 +220,14 @@ function generator(seed) {
   };
 }
 
-// The inputs of one sample: LAPGAN's noise is uniform on [-1, 1] (Sec. 3), gan.py's and vaegan.py's
-// z ~ N(0, I) (Box-Muller).
+// The inputs of one sample: LAPGAN's noise is uniform on [-1, 1] (Sec. 3), its base's z_K truncated to
+// [-t, t] when the run set lapgan.py --truncate t; gan.py's and vaegan.py's z ~ N(0, I) (Box-Muller).
 function drawNoise(model, rand) {
   return model.nets.map(net => {
     const v = new Float32Array(net.input === "flat" ? net.nz : net.size * net.size);
+    const t = net.input === "flat" ? model.truncate : 1;  // U[-1, 1] truncated to [-t, t] is t U[-1, 1]
     for (let i = 0; i < v.length; i++) {
-      v[i] = model.noise === "uniform" ? rand() * 2 - 1
+      v[i] = model.noise === "uniform" ? (rand() * 2 - 1) * t
         : Math.sqrt(-2 * Math.log(1 - rand())) * Math.cos(2 * Math.PI * rand());
     }
     return v;
