@@ -665,8 +665,9 @@ def check_split(x, y, classes, path):
              f"0..{len(classes) - 1}; replace the damaged file")
     return x, y, classes
 
-# Every Pillow mode to 8 bits: greys to L, colour to RGB (alpha dropped); integer and float greys (I;16*,
-# I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) when they lie in it, else their min..max.
+# Every Pillow mode to 8 bits: greys to L, colour to RGB, transparency over black; integer and float
+# greys (I;16*, I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) when they lie in it, else their
+# min..max.
 TO_8BIT = {"1": "L", "L": "L", "LA": "L", "La": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB",
            "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB"}
 
@@ -681,13 +682,23 @@ def decode_image(path, size, mode):
             im = Image.fromarray(np.round((v - lo) * (255 / (hi - lo or 1))).astype(np.uint8))
         if im.mode not in TO_8BIT:
             fail(f"{path} has the Pillow mode {im.mode}, which is not read; save it as 8-bit RGB or grey")
-        im = im.convert(mode or TO_8BIT[im.mode])
+        im = over_black(im).convert(mode or TO_8BIT[im.mode])
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)
     im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
+
+DECODER = 2  # decode_image's version, in the folder cache's key: a cache an older one wrote is not reused
+
+def over_black(im):
+    """An image with transparency drawn over black. Dropping the alpha channel would keep whatever colour
+    each transparent pixel happens to store: icons sets hold white in one file and black in the next."""
+    if im.mode not in ("LA", "La", "PA", "RGBA", "RGBa") and "transparency" not in im.info:
+        return im
+    black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, im.convert("RGBA"))
 
 def list_images(root, outf):
     """Image files under root: hidden entries, symlinked folders, dangling links and --outf skipped."""
@@ -716,7 +727,8 @@ def load_folder(root, size, channels, workers, outf=None):
     tops = [os.path.relpath(os.path.dirname(f), root).split(os.sep)[0] for f in files]  # a top-level class
     classes = sorted(set(tops))
     print(f"{len(files)} images in {root}; classes (its top-level folders): {', '.join(classes)}")
-    stamp = md5_of(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode())[:12]
+    seen = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stamp = md5_of(repr([DECODER, seen]).encode())[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
     try:  # a cache cut short by a crash or a full disk counts as absent
         with np.load(cache) as z:

@@ -3,7 +3,7 @@
     python3 -m pytest -q test_gans.py
 """
 import argparse, contextlib, copy, csv, errno, gzip, hashlib, io, math, os, pickle, re, shutil, socket, struct, subprocess, sys
-import tarfile
+import tarfile, warnings
 import numpy as np
 import pytest
 import torch
@@ -336,6 +336,44 @@ def test_folder_loader_errors(tmp_path):
     (tmp_path / "cats" / "broken.png").write_bytes(b"definitely not a png")
     with pytest.raises(SystemExit, match="broken.png"):
         gan.load_folder(str(tmp_path), 32, None, 1)
+
+
+def write_transparent_icons(root):
+    """Four 8 px icons as icon sets store them: an opaque square of (200, 100, 50), a half-transparent
+    corner, and transparent pixels holding white in one file, black in another; a palette PNG and a grey
+    one with alpha beside them."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255  # white under full transparency
+    rgba[2:6, 2:6] = (200, 100, 50, 255)
+    rgba[0, 0] = (200, 100, 50, 128)
+    Image.fromarray(rgba, "RGBA").save(root / "c_white.png")
+    rgba[rgba[..., 3] == 0] = 0  # the same icon, black under full transparency
+    Image.fromarray(rgba, "RGBA").save(root / "d_black.png")
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([255, 255, 255, 10, 200, 30] + [0] * 762)
+    pal.putpixel((3, 3), 1)
+    pal.save(root / "b_palette.png", transparency=b"\x00\xff")  # index 0 transparent (bytes: Pillow warns)
+    grey = np.stack([np.full((8, 8), 255, np.uint8), np.zeros((8, 8), np.uint8)], -1)
+    grey[3, 3] = (90, 255)
+    Image.fromarray(grey, "LA").save(root / "a_grey.png")
+
+
+@pytest.mark.parametrize("script", [gan, lapgan, vaegan], ids=lambda m: m.__name__)
+def test_folder_images_with_transparency_are_drawn_over_black(tmp_path, script, monkeypatch):
+    write_transparent_icons(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's warning on a palette's transparency, had it been dropped
+        x, _, _ = script.load_folder(str(tmp_path), 8, None, 1)
+    grey, pal, white, black = x  # sorted by name; the greys joined as RGB
+    assert torch.equal(white, black)  # what a transparent pixel happens to store no longer shows
+    assert white[:, 7, 7].tolist() == [0, 0, 0] and white[:, 3, 3].tolist() == [200, 100, 50]
+    assert white[:, 0, 0].tolist() == [round(c * 128 / 255) for c in (200, 100, 50)]  # half over black
+    assert pal[:, 0, 0].tolist() == [0, 0, 0] and pal[:, 3, 3].tolist() == [10, 200, 30]
+    assert grey[:, 0, 0].tolist() == [0, 0, 0] and grey[:, 3, 3].tolist() == [90, 90, 90]
+    # a cache written by the decoder before this one is not reused
+    monkeypatch.setattr(script, "DECODER", 1)
+    script.load_folder(str(tmp_path), 8, None, 1)
+    assert len(list(tmp_path.glob(".cache-8px-*.npz"))) == 2
 
 
 def test_shapes_dataset_is_deterministic_and_labelled():
@@ -5052,6 +5090,38 @@ def test_lapgan_truncate_narrows_the_base_noise_and_sample_takes_the_runs_value(
     _, paper = export.fixed_noise(export.load_page([os.path.join(outf, "old.pt")]), 3, 4)
     assert page.truncate == 0.5 and torch.equal(noise[0], paper[0] * 0.5)  # z_K
     assert all(torch.equal(a, b) for a, b in zip(noise[1:], paper[1:]))  # the finer levels' planes
+    # the epoch pictures draw as --sample does, and training itself is the same as without the flag
+    plain = str(tmp_path / "plain")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(LAPGAN_TINY + ["--epochs", "1", "--outf", plain])
+    Gs_t, _ = lapgan.load_levels([ckpt])
+    Gs_p, _ = lapgan.load_levels([os.path.join(plain, "ckpt.pt")])
+    for a, b in zip(Gs_t, Gs_p):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+    def picture(d):
+        return np.asarray(Image.open(os.path.join(d, "samples_e001.png")))
+    assert not np.array_equal(picture(outf), picture(plain))
+
+
+@needs_chromium
+def test_web_page_draws_the_base_noise_truncated_as_the_run_stored(tmp_path):
+    """sampler.js's drawNoise (the page's live samples): z_K from a run with --truncate 0.5 is exactly half
+    of the U[-1, 1] draw of the same generator; the finer levels' noise planes are untouched."""
+    outf = str(tmp_path / "r")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lapgan.main(LAPGAN_TINY + ["--truncate", "0.5", "--epochs", "1", "--outf", outf])
+        web_export().main([os.path.join(outf, "ckpt.pt"), "--out", str(tmp_path / "p.html")])
+    draw = ("(() => { const t = drawNoise(model, generator(5)); "
+            "const p = drawNoise({...model, truncate: 1}, generator(5)); "
+            "return JSON.stringify({t: t.map(v => Array.from(v)), p: p.map(v => Array.from(v)), "
+            "truncate: model.truncate}); })()")
+    with chromium(f"file://{tmp_path / 'p.html'}?keep=0&n=1") as browser:
+        got = json.loads(browser.eval(draw))
+    assert got["truncate"] == 0.5
+    z_t, z_p = np.array(got["t"][0]), np.array(got["p"][0])  # z_K, the base's (sampling order: G_K first)
+    assert len(z_t) == 8 and np.abs(z_p).max() > 0.5 and np.allclose(z_t, 0.5 * z_p, atol=1e-7)
+    assert all(np.array_equal(a, b) for a, b in zip(got["t"][1:], got["p"][1:]))
 
 
 def test_lapgan_recipe_sets_prints_and_stores_its_flags(tmp_path, capsys):
@@ -5413,3 +5483,35 @@ def test_quality_nn_sheet_pairs_samples_with_their_nearest_training_image_in_fea
         quality.main([str(tmp_path / "new.npz")] + argv[:-3] + ["--cache", str(tmp_path / "c"), "--nn-sheet",
                                                                  str(tmp_path / "no" / "s.png")])
     assert not os.path.exists(tmp_path / "c")  # refused before anything was made
+
+
+import shapes as shapes_tool  # noqa: E402  (bench/ is on sys.path above)
+
+
+def test_bench_shapes_passes_the_real_shapes_and_catches_wrong_shapes_and_swirls(tmp_path):
+    torch.manual_seed(0)
+    x, y, _ = lapgan.make_shapes(600, 32, 1)  # held-out shapes, cropped as --levels 14,28 crops them
+    x = shapes_tool.crop(x, 28)
+    cache = str(tmp_path / "cache")
+
+    def score(images, labels, name):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        return shapes_tool.evaluate(str(path), 32, n_train=4000, epochs=4, cache=cache)["samples"]
+    real = score(x, y, "real")
+    assert real["asked_shape"] >= 0.9 and real["saturated"] == 0 and real["in_boxes"] == 1
+    assert real["shape_spread"] < 1e-6 and real["background_spread"] < 1e-6  # one flat colour each
+    assert len(os.listdir(cache)) == 1  # the classifier is kept for the next call
+    assert score(x, (y + 1) % 6, "asked_another")["asked_shape"] < 0.2
+    # swirls: every pixel of the shape a random colour with one channel full and one empty
+    shape = (x >= 0.45 * 255).all(1, keepdim=True)
+    swirl = torch.zeros_like(x)
+    swirl[:, 0] = 255
+    swirl = swirl[:, torch.randperm(3)]  # one channel full, the others empty, per image
+    noisy = torch.where(shape, (torch.rand(x.shape) * 255).to(torch.uint8).maximum(swirl), x)
+    swirls = score(noisy, y, "swirls")
+    assert swirls["saturated"] > 0.05 and swirls["shape_spread"] > 0.1 and swirls["in_boxes"] < 0.95
+    np.savez(tmp_path / "grey.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        shapes_tool.evaluate(str(tmp_path / "grey.npz"), 32, cache=cache)
+    assert "4x28x28x1 uint8 images; shapes samples are N x H x W x 3 uint8" in str(e.value)

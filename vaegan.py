@@ -607,7 +607,7 @@ CLASSES = {"mnist": list("0123456789"),
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
-GREY_MODES = ("1", "L", "LA", "La")  # 1- and 8-bit grey, alpha dropped
+GREY_MODES = ("1", "L", "LA", "La")  # 1- and 8-bit grey; transparency drawn over black
 COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")  # Pillow converts these to RGB
 FULL_SCALE = (1.0, 255.0, 65535.0)  # the range of an integer or float image: [0, 1], 8 or 16 bits
 
@@ -713,13 +713,24 @@ def decode_image(path, size, mode):
     try:
         with Image.open(path) as im:
             im = eight_bit(ImageOps.exif_transpose(im), path)
-            im = im.convert(mode or ("L" if im.mode in GREY_MODES else "RGB"))
+            target = mode or ("L" if im.mode in GREY_MODES else "RGB")
+            im = over_black(im).convert(target)
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}); remove or replace the file")
     scale = size / min(im.size)  # the shorter side to `size`, the centre cropped: DCGAN's LSUN/CelebA steps
     im = im.resize([max(size, round(side * scale)) for side in im.size], Image.BICUBIC)
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
+
+DECODER = 2  # decode_image's version, in the folder cache's key: a cache an older one wrote is not reused
+
+def over_black(im):
+    """An image with transparency drawn over black. Dropping the alpha channel would keep whatever colour
+    each transparent pixel happens to store: icons sets hold white in one file and black in the next."""
+    if im.mode not in ("LA", "La", "PA", "RGBA", "RGBa") and "transparency" not in im.info:
+        return im
+    black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, im.convert("RGBA"))
 
 def eight_bit(im, path):
     """8-bit modes as they are; 16-bit, 32-bit and float grey scaled by their range; other modes refused."""
@@ -765,7 +776,7 @@ def load_folder(root, size, channels, workers, outf=None):
     classes = sorted(set(dirs))
     print(f"{len(files)} images in {len(classes)} classes: {', '.join(classes)}")
     stats = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    stamp = hashlib.md5(repr(stats).encode()).hexdigest()[:12]
+    stamp = hashlib.md5(repr([DECODER, stats]).encode()).hexdigest()[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
     with contextlib.suppress(Exception), np.load(cache) as z:  # absent or damaged: decoded again
         return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
