@@ -36,6 +36,7 @@ Parzen estimate uses 10,000 samples and 1,000 test images, sigma chosen on 1,000
     python3 gan.py --sample --ckpt out/gan-fashion-mnist/ckpt.pt --class-grid --interp slerp --nn --eval
 """
 import argparse
+import contextlib
 import csv
 import errno
 import gzip
@@ -551,10 +552,9 @@ def compare_with_data(s, args, targs, stem):
 # Data: a split is one uint8 tensor N x C x H x W on the device, batches gathered by index (no loader).
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",  # the official files' checksums
-    "test_batch": "40351d587109b95175f43aff81a1287e",
-    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
+    "test_batch": "40351d587109b95175f43aff81a1287e", "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec", "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a", "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -665,9 +665,7 @@ def check_split(x, y, classes, path):
              f"0..{len(classes) - 1}; replace the damaged file")
     return x, y, classes
 
-# Every Pillow mode to 8 bits: greys to L, colour to RGB, transparency over black; integer and float
-# greys (I;16*, I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) when they lie in it, else their
-# min..max.
+# Every Pillow mode to 8 bits: greys to L, colour to RGB, transparency over black; I;16*, I and F scaled
 TO_8BIT = {"1": "L", "L": "L", "LA": "L", "La": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB",
            "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB"}
 
@@ -677,7 +675,7 @@ def decode_image(path, size, mode):
         im = ImageOps.exif_transpose(Image.open(path))
         if im.mode.startswith("I") or im.mode == "F":
             v = np.nan_to_num(np.asarray(im, np.float64))
-            top = 1.0 if im.mode == "F" else 65535.0
+            top = 1.0 if im.mode == "F" else 65535.0  # from 0..top when they lie in it, else their min..max
             lo, hi = (0.0, top) if 0 <= v.min() and v.max() <= top else (v.min(), v.max())
             im = Image.fromarray(np.round((v - lo) * (255 / (hi - lo or 1))).astype(np.uint8))
         if im.mode not in TO_8BIT:
@@ -730,11 +728,8 @@ def load_folder(root, size, channels, workers, outf=None):
     seen = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     stamp = md5_of(repr([DECODER, seen]).encode())[:12]
     cache = os.path.join(root, f".cache-{size}px-{channels or 'auto'}ch-{stamp}.npz")
-    try:  # a cache cut short by a crash or a full disk counts as absent
-        with np.load(cache) as z:
-            return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
-    except Exception:
-        pass
+    with contextlib.suppress(Exception), np.load(cache) as z:  # absent, or cut short by a crash or full disk
+        return torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), classes
     mode = {1: "L", 3: "RGB"}.get(channels)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         ims = list(pool.map(lambda f: decode_image(f, size, mode), files))
@@ -922,12 +917,10 @@ def lock_run(outf):
     """OUTF/.lock holds this process's id for the run's life: a second run into OUTF is refused."""
     path = os.path.join(outf, ".lock")
     while True:
-        try:
-            with open(path, "x") as f:  # O_CREAT | O_EXCL: one process wins
-                f.write(str(os.getpid()))
+        with contextlib.suppress(FileExistsError), open(path, "x") as f:  # O_CREAT | O_EXCL: one process wins
+            f.write(str(os.getpid()))
             return path
-        except FileExistsError:
-            text = lock_holder(path)
+        text = lock_holder(path)
         if text is None:  # the lock went between the two calls: try again
             continue
         if not text.isdigit() or pid_alive(int(text)):  # no id yet: its run has just taken it
@@ -977,7 +970,6 @@ def save_npz(path, images, labels):
 # Logs and pictures
 class Log:
     """log.csv rows and progress lines of step outputs summed over --log-every steps; a NaN stops training."""
-
     def __init__(self, run):
         self.run, self.sums, self.count, self.t0, self.step0 = run, {}, 0, time.time(), run.step
 
@@ -1060,8 +1052,7 @@ def draw_dhist(hist, path, cell=12):
     shade = 255 - (frac / frac.amax().clamp(min=1e-8) * 255).byte()  # E x 2 x 20, dark = many outputs
     rows = torch.cat([shade[:, 0], torch.full((len(shade), 1), 255, dtype=torch.uint8), shade[:, 1]], 1)
     cells = Image.fromarray(rows.numpy()).resize((rows.shape[1] * cell, len(rows) * cell), Image.NEAREST)
-    img = Image.new("L", (cells.width, cells.height + 14), 255)  # a 14-pixel strip on top for the titles
-    img.paste(cells, (0, 14))
+    img = ImageOps.expand(cells, (0, 14, 0, 0), 255)  # a 14-pixel strip on top for the titles
     ImageDraw.Draw(img).text((2, 1), "D(x) on real: 0 .. 1", fill=0)
     ImageDraw.Draw(img).text((21 * cell + 2, 1), "D(G(z)) on generated: 0 .. 1", fill=0)
     save_image(img, path)

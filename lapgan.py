@@ -979,9 +979,8 @@ def check_split(x, y, classes, path):
              f"0..{len(classes) - 1}; replace the damaged file")
     return x, y, classes
 
-# Every Pillow mode to 8 bits: greys to L, colour to RGB, transparency over black; integer and float
-# greys (I;16*, I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) when they lie in it, else their
-# min..max.
+# Every Pillow mode to 8 bits: greys to L, colour to RGB, transparency over black; integer and float greys
+# (I;16*, I, F) are scaled from their range: 0..65535 (I) or 0..1 (F) if they lie in it, else their min..max.
 TO_8BIT = {"1": "L", "L": "L", "LA": "L", "La": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB",
            "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB"}
 
@@ -1038,9 +1037,8 @@ def load_folder(root, size, channels, workers, outf=None):
     files = list_images(root, outf)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXT)}) found under {root}")
-    tops = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else "."
-            for f in files]  # an image in a nested folder belongs to its top-level folder's class
-    classes = sorted(set(tops))
+    tops = [os.path.dirname(os.path.relpath(f, root)).split(os.sep)[0] or "." for f in files]
+    classes = sorted(set(tops))  # an image in a nested folder belongs to its top-level folder's class
     print(f"{len(files)} images in {root}; classes (its top-level folders): {', '.join(classes)}")
     seen = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     stamp = hashlib.md5(repr([DECODER, seen]).encode())
@@ -1268,11 +1266,10 @@ def start_run(args, typed, device, rank, world):
     if not args.resume and left:
         fail(f"{args.outf} already holds a run's {', '.join(left)} but no checkpoint to resume; delete them "
              "to start there again, or choose another --outf")
-    ckpt = None
     if args.resume:  # the checkpoint's flags, less this machine's
         args, ckpt = resume_args(args, typed)
     run = setup_run(args, device, load_dataset(args, "train"), rank, world)
-    if ckpt:
+    if args.resume:
         restore(run, ckpt)
     return run
 
@@ -1361,12 +1358,11 @@ def sampling_source(args, dev):
 
 def asked_labels(src, n, label):
     """The class asked for each sample: --label, or drawn uniformly; None for an unconditional model."""
-    dev = src.run.mean.device
     if not src.run.ncls:
         return None
     if label is not None:
-        return torch.full((n,), label, device=dev)
-    return torch.randint(src.run.ncls, (n,)).to(dev)
+        return torch.full((n,), label, device=src.run.mean.device)
+    return torch.randint(src.run.ncls, (n,)).to(src.run.mean.device)
 
 def check_room(args, src):
     """--sample's folders prepared, its bytes checked against free disk and memory before drawing."""
@@ -1405,17 +1401,6 @@ def selection_images(run):
     held = Run(run.sizes, 0, run.mean, run.std, images=x[-n:].to(dev), labels=y[-n:].to(dev))
     return get_batch(held, torch.arange(len(held.images), device=dev), False)
 
-def write_selection(run, scores, better):
-    """select.csv's row; best.pt: every level's best weights so far, the levels `better` replaced."""
-    outf = run.args.outf
-    append_log(f"{outf}/select.csv", {"epoch": run.epoch, **{f"dist{k}": d for k, d in scores.items()}})
-    if better:
-        path = f"{outf}/best.pt"
-        old = load_checkpoint(path)["levels"] if os.path.exists(path) else {}
-        best = checkpoint(run, better, opts=False)
-        best["levels"] = {**old, **best["levels"]}
-        write_atomic(path, lambda f: torch.save(best, f))
-
 def sample_sheet(run, gen):
     """samples_eNNN.png: Fig. 1's chain at every level (3 per class); a level alone: resample_sheet."""
     path, dev = f"{run.args.outf}/samples_e{run.epoch:03d}.png", run.images.device
@@ -1439,7 +1424,14 @@ def end_of_epoch(run, val):
         lv.G.eval()
     if val is not None:
         scores, better = select_models(run, val, gen)
-        write_selection(run, scores, better)
+        row = {"epoch": run.epoch, **{f"dist{k}": d for k, d in scores.items()}}
+        append_log(f"{args.outf}/select.csv", row)
+        if better:  # best.pt: every level's best weights so far, the levels `better` replaced
+            path = f"{args.outf}/best.pt"
+            old = load_checkpoint(path)["levels"] if os.path.exists(path) else {}
+            best = checkpoint(run, better, opts=False)
+            best["levels"] = {**old, **best["levels"]}
+            write_atomic(path, lambda f: torch.save(best, f))
     sample_sheet(run, gen)
     for lv in run.levels.values():
         lv.G.train()
@@ -1579,7 +1571,12 @@ def setup_run(args, device, data, rank=0, world=1):
     images, labels, classes = data
     sizes, ncls = pyramid_sizes(args, images.shape[-1]), len(classes) if args.conditional else 0
     K = len(sizes) - 1
-    check_per_level(args, K)
+    for name in PER_LEVEL:  # each holds one value or one per level (K + 1)
+        value = getattr(args, name)
+        if isinstance(value, list) and len(value) not in (1, K + 1):
+            flag = "--" + name.replace("_", "-")
+            fail(f"{flag} gives {len(value)} values for {K + 1} levels; give one, or one per level, level 0 "
+                 f"(the finest) first, e.g. {flag} {','.join(['1'] * (K + 1))}")
     if args.level is not None and not 0 <= args.level <= K:
         fail(f"--level {args.level} is out of range; this pyramid has levels 0..{K} (0 the full image, {K} "
              f"the base)")
@@ -1676,15 +1673,6 @@ def level_values(kind):
         return [kind(v) for v in text.split(",")]
     parse.__name__ = kind.__name__  # argparse's message: "invalid int value: ..."
     return parse
-
-def check_per_level(args, K):
-    """Each PER_LEVEL flag holds one value or one per level (K + 1)."""
-    for name in PER_LEVEL:
-        value = getattr(args, name)
-        if isinstance(value, list) and len(value) not in (1, K + 1):
-            flag = "--" + name.replace("_", "-")
-            fail(f"{flag} gives {len(value)} values for {K + 1} levels; give one, or one per level, level 0 "
-                 f"(the finest) first, e.g. {flag} {','.join(['1'] * (K + 1))}")
 
 # Command line. Every numeric flag: its type, default, valid interval ("[" closed, "(" open, inf: none) and
 # help; get_args checks them all in one loop before anything is allocated (NaN and inf fail too).
@@ -1818,11 +1806,9 @@ def apply_recipe(args, typed):
 def flag_text(name, value):
     """A flag as it would be typed: --name, --name VALUE or --name 1,2,3."""
     flag = "--" + name.replace("_", "-")
-    if value is True:
-        return flag
     if isinstance(value, list):
-        return f"{flag} {','.join(map(str, value))}"
-    return f"{flag} {value}"
+        value = ",".join(map(str, value))
+    return flag if value is True else f"{flag} {value}"
 
 def main(argv=None):
     """Train (data-parallel under torchrun) or sample. Ctrl-C ends in one line: what is kept, how to go on."""

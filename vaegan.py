@@ -585,12 +585,10 @@ def start_folder(args, ckpt):
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28, "folder": 64, "shapes": 32}
 SHAPES_MAX_SIZE = 128  # shapes are drawn in float64 chunks of 1000 images: ~1 GB at 128 px
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = {  # the official tarball's and its batch files'
-    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
+CIFAR_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",  # the official files' checksums
     "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
     "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"}
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
@@ -598,12 +596,10 @@ IDX_MD5 = {"mnist": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09f
            "fashion-mnist": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
                              "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]}
 IDX_FILES = [f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
-CLASSES = {"mnist": list("0123456789"),
-           "shapes": ["circle", "square", "triangle", "diamond", "cross", "ring"],
+CLASSES = {"mnist": list("0123456789"), "shapes": "circle square triangle diamond cross ring".split(),
            "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                              "Sneaker", "Bag", "Ankle boot"],
-           "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                       "truck"]}
+           "cifar10": "airplane automobile bird cat deer dog frog horse ship truck".split()}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
@@ -615,7 +611,7 @@ def damaged(path, what):
     fail(f"{path} is damaged ({str(what).splitlines()[0]}); delete it to download it again, or replace it")
 
 def check_split(x, y, ncls, path, rank=4):
-    """After every reader: images of `rank` (N x C x H x W), one label per image, labels in 0..ncls-1."""
+    """After the CIFAR/IDX readers: images of `rank` (N x C x H x W), one label each, in 0..ncls-1."""
     if x.ndim != rank or y.ndim != 1:
         fail(f"{path} holds arrays of shapes {tuple(x.shape)} and {tuple(y.shape)}; images of rank {rank} "
              "and labels of rank 1 were expected: replace the file")
@@ -787,7 +783,6 @@ def load_folder(root, size, channels, workers, outf=None):
     ims = [np.broadcast_to(np.atleast_3d(im), (size, size, c)) for im in ims]
     x = np.stack(ims).transpose(0, 3, 1, 2).copy()
     y = np.array([classes.index(d) for d in dirs], np.int64)
-    check_split(x, y, len(classes), root)
     with contextlib.suppress(SystemExit):  # read-only data or a full disk: decoded again next time
         write_atomic(cache, lambda f: np.savez(f, x=x, y=y))
     return torch.from_numpy(x), torch.from_numpy(y), classes
@@ -872,11 +867,10 @@ def restore(run, ckpt):
     if ckpt.get("world", 1) != run.world:
         print(f"note: trained on {ckpt.get('world', 1)} processes, resumed on {run.world}: each process's "
               "share of the data changes, so the run does not continue bit for bit")
-    log = os.path.join(run.args.outf, "log.csv")
     if run.rank > 0:  # the checkpoint holds rank 0's RNG; the other ranks need noise of their own
         torch.manual_seed(run.args.seed + run.rank + 7919 * ckpt["epoch"])
-    elif os.path.exists(log):  # rows logged past the checkpoint (a crash mid-epoch) are written again
-        with open(log) as f:
+    elif os.path.exists(log := os.path.join(run.args.outf, "log.csv")):
+        with open(log) as f:  # rows logged past the checkpoint (a crash mid-epoch) are written again
             lines = f.readlines()  # none: the run stopped while creating the file
         kept = lines[:1] + [r for r in lines[1:] if int(r.split(",")[0]) <= run.step]  # the step comes first
         write_atomic(log, lambda f: f.write("".join(kept).encode()))  # never deleted first
@@ -967,11 +961,9 @@ def log_row(run, epoch, it, steps, means):
     if run.rank > 0:
         return
     log = os.path.join(args.outf, "log.csv")
-    header = ",".join(row) + "\n"  # for a new file, or one its run left empty
-    if os.path.exists(log) and os.path.getsize(log):
-        header = ""
     cells = [f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()]
     with open(log, "a") as f:  # one short line appended; a trim goes through write_atomic
+        header = "" if f.tell() else ",".join(row) + "\n"  # for a new file, or one its run left empty
         f.write(header + ",".join(cells) + "\n")
     done = (run.step - 1) % args.log_every + 1  # steps since the last row
     rate = done * args.batch_size * run.world / max(now - run.logged_at, 1e-9)
@@ -1095,7 +1087,7 @@ def average_grads(opt, *_):
 
 # ----------------------------------------------------------------------------- command line
 # Every numeric flag: name, type, default, valid range ("(" or ")" leaves that end out, "[" or "]" takes it
-# in), help. `check_numbers` checks them before anything is allocated; NaN and inf lie outside every range.
+# in), help. `get_args` checks them before anything is allocated; NaN and inf lie outside every range.
 NUMBERS = [
     ("--image-size", int, None, "[16, 1024]", "the native size unless given; 64 for folder"),
     ("--limit", int, None, "[1, inf)", "use only the first N training images"),
@@ -1145,18 +1137,6 @@ def make_parser():
         a(flag, type=kind, default=default, help=text)
     return p
 
-def check_numbers(args):
-    """NUMBERS' ranges, in one loop; NaN fails every comparison, so it is refused too."""
-    for flag, _, _, bounds, _ in NUMBERS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        lo, hi = (float(end) for end in bounds[1:-1].split(","))
-        above = lo < value if bounds[0] == "(" else lo <= value
-        below = value < hi if bounds[-1] == ")" else value <= hi
-        if not (above and below):
-            fail(f"{flag} {value} is outside its valid range {bounds}")
-
 def get_args(argv=None, typed_only=False):
     """The flags; with typed_only, the set of those typed (no defaults), to tell what --resume may take."""
     p = make_parser()
@@ -1167,14 +1147,21 @@ def get_args(argv=None, typed_only=False):
     args = p.parse_args(argv)
     if not (args.sample or args.dataset or args.resume and args.outf) or (args.sample and not args.ckpt):
         p.error("give --dataset to train, --resume --outf DIR to continue, or --sample --ckpt DIR/ckpt.pt")
-    check_numbers(args)
+    for flag, _, _, bounds, _ in NUMBERS:  # NUMBERS' ranges; NaN fails every comparison, so it is refused
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        lo, hi = (float(end) for end in bounds[1:-1].split(","))
+        above = lo < value if bounds[0] == "(" else lo <= value
+        below = value < hi if bounds[-1] == ")" else value <= hi
+        if not (above and below):
+            fail(f"{flag} {value} is outside its valid range {bounds}")
     if args.dataset == "shapes" and (args.image_size or 0) > SHAPES_MAX_SIZE:
         fail(f"--image-size {args.image_size} is too large for shapes (at most {SHAPES_MAX_SIZE})")
     if args.dataset:  # training: the native size unless given, then gamma for that size
         args.outf = args.outf or os.path.join("out", f"{SCRIPT}-{args.dataset}")
         args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
-        if args.gamma is None:
-            args.gamma = default_gamma(args.recon, args.no_gan, args.image_size)
+        args.gamma = args.gamma or default_gamma(args.recon, args.no_gan, args.image_size)
     return args
 
 def main(argv=None):
@@ -1221,8 +1208,7 @@ def stopped(args, run, argv):
     if args.sample:
         return "stopped by Ctrl-C while sampling; run the same command again"
     where = f"stopped by Ctrl-C at step {run.step} (epoch {run.epoch + 1})" if run else "stopped by Ctrl-C"
-    path = os.path.join(args.outf, "ckpt.pt")
-    if os.path.exists(path):
+    if os.path.exists(path := os.path.join(args.outf, "ckpt.pt")):
         epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
         return f"{where}; {path} (epoch {epoch}) is kept; continue with: python3 vaegan.py --resume --outf " \
                f"{shlex.quote(args.outf)}"
