@@ -5515,3 +5515,9 @@ def test_bench_shapes_passes_the_real_shapes_and_catches_wrong_shapes_and_swirls
     with pytest.raises(SystemExit) as e:
         shapes_tool.evaluate(str(tmp_path / "grey.npz"), 32, cache=cache)
     assert "4x28x28x1 uint8 images; shapes samples are N x H x W x 3 uint8" in str(e.value)
+    for name, arrays, why in [("empty", {"images": np.zeros((0, 28, 28, 3), np.uint8)}, "holds no images"),
+                              ("short", {"images": np.zeros((4, 28, 28, 3), np.uint8), "labels": np.zeros(3)},
+                               "holds 4 images but labels of shape (3,)")]:
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(SystemExit, match=re.escape(why)):
+            shapes_tool.evaluate(str(tmp_path / f"{name}.npz"), 32, cache=cache)

@@ -128,6 +128,11 @@ def read_samples(path):
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         shape = "x".join(map(str, images.shape))
         fail(f"{path} holds {shape} {images.dtype} images; shapes samples are N x H x W x 3 uint8")
+    if not len(images):
+        fail(f"{path} holds no images; draw some with --sample --n N --npz FILE")
+    if labels is not None and labels.shape != (len(images),):
+        got = f"{len(images)} images but labels of shape {labels.shape}"
+        fail(f"{path} holds {got}; write it again with --sample --npz")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
 
 
