@@ -1714,7 +1714,7 @@ TEST_SPLIT = {"cifar10": 10000, "mnist": 10000, "fashion-mnist": 10000, "shapes"
 RECIPES = {"cpu": {"conditional": True, "levels": "14,28", "base": "conv", "tanh_base": True, "bn_g": True,
                    "bn_d": [0, 1], "width_g": [16, 32], "width_d": [32, 64], "dropout_d": [0.5, 0.0],
                    "ema": [0.995, 0.99], "gen_coarse": [0.5, 0], "level_steps": [1, 4], "optim": "adam",
-                   "lr": 0.0002, "lr_g": [0.0004, 0.0008], "lr_d": [0.002, 0.0008], "batch_size": 32,
+                   "lr": 0.0002, "lr_g": [0.0002, 0.0008], "lr_d": [0.001, 0.0008], "batch_size": 32,
                    "limit": 16000, "epochs": 2, "select": 20, "truncate": 0.85}}
 SHAPES_MAX = 128  # --image-size for shapes: 10,000 images are drawn in float64 chunks of 1,000
 
