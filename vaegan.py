@@ -602,6 +602,7 @@ CLASSES = {"mnist": list("0123456789"), "shapes": "circle square triangle diamon
            "cifar10": "airplane automobile bird cat deer dog frog horse ship truck".split()}
 SYSTEM_DATA = "/usr/share/datasets"  # where Debian's dataset-fashion-mnist package puts its files
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+DECODER = 2  # decode_image's version, in the folder cache's key: a cache an older one wrote is not reused
 DAMAGED = (OSError, EOFError, ValueError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError)
 GREY_MODES = ("1", "L", "LA", "La")  # 1- and 8-bit grey; transparency drawn over black
 COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")  # Pillow converts these to RGB
@@ -718,11 +719,8 @@ def decode_image(path, size, mode):
     left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
-DECODER = 2  # decode_image's version, in the folder cache's key: a cache an older one wrote is not reused
-
 def over_black(im):
-    """An image with transparency drawn over black. Dropping the alpha channel would keep whatever colour
-    each transparent pixel happens to store: icons sets hold white in one file and black in the next."""
+    """Transparency drawn over black: dropping alpha would keep whatever colour a transparent pixel stores."""
     if im.mode not in ("LA", "La", "PA", "RGBA", "RGBa") and "transparency" not in im.info:
         return im
     black = Image.new("RGBA", im.size, (0, 0, 0, 255))
